@@ -1,0 +1,152 @@
+"""A loaded model package: verified files, onnxruntime sessions tuned for one row, thresholds and PAT limits.
+
+Loading refuses a package (``ModelRefused``, naming every problem) unless it verifies (manifest schema,
+fidelity gate, sha256 of every file), the ONNX bytes handed to onnxruntime are the verified ones, and a
+smoke score of the package's own sample rows reproduces the expected scores within the fidelity the
+manifest records.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trainer.errors import EdgeError, RegistryError
+from trainer.export.runtime import make_session, warm_up
+from trainer.manifest_schema import SAMPLE_ROWS_FILE
+from trainer.registry import PackageRef, Registry
+
+from .pat import StaticPat
+from .protocol import ReadingsParser
+
+# The sample rows' expected values were computed by scikit-learn in float64 and stored as float32, and the
+# agent's sessions may sum trees in another order than the exporter's: allow that much beyond the fidelity.
+SMOKE_SLACK = 1e-5
+
+
+class ModelRefused(EdgeError):
+    """A package the agent will not serve; ``problems`` lists every reason."""
+
+    def __init__(self, ref: PackageRef | str, problems: list[str]):
+        self.ref = ref
+        self.problems = problems
+        super().__init__(f"model package {ref} refused:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class LoadedModel:
+    ref: PackageRef
+    checksum: str
+    manifest: dict = field(repr=False)
+    path: Path
+    yield_variant: str
+    columns: list[str]
+    parser: ReadingsParser = field(repr=False)
+    static_pat: StaticPat = field(repr=False)
+    outlier_threshold: float
+    pass_threshold: float
+    identity: dict                 # {"name", "version", "checksum"}: sent with every decision
+    smoke: dict                    # what the load-time smoke score found
+    loaded_at: float
+    _outlier: object = field(repr=False)
+    _yield: object = field(repr=False)
+    _input: str = field(repr=False)
+    _outputs: tuple[str, str] = field(repr=False)
+
+    def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Outlier scores and pass probabilities of float32 rows [n, n_features]."""
+        feed = {self._input: rows}
+        score = self._outlier.run([self._outputs[0]], feed)[0]
+        probability = self._yield.run([self._outputs[1]], feed)[0]
+        return score.reshape(-1), probability.reshape(-1)
+
+    def describe(self) -> dict:
+        return {**self.identity, "path": str(self.path), "features": len(self.columns),
+                "yield_variant": self.yield_variant, "outlier_threshold": self.outlier_threshold,
+                "pass_threshold": self.pass_threshold, "static_pat_tests": self.static_pat.n_limited,
+                "loaded_at": self.loaded_at, "smoke": self.smoke}
+
+
+def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "float32") -> LoadedModel:
+    """Verify, load, warm up and smoke-test one package; ModelRefused when any step fails."""
+    try:
+        result = registry.verify(ref)
+        folder = registry.package_dir(ref)
+    except RegistryError as error:
+        raise ModelRefused(ref, [str(error)]) from None
+    if not result.ok:
+        raise ModelRefused(ref, result.problems)
+    manifest = result.manifest
+    models = manifest["models"]
+    files = models["yield"]["files"]
+    if yield_variant not in files:
+        raise ModelRefused(ref, [f"yield variant {yield_variant!r} requested, the package ships "
+                                 f"{', '.join(files)} ({models['yield']['quantization']['reason']})"])
+    outlier_bytes = _verified_bytes(folder, models["outlier"]["files"]["float32"], manifest)
+    yield_bytes = _verified_bytes(folder, files[yield_variant], manifest)
+    sample_bytes = _verified_bytes(folder, SAMPLE_ROWS_FILE, manifest)
+    try:
+        outlier, yield_session = make_session(outlier_bytes), make_session(yield_bytes)
+    except Exception as error:   # onnxruntime raises its own exception types for graphs it cannot load
+        raise ModelRefused(ref, [f"onnxruntime cannot load the graphs: {error}"]) from None
+    n_features = len(manifest["features"])
+    input_name = manifest["input"]["name"]
+    outputs = (models["outlier"]["output"], models["yield"]["output"])
+    columns = [f["column"] for f in manifest["features"]]
+    model = LoadedModel(
+        ref=ref, checksum=result.checksum, manifest=manifest, path=folder, yield_variant=yield_variant,
+        columns=columns, parser=ReadingsParser(columns, [f["name"] for f in manifest["features"]]),
+        static_pat=StaticPat(columns, manifest["pat"]["limits"]),
+        outlier_threshold=float(models["outlier"]["threshold"]), pass_threshold=float(models["yield"]["threshold"]),
+        identity={"name": ref.name, "version": ref.version, "checksum": result.checksum},
+        smoke={}, loaded_at=time.time(), _outlier=outlier, _yield=yield_session, _input=input_name,
+        _outputs=outputs)
+    for session in (outlier, yield_session):
+        warm_up(session, n_features)
+    model.smoke = _smoke_test(model, sample_bytes, manifest["fidelity"], yield_variant)
+    return model
+
+
+def _verified_bytes(folder: Path, name: str, manifest: dict) -> bytes:
+    """The file's bytes, re-hashed: what onnxruntime gets is exactly what verification accepted."""
+    data = (folder / name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != manifest["files"][name]:
+        raise ModelRefused(f"{manifest['name']}/{manifest['version']}",
+                           [f"{name}: changed on disk while the package was being loaded"])
+    return data
+
+
+def _smoke_test(model: LoadedModel, sample_bytes: bytes, fidelity: dict, yield_variant: str) -> dict:
+    """Score the package's sample rows and compare with the expected values, within the recorded fidelity."""
+    where = f"{model.ref.name}/{model.ref.version}"
+    try:
+        with np.load(io.BytesIO(sample_bytes), allow_pickle=False) as sample:
+            readings = np.asarray(sample["readings"], dtype=np.float32)
+            expected = {"score": np.asarray(sample["score"], np.float64),
+                        "pass_probability": np.asarray(sample["pass_probability"], np.float64)}
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelRefused(where, [f"{SAMPLE_ROWS_FILE}: unreadable ({error})"]) from None
+    if readings.ndim != 2 or readings.shape[1] != len(model.columns) or len(readings) == 0:
+        raise ModelRefused(where, [f"{SAMPLE_ROWS_FILE}: readings have shape {readings.shape}, expected "
+                                   f"[rows > 0, {len(model.columns)}]"])
+    try:
+        got_score, got_probability = model.score(readings)
+    except Exception as error:   # onnxruntime's own exception types
+        raise ModelRefused(where, [f"smoke score of {SAMPLE_ROWS_FILE} failed in onnxruntime: {error}"]) from None
+    report, problems = {}, []
+    for key, got, fidelity_key in (("score", got_score, "outlier.float32"),
+                                   ("pass_probability", got_probability, f"yield.{yield_variant}")):
+        allowed = float(fidelity[fidelity_key]["max_abs_diff"]) + SMOKE_SLACK
+        worst = float(np.max(np.abs(got - expected[key]))) if len(got) == len(expected[key]) else np.inf
+        report[key] = {"rows": len(readings), "max_abs_diff": worst, "allowed": allowed}
+        if not worst <= allowed:
+            problems.append(f"smoke score: {key} of the {len(readings)} sample rows differs from the expected values "
+                            f"by up to {worst:.3g}, more than the fidelity recorded in the manifest allows "
+                            f"({allowed:.3g})")
+    if problems:
+        raise ModelRefused(where, problems)
+    return report

@@ -1,0 +1,603 @@
+"""Model registry: publish, verify, stages, rollback, crash safety and concurrent writers.
+
+Packages here hold stand-in graph bytes (the registry only hashes them) but a complete manifest, so the
+schema and fidelity checks run on exactly what the trainer writes.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.errors import RegistryError
+from trainer.manifest_schema import validate_manifest
+from trainer.registry import (PackageRef, Registry, add_registry_commands, cli_list, cli_show, cli_verify,
+                              verify_dir)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fidelity(file: str, agreement: float = 1.0, passed: bool = True) -> dict:
+    return {"file": file, "rows": 500, "max_abs_diff": 3e-7, "decision_agreement": agreement,
+            "min_agreement": 0.999, "passed": passed}
+
+
+def build_package(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, bytes], dict]:
+    """Files and a complete schema_version 1 manifest (version and files left for the registry to fill)."""
+    features = [{"index": i, "column": f"{1000 + i}:T{i}", "name": f"T{i}", "number": 1000 + i, "units": "V",
+                 "low": -1.0, "high": 1.0 + i, "pin": None, "impute": 0.25 * i} for i in range(n_features)]
+    features[-1].update(number=None, low=None, pin="P12", units="")
+    columns = [f["column"] for f in features]
+    sample = io.BytesIO()
+    np.savez(sample, readings=np.zeros((8, n_features), np.float32), score=np.full(8, 0.1, np.float32),
+             pass_probability=np.full(8, 0.9, np.float32))
+    files = {"outlier.onnx": b"\x08\x09\x12\x08skl2onnx outlier graph",
+             "yield.onnx": b"\x08\x09\x12\x08skl2onnx yield graph",
+             "model_card.md": b"# Model card: demo\n",
+             "sample_rows.npz": sample.getvalue()}
+    yield_files = {"float32": "yield.onnx"}
+    fidelity = {"outlier.float32": _fidelity("outlier.onnx"), "yield.float32": _fidelity("yield.onnx", 0.9995)}
+    if int8:
+        files["yield.int8.onnx"] = b"\x08\x09\x12\x08quantized yield graph"
+        yield_files["int8"] = "yield.int8.onnx"
+        fidelity["yield.int8"] = _fidelity("yield.int8.onnx", 0.9992)
+    manifest = {
+        "schema_version": 1, "name": "", "version": "", "created_at": "2025-11-23T06:00:00+00:00",
+        "features": features,
+        "imputation": {"strategy": "median", "where": "inside the ONNX graphs", "values_from": "training rows"},
+        "input": {"name": "readings", "dtype": "float32", "shape": [None, n_features], "missing": "NaN"},
+        "models": {
+            "outlier": {"kind": "isolation_forest", "files": {"float32": "outlier.onnx"}, "output": "score",
+                        "score_convention": "lower = more anomalous; outlier when score < threshold",
+                        "threshold": -0.031, "target_outlier_rate": 0.01, "params": {"n_estimators": 200},
+                        "quantization": {"int8": False, "reason": "tree ensembles gain nothing from int8"}},
+            "yield": {"kind": "logistic", "files": yield_files, "output": "pass_probability", "threshold": 0.5,
+                      "label": "final_pass", "params": {"C": 1.0},
+                      "quantization": {"int8": int8, "reason": "dynamic int8 of the linear layer"}},
+        },
+        "pat": {"k_sigma": 6.0, "method": "median +/- k * IQR/1.35 over passing training parts", "min_parts": 30,
+                "limits": [{"column": c, "median": 0.5, "robust_sigma": 0.1, "low": -0.1, "high": 1.1, "n": 900}
+                           for c in columns]},
+        "drift_reference": {
+            "bins": 4,
+            "tests": [{"column": c, "edges": [0.2, 0.5, 0.8], "proportions": [0.25] * 4, "missing_rate": 0.0}
+                      for c in columns],
+            "outlier_score": {"edges": [0.0, 0.05], "proportions": [0.1, 0.4, 0.5],
+                              "quantiles": {"p01": -0.03, "p50": 0.08, "p99": 0.15}, "outlier_rate": 0.01}},
+        "metrics": {"outlier": {"holdout_outlier_rate_passing": 0.011, "latent_outlier_recall": None},
+                    "yield": {"roc_auc": 0.93, "f1_fail_class": 0.71, "brier": 0.05,
+                              "calibration": [{"bin": "0.0-0.1", "parts": 3, "mean_predicted": 0.06,
+                                                               "observed_pass_rate": 0.0}]}},
+        "fidelity": fidelity,
+        "validation": {"rows": 1000, "findings": []},
+        "lineage": {"data_sha256": hashlib.sha256(b"training data").hexdigest(), "rows": 1000, "train_rows": 800,
+                    "holdout_rows": 200,
+                    "sources": ["/data/lot1.stdf", {"path": "/data/lot2.parquet", "sha256": "ab", "bytes": 3}],
+                    "code_version": "0.1.0+abc1234", "parameters": {"seed": 0},
+                    "trained_at": "2025-11-23T05:59:00Z", "versions": {"python": "3.11.7", "onnxruntime": "1.32.0"}},
+        "files": {},
+    }
+    return files, manifest
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    return Registry(tmp_path / "models")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _overwrite(path: Path, data: bytes) -> None:
+    """Change a published (read-only) file the way a careless person or a disk fault would."""
+    os.chmod(path.parent, 0o755)
+    os.chmod(path, 0o644)
+    path.write_bytes(data)
+
+
+def _published_manifest(registry: Registry, ref: PackageRef) -> dict:
+    return json.loads((registry.package_dir(ref) / "manifest.json").read_bytes())
+
+
+# ---- schema ---------------------------------------------------------------------------------------------------
+
+def test_fixture_manifest_is_valid_once_version_and_files_are_filled():
+    files, manifest = build_package()
+    manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
+    assert validate_manifest(manifest) == []
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda m: m["pat"].pop("k_sigma"), "manifest.pat.k_sigma: missing"),
+    (lambda m: m.pop("lineage"), "manifest.lineage: missing"),
+    (lambda m: m["features"][3].update(low="0.1"), "manifest.features[3].low: expected number or null, got str"),
+    (lambda m: m["features"][1].update(index=5), "manifest.features[1].index: expected 1"),
+    (lambda m: m["input"].update(shape=[None, 3]), "manifest.input.shape[1]: expected 4"),
+    (lambda m: m["models"]["yield"].update(threshold=float("nan")), "manifest.models.yield.threshold: nan is not"),
+    (lambda m: m["models"]["yield"].update(kind="svm"), "manifest.models.yield.kind: expected one of"),
+    (lambda m: m["models"]["yield"]["files"].update(int8="missing.onnx"),
+     "manifest.models.yield.files.int8: 'missing.onnx' is not listed in manifest.files"),
+    (lambda m: m["models"]["yield"]["quantization"].update(int8=False), "manifest.models.yield.quantization.int8"),
+    (lambda m: m["drift_reference"]["tests"][2].update(proportions=[0.5, 0.5]),
+     "manifest.drift_reference.tests[2].proportions: expected 4"),
+    (lambda m: m["pat"]["limits"][0].update(column="9:NOPE"), "manifest.pat.limits[0].column: '9:NOPE' is not"),
+    (lambda m: m.update(created_at="2025-11-23T06:00:00+02:00"), "manifest.created_at: expected a UTC time"),
+    (lambda m: m["files"].pop("model_card.md"), "manifest.files: model_card.md missing"),
+    (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), "manifest.files['../escape.onnx']: expected a plain"),
+    (lambda m: m["fidelity"]["yield.int8"].pop("min_agreement"), "manifest.fidelity['yield.int8'].min_agreement"),
+])
+def test_schema_problems_name_the_json_path(change, expected):
+    files, manifest = build_package()
+    manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
+    change(manifest)
+    problems = validate_manifest(manifest)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+# ---- publish and verify ---------------------------------------------------------------------------------------
+
+def test_publish_writes_a_package_that_verifies(registry):
+    files, manifest = build_package()
+    ref = registry.publish("demo", files, manifest, reason="first training")
+    assert ref == PackageRef("demo", "1")
+    folder = registry.package_dir(ref)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*files, "manifest.json"])
+    for name, data in files.items():
+        assert (folder / name).read_bytes() == data
+    published = _published_manifest(registry, ref)
+    assert published["name"] == "demo" and published["version"] == "1"
+    assert published["files"] == {name: _sha256(data) for name, data in files.items()}
+    assert manifest["version"] == "" and manifest["files"] == {}, "the caller's manifest is left alone"
+    assert registry.checksum(ref) == _sha256((folder / "manifest.json").read_bytes())
+    result = registry.verify(ref)
+    assert result.ok, result.problems
+    assert result.checksum == registry.checksum(ref)
+    assert result.manifest == published
+    assert registry.stage_of("demo", 1) == "candidate"
+    assert registry.models() == ["demo"]
+    assert registry.resolve("demo", stage="candidate") == ref
+    [event] = registry.history("demo")
+    assert (event["action"], event["version"], event["from_stage"], event["to_stage"], event["reason"]) == \
+        ("publish", "1", None, "candidate", "first training")
+
+
+def test_publish_accepts_file_paths(registry, tmp_path):
+    files, manifest = build_package(int8=False)
+    source = tmp_path / "export"
+    source.mkdir()
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    ref = registry.publish("demo", {name: source / name for name in files}, manifest)
+    assert registry.verify(ref).ok
+    assert (registry.package_dir(ref) / "outlier.onnx").read_bytes() == files["outlier.onnx"]
+
+
+def test_a_tampered_byte_is_named_with_both_checksums(registry):
+    files, manifest = build_package()
+    ref = registry.publish("demo", files, manifest)
+    target = registry.package_dir(ref) / "yield.onnx"
+    tampered = bytearray(files["yield.onnx"])
+    tampered[5] ^= 0x01
+    _overwrite(target, bytes(tampered))
+    result = registry.verify(ref)
+    assert not result.ok
+    assert result.problems == [f"yield.onnx: checksum mismatch, expected sha256 {_sha256(files['yield.onnx'])}, "
+                               f"got {_sha256(bytes(tampered))}"]
+
+
+def test_missing_and_unlisted_files_are_named(registry):
+    files, manifest = build_package()
+    ref = registry.publish("demo", files, manifest)
+    folder = registry.package_dir(ref)
+    os.chmod(folder, 0o755)
+    (folder / "model_card.md").unlink()
+    (folder / "notes.txt").write_text("added later")
+    problems = registry.verify(ref).problems
+    assert "model_card.md: missing (listed in manifest.files)" in problems
+    assert "notes.txt: file in the package but not listed in manifest.files" in problems
+
+
+def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry):
+    files, manifest = build_package()
+    ref = registry.publish("demo", files, manifest)
+    before = registry.checksum(ref)
+    edited = _published_manifest(registry, ref)
+    del edited["drift_reference"]["outlier_score"]
+    edited["version"] = "7"
+    _overwrite(registry.package_dir(ref) / "manifest.json", json.dumps(edited).encode())
+    problems = registry.verify(ref).problems
+    assert "manifest.drift_reference.outlier_score: missing" in problems
+    assert any("manifest.version is '7'" in p and "demo/1" in p for p in problems)
+    assert registry.checksum(ref) != before
+
+
+def test_publish_refuses_an_invalid_manifest_and_leaves_nothing(registry):
+    files, manifest = build_package()
+    del manifest["pat"]["limits"]
+    with pytest.raises(RegistryError, match=r"manifest.pat.limits: missing"):
+        registry.publish("demo", files, manifest)
+    assert registry.versions("demo") == []
+    assert not (registry.root / "demo").exists(), "refused before anything was written"
+
+
+def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_path):
+    files, manifest = build_package()
+    manifest["fidelity"]["yield.int8"].update(passed=False, decision_agreement=0.97)
+    with pytest.raises(RegistryError, match=r"yield.int8.onnx: fidelity.yield.int8.passed is False"):
+        registry.publish("demo", files, manifest)
+    assert registry.versions("demo") == []
+
+    # A package written by hand (not through publish) is caught by verification.
+    folder = tmp_path / "handmade"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_dir(folder).problems
+    assert "yield.int8.onnx: fidelity.yield.int8.passed is False, expected true" in problems
+    assert "yield.int8.onnx: fidelity.yield.int8.decision_agreement 0.97 is below min_agreement 0.999" in problems
+    assert len(problems) == 2, problems
+
+
+def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registry):
+    files, manifest = build_package(int8=False)
+    # The int8 variant was refused and not shipped: its failed check does not block the package.
+    manifest["fidelity"]["yield.int8"] = _fidelity("yield.int8.onnx", 0.95, passed=False)
+    ref = registry.publish("demo", files, manifest)
+    assert registry.verify(ref).ok
+
+    del manifest["fidelity"]["outlier.float32"]
+    with pytest.raises(RegistryError, match=r"outlier.onnx: no fidelity entry 'fidelity.outlier.float32'"):
+        registry.publish("demo", files, manifest)
+
+    files, manifest = build_package()
+    manifest["fidelity"]["yield.float32"]["decision_agreement"] = 0.998   # passed stays True: a lying entry
+    with pytest.raises(RegistryError, match=r"decision_agreement 0.998 is below min_agreement 0.999"):
+        registry.publish("demo", files, manifest)
+
+
+def test_versions_are_immutable_and_numbered(registry):
+    files, manifest = build_package()
+    first = registry.publish("demo", files, manifest)
+    folder = registry.package_dir(first)
+    snapshot = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+    for path in [folder, *folder.iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, f"{path} is writable"
+
+    files["model_card.md"] = b"# Model card: demo, retrained\n"
+    second = registry.publish("demo", files, manifest)
+    assert second.version == "2"
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()} == snapshot
+    assert [r.version for r in registry.versions("demo")] == ["1", "2"]
+    assert registry.verify(first).ok and registry.verify(second).ok
+    assert registry.checksum(first) != registry.checksum(second)
+
+
+def test_version_numbers_taken_behind_the_lock_are_skipped(registry, monkeypatch):
+    """Writers that ignore the lock took the numbers this publish allocated: the next free number is used."""
+    files, manifest = build_package()
+    first = registry.publish("demo", files, manifest)
+    before = {p.name: p.read_bytes() for p in registry.package_dir(first).iterdir()}
+    (registry.root / "demo" / "2").mkdir()   # another writer's folder, still empty: rename(2) would replace it
+    monkeypatch.setattr(Registry, "_next_version", lambda self, name: "1")
+    third = registry.publish("demo", files, manifest)
+    assert third.version == "3"
+    assert {p.name: p.read_bytes() for p in registry.package_dir(first).iterdir()} == before
+    assert list((registry.root / "demo" / "2").iterdir()) == []
+    assert _published_manifest(registry, third)["version"] == "3"
+    assert registry.verify(first).ok and registry.verify(third).ok
+
+
+def test_numbers_of_deleted_versions_are_not_reused(registry):
+    files, manifest = build_package()
+    ref = registry.publish("demo", files, manifest)
+    folder = registry.package_dir(ref)
+    for path in [folder, *folder.iterdir()]:
+        os.chmod(path, 0o755)
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    assert registry.publish("demo", files, manifest).version == "2"
+
+
+# ---- stages, history, rollback ----------------------------------------------------------------------------------
+
+def _publish_versions(registry: Registry, count: int) -> list[PackageRef]:
+    files, manifest = build_package()
+    return [registry.publish("demo", files, manifest) for _ in range(count)]
+
+
+def test_promotion_path_and_history(registry):
+    v1, v2 = _publish_versions(registry, 2)
+    start = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)   # history times are in milliseconds
+    registry.promote("demo", "1", "staging", reason="passed offline review")
+    registry.promote("demo", "1", "production", reason="shadow run on tester T7 ok")
+    assert registry.stages("demo") == {"1": "production", "2": "candidate"}
+    registry.promote("demo", "2", "staging", reason="retrained on lot 12")
+    registry.promote("demo", "2", "production", reason="better ROC AUC")
+    assert registry.stages("demo") == {"1": "archived", "2": "production"}
+    assert registry.resolve("demo") == v2
+    assert registry.resolve("demo", "archived") == v1
+    end = dt.datetime.now(dt.timezone.utc)
+
+    changes = [(e["action"], e["version"], e["from_stage"], e["to_stage"], e["reason"])
+               for e in registry.history("demo")[2:]]
+    assert changes == [
+        ("promote", "1", "candidate", "staging", "passed offline review"),
+        ("promote", "1", "staging", "production", "shadow run on tester T7 ok"),
+        ("promote", "2", "candidate", "staging", "retrained on lot 12"),
+        ("superseded", "1", "production", "archived", "version 2 promoted to production: better ROC AUC"),
+        ("promote", "2", "staging", "production", "better ROC AUC"),
+    ]
+    for event in registry.history("demo")[2:]:
+        when = dt.datetime.fromisoformat(event["time"])
+        assert when.utcoffset() == dt.timedelta(0) and start <= when <= end
+        assert event["user"]
+
+
+def test_a_new_staging_version_sends_the_previous_one_back_to_candidate(registry):
+    _publish_versions(registry, 2)
+    registry.promote("demo", 1, "staging", reason="review")
+    registry.promote("demo", 2, "staging", reason="newer")
+    assert registry.stages("demo") == {"1": "candidate", "2": "staging"}
+
+
+def test_promoting_to_the_current_stage_records_nothing(registry):
+    _publish_versions(registry, 1)
+    registry.promote("demo", 1, "production", reason="go")
+    events = len(registry.history("demo"))
+    registry.promote("demo", 1, "production", reason="again")
+    assert len(registry.history("demo")) == events
+
+
+def test_production_requires_a_package_that_verifies(registry):
+    v1, v2 = _publish_versions(registry, 2)
+    registry.promote("demo", 1, "production", reason="first")
+    _overwrite(registry.package_dir(v2) / "outlier.onnx", b"corrupted")
+    with pytest.raises(RegistryError, match=r"demo/2 does not verify(.|\n)*outlier.onnx: checksum mismatch"):
+        registry.promote("demo", 2, "production", reason="should be refused")
+    assert registry.stages("demo") == {"1": "production", "2": "candidate"}
+    registry.promote("demo", 2, "staging", reason="staging needs no verification")
+
+
+def test_rollback_walks_back_through_production_holders(registry):
+    _publish_versions(registry, 3)
+    for version in ("1", "2", "3"):
+        registry.promote("demo", version, "production", reason=f"release {version}")
+    assert registry.rollback("demo", reason="v3 flags too many parts").version == "2"
+    assert registry.stages("demo") == {"1": "archived", "2": "production", "3": "archived"}
+    assert registry.rollback("demo", reason="v2 drifts on site 3").version == "1"
+    assert registry.stages("demo") == {"1": "production", "2": "archived", "3": "archived"}
+    with pytest.raises(RegistryError, match=r"nothing to roll back to.*'demo'.*production.*before version 1"):
+        registry.rollback("demo", reason="no more")
+    last_two = [(e["action"], e["version"], e["from_stage"], e["to_stage"], e["reason"])
+                for e in registry.history("demo")[-2:]]
+    assert last_two == [("rollback", "2", "production", "archived", "v2 drifts on site 3"),
+                        ("rollback", "1", "archived", "production", "v2 drifts on site 3")]
+
+
+def test_rollback_after_a_re_promotion_restores_the_version_it_replaced(registry):
+    _publish_versions(registry, 2)
+    registry.promote("demo", 1, "production", reason="a")
+    registry.promote("demo", 2, "production", reason="b")
+    registry.rollback("demo", reason="b was bad")
+    registry.promote("demo", 2, "production", reason="b fixed upstream")
+    assert registry.rollback("demo", reason="still bad").version == "1"
+
+
+def test_rollback_with_nothing_before_is_an_error(registry):
+    _publish_versions(registry, 2)
+    with pytest.raises(RegistryError, match=r"no version in production to roll back"):
+        registry.rollback("demo", reason="nothing there")
+    registry.promote("demo", 1, "production", reason="only one")
+    with pytest.raises(RegistryError, match=r"nothing to roll back to"):
+        registry.rollback("demo", reason="no predecessor")
+    assert registry.stages("demo") == {"1": "production", "2": "candidate"}
+    with pytest.raises(RegistryError, match=r"a reason is required"):
+        registry.promote("demo", 2, "production", reason=" ")
+
+
+def test_resolve_errors_say_what_exists(registry):
+    with pytest.raises(RegistryError, match=r"does not exist"):
+        registry.resolve("demo")
+    _publish_versions(registry, 2)
+    registry.promote("demo", 2, "staging", reason="r")
+    with pytest.raises(RegistryError, match=r"model 'demo' has no version in production; "
+                                            r"versions: 1 \(candidate\), 2 \(staging\)"):
+        registry.resolve("demo")
+    with pytest.raises(RegistryError, match=r"model 'other' has no version in production; .*models there: demo"):
+        registry.resolve("other")
+    with pytest.raises(RegistryError, match=r"model 'demo' has no version 9"):
+        registry.resolve("demo", version=9)
+    with pytest.raises(RegistryError, match=r"unknown stage 'prod'"):
+        registry.resolve("demo", "prod")
+    with pytest.raises(RegistryError, match=r"invalid model name '../x'"):
+        registry.versions("../x")
+
+
+# ---- crashes and concurrent writers ---------------------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import trainer.registry as registry_module
+
+    root, source, mode, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    manifest = json.loads((source / "manifest-in.json").read_text())
+    files = {p.name: p for p in sorted(source.iterdir()) if p.name != "manifest-in.json"}
+    real_write, written = registry_module._write_file, []
+
+    def write_then_wait(path, data):
+        digest = real_write(path, data)
+        written.append(path.name)
+        if len(written) == count:
+            print("wrote", " ".join(written), flush=True)
+            sys.stdin.readline()   # the test kills this process here
+        return digest
+
+    if mode == "kill_after_files":
+        registry_module._write_file = write_then_wait
+    elif mode == "exit_before_rename":
+        registry_module._rename_no_replace = lambda source, target: os._exit(1)
+    elif mode == "publish_on_go":
+        print("ready", flush=True)
+        sys.stdin.readline()
+    registry = registry_module.Registry(root)
+    for _ in range(count if mode == "publish_on_go" else 1):
+        print("published", registry.publish("demo", files, manifest, reason=f"pid {os.getpid()}").version,
+              flush=True)
+""")
+
+
+def _writer(tmp_path: Path, registry: Registry, mode: str, count: int) -> subprocess.Popen:
+    source = tmp_path / "source"
+    if not source.exists():
+        source.mkdir()
+        files, manifest = build_package()
+        for name, data in files.items():
+            (source / name).write_bytes(data)
+        (source / "manifest-in.json").write_text(json.dumps(manifest))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(registry.root), str(source), mode, str(count)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def _staging_dirs(registry: Registry) -> list[Path]:
+    return sorted((registry.root / "demo").glob(".staging-*"))
+
+
+def _assert_nothing_loadable(registry: Registry) -> None:
+    assert registry.versions("demo") == []
+    assert registry.models() == []
+    with pytest.raises(RegistryError):
+        registry.resolve("demo", "candidate")
+    assert cli_verify(registry) == (True, f"no packages in {registry.root}")
+
+
+def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path):
+    writer = _writer(tmp_path, registry, "kill_after_files", 2)
+    assert writer.stdout.readline().split()[0] == "wrote"   # the writer now blocks after two files
+    [staging] = _staging_dirs(registry)
+    assert len(list(staging.iterdir())) == 2, "the crash must hit a half-written package"
+    assert registry.gc(older_than_s=0) == [], "gc must not touch the staging folder of a live writer"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert writer.returncode == -signal.SIGKILL
+    _assert_nothing_loadable(registry)
+
+    files, manifest = build_package()
+    ref = registry.publish("demo", files, manifest, reason="after the crash")
+    assert ref.version == "1"
+    assert registry.verify(ref).ok
+    assert registry.gc(older_than_s=3600) == [], "a young leftover is kept by the default age rule"
+    assert registry.gc(older_than_s=0) == [staging]
+    assert _staging_dirs(registry) == []
+    assert [e["action"] for e in registry.history("demo")] == ["publish"]
+
+
+def test_writer_dying_just_before_the_rename_leaves_nothing_loadable(registry, tmp_path):
+    writer = _writer(tmp_path, registry, "exit_before_rename", 1)
+    _, stderr = writer.communicate()
+    assert writer.returncode == 1, stderr
+    [staging] = _staging_dirs(registry)
+    assert verify_dir(staging).ok, "the whole package was written, only the rename was missing"
+    _assert_nothing_loadable(registry)
+    assert registry.history("demo") == []
+
+    files, manifest = build_package()
+    assert registry.publish("demo", files, manifest).version == "1"
+    assert registry.gc(older_than_s=0) == [staging]
+
+
+def test_concurrent_writers_get_distinct_versions(registry, tmp_path):
+    writers = [_writer(tmp_path, registry, "publish_on_go", 3) for _ in range(2)]
+    for writer in writers:
+        assert writer.stdout.readline().strip() == "ready"
+    for writer in writers:
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+    published = []
+    for writer in writers:
+        stdout, stderr = writer.communicate()
+        assert writer.returncode == 0, stderr
+        published += [line.split()[1] for line in stdout.splitlines() if line.startswith("published")]
+    assert sorted(published, key=int) == ["1", "2", "3", "4", "5", "6"]
+    assert all(registry.verify(ref).ok for ref in registry.versions("demo"))
+    events = registry.history("demo")
+    assert sorted((e["version"] for e in events), key=int) == ["1", "2", "3", "4", "5", "6"]
+    assert {e["reason"] for e in events} == {f"pid {w.pid}" for w in writers}
+    assert registry.stages("demo") == {str(v): "candidate" for v in range(1, 7)}
+    assert _staging_dirs(registry) == []
+
+
+def test_a_torn_history_line_is_ignored_and_repaired(registry):
+    _publish_versions(registry, 1)
+    history = registry.root / "demo" / "history.jsonl"
+    with open(history, "ab") as log:
+        log.write(b'{"time": "2025-11-23T06:00:00')   # an append cut short by a crash
+    assert len(registry.history("demo")) == 1
+    registry.promote("demo", 1, "staging", reason="after the torn write")
+    assert [e["action"] for e in registry.history("demo")] == ["publish", "promote"]
+    assert all(json.loads(line) for line in history.read_text().splitlines())
+
+
+# ---- command line ---------------------------------------------------------------------------------------------
+
+def _run(root: Path, *argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="edge-train")
+    add_registry_commands(parser.add_subparsers(dest="command", required=True), str(root))
+    args = parser.parse_args(list(argv))
+    return args.handler(args)
+
+
+def test_cli_commands(registry, capsys):
+    v1, v2 = _publish_versions(registry, 2)
+    root = registry.root
+    assert _run(root, "registry", "promote", "demo", "1", "production", "--reason", "first release") == 0
+    assert "demo/1: candidate -> production" in capsys.readouterr().out
+
+    assert _run(root, "registry", "list") == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0] == "demo"
+    assert listing[2].split()[:4] == ["1", "production", "2025-11-23T06:00:00+00:00", registry.checksum(v1)[:12]]
+    assert listing[3].split()[:2] == ["2", "candidate"]
+
+    summary = cli_show(registry, "demo")
+    for expected in ("package   demo/1  (stage production)", f"checksum  {registry.checksum(v1)}", "verified  ok",
+                     "rows      1000 (train 800, held out 200)", "features  4: 1000:T0, 1001:T1",
+                     "outlier   isolation_forest, threshold -0.031", "roc_auc 0.93",
+                     "yield.int8       yield.int8.onnx: passed, decisions agree 0.9992 (min 0.999)",
+                     "tree ensembles gain nothing from int8", "sample_rows.npz"):
+        assert expected in summary, expected
+    assert cli_show(registry, "demo", "2").startswith("package   demo/2  (stage candidate)")
+
+    _overwrite(registry.package_dir(v2) / "sample_rows.npz", b"not an npz")
+    assert _run(root, "registry", "verify", "demo") == 1
+    report = capsys.readouterr().out
+    assert "demo/1: ok" in report and "demo/2: FAILED" in report and "sample_rows.npz: checksum mismatch" in report
+    assert "1 of 2 package(s) verified" in report
+    assert _run(root, "registry", "verify", "demo", "1") == 0
+
+    assert _run(root, "registry", "history", "demo") == 0
+    assert "first release" in capsys.readouterr().out
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        _run(root, "registry", "rollback", "demo", "--reason", "x")
+    with pytest.raises(SystemExit):
+        _run(root, "registry", "promote", "demo", "2", "production")   # --reason is required
+    with pytest.raises(RegistryError, match=r"model 'other': no such model .*models there: demo"):
+        cli_list(registry, "other")

@@ -1,0 +1,146 @@
+"""`edge-train`: synthesize, ingest, train, export and manage the model registry."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import EdgeError
+
+DEFAULT_REGISTRY = "models"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except EdgeError as error:
+        print(f"edge-train: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-train: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-train", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="write a synthetic lot (Parquet or CSV)")
+    synth.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    _add_synth_options(synth)
+    synth.set_defaults(handler=cmd_synth)
+
+    fit = commands.add_parser("fit", help="train, export and publish a model package")
+    fit.add_argument("--data", action="append", required=True,
+                     help="training data file (CSV, Parquet, STDF); repeat to combine lots")
+    _add_fit_options(fit)
+    fit.set_defaults(handler=cmd_fit)
+
+    demo = commands.add_parser("demo", help="synthetic lot -> train -> export -> package summary")
+    demo.add_argument("--workdir", default=None, help="where to keep the demo's data (default: a temp dir)")
+    demo.add_argument("--parts", type=int, default=20000)
+    demo.add_argument("--tests", type=int, default=200)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--registry", default=DEFAULT_REGISTRY)
+    demo.add_argument("--name", default="demo")
+    demo.set_defaults(handler=cmd_demo)
+
+    from .registry_cli import add_registry_commands
+    add_registry_commands(commands, DEFAULT_REGISTRY)
+    return parser
+
+
+def _add_synth_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parts", type=int, default=20000)
+    parser.add_argument("--tests", type=int, default=200)
+    parser.add_argument("--lots", type=int, default=1)
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--first-lot", type=int, default=1, help="index of the first lot's name")
+    parser.add_argument("--excursion", action="append", choices=["latent_outliers", "drifting_site", "shifted_lot"],
+                        help="inject an excursion (repeatable; default: latent_outliers)")
+
+
+def _add_fit_options(parser: argparse.ArgumentParser) -> None:
+    from .train import YIELD_KINDS
+    parser.add_argument("--name", default="demo", help="model name in the registry")
+    parser.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry root folder")
+    parser.add_argument("--trees", type=int, default=200, help="Isolation Forest trees")
+    parser.add_argument("--max-samples", default="auto", help="'auto', an integer, or a fraction")
+    parser.add_argument("--max-features", type=float, default=1.0)
+    parser.add_argument("--target-outlier-rate", type=float, default=0.01,
+                        help="share of passing training parts flagged at the calibrated threshold")
+    parser.add_argument("--train-outlier-on", choices=["passing", "all"], default="passing")
+    parser.add_argument("--yield-model", choices=YIELD_KINDS, default="random_forest")
+    parser.add_argument("--yield-trees", type=int, default=100)
+    parser.add_argument("--yield-label", default=None, help="label column (default: final_pass if present, else passed)")
+    parser.add_argument("--retest-policy", choices=["last", "first", "all"], default="last")
+    parser.add_argument("--min-rows", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--promote", choices=["staging", "production"], default=None,
+                        help="promote the new version straight away")
+
+
+def _max_samples(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def cmd_synth(args) -> int:
+    from .synth import SynthConfig, write
+    config = SynthConfig(seed=args.seed, parts=args.parts, tests=args.tests, lots=args.lots, sites=args.sites,
+                         heads=args.heads, first_lot_index=args.first_lot,
+                         excursions=tuple(args.excursion or ("latent_outliers",)))
+    start = time.perf_counter()
+    summary = write(config, args.out)
+    print(summary)
+    print(f"written in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from .ingest import load_tables
+    from .package import build_and_publish
+    from .registry import Registry
+    from .train import TrainConfig, fit
+
+    start = time.perf_counter()
+    print(f"reading {len(args.data)} file(s)", file=sys.stderr)
+    table, report = load_tables(args.data, retest_policy=args.retest_policy, min_rows=args.min_rows)
+    print(report.summary(), file=sys.stderr)
+    config = TrainConfig(name=args.name, n_trees=args.trees, max_samples=_max_samples(args.max_samples),
+                         max_features=args.max_features, target_outlier_rate=args.target_outlier_rate,
+                         train_outlier_on=args.train_outlier_on, yield_model=args.yield_model,
+                         yield_trees=args.yield_trees, yield_label=args.yield_label, seed=args.seed)
+    trained = fit(table, config)
+    print("exporting ONNX graphs and checking them against scikit-learn", file=sys.stderr)
+    registry = Registry(args.registry)
+    ref = build_and_publish(trained, table, report.to_dict(), registry, args.data)
+    if args.promote:
+        registry.promote(ref.name, ref.version, args.promote, reason=f"--promote {args.promote} at fit")
+    from .registry_cli import package_summary
+    print(package_summary(registry, ref))
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edge-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    lot = workdir / "training_lot.parquet"
+    print(f"== 1/2 synthetic lot: {args.parts:,} parts x {args.tests} tests -> {lot}")
+    parser = build_parser()
+    cmd_synth(parser.parse_args(["synth", "--out", str(lot), "--parts", str(args.parts), "--tests",
+                                 str(args.tests), "--seed", str(args.seed)]))
+    print(f"== 2/2 train, export, publish into {args.registry}/{args.name}")
+    return cmd_fit(parser.parse_args(["fit", "--data", str(lot), "--name", args.name,
+                                      "--registry", args.registry, "--promote", "production"]))

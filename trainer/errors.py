@@ -1,0 +1,38 @@
+"""Errors the trainer shows to people. Each names what was wrong and where."""
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base of every error the command line prints as a message instead of a traceback."""
+
+
+class DataError(EdgeError):
+    """Input data that cannot be used: names the file and, where known, column/record/offset."""
+
+    def __init__(self, message: str, *, file: str | None = None, column: str | None = None,
+                 record: str | None = None, offset: int | None = None,
+                 expected: str | None = None, got: str | None = None):
+        self.file, self.column, self.record, self.offset = file, column, record, offset
+        self.expected, self.got = expected, got
+        where = []
+        if file:
+            where.append(f"file {file}")
+        if record:
+            where.append(f"record {record}")
+        if offset is not None:
+            where.append(f"byte offset {offset}")
+        if column:
+            where.append(f"column {column!r}")
+        detail = ""
+        if expected is not None or got is not None:
+            detail = f" (expected {expected}, got {got})"
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}{detail}" if prefix else f"{message}{detail}")
+
+
+class ExportError(EdgeError):
+    """An ONNX export that does not reproduce its scikit-learn model closely enough."""
+
+
+class RegistryError(EdgeError):
+    """A registry operation that cannot be done: unknown model/version, bad stage, failed verification."""

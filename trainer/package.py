@@ -1,0 +1,191 @@
+"""Assemble a model package (ONNX graphs, manifest, model card, sample rows) and publish it.
+
+Every graph is checked against the scikit-learn model it came from before anything is written;
+an export that disagrees is refused (ExportError) and the registry is left untouched.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8,
+                     supports_int8, yield_model_to_onnx)
+from .modelcard import render_model_card
+from .reference import drift_reference, static_pat_limits
+from .registry import PackageRef, Registry
+from .table import ParametricTable
+from .train import TrainedModels
+
+SAMPLE_ROWS = 256
+INPUT_NAME = "readings"
+
+
+def build_and_publish(trained: TrainedModels, table: ParametricTable, validation: dict,
+                      registry: Registry, source_files: list[str]) -> PackageRef:
+    files, manifest = build_package(trained, table, validation, source_files)
+    return registry.publish(trained.config.name, files, manifest, reason="trained by edge-train fit")
+
+
+def build_package(trained: TrainedModels, table: ParametricTable, validation: dict,
+                  source_files: list[str]) -> tuple[dict[str, bytes], dict]:
+    X = table.readings()
+    holdout = X[trained.holdout_index]
+    holdout32 = holdout.astype(np.float32)
+    expected_score = trained.outlier.decision_function(holdout)
+    expected_prob = trained.yield_model.predict_proba(holdout)[:, 1]
+
+    files: dict[str, bytes] = {}
+    fidelity: dict[str, dict] = {}
+
+    outlier_bytes = isolation_forest_to_onnx(trained.outlier).SerializeToString()
+    fidelity["outlier.float32"] = check_fidelity(
+        outlier_bytes, expected_score, holdout32, output="score", threshold=trained.outlier_threshold,
+        outlier_below=True, file="outlier.onnx")
+    files["outlier.onnx"] = outlier_bytes
+
+    yield_onnx = yield_model_to_onnx(trained.yield_model)
+    yield_bytes = yield_onnx.SerializeToString()
+    fidelity["yield.float32"] = check_fidelity(
+        yield_bytes, expected_prob, holdout32, output="pass_probability", threshold=trained.yield_threshold,
+        outlier_below=False, file="yield.onnx")
+    files["yield.onnx"] = yield_bytes
+    yield_files = {"float32": "yield.onnx"}
+
+    int8_possible, int8_reason = supports_int8(trained.yield_model)
+    if int8_possible:
+        int8_bytes = quantize_int8(yield_onnx).SerializeToString()
+        check = check_fidelity(int8_bytes, expected_prob, holdout32, output="pass_probability",
+                               threshold=trained.yield_threshold, outlier_below=False,
+                               file="yield.int8.onnx", refuse=False)
+        if check["passed"]:
+            files["yield.int8.onnx"] = int8_bytes
+            yield_files["int8"] = "yield.int8.onnx"
+            fidelity["yield.int8"] = check
+        else:
+            int8_reason = (f"int8 variant refused: decisions agree on {check['decision_agreement']:.4%} of "
+                           f"{check['rows']} held-out rows, below {check['min_agreement']:.1%}")
+            int8_possible = False
+
+    files["sample_rows.npz"] = _sample_rows(holdout32[:SAMPLE_ROWS], expected_score[:SAMPLE_ROWS],
+                                            expected_prob[:SAMPLE_ROWS])
+
+    passed = _passing_mask(table)
+    train_rows = trained.train_index
+    reference_rows = train_rows[passed[train_rows]]
+    reference_scores = trained.outlier.decision_function(X[reference_rows])
+    imputer_values = trained.outlier.named_steps["impute"].statistics_
+
+    manifest = {
+        "schema_version": 1,
+        "name": trained.config.name,
+        "version": "",  # the registry allocates it
+        "created_at": _now(),
+        "features": [
+            {"index": i, "column": t.column, "name": t.name, "number": t.number, "units": t.units or "",
+             "low": t.low, "high": t.high, "pin": t.pin, "impute": float(imputer_values[i])}
+            for i, t in enumerate(table.tests)
+        ],
+        "imputation": {"strategy": "median", "where": "inside the ONNX graphs",
+                       "values_from": "passing training parts (outlier model); the yield graph carries its own"
+                                      " medians over all training parts"},
+        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [None, len(table.tests)], "missing": "NaN"},
+        "models": {
+            "outlier": {
+                "kind": "isolation_forest", "files": {"float32": "outlier.onnx"}, "output": "score",
+                "score_convention": "IsolationForest.decision_function: lower = more anomalous; "
+                                    "outlier when score < threshold",
+                "threshold": trained.outlier_threshold,
+                "target_outlier_rate": trained.config.target_outlier_rate,
+                "trained_on": trained.config.train_outlier_on,
+                "params": _json_params(trained.outlier.named_steps["forest"]),
+                "quantization": {"int8": False, "reason": TREE_QUANTIZATION_NOTE},
+            },
+            "yield": {
+                "kind": trained.config.yield_model, "files": yield_files, "output": "pass_probability",
+                "threshold": trained.yield_threshold, "label": trained.yield_label,
+                "params": _json_params(trained.yield_model.named_steps["model"]),
+                "quantization": {"int8": int8_possible, "reason": int8_reason},
+            },
+        },
+        "pat": {"k_sigma": trained.config.pat_k_sigma,
+                "method": "median +/- k * IQR/1.35 over passing training parts", "min_parts": 30,
+                "limits": static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma)},
+        "drift_reference": drift_reference(X[reference_rows], trained.columns, reference_scores,
+                                           trained.outlier_threshold, trained.config.drift_bins),
+        "metrics": {**trained.metrics, "timings_s": trained.timings_s},
+        "fidelity": fidelity,
+        "validation": validation,
+        "lineage": {
+            "data_sha256": _data_sha256(table),
+            "rows": len(table), "train_rows": int(len(train_rows)), "holdout_rows": int(len(trained.holdout_index)),
+            "sources": [_source_entry(path) for path in source_files],
+            "code_version": _code_version(),
+            "parameters": trained.config.to_dict(),
+            "trained_at": _now(),
+            "versions": _library_versions(),
+        },
+        "files": {},
+    }
+    files["model_card.md"] = render_model_card(manifest).encode()
+    return files, manifest
+
+
+def _passing_mask(table: ParametricTable) -> np.ndarray:
+    if "passed" in table.frame.columns:
+        return table.frame["passed"].to_numpy(bool)
+    return np.ones(len(table), bool)
+
+
+def _sample_rows(readings: np.ndarray, score: np.ndarray, prob: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, readings=readings, score=score.astype(np.float32), pass_probability=prob.astype(np.float32))
+    return buffer.getvalue()
+
+
+def _data_sha256(table: ParametricTable) -> str:
+    """Hash of exactly what was trained on: column names and readings after validation."""
+    digest = hashlib.sha256("\x1f".join(table.test_columns).encode())
+    digest.update(np.ascontiguousarray(table.readings()).tobytes())
+    return digest.hexdigest()
+
+
+def _source_entry(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest(), "bytes": Path(path).stat().st_size}
+
+
+def _json_params(estimator) -> dict:
+    return {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+            for k, v in estimator.get_params().items()}
+
+
+def _code_version() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def _library_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import skl2onnx
+    import sklearn
+    return {"python": platform.python_version(), "numpy": np.__version__, "sklearn": sklearn.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "skl2onnx": skl2onnx.__version__}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,95 @@
+"""Reference statistics a package carries: static PAT limits and drift reference bins.
+
+numpy only: the edge agent imports the binning convention from here so that training and
+serving bin a reading identically.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+ROBUST_SIGMA_PER_IQR = 1.35   # IQR of a normal distribution is 1.349 sigma (AEC-Q001)
+PAT_MIN_PARTS = 30
+
+
+def robust_center_sigma(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-wise median, IQR/1.35 and count of non-missing values of a 2-D array."""
+    counts = np.sum(~np.isnan(values), axis=0)
+    with warnings.catch_warnings():
+        # An all-missing test is reported by validation; numpy's RuntimeWarning here is noise.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q1, median, q3 = np.nanpercentile(values, [25, 50, 75], axis=0)
+    return median, (q3 - q1) / ROBUST_SIGMA_PER_IQR, counts
+
+
+def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0) -> list[dict]:
+    """AEC-Q001 static PAT limits per test: median +/- k robust sigma from passing parts.
+
+    A test with fewer than ``PAT_MIN_PARTS`` readings gets no limits (``low``/``high`` None): the
+    standard asks for at least 30 parts, and a limit from fewer would be noise.
+    """
+    median, sigma, counts = robust_center_sigma(values)
+    limits = []
+    for i, column in enumerate(columns):
+        enough = counts[i] >= PAT_MIN_PARTS
+        limits.append({
+            "column": column,
+            "median": _num(median[i]),
+            "robust_sigma": _num(sigma[i]),
+            "low": _num(median[i] - k_sigma * sigma[i]) if enough else None,
+            "high": _num(median[i] + k_sigma * sigma[i]) if enough else None,
+            "n": int(counts[i]),
+        })
+    return limits
+
+
+def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """Inner bin edges at reference quantiles, duplicates removed (a near-constant test gets fewer bins)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.empty(0)
+    return np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]))
+
+
+def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin of each value: the number of inner edges <= value (0 .. len(edges))."""
+    return np.searchsorted(edges, values, side="right")
+
+
+def bin_proportions(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    counts = np.bincount(bin_index(finite, edges), minlength=len(edges) + 1).astype(np.float64)
+    return counts / counts.sum() if counts.sum() else counts
+
+
+def drift_reference(values: np.ndarray, columns: list[str], scores: np.ndarray, threshold: float,
+                    bins: int = 10) -> dict:
+    """Per-test quantile bins with reference proportions, and the reference outlier-score distribution."""
+    tests = []
+    for i, column in enumerate(columns):
+        edges = quantile_edges(values[:, i], bins)
+        tests.append({
+            "column": column,
+            "edges": edges.tolist(),
+            "proportions": bin_proportions(values[:, i], edges).tolist(),
+            "missing_rate": float(np.mean(np.isnan(values[:, i]))) if len(values) else 0.0,
+        })
+    score_edges = quantile_edges(scores, 20)
+    return {
+        "bins": bins,
+        "binning": "bin = number of inner edges <= value; missing readings are counted apart",
+        "rows": int(len(values)),
+        "tests": tests,
+        "outlier_score": {
+            "edges": score_edges.tolist(),
+            "proportions": bin_proportions(scores, score_edges).tolist(),
+            "quantiles": {f"p{q:02d}": float(np.quantile(scores, q / 100)) for q in (1, 5, 50, 95, 99)},
+            "outlier_rate": float(np.mean(scores < threshold)),
+        },
+    }
+
+
+def _num(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
