@@ -29,6 +29,10 @@ setup(
     entry_points={
         "console_scripts": [
             "edge-train=trainer.cli:main",
+            "edge-agent=edge_agent.cli:main",
+            "edge-replay=edge_agent.replay:main",
+            "edge-collector=edge_agent.collector.cli:main",
+            "edge-bench=bench.cli:main",
         ]
     },
 )

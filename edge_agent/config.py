@@ -124,8 +124,12 @@ class AgentConfig:
 _SECTIONS = {"metrics": MetricsConfig, "logging": LoggingConfig, "pat": PatConfig, "binning": BinningConfig}
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AgentConfig:
-    """Defaults, then the TOML file at ``path``, then ``overrides`` ({"bind": ..., "metrics.port": ...})."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                require_model: bool = True) -> AgentConfig:
+    """Defaults, then the TOML file at ``path``, then ``overrides`` ({"bind": ..., "metrics.port": ...}).
+
+    ``require_model=False`` for commands that only talk to a running agent (they need the bind address).
+    """
     config = AgentConfig()
     source = "defaults"
     if path is not None:
@@ -146,7 +150,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         section, _, key = dotted.rpartition(".")
         target = getattr(config, section) if section else config
         _set(target, key, value, f"command line --{dotted.replace('.', '-').replace('_', '-')}")
-    _check(config, source)
+    _check(config, source, require_model)
     return config
 
 
@@ -179,9 +183,9 @@ def _set(target: object, key: str, value: Any, where: str) -> None:
     setattr(target, key, {**default, **value} if expected is dict else value)
 
 
-def _check(config: AgentConfig, source: str) -> None:
+def _check(config: AgentConfig, source: str, require_model: bool) -> None:
     problems = []
-    if not config.model:
+    if require_model and not config.model:
         problems.append("agent.model: a model name is required (--model or [agent] model)")
     if not config.stage:
         problems.append("agent.stage: must name a stage")

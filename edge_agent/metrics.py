@@ -71,7 +71,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.started_at = time.time()
-        self.requests: Counter[str] = Counter()       # by request type ("unparsed" when the type is unknown)
+        self.requests: Counter[str] = Counter()       # by request type ("invalid" when the envelope is not valid)
         self.errors: Counter[str] = Counter()         # by protocol error code, batch items included
         self.bins: Counter[str] = Counter()           # recommended bin names
         self.flags: Counter[str] = Counter()          # conditions that fired (several per part possible)

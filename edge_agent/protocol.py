@@ -47,6 +47,7 @@ class Code:
     WRONG_TYPE = "wrong_type"
     WRONG_READING_COUNT = "wrong_reading_count"
     UNKNOWN_TEST = "unknown_test"
+    DUPLICATE_TEST = "duplicate_test"
     NON_FINITE_READING = "non_finite_reading"
     BATCH_TOO_LARGE = "batch_too_large"
     UNKNOWN_VERSION = "unknown_version"
@@ -64,6 +65,7 @@ ERROR_CODES: dict[str, str] = {
     Code.WRONG_TYPE: "a field holds a value of the wrong type",
     Code.WRONG_READING_COUNT: "a readings array does not have one value per model feature",
     Code.UNKNOWN_TEST: "a readings map names a test the model does not know",
+    Code.DUPLICATE_TEST: "a readings map gives one test twice (by its column and by its name)",
     Code.NON_FINITE_READING: "a reading is +inf, -inf or beyond float32 range (NaN is allowed: test not run)",
     Code.BATCH_TOO_LARGE: "a score_batch carries more parts than the agent's max_batch",
     Code.UNKNOWN_VERSION: "a reload names a model version the registry does not hold",
@@ -105,9 +107,12 @@ def decode(payload: bytes) -> dict:
     """One msgpack map with string keys, or ProtocolError(malformed_message)."""
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
-        # ExtraData: trailing bytes; ValueError covers truncated data and invalid UTF-8 in strings.
-        raise ProtocolError(Code.MALFORMED_MESSAGE, f"not a msgpack message: {error}") from None
+    except (ValueError, TypeError) as error:
+        # msgpack's ExtraData (trailing bytes), FormatError, StackError (nesting too deep) and truncated input are
+        # ValueErrors, as is invalid UTF-8 in a string; keys that are not strings are refused (strict_map_key).
+        raise ProtocolError(Code.MALFORMED_MESSAGE,
+                            f"not a msgpack message: {type(error).__name__}{f': {error}' if str(error) else ''}"
+                            ) from None
     if not isinstance(message, dict):
         raise ProtocolError(Code.MALFORMED_MESSAGE,
                             f"expected a msgpack map at the top level, got {_kind(message)}")
@@ -130,13 +135,15 @@ def check_envelope(message: dict) -> str:
         raise ProtocolError(Code.MISSING_FIELD, "field 'v' (protocol version) is missing")
     if type(message["v"]) is not int or message["v"] != PROTOCOL_VERSION:
         raise ProtocolError(Code.UNSUPPORTED_VERSION,
-                            f"protocol version {message['v']!r} is not supported; this agent speaks "
+                            f"protocol version {_short(message['v'])} is not supported; this agent speaks "
                             f"v={PROTOCOL_VERSION}")
     kind = message.get("type")
     if kind is None:
         raise ProtocolError(Code.MISSING_FIELD, "field 'type' is missing")
+    if not isinstance(kind, str):
+        raise ProtocolError(Code.WRONG_TYPE, f"field 'type': expected a string, got {_kind(kind)}")
     if kind not in REQUEST_FIELDS:
-        raise ProtocolError(Code.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected one of "
+        raise ProtocolError(Code.UNKNOWN_TYPE, f"unknown message type {_short(kind)}; expected one of "
                                                f"{', '.join(REQUEST_FIELDS)}")
     if "id" not in message:
         raise ProtocolError(Code.MISSING_FIELD, "field 'id' (request id) is missing")
@@ -145,25 +152,28 @@ def check_envelope(message: dict) -> str:
                                              f"{MAX_ID_CHARS} characters, got {_kind(message['id'])}")
     extra = message.keys() - ENVELOPE_FIELDS - REQUEST_FIELDS[kind]
     if extra:
-        raise ProtocolError(Code.UNKNOWN_FIELD, f"{kind} request: unknown field(s) {', '.join(sorted(map(str, extra)))};"
-                                                f" expected {', '.join(sorted(ENVELOPE_FIELDS | REQUEST_FIELDS[kind]))}")
+        expected = ", ".join(sorted(ENVELOPE_FIELDS | REQUEST_FIELDS[kind]))
+        raise ProtocolError(Code.UNKNOWN_FIELD, f"{kind} request: unknown field(s) {_names(sorted(extra, key=repr))};"
+                                                f" expected {expected}")
     return kind
 
 
 def parse_part(value: Any, where: str = "part") -> Part:
+    """The part identity map; absent or nil fields are unknown (head and site default to 1)."""
     if value is None:
         return _DEFAULT_PART
     if not isinstance(value, dict):
         raise ProtocolError(Code.WRONG_TYPE, f"field '{where}': expected a map, got {_kind(value)}")
     for key, item in value.items():
-        types = PART_FIELDS.get(key)
+        types = PART_FIELDS.get(key) if isinstance(key, str) else None
         if types is None:
-            raise ProtocolError(Code.UNKNOWN_FIELD, f"field '{where}.{key}' is not a part identity field; expected "
-                                                    f"any of {', '.join(PART_FIELDS)}")
-        if isinstance(item, bool) or not isinstance(item, types):
+            raise ProtocolError(Code.UNKNOWN_FIELD, f"field '{where}.{_short(key)}' is not a part identity field; "
+                                                    f"expected any of {', '.join(PART_FIELDS)}")
+        if item is not None and (isinstance(item, bool) or not isinstance(item, types)):
             expected = " or ".join("integer" if t is int else "string" for t in types)
-            raise ProtocolError(Code.WRONG_TYPE, f"field '{where}.{key}': expected {expected}, got {_kind(item)}")
-    return Part(**value)
+            raise ProtocolError(Code.WRONG_TYPE, f"field '{where}.{key}': expected {expected} (or nil), "
+                                                 f"got {_kind(item)}")
+    return Part(**{key: item for key, item in value.items() if item is not None})
 
 
 def parse_batch(message: dict, max_batch: int) -> list:
@@ -246,13 +256,12 @@ class ReadingsParser:
                 raise ProtocolError(Code.WRONG_TYPE, f"field '{where}[{key!r}]': expected a number, "
                                                      f"got {_kind(value)}")
             if given[i]:
-                raise ProtocolError(Code.WRONG_TYPE, f"field '{where}': test {self.columns[i]!r} is given twice "
-                                                     f"(by column and by name)")
+                raise ProtocolError(Code.DUPLICATE_TEST, f"field '{where}': test {self.columns[i]!r} is given "
+                                                         f"twice (by column and by name)")
             row[i], given[i] = value, True
         if unknown:
-            shown = ", ".join(repr(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            raise ProtocolError(Code.UNKNOWN_TEST, f"field '{where}': unknown test(s) {shown}; the model's tests are "
-                                                   f"{self._preview()}")
+            raise ProtocolError(Code.UNKNOWN_TEST, f"field '{where}': unknown test(s) {_names(unknown)}; the model's "
+                                                   f"tests are {self._preview()}")
         return self._to_float32(row)
 
     @staticmethod
@@ -276,6 +285,18 @@ _NUMBER_TYPES = frozenset((int, float))
 
 def error_reply(rid: int | str | None, code: str, message: str) -> dict:
     return {"v": PROTOCOL_VERSION, "type": ERROR, "id": rid, "code": code, "message": message}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() cut to ``limit`` characters: error messages must not echo a client's megabytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _names(keys) -> str:
+    keys = list(keys)
+    shown = ", ".join(_short(k) for k in keys[:5])
+    return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
 def _kind(value: Any) -> str:

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import zmq
 
+from trainer.errors import EdgeError
 from trainer.registry import Registry
 
 from . import __version__
@@ -82,10 +83,17 @@ class Agent:
         wake.bind(wake_address)
         prometheus = None
         try:
-            router.bind(self.config.bind)
+            try:
+                router.bind(self.config.bind)
+            except zmq.ZMQError as error:
+                raise EdgeError(f"cannot listen on {self.config.bind}: {error.strerror}") from None
             if self.config.metrics.port:
-                prometheus = start_prometheus(self.metrics, lambda: self.model.identity, self.config.metrics.host,
-                                              self.config.metrics.port)
+                try:
+                    prometheus = start_prometheus(self.metrics, lambda: self.model.identity,
+                                                  self.config.metrics.host, self.config.metrics.port)
+                except OSError as error:
+                    raise EdgeError(f"cannot serve Prometheus metrics on {self.config.metrics.host}:"
+                                    f"{self.config.metrics.port}: {error.strerror}") from None
             self._watcher = ReloadWatcher(
                 self.registry, self.model.ref.name, self.config.stage, pinned=bool(self.config.version),
                 serving_version=self.model.ref.version, interval_s=self.config.watch_interval_s,
@@ -115,6 +123,8 @@ class Agent:
         poller.register(wake, zmq.POLLIN)
         deadline = None
         while True:
+            if self._stop_requested:
+                return
             if self._stop_requested and deadline is None:
                 self.draining = True
                 deadline = time.monotonic() + self.config.shutdown_timeout_s
@@ -276,6 +286,7 @@ class Agent:
             if not any(ref.version == version for ref in self.registry.versions(self.model.ref.name)):
                 raise ProtocolError(Code.UNKNOWN_VERSION, f"model {self.model.ref.name!r} has no version {version} "
                                                           f"in {self.registry.root}")
+        version = version or self.config.version or None   # a pinned agent reloads its pinned version
         self._watcher.request(version)
         what = f"version {version}" if version is not None else f"the {self.config.stage} version"
         return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[RELOAD], "id": rid, "accepted": True,
@@ -302,14 +313,19 @@ class Agent:
                 break
         while not self._watcher.outcomes.empty():
             outcome: ReloadOutcome = self._watcher.outcomes.get()
-            self.last_reload = outcome.describe()
             if outcome.model is None:
-                self.metrics.reloads["refused"] += 1
+                result = "refused"
                 log.error("reload refused (%s): %s; %s keeps serving\n%s", outcome.trigger, outcome.ref,
                           self.model.ref, "\n".join(f"  - {p}" for p in outcome.problems))
-                continue
-            self.metrics.reloads["loaded"] += 1
-            self._swap(outcome.model, f"{outcome.trigger}, loaded and verified in {outcome.seconds:.2f} s")
+            elif outcome.model.checksum == self.model.checksum:
+                result = "unchanged"   # verified again, and it is the package already serving
+                log.info("reload (%s): %s verified, already serving it", outcome.trigger, outcome.ref)
+            else:
+                result = "loaded"
+                self._swap(outcome.model, f"{outcome.trigger}, loaded and verified in {outcome.seconds:.2f} s")
+            self.metrics.reloads[result] += 1
+            self.last_reload = {**outcome.describe(), "outcome": result,
+                                "number": sum(self.metrics.reloads.values())}
 
     def _swap(self, model: LoadedModel, reason: str) -> None:
         self.previous, self.model = self.model, model

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--name", default="demo")
     demo.set_defaults(handler=cmd_demo)
 
-    from .registry_cli import add_registry_commands
+    from .registry import add_registry_commands
     add_registry_commands(commands, DEFAULT_REGISTRY)
     return parser
 
@@ -127,7 +127,7 @@ def cmd_fit(args) -> int:
     ref = build_and_publish(trained, table, report.to_dict(), registry, args.data)
     if args.promote:
         registry.promote(ref.name, ref.version, args.promote, reason=f"--promote {args.promote} at fit")
-    from .registry_cli import package_summary
+    from .registry import package_summary
     print(package_summary(registry, ref))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -144,3 +144,7 @@ def cmd_demo(args) -> int:
     print(f"== 2/2 train, export, publish into {args.registry}/{args.name}")
     return cmd_fit(parser.parse_args(["fit", "--data", str(lot), "--name", args.name,
                                       "--registry", args.registry, "--promote", "production"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ _POST_TRANSFORM_NONE = 0
 @dataclass(frozen=True)
 class Imputation:
     """What a fitted SimpleImputer does, as arrays the graph can carry."""
-    fill: np.ndarray      # float32 [F_in]: value that replaces NaN in each input column
+    fill: np.ndarray      # float64 [F_in]: value that replaces NaN in each input column
     columns: np.ndarray   # int64 [F_model]: input column behind each feature the next step sees
 
     @property
@@ -50,17 +50,28 @@ def imputation_of(imputer) -> Imputation:
     statistics = np.asarray(imputer.statistics_, dtype=np.float64)
     # SimpleImputer drops columns it never saw a value in, unless keep_empty_features is set.
     kept = np.ones(statistics.shape, bool) if imputer.keep_empty_features else ~np.isnan(statistics)
-    return Imputation(fill=np.where(kept, statistics, 0.0).astype(np.float32),
+    return Imputation(fill=np.where(kept, statistics, 0.0),
                       columns=np.flatnonzero(kept).astype(np.int64))
 
 
-def imputation_nodes(imputation: Imputation, output: str, *, select_columns: bool) -> tuple[list, list]:
-    """Nodes computing ``output`` = readings with NaN replaced; with ``select_columns`` also drop the
-    columns the imputer drops (dense models); tree models instead index input columns directly."""
+def imputation_nodes(imputation: Imputation, output: str, *, select_columns: bool,
+                     precision: type = np.float32) -> tuple[list, list]:
+    """Nodes computing ``output`` = readings with NaN replaced, in ``precision`` (float32 or float64).
+
+    With ``select_columns`` also drop the columns the imputer drops (dense models); tree models instead
+    index input columns directly. float64 is for dense models: scikit-learn imputes and scales in float64,
+    and a float32 median or mean of readings near 1e9 would be off by more than the fidelity allows.
+    """
     imputed = output if not (select_columns and imputation.drops_columns) else f"{output}_all"
-    nodes = [helper.make_node("IsNaN", [INPUT_NAME], ["readings_missing"]),
-             helper.make_node("Where", ["readings_missing", "impute_fill", INPUT_NAME], [imputed])]
-    initializers = [numpy_helper.from_array(imputation.fill, "impute_fill")]
+    readings = INPUT_NAME
+    nodes = [helper.make_node("IsNaN", [INPUT_NAME], ["readings_missing"])]
+    if precision is np.float64:
+        readings = "readings_double"
+        nodes.append(helper.make_node("Cast", [INPUT_NAME], [readings], to=TensorProto.DOUBLE))
+    elif precision is not np.float32:
+        raise ValueError(f"imputation precision must be np.float32 or np.float64, got {precision!r}")
+    nodes.append(helper.make_node("Where", ["readings_missing", "impute_fill", readings], [imputed]))
+    initializers = [numpy_helper.from_array(imputation.fill.astype(precision), "impute_fill")]
     if imputed != output:
         nodes.append(helper.make_node("Gather", [imputed, "impute_columns"], [output], axis=1))
         initializers.append(numpy_helper.from_array(imputation.columns, "impute_columns"))

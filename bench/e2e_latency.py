@@ -1,0 +1,237 @@
+"""End-to-end latency of one part: test program (client) -> edge agent (its own process) -> reply.
+
+The agent serves a package of 200 tests with a 200-tree Isolation Forest and a 100-tree random-forest yield
+model. This process is the test program: it calls ``AgentClient.score`` once per part, open loop. Part i is
+due at ``start + i / rate``; a call starts at its due time, or at once when the previous call ran late, and
+its latency counts from the due time, so one stall shows in every part it delays (no coordinated omission).
+
+    python -m bench.e2e_latency --rate 1000 --parts 20000 --transport tcp
+    python -m bench.e2e_latency --quick
+
+Figures: ``e2e.<transport>.rate_<rate>.p50_us`` etc. (from the due time), ``...round_trip_p50_us`` (send to
+reply, what one call costs) and ``...agent_p50_us`` (the agent's own processing time, in its reply).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from edge_agent.client import AgentClient, AgentUnavailable
+from trainer.registry import PackageRef, Registry
+from trainer.table import ParametricTable, TestMeta, test_column_name
+
+MODEL = "bench"
+TARGET_P99_US = 1000.0
+WARM_UP_PARTS = 500
+SPIN_BEFORE_DUE_S = 300e-6   # sleep until this long before a part is due, then spin: sleep() wakes late
+STARTUP_TIMEOUT_S = 120.0
+
+
+def synthetic_table(n_parts: int, n_tests: int, seed: int, lot: str = "L1", product_seed: int = 0) -> ParametricTable:
+    """Parts with correlated normal readings (a few latent factors), limits, pass/fail and a yield label.
+
+    ``product_seed`` fixes the product (test centres, spreads, correlations, limits); ``seed`` draws its parts,
+    so tables with one product seed are lots of the same product.
+    """
+    product = np.random.default_rng(product_seed)
+    loadings = product.normal(scale=0.7, size=(4, n_tests))
+    centre, spread = product.uniform(0.5, 5.0, n_tests), product.uniform(0.01, 0.2, n_tests)
+    scale = np.sqrt(np.sum(loadings ** 2, axis=0) + 1.0)   # standard deviation of each test's z below
+    rng = np.random.default_rng([product_seed, seed])
+    factors = rng.normal(size=(n_parts, 4))
+    z = (factors @ loadings + rng.normal(size=(n_parts, n_tests))) / scale
+    values = centre + spread * z
+    values[rng.random(values.shape) < 0.002] = np.nan   # a test that did not run
+    low, high = centre - 3.7 * spread, centre + 3.7 * spread
+    with np.errstate(invalid="ignore"):
+        passed = ~np.any((values < low) | (values > high), axis=1)
+    fail_risk = 1.0 / (1.0 + np.exp(-(factors[:, 0] + factors[:, 1] - 3.0)))
+    final_pass = passed & (rng.random(n_parts) > fail_risk)
+    tests = [TestMeta(column=test_column_name(1000 + i, f"T{i}"), name=f"T{i}", number=1000 + i, units="V",
+                      low=float(low[i]), high=float(high[i])) for i in range(n_tests)]
+    identity = pd.DataFrame({
+        "lot": lot, "wafer": "1", "x": np.arange(n_parts) % 40, "y": np.arange(n_parts) // 40, "head": 1,
+        "site": 1 + np.arange(n_parts) % 4, "part_id": [str(i + 1) for i in range(n_parts)],
+        "passed": passed, "final_pass": final_pass})
+    readings = pd.DataFrame(values, columns=[t.column for t in tests])
+    return ParametricTable(pd.concat([identity, readings], axis=1), tests, [f"synthetic seed {seed}"])
+
+
+def publish_package(registry: Registry, name: str, table: ParametricTable, *, n_trees: int, yield_trees: int,
+                    seed: int = 0):
+    """Train both models on ``table``, build the package and publish it; returns (ref, trained models)."""
+    from trainer.package import build_package
+    from trainer.train import TrainConfig, fit
+    config = TrainConfig(name=name, n_trees=n_trees, yield_trees=yield_trees, seed=seed)
+    trained = fit(table, config, progress=lambda message: None)
+    files, manifest = build_package(trained, table, {}, [])
+    return registry.publish(name, files, manifest, reason="benchmark / test package"), trained
+
+
+def free_tcp_endpoint() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def start_agent(registry_root: str | Path, model: str, endpoint: str, *extra: str, log_path: str | Path,
+                timeout_s: float = STARTUP_TIMEOUT_S) -> subprocess.Popen:
+    """Start ``edge-agent run`` as its own process and return once it answers a health request."""
+    command = [sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(registry_root), "--model", model,
+               "--bind", endpoint, "--metrics-port", "0", *extra]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
+    with AgentClient(endpoint) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the agent exited with status {process.returncode} before it answered; "
+                                   f"log {log_path}:\n{Path(log_path).read_text()[-3000:]}")
+            try:
+                client.health(timeout_ms=200)
+                return process
+            except AgentUnavailable:
+                continue
+    process.kill()
+    raise RuntimeError(f"the agent did not answer within {timeout_s:.0f} s; log {log_path}")
+
+
+def stop_agent(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """SIGTERM, then wait for the agent to drain and exit; returns its exit status."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def run(rate: float = 1000.0, parts: int | None = None, transport: str = "tcp", quick: bool = False,
+        n_tests: int = 200, n_trees: int = 200, yield_trees: int = 100, workdir: str | None = None) -> dict:
+    """Build the package, start the agent, stream ``parts`` parts at ``rate`` per second; latency figures."""
+    parts = parts or (3_000 if quick else 20_000)
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="edge-bench-", dir="/tmp") if own_dir else workdir)
+    try:
+        return _run(root, rate, parts, transport, quick, n_tests, n_trees, yield_trees)
+    finally:
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tests: int, n_trees: int,
+         yield_trees: int) -> dict:
+    registry = Registry(root / "models")
+    build_start = time.perf_counter()
+    train = synthetic_table(2_000 if quick else 5_000, n_tests, seed=1)
+    ref, _ = publish_package(registry, MODEL, train, n_trees=n_trees, yield_trees=yield_trees)
+    registry.promote(MODEL, ref.version, "production", "benchmark")
+    build_s = time.perf_counter() - build_start
+    stream = synthetic_table(parts + WARM_UP_PARTS, n_tests, seed=2, lot="L2")
+    columns = [f["column"] for f in registry.manifest(PackageRef(MODEL, ref.version))["features"]]
+    readings = stream.readings(columns).astype(np.float32)
+    identities = [{"lot": "L2", "wafer": "1", "x": i % 40, "y": i // 40, "head": 1, "site": 1 + i % 4,
+                   "part_id": str(i)} for i in range(len(readings))]
+
+    if transport == "tcp":
+        endpoint = free_tcp_endpoint()
+    elif transport == "ipc":
+        endpoint = f"ipc://{root}/agent.sock"
+    else:
+        raise ValueError(f"transport must be 'tcp' or 'ipc', got {transport!r}")
+    agent = start_agent(root / "models", MODEL, endpoint, "--log-level", "WARNING", log_path=root / "agent.log")
+    try:
+        with AgentClient(endpoint, timeout_ms=100.0) as client:
+            for i in range(WARM_UP_PARTS):
+                client.score(readings[i], identities[i])
+            measured = _open_loop(client, readings[WARM_UP_PARTS:], identities[WARM_UP_PARTS:], rate)
+            health = client.health()
+    finally:
+        status = stop_agent(agent)
+    key = f"e2e.{transport}.rate_{rate:g}"
+    e2e, round_trip, agent_us = measured["from_due_us"], measured["round_trip_us"], measured["agent_us"]
+    figures = {
+        f"{key}.parts": parts,
+        f"{key}.achieved_rate": round(measured["achieved_rate"], 1),
+        **_percentiles(f"{key}", e2e),
+        **_percentiles(f"{key}.round_trip", round_trip),
+        **_percentiles(f"{key}.agent", agent_us),
+        f"{key}.no_decision": measured["no_decision"],
+        f"{key}.meets_target_p99_under_1ms": bool(np.percentile(e2e, 99) < TARGET_P99_US),
+        "agent.health_latency_us": health["latency_us"],
+        "agent.exit_status": status,
+        "package": {"tests": n_tests, "outlier_trees": n_trees, "yield_trees": yield_trees,
+                    "train_parts": len(train), "build_s": round(build_s, 1)},
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+    return figures
+
+
+def _open_loop(client: AgentClient, readings: np.ndarray, identities: list[dict], rate: float) -> dict:
+    n = len(readings)
+    from_due = np.empty(n)
+    round_trip = np.empty(n)
+    agent_us = np.full(n, np.nan)
+    no_decision: Counter[str] = Counter()
+    interval = 1.0 / rate
+    start = time.perf_counter() + 0.01
+    for i in range(n):
+        due = start + i * interval
+        now = time.perf_counter()
+        if due - now > SPIN_BEFORE_DUE_S:
+            time.sleep(due - now - SPIN_BEFORE_DUE_S)
+        while time.perf_counter() < due:
+            pass
+        sent = time.perf_counter()
+        result = client.score(readings[i], identities[i])
+        done = time.perf_counter()
+        from_due[i] = (done - due) * 1e6
+        round_trip[i] = (done - sent) * 1e6
+        if result.decided:
+            agent_us[i] = result.agent_us
+        else:
+            no_decision[result.error_code] += 1
+    elapsed = time.perf_counter() - start
+    return {"from_due_us": from_due, "round_trip_us": round_trip, "agent_us": agent_us[~np.isnan(agent_us)],
+            "no_decision": dict(no_decision), "achieved_rate": n / elapsed}
+
+
+def _percentiles(prefix: str, values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {}
+    p50, p95, p99, p999 = np.percentile(values, [50, 95, 99, 99.9])
+    return {f"{prefix}.p50_us": round(float(p50), 1), f"{prefix}.p95_us": round(float(p95), 1),
+            f"{prefix}.p99_us": round(float(p99), 1), f"{prefix}.p999_us": round(float(p999), 1),
+            f"{prefix}.max_us": round(float(np.max(values)), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e_latency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=1000.0, help="parts per second (default 1000)")
+    parser.add_argument("--parts", type=int, default=None, help="parts measured (default 20000, quick 3000)")
+    parser.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    parser.add_argument("--quick", action="store_true", help="smaller training set and fewer parts")
+    parser.add_argument("--workdir", help="keep the registry and the agent's log here")
+    args = parser.parse_args(argv)
+    figures = run(args.rate, args.parts, args.transport, args.quick, workdir=args.workdir)
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""`edge-agent`: run the scoring daemon, and ask a running one for its health, a reload or a rollback.
+
+    edge-agent run --registry models --model NAME [--stage production] [--bind tcp://127.0.0.1:5555]
+                   [--config agent.toml]
+    edge-agent health   [--connect ENDPOINT | --config agent.toml]
+    edge-agent reload   [--version N] [--no-wait] [--connect ENDPOINT | --config agent.toml]
+    edge-agent rollback [--connect ENDPOINT | --config agent.toml]
+
+Exit status: 0 ok, 1 the agent answered with an error (or a reload was refused), 2 bad configuration or a
+package that cannot be served, 3 no reply from the agent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+
+from trainer.errors import EdgeError
+
+from .config import AgentConfig, load_config
+
+DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
+EXIT_OK, EXIT_ERROR_REPLY, EXIT_UNUSABLE, EXIT_NO_REPLY = 0, 1, 2, 3
+RELOAD_POLL_S = 0.1
+
+log = logging.getLogger("edge_agent.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except EdgeError as error:
+        print(f"edge-agent: error: {error}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        print("edge-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="load a model package and serve score requests")
+    run.add_argument("--config", help="TOML configuration file; command-line options override it")
+    # Defaults are None: an option not given leaves the configuration file's value (or the built-in default).
+    run.add_argument("--registry", help="registry root folder (default: models)")
+    run.add_argument("--model", help="model name")
+    run.add_argument("--stage", help="registry stage to follow (default: production)")
+    run.add_argument("--version", help="serve this version and do not follow the stage")
+    run.add_argument("--bind", help="tcp://127.0.0.1:PORT or ipc:///path (default: tcp://127.0.0.1:5555)")
+    run.add_argument("--yield-variant", choices=("float32", "int8"), help="yield graph variant (default: float32)")
+    run.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off (default: 9464)")
+    run.add_argument("--metrics-host", help="Prometheus listen address (default: 127.0.0.1)")
+    run.add_argument("--watch-interval-s", type=float, help="how often the followed stage is checked")
+    run.add_argument("--log-format", choices=("plain", "json"))
+    run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    run.set_defaults(handler=cmd_run)
+
+    for name, handler, text in (("health", cmd_health, "status, counters and latency of a running agent"),
+                                ("reload", cmd_reload, "make a running agent load its stage's (or a given) version"),
+                                ("rollback", cmd_rollback, "make a running agent serve its previous model again")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--connect", help=f"the agent's endpoint (default: the bind address in --config, "
+                                               f"else {DEFAULT_CONNECT})")
+        command.add_argument("--config", help="the agent's configuration file, to find its endpoint")
+        command.add_argument("--timeout-ms", type=float, default=2000.0, help="how long to wait for a reply")
+        if name == "reload":
+            command.add_argument("--version", help="load this version instead of the followed stage's")
+            command.add_argument("--no-wait", action="store_true", help="do not wait for the load's outcome")
+            command.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the outcome")
+        command.set_defaults(handler=handler)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, {
+        "registry": args.registry, "model": args.model, "stage": args.stage, "version": args.version,
+        "bind": args.bind, "yield_variant": args.yield_variant, "watch_interval_s": args.watch_interval_s,
+        "metrics.port": args.metrics_port, "metrics.host": args.metrics_host,
+        "logging.format": args.log_format, "logging.level": args.log_level})
+    return run_agent(config)
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Load the configured package and serve until SIGTERM/SIGINT; SIGHUP asks for a reload."""
+    # Imported here: health/reload/rollback need neither onnxruntime nor the registry.
+    from trainer.registry import Registry
+
+    from .logs import setup_logging
+    from .scoring import load_package
+    from .server import Agent
+
+    setup_logging(config.logging.format, config.logging.level)
+    registry = Registry(config.registry)
+    ref = (registry.resolve(config.model, version=config.version) if config.version
+           else registry.resolve(config.model, stage=config.stage))
+    start = time.perf_counter()
+    model = load_package(registry, ref, config.yield_variant)
+    log.info("loaded %s in %.2f s: checksum %s, %d features, smoke score of %d sample rows ok", ref,
+             time.perf_counter() - start, model.checksum, len(model.columns), model.smoke["score"]["rows"])
+    agent = Agent(config, registry, model)
+    signal.signal(signal.SIGTERM, agent.request_stop)
+    signal.signal(signal.SIGINT, agent.request_stop)
+    signal.signal(signal.SIGHUP, agent.request_reload)
+    agent.serve()
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = _admin(client.health, args.timeout_ms)
+    return _print_reply(reply)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = _admin(client.rollback, args.timeout_ms)
+    return _print_reply(reply)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        before = _admin(client.health, args.timeout_ms)
+        if before is None:
+            return _print_reply(None)
+        reply = _admin(lambda timeout_ms: client.reload(args.version, timeout_ms), args.timeout_ms)
+        if args.no_wait or reply is None or reply.get("type") == "error":
+            return _print_reply(reply)
+        number = (before.get("last_reload") or {}).get("number", 0)
+        deadline = time.monotonic() + args.wait_s
+        while time.monotonic() < deadline:
+            time.sleep(RELOAD_POLL_S)
+            health = _admin(client.health, args.timeout_ms)
+            outcome = None if health is None else health.get("last_reload")
+            if outcome and outcome.get("number", 0) > number:
+                print(json.dumps({"last_reload": outcome, "model": health["model"]}, indent=2, default=str))
+                return EXIT_OK if outcome.get("outcome") in ("loaded", "unchanged") else EXIT_ERROR_REPLY
+        print(f"edge-agent: the reload was accepted but had no outcome within {args.wait_s:g} s; "
+              f"see `edge-agent health`", file=sys.stderr)
+        return EXIT_NO_REPLY
+
+
+def _client(args: argparse.Namespace):
+    from .client import AgentClient
+    endpoint = args.connect or (load_config(args.config, require_model=False).bind if args.config
+                                else DEFAULT_CONNECT)
+    return AgentClient(endpoint)
+
+
+def _admin(call, timeout_ms: float) -> dict | None:
+    from .client import AgentUnavailable
+    try:
+        return call(timeout_ms=timeout_ms)
+    except AgentUnavailable as error:
+        print(f"edge-agent: {error}", file=sys.stderr)
+        return None
+
+
+def _print_reply(reply: dict | None) -> int:
+    if reply is None:
+        return EXIT_NO_REPLY
+    print(json.dumps(reply, indent=2, default=str))
+    return EXIT_ERROR_REPLY if reply.get("type") == "error" else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

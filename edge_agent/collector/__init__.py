@@ -1,0 +1,1 @@
+"""The stats collector: receives drift windows from the fleet's agents, stores them, alerts, reports."""

@@ -1,0 +1,217 @@
+"""Alert rules on stored windows, their thresholds (the ``[alerts]`` table of a TOML file) and the hook.
+
+Kinds: ``psi`` (a test's PSI above the threshold at one tester/site, with its sample size), ``outlier_rate``
+(above the model's expected rate by a margin), ``change`` (the agent's Page-Hinkley detector fired on the
+outlier score), ``silent`` (no message from an agent for too long), ``spool_loss`` (the agent dropped
+windows from its spool, or lost them before spooling) and ``sequence_gap`` (windows missing that no
+loss report explains). Every alert goes to the log, the ``alerts`` table (same transaction as its window)
+and, if configured, a hook command that gets the alert as JSON on stdin.
+
+Example ``collector.toml`` (every key optional; these are the defaults)::
+
+    [alerts]
+    psi_threshold = 0.2          # "act" in the usual PSI reading (< 0.1 stable, 0.1-0.2 watch)
+    psi_min_parts = 100          # fewer readings of a test at a site: PSI is noise, no alert
+    outlier_margin = 0.02        # alert when outlier rate > expected + margin ...
+    outlier_min_parts = 100      # ... over at least this many parts of one site
+    change_detector = true       # alert when the agent's change detector fired
+    silent_after_s = 900.0       # no message for this long (agents send at least one per window)
+    repeat_after_s = 3600.0      # the same alert (kind, agent, site, test) at most once per this long
+    hook = ""                    # e.g. "/usr/local/bin/page-oncall --team test-eng"
+    hook_timeout_s = 10.0
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import shlex
+import subprocess
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.errors import EdgeError
+
+from .store import Added, StatsWindow
+
+log = logging.getLogger("edge_agent.collector.alerts")
+
+KINDS = ("psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap")
+
+
+class AlertConfigError(EdgeError):
+    """An alert configuration that cannot be used (names the file and key)."""
+
+
+@dataclass
+class AlertConfig:
+    psi_threshold: float = 0.2
+    psi_min_parts: int = 100
+    outlier_margin: float = 0.02
+    outlier_min_parts: int = 100
+    change_detector: bool = True
+    silent_after_s: float = 900.0
+    repeat_after_s: float = 3600.0
+    hook: str = ""
+    hook_timeout_s: float = 10.0
+
+
+def load_alert_config(path: str | Path | None) -> AlertConfig:
+    """Defaults, then the ``[alerts]`` table of ``path``."""
+    config = AlertConfig()
+    if path is None:
+        return config
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise AlertConfigError(f"{path}: configuration file not found") from None
+    except OSError as error:
+        raise AlertConfigError(f"{path}: cannot be read ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise AlertConfigError(f"{path}: not valid TOML ({error})") from None
+    unknown = set(document) - {"alerts"}
+    if unknown:
+        raise AlertConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected [alerts]")
+    fields = {f.name: f for f in dataclasses.fields(AlertConfig)}
+    for key, value in document.get("alerts", {}).items():
+        if key not in fields:
+            raise AlertConfigError(f"{path}: [alerts] {key}: unknown key; expected one of {', '.join(fields)}")
+        expected = type(getattr(config, key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise AlertConfigError(f"{path}: [alerts] {key}: expected {expected.__name__}, got {value!r}")
+        setattr(config, key, value)
+    negative = [f.name for f in dataclasses.fields(AlertConfig)
+                if type(getattr(config, f.name)) in (int, float) and getattr(config, f.name) < 0]
+    if negative:
+        raise AlertConfigError(f"{path}: [alerts] {', '.join(negative)}: expected a number >= 0")
+    return config
+
+
+class AlertRules:
+    """Turns stored windows and agent silence into alert rows (dicts with the ``alerts`` table's columns)."""
+
+    def __init__(self, config: AlertConfig, last_raised: dict[tuple, float] | None = None):
+        self.config = config
+        self._last = dict(last_raised or {})
+
+    def for_window(self, window: StatsWindow, added: Added, now: float) -> list[dict]:
+        m, c = window.message, self.config
+        alerts: list[dict] = []
+        base = {"agent_id": m["agent_id"], "tester": m["tester"], "model": window.model_label,
+                "window_id": added.window_id, "created_at": now}
+        where = f"tester {m['tester']} (agent {m['agent_id']})"
+        for site in m["sites"]:
+            place = {**base, "head": site["head"], "site": site["site"]}
+            at = f"{where} head {site['head']} site {site['site']}"
+            for t, value in enumerate(site["psi"]):
+                n = sum(site["counts"][t])
+                if value is not None and value > c.psi_threshold and n >= c.psi_min_parts:
+                    self._raise(alerts, {**place, "kind": "psi", "test": m["columns"][t], "value": value,
+                                         "threshold": c.psi_threshold, "sample_size": n, "message":
+                                         f"PSI {value:.3f} > {c.psi_threshold} on test {m['columns'][t]} at {at} "
+                                         f"(n = {n} readings over {len(site['counts'][t])} bins, window seq "
+                                         f"{m['seq']}, model {window.model_label})"})
+            expected, rate = m["expected_outlier_rate"], site.get("outlier_rate")
+            if (rate is not None and site["parts"] >= c.outlier_min_parts
+                    and rate > expected + c.outlier_margin):
+                self._raise(alerts, {**place, "kind": "outlier_rate", "test": None, "value": rate,
+                                     "threshold": expected + c.outlier_margin, "sample_size": site["parts"],
+                                     "message": f"outlier rate {rate:.2%} at {at}, expected {expected:.2%} + "
+                                                f"{c.outlier_margin:.2%} (n = {site['parts']} parts, model "
+                                                f"{window.model_label})"})
+            change = site["change"]
+            if c.change_detector and change["fired"]:
+                self._raise(alerts, {**place, "kind": "change", "test": None, "value": change["fires"],
+                                     "threshold": None, "sample_size": site["parts"],
+                                     "message": f"change detector (Page-Hinkley) fired {change['fires']} time(s) on "
+                                                f"the outlier score at {at} (window seq {m['seq']}, "
+                                                f"{site['parts']} parts)"})
+        alerts += self._losses(window, added, base, where)
+        return alerts
+
+    def for_silence(self, agents: list, now: float) -> list[dict]:
+        """Agents silent for longer than ``silent_after_s`` and not yet alerted for this silence."""
+        alerts = []
+        for agent in agents:
+            quiet = now - agent["last_seen"]
+            if agent["silent_since"] is None and quiet > self.config.silent_after_s:
+                alerts.append({"kind": "silent", "agent_id": agent["agent_id"], "tester": agent["tester"],
+                               "head": None, "site": None, "test": None, "model": None, "value": quiet,
+                               "threshold": self.config.silent_after_s, "sample_size": None, "window_id": None,
+                               "created_at": now,
+                               "message": f"agent {agent['agent_id']} (tester {agent['tester']}) silent for "
+                                          f"{quiet:.0f} s (limit {self.config.silent_after_s:.0f} s); last window "
+                                          f"seq {agent['last_seq']}"})
+        return alerts
+
+    def _losses(self, window: StatsWindow, added: Added, base: dict, where: str) -> list[dict]:
+        m, previous = window.message, added.previous
+        spool = m["spool"]
+        same_stream = previous is not None and previous["stream"] == spool["stream"]
+        before = (previous["dropped_total"], previous["unspooled_lost"]) if same_stream else (0, 0)
+        alerts = []
+        dropped = spool["dropped_total"] - before[0]
+        unspooled = spool["unspooled_lost"] - before[1]
+        if dropped > 0 or unspooled > 0:
+            ranges = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spool["dropped_seq_ranges"][-5:])
+            alerts.append({**base, "kind": "spool_loss", "head": None, "site": None, "test": None,
+                           "value": dropped + unspooled, "threshold": 0, "sample_size": None,
+                           "message": f"{where} lost {dropped + unspooled} window(s): {dropped} dropped from a full "
+                                      f"spool (seq {ranges or '-'}; {spool['dropped_total']} in total), "
+                                      f"{unspooled} never spooled"})
+        if same_stream and m["seq"] > previous["last_seq"] + 1:
+            explained = {s for a, b in spool["dropped_seq_ranges"] for s in range(a, b + 1)}
+            missing = [s for s in range(previous["last_seq"] + 1, m["seq"]) if s not in explained]
+            if missing:
+                alerts.append({**base, "kind": "sequence_gap", "head": None, "site": None, "test": None,
+                               "value": len(missing), "threshold": 0, "sample_size": None,
+                               "message": f"{where}: {len(missing)} window(s) missing before seq {m['seq']} "
+                                          f"(first {missing[0]}) that no loss report explains"})
+        return alerts
+
+    def _raise(self, alerts: list[dict], alert: dict) -> None:
+        key = (alert["kind"], alert["agent_id"], alert["head"], alert["site"], alert["test"])
+        last = self._last.get(key)
+        if last is not None and alert["created_at"] - last < self.config.repeat_after_s:
+            return
+        self._last[key] = alert["created_at"]
+        alerts.append(alert)
+
+
+class AlertHook:
+    """Runs the configured command once per alert on its own thread (a slow hook never delays acks)."""
+
+    def __init__(self, command: str, timeout_s: float):
+        self.argv = shlex.split(command)
+        self.timeout_s = timeout_s
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="edge-collector-alert-hook", daemon=True)
+        self._thread.start()
+
+    def notify(self, alert: dict) -> None:
+        self._queue.put(alert)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while (alert := self._queue.get()) is not None:
+            env = {**os.environ, "EDGE_ALERT_KIND": alert["kind"], "EDGE_ALERT_MESSAGE": alert["message"],
+                   "EDGE_ALERT_TESTER": alert["tester"] or "", "EDGE_ALERT_TEST": alert["test"] or ""}
+            try:
+                result = subprocess.run(self.argv, input=json.dumps(alert).encode(), env=env, timeout=self.timeout_s,
+                                        capture_output=True)
+            except (OSError, subprocess.TimeoutExpired) as error:
+                log.error("alert hook %s failed: %s", self.argv[0], error)
+                continue
+            if result.returncode != 0:
+                log.error("alert hook %s exited with status %d: %s", self.argv[0], result.returncode,
+                          result.stderr.decode(errors="replace").strip()[:500])

@@ -1,0 +1,235 @@
+"""The collector's receive loop (one ROUTER, one thread) and its Prometheus exposition.
+
+Per loop turn: read every message that is ready (up to ``BATCH``), store the valid ones and their alerts in
+one SQLite transaction, commit (durable), then acknowledge each one. A window already stored (same agent,
+spool stream and seq) is acknowledged as a duplicate and not stored again. A message that cannot be valid
+gets an ``invalid_message`` error (the agent drops it and reports the loss); a failed write gets
+``store_failed`` and no ack, so the agent sends it again.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+
+import msgpack
+import zmq
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from trainer.errors import EdgeError
+
+from .alerts import KINDS, AlertHook, AlertRules
+from .store import InvalidMessage, Store, StatsWindow, parse_stats
+
+log = logging.getLogger("edge_agent.collector.server")
+
+BATCH = 256               # messages per transaction at most
+POLL_MS = 200
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class FleetState:
+    """What Prometheus shows, kept in memory; the receive loop writes, scrapes read, under one lock."""
+
+    def __init__(self, silent_after_s: float):
+        self.silent_after_s = silent_after_s
+        self.lock = threading.Lock()
+        self.received = 0
+        self.duplicates = 0
+        self.invalid = 0
+        self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
+        self.last_seen: dict[str, float] = {}
+        self.psi: dict[tuple[str, str], float] = {}     # (tester, test) -> latest PSI, worst site
+
+    def window(self, window: StatsWindow) -> None:
+        m = window.message
+        latest: dict[str, float] = {}
+        for site in m["sites"]:
+            for column, value in zip(m["columns"], site["psi"]):
+                if value is not None and value > latest.get(column, -1.0):
+                    latest[column] = value
+        with self.lock:
+            for column, value in latest.items():
+                self.psi[(m["tester"], column)] = value
+
+    def collect(self):
+        now = time.time()
+        with self.lock:
+            yield _counter("edge_collector_messages_received", "Stats messages received (valid or not)",
+                           self.received)
+            yield _counter("edge_collector_duplicates_dropped", "Windows received again and not stored again",
+                           self.duplicates)
+            yield _counter("edge_collector_invalid_messages", "Messages refused as invalid", self.invalid)
+            alerts = CounterMetricFamily("edge_collector_alerts", "Alerts raised, by kind", labels=["kind"])
+            for kind, count in sorted(self.alerts.items()):
+                alerts.add_metric([kind], count)
+            yield alerts
+            alive = sum(1 for seen in self.last_seen.values() if now - seen <= self.silent_after_s)
+            yield GaugeMetricFamily("edge_collector_agents_alive",
+                                    "Agents heard from within the silence limit", value=alive)
+            yield GaugeMetricFamily("edge_collector_agents_known", "Agents ever heard from", value=len(self.last_seen))
+            psi = GaugeMetricFamily("edge_collector_psi", "Latest PSI of a test on a tester (its worst site)",
+                                    labels=["tester", "test"])
+            for (tester, test), value in sorted(self.psi.items()):
+                psi.add_metric([tester, test], value)
+            yield psi
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+class CollectorServer:
+    def __init__(self, bind: str, store: Store, rules: AlertRules, *, hook: AlertHook | None = None,
+                 metrics_host: str = "127.0.0.1", metrics_port: int = 0):
+        self.bind = bind
+        self.store = store
+        self.rules = rules
+        self.hook = hook
+        self.metrics_host, self.metrics_port = metrics_host, metrics_port
+        self.state = FleetState(rules.config.silent_after_s)
+        for agent in store.agents():
+            self.state.last_seen[agent["agent_id"]] = agent["last_seen"]
+        self._stop = False
+
+    def request_stop(self, *_signal_args) -> None:
+        """Finish the current batch, then return from serve(). Safe from a signal handler."""
+        self._stop = True
+
+    def serve(self) -> None:
+        context = zmq.Context()
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        router.setsockopt(zmq.LINGER, 1000)
+        http = None
+        try:
+            try:
+                router.bind(self.bind)
+            except zmq.ZMQError as error:
+                raise EdgeError(f"cannot listen on {self.bind}: {error.strerror}") from None
+            if self.metrics_port:
+                registry = CollectorRegistry()
+                registry.register(self.state)
+                try:
+                    http = start_http_server(self.metrics_port, self.metrics_host, registry=registry)
+                except OSError as error:
+                    raise EdgeError(f"cannot serve metrics on {self.metrics_host}:{self.metrics_port}: "
+                                    f"{error.strerror}") from None
+            log.info("collecting on %s into %s%s", self.bind, self.store.path,
+                     f", metrics on http://{self.metrics_host}:{self.metrics_port}/metrics" if http else "")
+            self._loop(router)
+        finally:
+            if http is not None:
+                http[0].shutdown()
+            router.close()
+            context.term()
+            if self.hook is not None:
+                self.hook.stop()
+            log.info("stopped after %d messages (%d duplicates)", self.state.received, self.state.duplicates)
+
+    def _loop(self, router: zmq.Socket) -> None:
+        silence_check_s = max(0.2, min(5.0, self.rules.config.silent_after_s / 4))
+        next_silence_check = 0.0
+        while not self._stop:
+            if router.poll(POLL_MS, zmq.POLLIN):
+                self._serve_batch(router)
+            if time.monotonic() >= next_silence_check:
+                self._check_silence()
+                next_silence_check = time.monotonic() + silence_check_s
+
+    def _serve_batch(self, router: zmq.Socket) -> None:
+        batch: list[tuple[bytes, StatsWindow]] = []
+        for _ in range(BATCH):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            with self.state.lock:
+                self.state.received += 1
+            identity, payload = frames[0], frames[-1]
+            message = None
+            try:
+                message = msgpack.unpackb(payload, raw=False) if len(frames) == 2 else None
+                if message is None:
+                    raise InvalidMessage(f"expected one payload frame from a DEALER, got {len(frames) - 1}")
+                batch.append((identity, parse_stats(message)))
+            except (InvalidMessage, ValueError, TypeError) as error:
+                seq = message.get("seq") if isinstance(message, dict) else None
+                with self.state.lock:
+                    self.state.invalid += 1
+                log.warning("refused a message from %s: %s", _peer(message), error)
+                self._reply(router, identity, {"type": "error", "v": 1, "code": "invalid_message",
+                                               "message": str(error), "seq": seq})
+        if batch:
+            self._store(router, batch)
+
+    def _store(self, router: zmq.Socket, batch: list[tuple[bytes, StatsWindow]]) -> None:
+        received_at = time.time()
+        outcomes, alerts = [], []
+        try:
+            with self.store.transaction():
+                for _, window in batch:
+                    added = self.store.add_window(window, received_at)
+                    outcomes.append(added)
+                    if added is not None:
+                        for alert in self.rules.for_window(window, added, received_at):
+                            self.store.add_alert(alert)
+                            alerts.append(alert)
+        except sqlite3.Error as error:
+            log.error("storing %d window(s) failed, none acknowledged (agents will resend): %s", len(batch), error)
+            for identity, window in batch:
+                self._reply(router, identity, {"type": "error", "v": 1, "code": "store_failed",
+                                               "message": str(error), "seq": window["seq"]})
+            return
+        # Committed: acknowledge, then tell the world.
+        for (identity, window), added in zip(batch, outcomes):
+            self._reply(router, identity, {"type": "ack", "v": 1, "agent_id": window["agent_id"],
+                                           "seq": window["seq"], "duplicate": added is None})
+            with self.state.lock:
+                self.state.last_seen[window["agent_id"]] = received_at
+                self.state.duplicates += added is None
+            if added is not None:
+                self.state.window(window)
+        self._announce(alerts)
+
+    def _check_silence(self) -> None:
+        now = time.time()
+        try:
+            with self.store.transaction():
+                alerts = self.rules.for_silence(self.store.agents(), now)
+                for alert in alerts:
+                    self.store.mark_silent(alert["agent_id"], now)
+                    self.store.add_alert(alert)
+        except sqlite3.Error as error:
+            log.error("silence check failed: %s", error)
+            return
+        self._announce(alerts)
+
+    def _announce(self, alerts: list[dict]) -> None:
+        for alert in alerts:
+            log.warning("ALERT %s: %s", alert["kind"], alert["message"])
+            with self.state.lock:
+                self.state.alerts[alert["kind"]] += 1
+            if self.hook is not None:
+                self.hook.notify(alert)
+
+    @staticmethod
+    def _reply(router: zmq.Socket, identity: bytes, reply: dict) -> None:
+        try:
+            router.send_multipart([identity, msgpack.packb(reply, use_bin_type=True)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass                    # the agent's queue is full: it resends after its ack timeout
+        except zmq.ZMQError as error:
+            if error.errno != errno.EHOSTUNREACH:
+                raise               # EHOSTUNREACH: that agent reconnected (Lazy Pirate); its resend gets the ack
+
+
+def _peer(message) -> str:
+    if isinstance(message, dict) and isinstance(message.get("agent_id"), str):
+        return f"agent {message['agent_id']!r}"
+    return "an unknown sender"

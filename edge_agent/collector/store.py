@@ -1,0 +1,258 @@
+"""The collector's SQLite store: schema, message validation, durable writes, deduplication by (agent, seq).
+
+Schema and how to read it: SCHEMA.md beside this file. Durability: WAL journal with ``synchronous=FULL``,
+so a committed transaction is on disk when ``commit`` returns; the server acknowledges a window only
+after that. Per-test arrays (counts, PSI, ...) are stored as msgpack BLOBs, one row per (window, site).
+"""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+
+from trainer.errors import EdgeError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    checksum TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL,
+    columns BLOB NOT NULL, bins INTEGER NOT NULL, expected_outlier_rate REAL NOT NULL,
+    reference BLOB NOT NULL, first_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY, tester TEXT NOT NULL, stream TEXT NOT NULL, last_seq INTEGER NOT NULL,
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, windows INTEGER NOT NULL,
+    model_checksum TEXT NOT NULL REFERENCES models(checksum),
+    dropped_total INTEGER NOT NULL, unspooled_lost INTEGER NOT NULL, silent_since REAL);
+CREATE TABLE IF NOT EXISTS windows (
+    id INTEGER PRIMARY KEY, agent_id TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL,
+    tester TEXT NOT NULL, model_checksum TEXT NOT NULL REFERENCES models(checksum),
+    start REAL NOT NULL, end REAL NOT NULL, closed_by TEXT NOT NULL, parts INTEGER NOT NULL,
+    unobserved_parts INTEGER NOT NULL, received_at REAL NOT NULL, dropped_total INTEGER NOT NULL,
+    UNIQUE (agent_id, stream, seq));
+CREATE INDEX IF NOT EXISTS windows_by_end ON windows (end);
+CREATE TABLE IF NOT EXISTS site_windows (
+    window_id INTEGER NOT NULL REFERENCES windows(id), head INTEGER NOT NULL, site INTEGER NOT NULL,
+    parts INTEGER NOT NULL, outliers INTEGER NOT NULL, outlier_rate REAL,
+    max_psi REAL, max_psi_test INTEGER, score_psi REAL,
+    change_fired INTEGER NOT NULL, change_fires INTEGER NOT NULL, change_statistic REAL NOT NULL,
+    missing BLOB NOT NULL, counts BLOB NOT NULL, psi BLOB NOT NULL, js BLOB NOT NULL, ks BLOB NOT NULL,
+    score_counts BLOB NOT NULL,
+    PRIMARY KEY (window_id, head, site));
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY, created_at REAL NOT NULL, kind TEXT NOT NULL, agent_id TEXT, tester TEXT,
+    head INTEGER, site INTEGER, test TEXT, model TEXT, value REAL, threshold REAL, sample_size INTEGER,
+    window_id INTEGER REFERENCES windows(id), message TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (created_at);
+"""
+
+
+class StoreError(EdgeError):
+    """The database cannot be opened or written (names the file)."""
+
+
+class InvalidMessage(ValueError):
+    """A stats message that cannot be stored: says which field and what was expected."""
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(blob: bytes) -> Any:
+    return msgpack.unpackb(blob, raw=False)
+
+
+# ---- the message -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StatsWindow:
+    """A validated stats message (protocol edge-stats v1)."""
+
+    message: dict
+
+    def __getitem__(self, key: str) -> Any:
+        return self.message[key]
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.message["agent_id"], self.message["spool"]["stream"], self.message["seq"]
+
+    @property
+    def model_label(self) -> str:
+        model = self.message["model"]
+        return f"{model['name']}/{model['version']}"
+
+
+_NUMBER = (int, float)
+
+
+def parse_stats(message: Any) -> StatsWindow:
+    """Check every field the store and the alert rules read; InvalidMessage names the first bad one."""
+    m = _fields(message, "message", {"type": str, "v": int, "agent_id": str, "tester": str, "seq": int,
+                                     "model": dict, "window": dict, "columns": list, "bins": int,
+                                     "expected_outlier_rate": _NUMBER, "reference": dict, "sites": list,
+                                     "spool": dict})
+    if m["type"] != "stats" or m["v"] != 1:
+        raise InvalidMessage(f"expected type 'stats' version 1, got type {m['type']!r} version {m['v']!r}")
+    if not m["agent_id"] or m["seq"] < 1:
+        raise InvalidMessage(f"agent_id must not be empty and seq must be >= 1, got {m['agent_id']!r}, {m['seq']}")
+    _fields(m["model"], "model", {"name": str, "version": str, "checksum": str})
+    _fields(m["window"], "window", {"start": _NUMBER, "end": _NUMBER, "closed_by": str, "parts": int,
+                                    "unobserved_parts": int})
+    _fields(m["spool"], "spool", {"stream": str, "dropped_total": int, "dropped_seq_ranges": list,
+                                  "unspooled_lost": int})
+    n_tests = len(m["columns"])
+    if not all(isinstance(c, str) for c in m["columns"]):
+        raise InvalidMessage("columns: expected a list of test names")
+    reference = _fields(m["reference"], "reference", {"edges": list, "proportions": list, "missing_rate": list,
+                                                      "score_edges": list, "score_proportions": list})
+    bins = []
+    for name in ("edges", "proportions", "missing_rate"):
+        _length(reference[name], n_tests, f"reference.{name}")
+    for i, (edges, proportions) in enumerate(zip(reference["edges"], reference["proportions"])):
+        if not isinstance(proportions, list) or not isinstance(edges, list) or len(proportions) != len(edges) + 1:
+            raise InvalidMessage(f"reference.proportions[{i}]: expected one proportion per bin (edges + 1)")
+        bins.append(len(proportions))
+    for i, site in enumerate(m["sites"]):
+        where = f"sites[{i}]"
+        s = _fields(site, where, {"head": int, "site": int, "parts": int, "outliers": int, "missing": list,
+                                  "counts": list, "psi": list, "js": list, "ks": list, "score_counts": list,
+                                  "change": dict})
+        for name in ("missing", "counts", "psi", "js", "ks"):
+            _length(s[name], n_tests, f"{where}.{name}")
+        for t, counts in enumerate(s["counts"]):
+            if not isinstance(counts, list) or len(counts) != bins[t]:
+                raise InvalidMessage(f"{where}.counts[{t}]: expected {bins[t]} bin counts (the reference's bins)")
+        _fields(s["change"], f"{where}.change", {"fired": bool, "fires": int, "statistic": _NUMBER})
+    return StatsWindow(m)
+
+
+def _fields(value: Any, where: str, spec: dict[str, type | tuple]) -> dict:
+    if not isinstance(value, dict):
+        raise InvalidMessage(f"{where}: expected a map, got {type(value).__name__}")
+    for key, kind in spec.items():
+        if key not in value:
+            raise InvalidMessage(f"{where}.{key}: missing")
+        if not isinstance(value[key], kind) or (kind is int and isinstance(value[key], bool)):
+            raise InvalidMessage(f"{where}.{key}: expected {getattr(kind, '__name__', 'a number')}, "
+                                 f"got {type(value[key]).__name__}")
+    return value
+
+
+def _length(value: list, n: int, where: str) -> None:
+    if not isinstance(value, list) or len(value) != n:
+        raise InvalidMessage(f"{where}: expected {n} entries (one per test in columns), got "
+                             f"{len(value) if isinstance(value, list) else type(value).__name__}")
+
+
+# ---- the database --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Added:
+    window_id: int
+    previous: sqlite3.Row | None      # the agent's row before this window (None: first window ever)
+
+
+class Store:
+    """One SQLite connection, used by one thread (the collector's receive loop, or the report)."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise StoreError(f"{self.path}: no such database")
+        try:
+            uri = f"file:{self.path}?mode=ro" if read_only else str(self.path)
+            self.db = sqlite3.connect(uri, uri=read_only, isolation_level=None, timeout=30.0)
+            self.db.row_factory = sqlite3.Row
+            if not read_only:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.executescript(SCHEMA)
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            version = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path}: cannot be used as the stats database ({error})") from None
+        if version is None or int(version[0]) != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: schema version {None if version is None else version[0]}, this "
+                             f"collector reads version {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT (durable on return), ROLLBACK on any exception."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def add_window(self, window: StatsWindow, received_at: float) -> Added | None:
+        """Insert a window (inside a transaction); None if (agent, stream, seq) is stored already."""
+        m = window.message
+        agent_id, stream, seq = window.key
+        previous = self.db.execute("SELECT * FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+        if self.db.execute("SELECT 1 FROM windows WHERE agent_id = ? AND stream = ? AND seq = ?",
+                           (agent_id, stream, seq)).fetchone():
+            self.db.execute("UPDATE agents SET last_seen = ?, silent_since = NULL WHERE agent_id = ?",
+                            (received_at, agent_id))
+            return None
+        model = m["model"]
+        self.db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (model["checksum"], model["name"], model["version"], pack(m["columns"]), m["bins"],
+                         m["expected_outlier_rate"], pack(m["reference"]), received_at))
+        w, spool = m["window"], m["spool"]
+        cursor = self.db.execute(
+            "INSERT INTO windows (agent_id, stream, seq, tester, model_checksum, start, end, closed_by, parts, "
+            "unobserved_parts, received_at, dropped_total) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (agent_id, stream, seq, m["tester"], model["checksum"], w["start"], w["end"], w["closed_by"], w["parts"],
+             w["unobserved_parts"], received_at, spool["dropped_total"]))
+        window_id = cursor.lastrowid
+        for site in m["sites"]:
+            psi = site["psi"]
+            defined = [(value, t) for t, value in enumerate(psi) if value is not None]
+            max_psi, max_test = max(defined) if defined else (None, None)
+            self.db.execute(
+                "INSERT INTO site_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (window_id, site["head"], site["site"], site["parts"], site["outliers"], site.get("outlier_rate"),
+                 max_psi, max_test, site.get("score_psi"), int(site["change"]["fired"]), site["change"]["fires"],
+                 site["change"]["statistic"], pack(site["missing"]), pack(site["counts"]), pack(psi),
+                 pack(site["js"]), pack(site["ks"]), pack(site["score_counts"])))
+        self.db.execute(
+            "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, NULL) ON CONFLICT (agent_id) DO UPDATE SET "
+            "tester = excluded.tester, stream = excluded.stream, "
+            "last_seq = CASE WHEN agents.stream = excluded.stream THEN max(agents.last_seq, excluded.last_seq) "
+            "ELSE excluded.last_seq END, last_seen = excluded.last_seen, windows = agents.windows + 1, "
+            "model_checksum = excluded.model_checksum, dropped_total = excluded.dropped_total, "
+            "unspooled_lost = excluded.unspooled_lost, silent_since = NULL",
+            (agent_id, m["tester"], stream, seq, received_at, received_at, model["checksum"], spool["dropped_total"],
+             spool["unspooled_lost"]))
+        return Added(window_id, previous)
+
+    def add_alert(self, alert: dict) -> None:
+        self.db.execute(
+            "INSERT INTO alerts (created_at, kind, agent_id, tester, head, site, test, model, value, threshold, "
+            "sample_size, window_id, message) VALUES (:created_at, :kind, :agent_id, :tester, :head, :site, :test, "
+            ":model, :value, :threshold, :sample_size, :window_id, :message)", alert)
+
+    def mark_silent(self, agent_id: str, since: float) -> None:
+        self.db.execute("UPDATE agents SET silent_since = ? WHERE agent_id = ?", (since, agent_id))
+
+    def agents(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM agents ORDER BY agent_id").fetchall()
+
+    def last_alert_times(self) -> dict[tuple, float]:
+        """Latest time of each alert key (kind, agent, head, site, test): repeats are suppressed from it."""
+        rows = self.db.execute("SELECT kind, agent_id, head, site, test, max(created_at) FROM alerts "
+                               "GROUP BY kind, agent_id, head, site, test").fetchall()
+        return {tuple(row[:5]): row[5] for row in rows}
+

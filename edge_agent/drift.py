@@ -1,0 +1,416 @@
+"""Streaming drift statistics per (head, site) against the model package's drift reference.
+
+Per scored part, one fused numba kernel (``_observe``) bins every reading over its test's reference
+quantile bins, counts missing readings, bins the outlier score, counts outliers and steps a Page-Hinkley
+change detector on the standardized outlier score: O(number of tests), no allocation. Everything else
+(PSI, Jensen-Shannon, KS, the message) is computed once per window, off the request path, from counts.
+
+Binning is the trainer's (``trainer.reference.bin_index``): bin = number of inner edges <= value, so a
+reading exactly on an edge goes to the bin on its right; a missing (NaN) reading is counted apart.
+
+A window closes after ``window_parts`` parts or ``window_seconds``, whichever comes first. ``maybe_close``
+only copies the counts (``ClosedWindow``); ``ClosedWindow.to_payload`` builds the statistics later.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from trainer.errors import DataError
+
+# Empty bins: PSI takes a log of proportions, so each proportion is floored here (Evidently's choice).
+PSI_EPSILON = 1e-4
+# Normal quantile of 0.99: (p99 - p01) / (2 * 2.326) is one sigma of a normal reference score.
+Z99 = 2.3263
+CLOSED_BY = ("parts", "time", "shutdown", "model_change")
+
+# Page-Hinkley state (one float64 row per site): running mean and the two cumulative sums with their
+# extremes (a shift up and a shift down), the current statistic, parts since the last reset.
+_PH_N, _PH_MEAN, _PH_UP, _PH_MIN_UP, _PH_DOWN, _PH_MAX_DOWN, _PH_STAT = range(7)
+_PH_SIZE = 7
+# Per-site tallies, the window's and the detector's, in one float64 array beside the PH state.
+_PARTS, _OUTLIERS, _FIRES, _SINCE_FIRE = range(_PH_SIZE, _PH_SIZE + 4)
+_STATE_SIZE = _PH_SIZE + 4
+# Detector parameters, in the order the kernel reads them.
+_DELTA, _THRESHOLD, _MIN_PARTS, _CENTER, _SCALE = range(5)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin(edges: np.ndarray, n_edges: int, value: float) -> int:
+    """Number of the first ``n_edges`` inner edges that are <= value (searchsorted side="right").
+
+    A branch-free scan, not a binary search: readings are random, so a binary search mispredicts a branch at
+    almost every step (measured at 200 tests x 10 bins: 4.1 us per part against 0.8 us for this scan).
+    """
+    count = 0
+    for i in range(n_edges):
+        count += edges[i] <= value
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def page_hinkley_step(state: np.ndarray, x: float, delta: float, threshold: float, min_parts: float) -> bool:
+    """One two-sided Page-Hinkley update of ``state[0:7]``; True (and the state reset) when it fires."""
+    state[_PH_N] += 1.0
+    state[_PH_MEAN] += (x - state[_PH_MEAN]) / state[_PH_N]
+    state[_PH_UP] += x - state[_PH_MEAN] - delta
+    state[_PH_MIN_UP] = min(state[_PH_MIN_UP], state[_PH_UP])
+    state[_PH_DOWN] += x - state[_PH_MEAN] + delta
+    state[_PH_MAX_DOWN] = max(state[_PH_MAX_DOWN], state[_PH_DOWN])
+    state[_PH_STAT] = max(state[_PH_UP] - state[_PH_MIN_UP], state[_PH_MAX_DOWN] - state[_PH_DOWN])
+    if state[_PH_N] >= min_parts and state[_PH_STAT] > threshold:
+        for i in range(_PH_SIZE):
+            state[i] = 0.0
+        return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _observe(row, score, outlier, edges, n_edges, counts, state, params):
+    """Count one part of one site: ``counts[t, bin]`` per test (column ``-1`` = missing), the score's bin
+    in row ``T``, the outlier tally and the change detector."""
+    n_tests = row.shape[0]
+    missing = counts.shape[1] - 1
+    if state[_SINCE_FIRE] >= 0.0:
+        state[_SINCE_FIRE] += 1.0
+    for t in range(n_tests):
+        value = row[t]
+        if np.isnan(value):
+            counts[t, missing] += 1
+        else:
+            counts[t, _bin(edges[t], n_edges[t], value)] += 1
+    if np.isnan(score):
+        counts[n_tests, missing] += 1
+    else:
+        counts[n_tests, _bin(edges[n_tests], n_edges[n_tests], score)] += 1
+        z = (score - params[_CENTER]) / params[_SCALE]
+        if page_hinkley_step(state, z, params[_DELTA], params[_THRESHOLD], params[_MIN_PARTS]):
+            state[_FIRES] += 1.0
+            state[_SINCE_FIRE] = 0.0
+    state[_PARTS] += 1.0
+    if outlier:
+        state[_OUTLIERS] += 1.0
+
+
+# ---- distances between binned distributions (vectorized over tests: the last axis is the bins) ------------
+
+def psi(counts: np.ndarray, reference: np.ndarray, epsilon: float = PSI_EPSILON) -> np.ndarray:
+    """Population stability index sum((a - e) * ln(a / e)) of current counts against reference proportions;
+    both proportions floored at ``epsilon``. NaN where there are no counts."""
+    current, total = _proportions(counts)
+    a, e = np.maximum(current, epsilon), np.maximum(reference, epsilon)
+    return _undefined_where_empty(np.sum((a - e) * np.log(a / e), axis=-1), total)
+
+
+def js_distance(counts: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon distance (square root of the divergence, log base 2: 0 = same, 1 = disjoint)."""
+    current, total = _proportions(counts)
+    middle = (current + reference) / 2
+    divergence = (_kl_bits(current, middle) + _kl_bits(reference, middle)) / 2
+    return _undefined_where_empty(np.sqrt(np.maximum(divergence, 0.0)), total)
+
+
+def ks_statistic(counts: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Largest gap between the two cumulative distributions at the bin edges (a lower bound of the KS
+    statistic of the raw readings: the binned data cannot show gaps inside a bin)."""
+    current, total = _proportions(counts)
+    gap = np.abs(np.cumsum(current, axis=-1) - np.cumsum(reference, axis=-1))
+    return _undefined_where_empty(np.max(gap, axis=-1), total)
+
+
+def _proportions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, counts / np.where(total > 0, total, 1.0), 0.0), total[..., 0]
+
+
+def _kl_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        terms = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0) / np.where(q > 0, q, 1.0)), 0.0)
+    return terms.sum(axis=-1)
+
+
+def _undefined_where_empty(values: np.ndarray, total: np.ndarray) -> np.ndarray:
+    return np.where(total > 0, values, np.nan)
+
+
+# ---- the change detector -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChangeParams:
+    """Page-Hinkley on the outlier score standardized by the reference (z = (score - p50) / sigma).
+
+    ``delta``: shifts smaller than this (in reference sigmas) are tolerated; ``threshold``: the cumulative
+    deviation (sigma x parts) that fires; ``min_parts``: parts after a reset before it may fire.
+    """
+
+    delta: float = 0.25
+    threshold: float = 25.0
+    min_parts: int = 30
+
+
+class PageHinkley:
+    """Two-sided Page-Hinkley detector, River style: ``update(x)`` returns True when it fires (and resets)."""
+
+    def __init__(self, params: ChangeParams = ChangeParams()):
+        self.params = params
+        self._state = np.zeros(_PH_SIZE)
+
+    def update(self, x: float) -> bool:
+        p = self.params
+        return page_hinkley_step(self._state, float(x), p.delta, p.threshold, float(p.min_parts))
+
+    def get(self) -> float:
+        """The current statistic: the larger cumulative deviation, up or down, since the last reset."""
+        return float(self._state[_PH_STAT])
+
+
+# ---- the reference ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DriftReference:
+    """The manifest's drift reference, packed for the kernel: row ``t < T`` is test t, row ``T`` the score.
+
+    ``edges`` [T+1, max_edges] are padded with +inf, ``proportions`` [T+1, max_bins] with 0 (a test whose
+    reference quantiles collapsed has fewer bins).
+    """
+
+    columns: list[str]
+    bins: int
+    rows: int
+    edges: np.ndarray
+    n_edges: np.ndarray
+    proportions: np.ndarray
+    missing_rate: np.ndarray
+    expected_outlier_rate: float
+    score_center: float
+    score_scale: float
+
+    @property
+    def n_tests(self) -> int:
+        return len(self.columns)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> DriftReference:
+        """Build from a package manifest (feature order = ``manifest["features"]``); DataError if unusable."""
+        where = f"manifest of {manifest.get('name', '?')}/{manifest.get('version', '?')}"
+        try:
+            columns = [feature["column"] for feature in manifest["features"]]
+            block = manifest["drift_reference"]
+            by_column = {test["column"]: test for test in block["tests"]}
+            score = block["outlier_score"]
+            quantiles = score["quantiles"]
+            entries = [(by_column[c]["edges"], by_column[c]["proportions"]) for c in columns if c in by_column]
+        except (KeyError, TypeError) as error:
+            raise DataError(f"{where}: drift_reference is incomplete (missing {error})") from None
+        absent = [c for c in columns if c not in by_column]
+        if absent:
+            raise DataError(f"{where}: drift_reference has no bins for {len(absent)} feature(s), "
+                            f"first {absent[:3]}")
+        entries.append((score["edges"], score["proportions"]))
+        names = [*columns, "outlier_score"]
+        max_edges = max(len(edges) for edges, _ in entries)
+        packed_edges = np.full((len(entries), max(max_edges, 1)), np.inf)
+        packed_proportions = np.zeros((len(entries), max_edges + 1))
+        n_edges = np.zeros(len(entries), dtype=np.int64)
+        for i, (edges, proportions) in enumerate(entries):
+            edges = np.asarray(edges, dtype=np.float64)
+            proportions = np.asarray(proportions, dtype=np.float64)
+            if len(proportions) != len(edges) + 1 or np.any(np.diff(edges) < 0) or not np.all(np.isfinite(edges)):
+                raise DataError(f"{where}: drift_reference for {names[i]!r} needs ascending finite inner edges "
+                                f"and one proportion per bin", expected=f"{len(edges) + 1} proportions",
+                                got=f"{len(proportions)}")
+            packed_edges[i, :len(edges)] = edges
+            packed_proportions[i, :len(proportions)] = proportions
+            n_edges[i] = len(edges)
+        center = float(quantiles["p50"])
+        spread = (float(quantiles["p99"]) - float(quantiles["p01"])) / (2 * Z99)
+        return cls(columns=columns, bins=int(block["bins"]), rows=int(block.get("rows", 0)), edges=packed_edges,
+                   n_edges=n_edges, proportions=packed_proportions,
+                   missing_rate=np.array([float(by_column[c]["missing_rate"]) for c in columns]),
+                   expected_outlier_rate=float(score["outlier_rate"]), score_center=center,
+                   score_scale=spread if spread > 0 else 1.0)
+
+    def to_wire(self) -> dict:
+        """The reference as the stats message carries it (so the collector needs no model registry)."""
+        t = self.n_tests
+        return {"rows": self.rows,
+                "edges": [self.edges[i, :n].tolist() for i, n in enumerate(self.n_edges[:t])],
+                "proportions": [self.proportions[i, :n + 1].tolist() for i, n in enumerate(self.n_edges[:t])],
+                "missing_rate": self.missing_rate.tolist(),
+                "score_edges": self.edges[t, :self.n_edges[t]].tolist(),
+                "score_proportions": self.proportions[t, :self.n_edges[t] + 1].tolist()}
+
+
+# ---- windows ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Site:
+    head: int
+    site: int
+    counts: np.ndarray      # int64 [T+1, max_bins + 1]; last column = missing
+    state: np.ndarray       # float64 [_STATE_SIZE]
+
+
+@dataclass(frozen=True)
+class SiteSnapshot:
+    head: int
+    site: int
+    counts: np.ndarray
+    state: np.ndarray
+
+
+@dataclass(frozen=True)
+class ClosedWindow:
+    """A window's counts, copied at close; ``to_payload`` turns them into the stats message body."""
+
+    reference: DriftReference
+    model: dict
+    start: float
+    end: float
+    closed_by: str
+    parts: int
+    unobserved_parts: int
+    sites: list[SiteSnapshot] = field(default_factory=list)
+
+    def to_payload(self) -> dict:
+        """Message fields owned by drift (the shipper adds type, agent, tester, seq and spool)."""
+        ref = self.reference
+        t = ref.n_tests
+        bins = ref.n_edges + 1
+        return {
+            "model": dict(self.model),
+            "window": {"start": self.start, "end": self.end, "closed_by": self.closed_by, "parts": self.parts,
+                       "unobserved_parts": self.unobserved_parts},
+            "columns": list(ref.columns),
+            "bins": ref.bins,
+            "expected_outlier_rate": ref.expected_outlier_rate,
+            "reference": ref.to_wire(),
+            "sites": [self._site_payload(site, t, bins) for site in self.sites],
+        }
+
+    def _site_payload(self, site: SiteSnapshot, t: int, bins: np.ndarray) -> dict:
+        ref = self.reference
+        binned = site.counts[:, :-1]
+        test_psi = psi(binned[:t], ref.proportions[:t])
+        parts, outliers = int(site.state[_PARTS]), int(site.state[_OUTLIERS])
+        since = site.state[_SINCE_FIRE]
+        return {
+            "head": site.head, "site": site.site, "parts": parts, "outliers": outliers,
+            "outlier_rate": outliers / parts if parts else None,
+            "missing": site.counts[:t, -1].tolist(),
+            "counts": [binned[i, :bins[i]].tolist() for i in range(t)],
+            "psi": _floats(test_psi),
+            "js": _floats(js_distance(binned[:t], ref.proportions[:t])),
+            "ks": _floats(ks_statistic(binned[:t], ref.proportions[:t])),
+            "score_counts": binned[t, :bins[t]].tolist(),
+            "score_psi": _floats(psi(binned[t], ref.proportions[t]))[0],
+            "change": {"detector": "page_hinkley", "fired": bool(site.state[_FIRES] > 0), "fires": int(site.state[_FIRES]),
+                       "statistic": float(site.state[_PH_STAT]),
+                       "parts_since_fire": int(since) if since >= 0 else None},
+        }
+
+
+def _floats(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(v) else v for v in np.atleast_1d(values).tolist()]
+
+
+class DriftMonitor:
+    """Windowed drift counts for one model, per (head, site). Not thread-safe: the serving thread owns it."""
+
+    def __init__(self, reference: DriftReference, model: dict, *, window_parts: int = 1000,
+                 window_seconds: float = 300.0, max_sites: int = 512, change: ChangeParams = ChangeParams(),
+                 now: float | None = None):
+        if window_parts < 1 or not window_seconds > 0 or max_sites < 1:
+            raise ValueError(f"drift windows need window_parts >= 1, window_seconds > 0 and max_sites >= 1, got "
+                             f"{window_parts}, {window_seconds}, {max_sites}")
+        self.reference = reference
+        self.model = dict(model)
+        self.window_parts = window_parts
+        self.window_seconds = window_seconds
+        self.max_sites = max_sites
+        self._params = np.array([change.delta, change.threshold, change.min_parts, reference.score_center,
+                                 reference.score_scale])
+        self._shape = (reference.n_tests + 1, reference.proportions.shape[1] + 1)
+        self._sites: dict[tuple[int, int], _Site] = {}
+        _warm_up()
+        self._open(time.monotonic() if now is None else now)
+
+    @property
+    def parts(self) -> int:
+        """Parts counted in the open window."""
+        return self._parts
+
+    def update(self, head: int, site: int, row: np.ndarray, score: float, outlier: bool) -> None:
+        """Count one scored part (row: float32 or float64 [T], NaN = not run)."""
+        state = self._sites.get((head, site))
+        if state is None:
+            state = self._add_site(head, site)
+            if state is None:
+                self._unobserved += 1
+                return
+        _observe(row, score, outlier, self.reference.edges, self.reference.n_edges, state.counts, state.state,
+                 self._params)
+        self._parts += 1
+
+    def maybe_close(self, now: float | None = None) -> ClosedWindow | None:
+        """The window, if it is full or its time is up (``now``: time.monotonic() seconds)."""
+        if self._parts + self._unobserved >= self.window_parts:
+            return self.close("parts", now)
+        now = time.monotonic() if now is None else now
+        if now - self._opened >= self.window_seconds:
+            return self.close("time", now)
+        return None
+
+    def close(self, reason: str, now: float | None = None) -> ClosedWindow:
+        """Close the window now (copying its counts) and open the next one."""
+        if reason not in CLOSED_BY:
+            raise ValueError(f"closed_by must be one of {CLOSED_BY}, got {reason!r}")
+        now = time.monotonic() if now is None else now
+        snapshots = []
+        for site in self._sites.values():
+            if site.state[_PARTS]:
+                snapshots.append(SiteSnapshot(site.head, site.site, site.counts.copy(), site.state.copy()))
+            site.counts[:] = 0
+            site.state[_PARTS] = site.state[_OUTLIERS] = site.state[_FIRES] = 0.0
+        window = ClosedWindow(self.reference, self.model, self._opened_wall,
+                              self._opened_wall + (now - self._opened), reason, self._parts, self._unobserved,
+                              snapshots)
+        self._open(now)
+        return window
+
+    def _open(self, now: float) -> None:
+        self._opened = now
+        self._opened_wall = time.time()
+        self._parts = 0
+        self._unobserved = 0
+
+    def _add_site(self, head: int, site: int) -> _Site | None:
+        if len(self._sites) >= self.max_sites:
+            return None
+        state = np.zeros(_STATE_SIZE)
+        state[_SINCE_FIRE] = -1.0
+        added = _Site(int(head), int(site), np.zeros(self._shape, dtype=np.int64), state)
+        self._sites[(head, site)] = added
+        return added
+
+
+_WARM = False
+
+
+def _warm_up() -> None:
+    """Compile (or load from numba's cache) the kernel for float32 and float64 rows before the first part."""
+    global _WARM
+    if _WARM:
+        return
+    edges, n_edges = np.full((2, 1), np.inf), np.zeros(2, dtype=np.int64)
+    params = np.array([0.25, 25.0, 30.0, 0.0, 1.0])
+    for dtype in (np.float32, np.float64):
+        _observe(np.zeros(1, dtype=dtype), 0.0, False, edges, n_edges, np.zeros((2, 2), dtype=np.int64),
+                 np.zeros(_STATE_SIZE), params)
+    _WARM = True

@@ -1,0 +1,360 @@
+"""Shipping drift windows upstream with no silent loss: a disk spool and a background sender.
+
+``DiskSpool`` numbers every message (a per-agent sequence that survives restarts) and keeps it in a file
+of its own, written atomically and fsynced, until the collector acknowledges it. The spool is bounded by
+message count and bytes; at the bound the oldest messages are dropped, and the loss (count and sequence
+ranges) is persisted and carried upstream in every later message.
+
+``Shipper`` owns one thread and one DEALER socket. ``submit`` only enqueues (never blocks, never touches
+disk or network); the thread builds the message, spools it, then sends the oldest unacknowledged message
+and waits for its ack (stop-and-wait: message N+1 leaves only after N is stored, so the collector stores
+every agent's windows in sequence order). No ack in time: the socket is thrown away and a new one
+connects ("Lazy Pirate"), and the same message is sent again; the collector drops duplicates.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Protocol
+
+import msgpack
+import zmq
+
+from trainer.errors import EdgeError
+
+log = logging.getLogger("edge_agent.shipping")
+
+PROTOCOL = "edge-stats"
+VERSION = 1
+MESSAGE_SUFFIX = ".msg"
+STATE_FILE = "state.msgpack"
+MAX_DROPPED_RANGES = 100     # older ranges are still counted in dropped_total
+POLL_S = 0.05                # how soon a newly spooled message leaves when the thread is idle
+RETRY_MAX_S = 5.0            # longest wait between attempts while the collector is unreachable
+
+
+class SpoolError(EdgeError):
+    """The spool folder cannot be used (names the folder and the reason)."""
+
+
+def encode(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(payload: bytes) -> dict:
+    return msgpack.unpackb(payload, raw=False)
+
+
+class DiskSpool:
+    """Numbered messages on disk, oldest first, until acknowledged. Not thread-safe: one owner thread."""
+
+    def __init__(self, directory: str | Path, *, max_messages: int = 10_000, max_bytes: int = 256 << 20):
+        if max_messages < 1 or max_bytes < 1:
+            raise SpoolError(f"spool {directory}: max_messages and max_bytes must be positive, got "
+                             f"{max_messages} and {max_bytes}")
+        self.directory = Path(directory)
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SpoolError(f"spool {self.directory}: cannot create the folder ({error.strerror})") from None
+        if not os.access(self.directory, os.W_OK):
+            raise SpoolError(f"spool {self.directory}: the folder is not writable")
+        self._sizes: OrderedDict[int, int] = OrderedDict()   # seq -> file size, oldest first
+        self._recover()
+
+    # ---- what the shipper reads ----------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def oldest(self) -> tuple[int, bytes] | None:
+        """(seq, encoded message) of the oldest unacknowledged message."""
+        if not self._sizes:
+            return None
+        seq = next(iter(self._sizes))
+        return seq, self._path(seq).read_bytes()
+
+    def loss(self, unspooled_lost: int = 0) -> dict:
+        """The ``spool`` block of a message: cumulative, never reset (``unspooled_lost``: since agent start)."""
+        return {"stream": self.stream, "dropped_total": self.dropped_total,
+                "dropped_seq_ranges": [list(r) for r in self.dropped_ranges], "unspooled_lost": unspooled_lost}
+
+    # ---- changes ------------------------------------------------------------------------------------------
+
+    def append(self, message: dict, unspooled_lost: int = 0) -> int:
+        """Number the message (adds ``seq`` and the ``spool`` loss report), store it durably; returns seq.
+
+        A message larger than ``max_bytes`` on its own is still kept (after dropping every older one).
+        """
+        seq = self.last_seq + 1
+        doomed = self._oldest_to_drop(len(encode({**message, "seq": seq, "spool": self.loss(unspooled_lost)})))
+        for old in doomed:
+            self._record_drop(old)
+        data = encode({**message, "seq": seq, "spool": self.loss(unspooled_lost)})
+        _atomic_write(self._path(seq), data)
+        self.last_seq = seq
+        self._save_state()            # after the message: a crash in between is repaired by _recover
+        for old in doomed:
+            self._unlink(old)
+        self._sizes[seq] = len(data)
+        if doomed:
+            log.warning("spool %s full: dropped the %d oldest unacknowledged window(s) (seq %d..%d); "
+                        "%d dropped in total, reported upstream", self.directory, len(doomed), doomed[0],
+                        doomed[-1], self.dropped_total)
+        return seq
+
+    def ack(self, seq: int) -> None:
+        """The collector stored it: forget it (a crash before the unlink lands makes it a duplicate)."""
+        if self._sizes.pop(seq, None) is not None:
+            self._unlink(seq)
+
+    def drop(self, seq: int, reason: str) -> None:
+        """Give up on one message (the collector refused it for good): a counted, reported loss."""
+        if self._sizes.pop(seq, None) is None:
+            return
+        self._record_drop(seq)
+        self._save_state()
+        self._unlink(seq)
+        log.error("window seq %d dropped: %s; %d dropped in total, reported upstream", seq, reason,
+                  self.dropped_total)
+
+    # ---- internals ----------------------------------------------------------------------------------------
+
+    def _oldest_to_drop(self, size: int) -> list[int]:
+        doomed, count, total = [], len(self._sizes), self.bytes
+        for seq, old_size in self._sizes.items():
+            if count + 1 <= self.max_messages and total + size <= self.max_bytes:
+                break
+            doomed.append(seq)
+            count -= 1
+            total -= old_size
+        return doomed
+
+    def _record_drop(self, seq: int) -> None:
+        self._sizes.pop(seq, None)
+        self.dropped_total += 1
+        if self.dropped_ranges and self.dropped_ranges[-1][1] == seq - 1:
+            self.dropped_ranges[-1][1] = seq
+        else:
+            self.dropped_ranges.append([seq, seq])
+            del self.dropped_ranges[:-MAX_DROPPED_RANGES]
+
+    def _recover(self) -> None:
+        state_path = self.directory / STATE_FILE
+        state = {}
+        if state_path.exists():
+            try:
+                state = decode(state_path.read_bytes())
+            except (ValueError, OSError) as error:
+                raise SpoolError(f"spool {state_path}: unreadable state file ({error}); move the folder aside "
+                                 f"to start a new spool (its windows would then be lost)") from None
+        self.stream = state.get("stream") or uuid.uuid4().hex
+        self.last_seq = int(state.get("last_seq", 0))
+        self.dropped_total = int(state.get("dropped_total", 0))
+        self.dropped_ranges = [list(r) for r in state.get("dropped_ranges", [])]
+        for leftover in self.directory.glob(f"*{MESSAGE_SUFFIX}.tmp"):
+            leftover.unlink()          # a write that never completed: its seq was never handed out
+        found = sorted((int(p.name[:-len(MESSAGE_SUFFIX)]), p) for p in self.directory.glob(f"*{MESSAGE_SUFFIX}")
+                       if p.name[:-len(MESSAGE_SUFFIX)].isdigit())
+        for seq, path in found:
+            if any(first <= seq <= last for first, last in self.dropped_ranges):
+                path.unlink()          # dropped and recorded, but the crash came before the unlink
+            else:
+                self._sizes[seq] = path.stat().st_size
+        if found:
+            self.last_seq = max(self.last_seq, found[-1][0])
+        self._save_state()
+
+    def _save_state(self) -> None:
+        _atomic_write(self.directory / STATE_FILE,
+                      encode({"stream": self.stream, "last_seq": self.last_seq, "dropped_total": self.dropped_total,
+                              "dropped_ranges": self.dropped_ranges}))
+
+    def _path(self, seq: int) -> Path:
+        return self.directory / f"{seq:012d}{MESSAGE_SUFFIX}"
+
+    def _unlink(self, seq: int) -> None:
+        try:
+            self._path(seq).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename over, fsync the folder: after return the file survives power loss whole."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class SupportsPayload(Protocol):
+    def to_payload(self) -> dict: ...
+
+
+class Shipper:
+    """Background sender of spooled stats messages to the collector's ROUTER."""
+
+    def __init__(self, endpoint: str, spool: DiskSpool, *, agent_id: str, tester: str, ack_timeout_s: float = 5.0,
+                 queue_length: int = 1000):
+        self.endpoint = endpoint
+        self.spool = spool
+        self.agent_id = agent_id
+        self.tester = tester
+        self.ack_timeout_s = ack_timeout_s
+        self._queue: queue.Queue = queue.Queue(queue_length)
+        self._stop = threading.Event()
+        self._flush_until = 0.0
+        self._thread = threading.Thread(target=self._run, name="edge-agent-shipper", daemon=True)
+        # Read by status() from other threads: plain ints and floats, written by the shipper thread only.
+        self.submitted = 0
+        self.not_queued = 0           # submit() found the queue full: windows lost before they had a seq
+        self.acked = 0
+        self.resends = 0
+        self.last_ack_at: float | None = None
+        self.last_problem = ""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, item: dict | SupportsPayload) -> bool:
+        """Queue a message body (or something with ``to_payload()``, built on the shipper thread). Never
+        blocks; False (and counted, logged and reported upstream) if the queue is full."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.not_queued += 1
+            log.error("shipper queue full (%d): a drift window was lost before it was spooled (%d so far)",
+                      self._queue.maxsize, self.not_queued)
+            return False
+        self.submitted += 1
+        return True
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Spool everything queued, keep sending for at most ``timeout_s``, then stop; the rest stays spooled."""
+        self._flush_until = time.monotonic() + timeout_s
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s + 5.0)
+
+    def status(self) -> dict:
+        return {"endpoint": self.endpoint, "agent_id": self.agent_id, "spooled": self.spool.pending,
+                "last_seq": self.spool.last_seq, "submitted": self.submitted, "acked": self.acked,
+                "resends": self.resends, "dropped_total": self.spool.dropped_total, "not_queued": self.not_queued,
+                "last_ack_at": self.last_ack_at, "last_problem": self.last_problem}
+
+    # ---- the thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        context = zmq.Context()
+        socket = None
+        sent: tuple[int, float] | None = None      # (seq, when) of the message waiting for its ack
+        retry_at, backoff = 0.0, POLL_S
+        try:
+            while True:
+                self._spool_queued()
+                now = time.monotonic()
+                if self._stop.is_set() and (not self.spool.pending or now >= self._flush_until):
+                    return
+                if socket is None and now >= retry_at:
+                    socket = self._connect(context)
+                if socket is not None and sent is None:
+                    sent = self._send_oldest(socket)
+                if socket is None:
+                    time.sleep(POLL_S)
+                    continue
+                if socket.poll(int(POLL_S * 1000), zmq.POLLIN):
+                    if self._take_replies(socket, sent):
+                        sent, backoff = None, POLL_S
+                elif sent is not None and time.monotonic() - sent[1] > self.ack_timeout_s:
+                    self.last_problem = f"no ack for seq {sent[0]} within {self.ack_timeout_s} s"
+                    log.warning("collector %s: %s; reconnecting", self.endpoint, self.last_problem)
+                    socket.close(linger=0)
+                    socket, sent = None, None
+                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, RETRY_MAX_S)
+                    self.resends += 1
+        except Exception:   # a bug here must not take the agent down; the spool keeps what was not sent
+            log.exception("shipper stopped by an internal error; windows stay spooled in %s", self.spool.directory)
+        finally:
+            if socket is not None:
+                socket.close(linger=0)
+            context.term()
+
+    def _spool_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            body = item if isinstance(item, dict) else item.to_payload()
+            message = {"type": "stats", "v": VERSION, "agent_id": self.agent_id, "tester": self.tester, **body}
+            try:
+                self.spool.append(message, self.not_queued)
+            except OSError as error:
+                self.last_problem = f"cannot spool a window: {error.strerror}"
+                log.error("spool %s: %s; the window is lost", self.spool.directory, self.last_problem)
+
+    def _connect(self, context: zmq.Context) -> zmq.Socket:
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.IMMEDIATE, 1)        # no queueing for a collector that is not connected
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, int(RETRY_MAX_S * 1000))
+        socket.connect(self.endpoint)
+        return socket
+
+    def _send_oldest(self, socket: zmq.Socket) -> tuple[int, float] | None:
+        oldest = self.spool.oldest()
+        if oldest is None:
+            return None
+        seq, data = oldest
+        try:
+            socket.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            return None               # not connected yet: ZeroMQ keeps trying, so do we
+        return seq, time.monotonic()
+
+    def _take_replies(self, socket: zmq.Socket, sent: tuple[int, float] | None) -> bool:
+        """Read every reply; True when the message in flight is settled (stored, or refused for good)."""
+        settled = False
+        while True:
+            try:
+                reply = decode(socket.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return settled
+            except ValueError:
+                self.last_problem = "undecodable reply from the collector"
+                continue
+            seq = reply.get("seq") if isinstance(reply, dict) else None
+            if sent is None or seq != sent[0]:
+                continue               # a late reply to a message already settled
+            if reply.get("type") == "ack":
+                self.spool.ack(seq)
+                self.acked += 1
+                self.last_ack_at = time.time()
+                settled = True
+            elif reply.get("type") == "error" and reply.get("code") == "invalid_message":
+                self.spool.drop(seq, f"collector refused it: {reply.get('message')}")
+                settled = True
+            else:
+                self.last_problem = f"collector error on seq {seq}: {reply.get('code')}: {reply.get('message')}"
+                log.warning("%s", self.last_problem)   # a store failure: sent again after the ack timeout

@@ -1,0 +1,138 @@
+"""The agent's drift hook: a DriftMonitor for the model being served, its closed windows shipped upstream.
+
+Wiring (the serving thread owns the monitor; the shipper has its own thread)::
+
+    drift = AgentDrift(config.drift) if config.drift.enabled else None   # SpoolError: unusable spool folder
+    drift.start(model)                      # before serving: starts the shipper thread
+    drift.update(model, part, row, score)   # per scored part, on the request path (~2 us at 200 tests)
+    drift.tick()                            # when the serving loop is idle: closes a window whose time is up
+    drift.stop(timeout_s)                   # at shutdown: ships the open window, or leaves it spooled
+
+A model swap is noticed by ``update`` (another checksum): the old model's window closes ("model_change")
+and a new monitor starts with the new package's reference. A drift failure never fails a part: it is
+logged and drift stops for that model.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+
+from .drift import ChangeParams, DriftMonitor, DriftReference
+from .shipping import DiskSpool, Shipper
+
+log = logging.getLogger("edge_agent.upstream")
+
+
+@dataclass
+class DriftConfig:
+    """``[drift]`` in agent.toml. Every field is a plain str/int/float/bool so the agent's loader can set it."""
+
+    enabled: bool = True
+    agent_id: str = ""                         # default: the host name
+    tester: str = ""                           # default: the agent id
+    collector: str = "tcp://127.0.0.1:5560"    # the collector's ROUTER
+    window_parts: int = 1000                   # a window closes after this many parts ...
+    window_seconds: float = 300.0              # ... or this long, whichever comes first
+    max_sites: int = 512                       # (head, site) pairs tracked; parts of more sites are counted apart
+    spool_dir: str = "edge-agent-spool"        # windows wait here until acknowledged (a daemon: /var/lib/...)
+    spool_max_messages: int = 10_000
+    spool_max_bytes: int = 256 << 20
+    ack_timeout_s: float = 5.0
+    queue_length: int = 1000                   # windows waiting for the shipper thread
+    change_delta: float = 0.25                 # Page-Hinkley on the outlier score, in reference sigmas
+    change_threshold: float = 25.0
+    change_min_parts: int = 30
+
+    def problems(self) -> list[str]:
+        """What is wrong, as "drift.<key>: ..." lines (empty when usable)."""
+        problems = []
+        for name in ("window_parts", "max_sites", "spool_max_messages", "spool_max_bytes", "queue_length",
+                     "change_min_parts"):
+            if getattr(self, name) < 1:
+                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
+        for name in ("window_seconds", "ack_timeout_s", "change_delta", "change_threshold"):
+            if not getattr(self, name) > 0:
+                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
+        scheme, sep, _ = self.collector.partition("://")
+        if self.enabled and (not sep or scheme not in ("tcp", "ipc")):
+            problems.append(f"drift.collector: expected tcp://host:port or ipc:///path, got {self.collector!r}")
+        if self.enabled and not self.spool_dir:
+            problems.append("drift.spool_dir: a folder is required")
+        return problems
+
+
+class AgentDrift:
+    """Implements the server's DriftHook: ``update(model, part, readings, score)``."""
+
+    def __init__(self, config: DriftConfig):
+        self.config = config
+        self.agent_id = config.agent_id or socket.gethostname()
+        self.tester = config.tester or self.agent_id
+        self.shipper = Shipper(config.collector,
+                               DiskSpool(config.spool_dir, max_messages=config.spool_max_messages,
+                                         max_bytes=config.spool_max_bytes),
+                               agent_id=self.agent_id, tester=self.tester, ack_timeout_s=config.ack_timeout_s,
+                               queue_length=config.queue_length)
+        self._change = ChangeParams(config.change_delta, config.change_threshold, config.change_min_parts)
+        self._monitor: DriftMonitor | None = None
+        self._checksum: str | None = None
+
+    def start(self, model) -> None:
+        """Start shipping and the first window (``model``: the LoadedModel being served)."""
+        self._switch(model)
+        self.shipper.start()
+        log.info("drift windows of %d parts or %.0f s go to %s as agent %r (tester %r); spool %s holds %d",
+                 self.config.window_parts, self.config.window_seconds, self.config.collector, self.agent_id,
+                 self.tester, self.config.spool_dir, self.shipper.spool.pending)
+
+    def update(self, model, part, readings: np.ndarray, score: float) -> None:
+        if model.checksum != self._checksum:
+            self._switch(model)
+        monitor = self._monitor
+        if monitor is None:
+            return
+        try:
+            monitor.update(part.head, part.site, readings, score, score < model.outlier_threshold)
+            window = monitor.maybe_close()
+        except Exception:   # a drift bug must cost drift statistics, never a part's answer
+            log.exception("drift statistics stopped for %s/%s", model.identity["name"], model.identity["version"])
+            self._monitor = None
+            return
+        if window is not None:
+            self.shipper.submit(window)
+
+    def tick(self) -> None:
+        """Close the window if its time is up (call when idle; parts also close windows as they arrive)."""
+        if self._monitor is not None and (window := self._monitor.maybe_close()) is not None:
+            self.shipper.submit(window)
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        """Ship the open window ("shutdown"); what is not acknowledged within ``timeout_s`` stays spooled."""
+        if self._monitor is not None:
+            self.shipper.submit(self._monitor.close("shutdown"))
+        self.shipper.stop(timeout_s)
+
+    def status(self) -> dict:
+        """For the health reply: the shipper's counters and the open window."""
+        monitor = self._monitor
+        return {**self.shipper.status(), "tester": self.tester, "window_parts": self.config.window_parts,
+                "window_seconds": self.config.window_seconds,
+                "open_window_parts": None if monitor is None else monitor.parts}
+
+    def _switch(self, model) -> None:
+        if self._monitor is not None:
+            self.shipper.submit(self._monitor.close("model_change"))
+        self._checksum = model.checksum
+        try:
+            reference = DriftReference.from_manifest(model.manifest)
+        except Exception as error:
+            log.error("no drift statistics for %s/%s: %s", model.identity["name"], model.identity["version"], error)
+            self._monitor = None
+            return
+        self._monitor = DriftMonitor(reference, model.identity, window_parts=self.config.window_parts,
+                                     window_seconds=self.config.window_seconds, max_sites=self.config.max_sites,
+                                     change=self._change)
+

@@ -1,0 +1,570 @@
+"""Edge agent: a real agent process, real sockets, real packages, real onnxruntime and scikit-learn.
+
+Packages are trained once per session (1,500 parts x 20 correlated tests, 50-tree forest): version 1 in
+production, version 2 (other parts, other seed) a candidate. Tests that change the registry work on a copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import onnxruntime as ort
+import pytest
+import zmq
+
+from bench.e2e_latency import free_tcp_endpoint, publish_package, start_agent, stop_agent, synthetic_table
+from edge_agent.binning import BinPolicy, decide
+from edge_agent.client import BACKING_OFF, TIMEOUT, AgentClient
+from edge_agent.config import ConfigError, load_config
+from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
+from edge_agent.protocol import Code, Part
+from trainer.registry import PackageRef, Registry
+
+MODEL = "m"
+N_TESTS = 20
+REPO = Path(__file__).resolve().parents[1]
+REPLY_S = 10.0          # generous: a reply that does not come at all fails the test, a slow one does not
+OUTCOME_WAIT_S = 60.0   # bound on waiting for a background reload to finish
+
+
+@dataclasses.dataclass
+class Packages:
+    root: Path
+    trained: dict        # version -> TrainedModels (the scikit-learn pipelines)
+    stream: np.ndarray   # float32 readings of a further lot of the same product, for scoring
+
+    def offline(self, version: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of ``rows`` from plain onnxruntime sessions (default options) over the package's files."""
+        folder = Registry(self.root).package_dir(PackageRef(MODEL, version))
+        outlier = ort.InferenceSession(str(folder / "outlier.onnx"), providers=["CPUExecutionProvider"])
+        yield_ = ort.InferenceSession(str(folder / "yield.onnx"), providers=["CPUExecutionProvider"])
+        feed = {"readings": rows.astype(np.float32)}
+        return outlier.run(["score"], feed)[0].reshape(-1), yield_.run(["pass_probability"], feed)[0].reshape(-1)
+
+    def copy(self, target: Path) -> Path:
+        shutil.copytree(self.root, target)
+        return target
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory) -> Packages:
+    root = tmp_path_factory.mktemp("registry") / "models"
+    registry = Registry(root)
+    trained = {}
+    for version, seed in (("1", 11), ("2", 12)):
+        ref, trained[version] = publish_package(registry, MODEL, synthetic_table(1500, N_TESTS, seed=seed),
+                                                n_trees=50, yield_trees=30, seed=seed)
+        assert ref.version == version
+    registry.promote(MODEL, "1", "production", "test fixture")
+    stream = synthetic_table(400, N_TESTS, seed=13, lot="L9").readings().astype(np.float32)
+    return Packages(root, trained, stream)
+
+
+@pytest.fixture(scope="module")
+def agent(packages, tmp_path_factory):
+    """One agent for the read-mostly tests: small message cap and batch limit, Prometheus on a free port."""
+    folder = tmp_path_factory.mktemp("agent")
+    metrics_port = int(free_tcp_endpoint().rsplit(":", 1)[1])
+    config = folder / "agent.toml"
+    config.write_text(f"""
+[agent]
+max_message_bytes = 65536
+transport_max_message_bytes = 1048576
+max_batch = 50
+[metrics]
+port = {metrics_port}
+""")
+    endpoint = free_tcp_endpoint()
+    process = start_agent(packages.root, MODEL, endpoint, "--config", str(config), "--metrics-port",
+                          str(metrics_port), log_path=folder / "agent.log")
+    yield {"endpoint": endpoint, "metrics_port": metrics_port, "log": folder / "agent.log"}
+    assert stop_agent(process) == 0
+
+
+class Raw:
+    """A bare DEALER socket, for requests the client library would never send."""
+
+    def __init__(self, endpoint: str):
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+
+    def send(self, message) -> None:
+        frames = message if isinstance(message, list) else [message]
+        self.socket.send_multipart([f if isinstance(f, bytes) else msgpack.packb(f) for f in frames])
+
+    def receive(self) -> dict | None:
+        if not self.socket.poll(int(REPLY_S * 1000)):
+            return None
+        return msgpack.unpackb(self.socket.recv(), raw=False)
+
+    def ask(self, message) -> dict:
+        self.send(message)
+        reply = self.receive()
+        assert reply is not None, f"no reply to {str(message)[:200]}"
+        return reply
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+def score_request(rid, readings, **extra) -> dict:
+    return {"v": 1, "type": "score", "id": rid, "readings": readings, **extra}
+
+
+def decision(result) -> dict:
+    """What decides a part, without the fields that differ between calls (ids, timings)."""
+    fields = dataclasses.asdict(result)
+    for key in ("request_id", "agent_us", "round_trip_us"):
+        fields.pop(key)
+    return fields
+
+
+def wait_for(condition, what: str, timeout_s: float = OUTCOME_WAIT_S):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+
+def test_scores_equal_offline_onnxruntime_and_scikit_learn(agent, packages):
+    rows = packages.stream[:120].copy()
+    rows[3, [0, 5]] = np.nan                  # tests not run: imputed inside the graphs
+    rows[4, :] = np.nan
+    score, probability = packages.offline("1", rows)
+    checksum = Registry(packages.root).checksum(PackageRef(MODEL, "1"))
+    with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
+        results = [client.score(row, {"lot": "offline", "site": 3}) for row in rows]
+    assert all(r.decided for r in results), [r.error_message for r in results if not r.decided][:3]
+    got_score = np.array([r.outlier_score for r in results])
+    got_probability = np.array([r.pass_probability for r in results])
+    np.testing.assert_allclose(got_score, score, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_probability, probability, rtol=0, atol=1e-6)
+
+    trained = packages.trained["1"]
+    sk_score = trained.outlier.decision_function(rows.astype(np.float64))
+    sk_probability = trained.yield_model.predict_proba(rows.astype(np.float64))[:, 1]
+    np.testing.assert_allclose(got_score, sk_score, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got_probability, sk_probability, rtol=0, atol=1e-5)
+
+    for r, s in zip(results, sk_score):
+        assert r.model == {"name": MODEL, "version": "1", "checksum": checksum}
+        assert r.outlier == (r.outlier_score < trained.outlier_threshold)
+        assert r.predicted_fail == (r.pass_probability < trained.yield_threshold)
+        assert r.agent_us > 0
+        assert (r.bin_name == "pass") == (not r.flags)   # default policy: every condition may decide
+    assert sum(r.outlier for r in results) < len(results)   # the stream is the same product, mostly normal
+
+
+def test_readings_as_array_map_and_binary_agree(agent, packages):
+    manifest = Registry(packages.root).manifest(PackageRef(MODEL, "1"))
+    columns = [f["column"] for f in manifest["features"]]
+    names = [f["name"] for f in manifest["features"]]
+    row = packages.stream[7].astype(np.float64)
+    row[2] = np.nan
+    raw = Raw(agent["endpoint"])
+    try:
+        forms = {
+            "array": row.tolist(),
+            "binary": row.astype("<f4").tobytes(),
+            "map by column": {c: v for c, v in zip(columns, row.tolist())},
+            "map by name, test not run left out": {n: v for i, (n, v) in enumerate(zip(names, row.tolist())) if i != 2},
+        }
+        replies = {form: raw.ask(score_request(i, readings)) for i, (form, readings) in enumerate(forms.items())}
+    finally:
+        raw.close()
+    expected = packages.offline("1", row[None, :])
+    for form, reply in replies.items():
+        assert reply["type"] == "score_result", (form, reply)
+        assert reply["outlier_score"] == pytest.approx(float(expected[0][0]), abs=1e-6), form
+        assert reply["pass_probability"] == pytest.approx(float(expected[1][0]), abs=1e-6), form
+    assert len({r["outlier_score"] for r in replies.values()}) == 1
+
+
+def test_batch_equals_the_same_parts_one_by_one(agent, packages):
+    """Singles on lot S and the batch on lot B of the same site: each starts that site's dynamic PAT window
+    afresh, so both see the same PAT state; a far-off part before and after the warm-up shows it acts."""
+    rows = packages.stream[200:245].copy()   # the agent here takes batches of up to 50
+    manifest = Registry(packages.root).manifest(PackageRef(MODEL, "1"))
+    limit = manifest["pat"]["limits"][4]
+    for i in (5, 40):
+        rows[i, 4] = limit["median"] + 10 * limit["robust_sigma"]
+    with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
+        singles = [client.score(row, {"lot": "S", "site": 7, "x": i}) for i, row in enumerate(rows)]
+        batch = client.score_batch([({"lot": "B", "site": 7, "x": i}, row) for i, row in enumerate(rows)])
+        mixed = client.score_batch([(None, rows[0]), (None, rows[0][:3]), (None, rows[1])])
+    assert all(r.decided for r in singles + batch)
+    assert [decision(r) for r in batch] == [decision(r) for r in singles]
+    assert "dynamic_pat" not in singles[5].flags and "static_pat" in singles[5].flags   # still warming up
+    assert {"static_pat", "dynamic_pat"} <= set(singles[40].flags)
+    assert any(b["kind"] == "dynamic" and b["test"] == limit["column"] for b in singles[40].pat)
+    assert singles[40].bin_name == "static_pat" and "static PAT" in singles[40].why
+    # One bad part in a batch gets its own error; the others are scored.
+    assert [r.decided for r in mixed] == [True, False, True]
+    assert mixed[1].error_code == Code.WRONG_READING_COUNT
+    assert mixed[0].outlier_score == singles[0].outlier_score
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+def _bad_requests(row: list[float]) -> list[tuple[str, object, str, str]]:
+    """(what, request frames, expected code, a word the message must contain)."""
+    inf_row, huge_row = list(row), list(row)
+    inf_row[3], huge_row[4] = float("inf"), 1e39
+    return [
+        ("not msgpack", b"\xc1\x00garbage", Code.MALFORMED_MESSAGE, "msgpack"),
+        ("truncated msgpack", msgpack.packb(score_request(1, row))[:-7], Code.MALFORMED_MESSAGE, "msgpack"),
+        ("array at top level", msgpack.packb([1, 2, 3]), Code.MALFORMED_MESSAGE, "map"),
+        ("two payload frames", [b"x", b"y", b"z"], Code.MALFORMED_MESSAGE, "frame"),
+        ("unknown type", {"v": 1, "type": "predict", "id": 1}, Code.UNKNOWN_TYPE, "predict"),
+        ("protocol version 2", {"v": 2, "type": "score", "id": 1, "readings": row}, Code.UNSUPPORTED_VERSION, "2"),
+        ("no type", {"v": 1, "id": 1}, Code.MISSING_FIELD, "type"),
+        ("type not a string", {"v": 1, "type": ["score"], "id": 1}, Code.WRONG_TYPE, "type"),
+        ("id a float", score_request(1.5, row), Code.WRONG_TYPE, "id"),
+        ("unknown field", score_request(1, row, reading=row), Code.UNKNOWN_FIELD, "reading"),
+        ("readings a string", score_request(1, "1.0,2.0"), Code.WRONG_TYPE, "readings"),
+        ("a reading a string", score_request(1, row[:2] + ["x"] + row[3:]), Code.WRONG_TYPE, "readings[2]"),
+        ("a reading true", score_request(1, [True] + row[1:]), Code.WRONG_TYPE, "readings[0]"),
+        ("no readings", {"v": 1, "type": "score", "id": 1}, Code.MISSING_FIELD, "readings"),
+        ("too few readings", score_request(1, row[:-1]), Code.WRONG_READING_COUNT, f"{N_TESTS - 1}"),
+        ("too many readings", score_request(1, row + [1.0]), Code.WRONG_READING_COUNT, f"{N_TESTS + 1}"),
+        ("binary readings of the wrong size", score_request(1, b"\x00" * 12), Code.WRONG_READING_COUNT, "12 bytes"),
+        ("unknown test name", score_request(1, {"1000:T0": 1.0, "NO_SUCH_TEST": 2.0}), Code.UNKNOWN_TEST,
+         "NO_SUCH_TEST"),
+        ("a test twice", score_request(1, {"1000:T0": 1.0, "T0": 1.0}), Code.DUPLICATE_TEST, "T0"),
+        ("infinity", score_request(1, inf_row), Code.NON_FINITE_READING, "1003:T3"),
+        ("beyond float32", score_request(1, huge_row), Code.NON_FINITE_READING, "1004:T4"),
+        ("part not a map", score_request(1, row, part="L1-3-10-4"), Code.WRONG_TYPE, "part"),
+        ("part site a string", score_request(1, row, part={"site": "2"}), Code.WRONG_TYPE, "part.site"),
+        ("part unknown field", score_request(1, row, part={"socket": 2}), Code.UNKNOWN_FIELD, "socket"),
+        ("oversized message", score_request(1, row, part={"lot": "L" * 70000}), Code.MESSAGE_TOO_LARGE,
+         "max_message_bytes"),
+        ("batch too large", {"v": 1, "type": "score_batch", "id": 1, "parts": [{"readings": row}] * 51},
+         Code.BATCH_TOO_LARGE, "51"),
+        ("batch parts not an array", {"v": 1, "type": "score_batch", "id": 1, "parts": {"readings": row}},
+         Code.WRONG_TYPE, "parts"),
+        ("reload of a version that does not exist", {"v": 1, "type": "reload", "id": 1, "version": "99"},
+         Code.UNKNOWN_VERSION, "99"),
+    ]
+
+
+def test_each_bad_input_gets_its_error_code_and_the_next_request_is_answered(agent, packages):
+    good_row = packages.stream[11]
+    expected_score = float(packages.offline("1", good_row[None, :])[0][0])
+    cases = _bad_requests(good_row.astype(np.float64).tolist())
+    raw = Raw(agent["endpoint"])
+    try:
+        before = raw.ask({"v": 1, "type": "health", "id": "before"})
+        for n, (what, request, code, word) in enumerate(cases):
+            reply = raw.ask(request)
+            assert reply["type"] == "error", what
+            assert reply["code"] == code, (what, reply)
+            assert word in reply["message"], (what, reply["message"])
+            good = raw.ask(score_request(f"good-{n}", good_row.tobytes()))
+            assert good["type"] == "score_result" and good["id"] == f"good-{n}", what
+            assert good["outlier_score"] == pytest.approx(expected_score, abs=1e-6), what
+        # NaN is a test that did not run, not an error.
+        nan_reply = raw.ask(score_request("nan", [float("nan")] * N_TESTS))
+        assert nan_reply["type"] == "score_result"
+        after = raw.ask({"v": 1, "type": "health", "id": "after"})
+    finally:
+        raw.close()
+    assert before["id"] == "before" and after["id"] == "after"
+    expected_counts: dict[str, int] = {}
+    for _, _, code, _ in cases:
+        expected_counts[code] = expected_counts.get(code, 0) + 1
+    for code, count in expected_counts.items():
+        assert after["errors"].get(code, 0) - before["errors"].get(code, 0) == count, code
+    assert after["parts_scored"] - before["parts_scored"] == len(cases) + 1
+
+
+def test_a_message_beyond_the_transport_cap_costs_only_its_sender(agent, packages):
+    """ZeroMQ drops a connection that sends more than transport_max_message_bytes; the agent serves on."""
+    row = packages.stream[12].tobytes()
+    flooder = Raw(agent["endpoint"])
+    flooder.send(b"\x00" * (2 << 20))
+    with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
+        assert client.score(row).decided
+    flooder.close()
+
+
+def test_health_and_prometheus_endpoint(agent, packages):
+    with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
+        for row in packages.stream[:10]:
+            assert client.score(row).decided
+        health = client.health(timeout_ms=REPLY_S * 1000)
+    assert health["status"] == "serving"
+    assert health["model"]["version"] == "1" and health["model"]["features"] == N_TESTS
+    assert health["model"]["checksum"] == Registry(packages.root).checksum(PackageRef(MODEL, "1"))
+    assert health["parts_scored"] >= 10 and health["requests"]["score"] >= 10
+    latency = health["latency_us"]
+    assert latency["count"] >= 10 and 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert health["uptime_s"] > 0 and health["following"]["stage"] == "production"
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{agent['metrics_port']}/metrics", timeout=REPLY_S).read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples["edge_agent_parts_scored_total"] >= health["parts_scored"]
+    assert samples[f'edge_agent_model_info{{checksum="{health["model"]["checksum"]}",name="{MODEL}",version="1"}}'] == 1
+    assert samples['edge_agent_request_seconds_bucket{le="+Inf"}'] >= latency["count"]
+    assert samples['edge_agent_requests_total{type="score"}'] >= 10
+
+
+def test_cli_health_and_reload_talk_to_a_running_agent(agent):
+    health = subprocess.run([sys.executable, "-m", "edge_agent.cli", "health", "--connect", agent["endpoint"]],
+                            capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0, health.stderr
+    assert json.loads(health.stdout)["status"] == "serving"
+    reload = subprocess.run([sys.executable, "-m", "edge_agent.cli", "reload", "--connect", agent["endpoint"]],
+                            capture_output=True, text=True, timeout=120)
+    assert reload.returncode == 0, reload.stderr
+    outcome = json.loads(reload.stdout)["last_reload"]
+    assert outcome["outcome"] == "unchanged" and outcome["ref"] == f"{MODEL}/1"   # verified again, same package
+
+
+# ---- hot reload -------------------------------------------------------------------------------------------------
+
+def test_hot_reload_under_a_steady_stream_loses_no_request(packages, tmp_path):
+    root = packages.copy(tmp_path / "models")
+    endpoint = free_tcp_endpoint()
+    process = start_agent(root, MODEL, endpoint, "--watch-interval-s", "0.2", log_path=tmp_path / "agent.log")
+    rows = packages.stream
+    streams: dict[int, list] = {k: [] for k in range(3)}
+    stop = threading.Event()
+
+    def stream(k: int) -> None:
+        with AgentClient(endpoint, timeout_ms=REPLY_S * 1000) as client:
+            i = 0
+            while not stop.is_set() and i < 50_000:
+                streams[k].append((i, client.score(rows[i % len(rows)], {"lot": "L", "site": k + 1})))
+                i += 1
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in streams]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: all(len(s) >= 30 for s in streams.values()), "the streams to start")
+        Registry(root).promote(MODEL, "2", "production", "test: hot reload under load")
+        wait_for(lambda: all(sum(r.decided and r.model["version"] == "2" for _, r in s[-30:]) == 30
+                             for s in streams.values()), "every stream to see version 2")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    for k, results in streams.items():
+        assert all(r.decided for _, r in results), f"stream {k} lost a request"
+        assert [r.request_id for _, r in results] == list(range(1, len(results) + 1))   # in order, none missing
+        versions = [r.model["version"] for _, r in results]
+        switch = versions.index("2")
+        assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}, f"stream {k} went back"
+        for version in ("1", "2"):
+            scored = [(i, r) for i, r in results if r.model["version"] == version]
+            expected, _ = packages.offline(version, rows[[i % len(rows) for i, _ in scored]])
+            np.testing.assert_allclose([r.outlier_score for _, r in scored], expected, rtol=0, atol=1e-6)
+
+    with AgentClient(endpoint, timeout_ms=REPLY_S * 1000) as client:
+        health = client.health()
+        assert health["reloads"] == {"loaded": 1}
+        assert health["model"]["version"] == "2" and health["previous_model"]["version"] == "1"
+        assert health["last_reload"]["outcome"] == "loaded"
+        rollback = client.rollback()
+        assert rollback["type"] == "rollback_result" and rollback["model"]["version"] == "1"
+        after = client.score(rows[0])
+        assert after.decided and after.model["version"] == "1"
+        assert after.outlier_score == pytest.approx(float(packages.offline("1", rows[:1])[0][0]), abs=1e-6)
+    assert stop_agent(process) == 0
+
+
+def test_packages_that_fail_verification_are_refused_and_the_old_model_keeps_serving(packages, tmp_path):
+    root = packages.copy(tmp_path / "models")
+    registry = Registry(root)
+    # Version 3: every checksum right, but its sample rows expect other scores than its graphs give.
+    source = registry.package_dir(PackageRef(MODEL, "1"))
+    files = {p.name: p.read_bytes() for p in source.iterdir() if p.name != "manifest.json"}
+    with np.load(io.BytesIO(files["sample_rows.npz"])) as sample:
+        arrays = dict(sample)
+    arrays["score"] = arrays["score"] + 0.05
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    files["sample_rows.npz"] = buffer.getvalue()
+    ref3 = registry.publish(MODEL, files, json.loads((source / "manifest.json").read_bytes()),
+                            reason="test: sample rows that disagree with the graphs")
+    endpoint = free_tcp_endpoint()
+    process = start_agent(root, MODEL, endpoint, "--watch-interval-s", "0.2", log_path=tmp_path / "agent.log")
+    row = packages.stream[:1]
+    expected = float(packages.offline("1", row)[0][0])
+    try:
+        with AgentClient(endpoint, timeout_ms=REPLY_S * 1000) as client:
+            registry.promote(MODEL, ref3.version, "production", "test: the stage moves to a bad package")
+            first = wait_for(lambda: client.health()["last_reload"], "the stage reload's outcome")
+            assert first["outcome"] == "refused" and first["ref"] == f"{MODEL}/{ref3.version}"
+            assert any("smoke score" in p for p in first["problems"]), first["problems"]
+
+            # Version 2 corrupted on disk after it was published: one byte of its outlier graph flipped.
+            folder = registry.package_dir(PackageRef(MODEL, "2"))
+            os.chmod(folder, 0o755)
+            graph = folder / "outlier.onnx"
+            os.chmod(graph, stat.S_IRUSR | stat.S_IWUSR)
+            data = bytearray(graph.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            graph.write_bytes(bytes(data))
+            assert client.reload("2")["accepted"] is True
+            second = wait_for(lambda: (h := client.health())["last_reload"]["number"] == 2 and h["last_reload"],
+                              "the reload request's outcome")
+            assert second["outcome"] == "refused" and any("checksum mismatch" in p for p in second["problems"])
+
+            health = client.health()
+            assert health["reloads"] == {"refused": 2}
+            assert health["model"]["version"] == "1" and health["previous_model"] is None
+            result = client.score(row[0])
+            assert result.decided and result.model["version"] == "1"
+            assert result.outlier_score == pytest.approx(expected, abs=1e-6)
+    finally:
+        assert stop_agent(process) == 0
+    log = (tmp_path / "agent.log").read_text()
+    assert "reload refused" in log and "checksum mismatch" in log
+
+
+# ---- the client fails open, SIGTERM drains -----------------------------------------------------------------------
+
+def test_client_fails_open_while_the_agent_is_gone_and_recovers_when_it_returns(packages, tmp_path):
+    endpoint = free_tcp_endpoint()
+    log = tmp_path / "agent.log"
+    row = packages.stream[0]
+    process = start_agent(packages.root, MODEL, endpoint, log_path=log)
+    client = AgentClient(endpoint, timeout_ms=300, failures_before_backoff=2, backoff_s=0.5)
+    try:
+        assert client.score(row).decided
+        assert stop_agent(process) == 0
+        gone = [client.score(row) for _ in range(4)]   # must return, not raise or hang
+        assert [r.decided for r in gone] == [False] * 4
+        assert {r.error_code for r in gone} <= {TIMEOUT, BACKING_OFF}
+        assert client.no_decision[TIMEOUT] >= 2 and sum(client.no_decision.values()) == 4
+        assert client.decided == 1
+
+        process = start_agent(packages.root, MODEL, endpoint, log_path=log)
+        back = wait_for(lambda: (r := client.score(row)).decided and r, "the client to reconnect")
+        assert back.outlier_score == pytest.approx(float(packages.offline("1", row[None, :])[0][0]), abs=1e-6)
+        assert client.decided == 2
+    finally:
+        client.close()
+        assert stop_agent(process) == 0
+
+
+def test_sigterm_answers_every_request_already_sent(packages, tmp_path):
+    endpoint = free_tcp_endpoint()
+    log = tmp_path / "agent.log"
+    process = start_agent(packages.root, MODEL, endpoint, log_path=log)
+    raw = Raw(endpoint)
+    try:
+        n = 300
+        for i in range(n):
+            raw.send(score_request(i, packages.stream[i % len(packages.stream)].tobytes()))
+        process.send_signal(signal.SIGTERM)
+        replies = [raw.receive() for _ in range(n)]
+    finally:
+        raw.close()
+        status = stop_agent(process)
+    assert status == 0
+    assert [r and r["type"] for r in replies] == ["score_result"] * n
+    assert [r["id"] for r in replies] == list(range(n))
+    assert f"stopped after" in log.read_text()
+
+
+def test_cli_refuses_unusable_configuration(packages, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(packages.root),
+                               "--metrics-port", "0", *args], capture_output=True, text=True, timeout=120)
+
+    everywhere = run("--model", MODEL, "--bind", "tcp://0.0.0.0:5555")
+    assert everywhere.returncode == 2 and "bind_all_interfaces" in everywhere.stderr
+    unknown = run("--model", "no-such-model", "--bind", free_tcp_endpoint())
+    assert unknown.returncode == 2 and "no-such-model" in unknown.stderr
+
+
+# ---- components ---------------------------------------------------------------------------------------------------
+
+def test_client_library_needs_only_numpy_pyzmq_and_msgpack():
+    code = ("import sys, edge_agent.client; "
+            "print(sorted(m for m in ('onnxruntime', 'sklearn', 'trainer', 'pandas', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_nan_quartiles_match_numpy():
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(57, 40)).astype(np.float32)
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[:, 3] = np.nan
+    q1, median, q3, counts = nan_quartiles(values)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        expected = np.nanpercentile(values, [25, 50, 75], axis=0)
+    np.testing.assert_allclose(np.vstack([q1, median, q3]), expected, rtol=0, atol=1e-6, equal_nan=True)
+    assert counts[3] == 0 and np.isnan(median[3])
+    np.testing.assert_array_equal(counts, np.sum(~np.isnan(values), axis=0))
+
+
+def test_dynamic_pat_warms_up_per_site_and_restarts_on_a_new_lot():
+    columns = [f"T{i}" for i in range(3)]
+    pat = DynamicPat(columns, window=50, min_parts=30, k_sigma=6.0, refresh_parts=5)
+    rng = np.random.default_rng(1)
+    far = np.array([0.0, 100.0, 0.0], np.float32)
+    site1, site2 = Part(lot="A", site=1), Part(lot="A", site=2)
+    for _ in range(29):
+        assert pat.check_and_add(site1, rng.normal(size=3).astype(np.float32)) == []
+    assert pat.check_and_add(site1, far) == []             # 30th part: still the baseline
+    breaks = pat.check_and_add(site1, far)
+    assert [(b.test, b.kind) for b in breaks] == [("T1", "dynamic")] and breaks[0].high < 100
+    assert pat.check_and_add(site2, far) == []              # another site has its own window
+    assert pat.check_and_add(Part(lot="B", site=1), far) == []   # a new lot starts site 1 afresh
+    assert pat.sites()["1/1"] == {"parts": 1, "active": False, "group": "B"}
+
+
+def test_bin_policy_order_decides_and_every_condition_is_flagged():
+    static = [PatBreak("T1", "static", 9.0, 0.0, 1.0)]
+    kwargs = dict(static=static, dynamic=[], score=-0.3, score_threshold=-0.05, pass_probability=0.9,
+                  pass_threshold=0.5)
+    default = decide(BinPolicy(), **kwargs)
+    assert (default.bin, default.name, default.flags) == (21, "static_pat", ["static_pat", "ml_outlier"])
+    assert "T1=9" in default.why
+    ml_first = decide(BinPolicy(order=("ml_outlier", "static_pat")), **kwargs)
+    assert (ml_first.bin, ml_first.name) == (23, "ml_outlier") and "-0.3" in ml_first.why
+    watch_only = decide(BinPolicy(order=("predicted_fail",)), **kwargs)
+    assert (watch_only.bin, watch_only.name) == (1, "pass") and watch_only.flags == ["static_pat", "ml_outlier"]
+    assert "observed only" in watch_only.why
+    with pytest.raises(ValueError, match="unknown condition"):
+        BinPolicy(order=("static_pat", "gut_feeling"))
+
+
+def test_configuration_file_then_command_line(tmp_path):
+    path = tmp_path / "agent.toml"
+    path.write_text('[agent]\nmodel = "m"\nbind = "ipc:///tmp/a.sock"\n[pat]\nwindow = 60\n'
+                    '[binning.bins]\nml_outlier = 40\n')
+    config = load_config(path, {"bind": "tcp://127.0.0.1:6000", "metrics.port": 0})
+    assert config.bind == "tcp://127.0.0.1:6000" and config.metrics.port == 0
+    assert config.pat.window == 60 and config.binning.bins["ml_outlier"] == 40 and config.binning.bins["pass"] == 1
+    path.write_text('[agent]\nmodel = "m"\nbnid = "tcp://127.0.0.1:6000"\n')
+    with pytest.raises(ConfigError, match=r"agent.toml: \[agent\] bnid: unknown key"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="bind_all_interfaces"):
+        load_config(None, {"model": "m", "bind": "tcp://*:5555"})
+    assert load_config(None, {"model": "m", "bind": "tcp://*:5555", "bind_all_interfaces": True}).bind

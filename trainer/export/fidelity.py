@@ -1,0 +1,56 @@
+"""Does an ONNX graph reproduce its scikit-learn model? Scored in a real onnxruntime session, as served.
+
+Rows are scored one at a time (how the agent serves) and as one batch (how a multi-site request arrives);
+the worse of the two is reported, because an int8 graph quantizes activations per call.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ExportError
+from .runtime import make_session
+
+
+def check_fidelity(model_bytes: bytes, expected: np.ndarray, X32: np.ndarray, *, output: str, threshold: float,
+                   outlier_below: bool, file: str, refuse: bool = True, min_agreement: float = 0.999) -> dict:
+    """Compare the graph's ``output`` on ``X32`` with scikit-learn's ``expected`` values.
+
+    decision = value < threshold (``outlier_below``) or value >= threshold; passed when every value is
+    finite and decisions agree on at least ``min_agreement`` of the rows. With ``refuse`` a failed check
+    raises ExportError.
+    """
+    X32 = np.ascontiguousarray(X32, dtype=np.float32)
+    expected = np.asarray(expected, dtype=np.float64).reshape(-1)
+    if X32.ndim != 2 or len(X32) == 0 or len(X32) != len(expected):
+        raise ExportError(f"{file}: fidelity needs rows [n > 0, features] and one expected value per row, got "
+                          f"rows of shape {X32.shape} and {len(expected)} expected values")
+    session = make_session(model_bytes)
+    input_name = session.get_inputs()[0].name
+    if output not in [o.name for o in session.get_outputs()]:
+        raise ExportError(f"{file}: the graph has no output {output!r} "
+                          f"(outputs: {[o.name for o in session.get_outputs()]})")
+    batch = session.run([output], {input_name: X32})[0].reshape(-1)
+    if len(batch) != len(X32):
+        raise ExportError(f"{file}: output {output!r} has {len(batch)} values for {len(X32)} rows, "
+                          "expected one per row")
+    single = np.concatenate([session.run([output], {input_name: X32[i:i + 1]})[0].reshape(-1)
+                             for i in range(len(X32))])
+
+    def decide(values: np.ndarray) -> np.ndarray:
+        return values < threshold if outlier_below else values >= threshold
+
+    wanted = decide(expected)
+    max_abs_diff = max(_max_abs_diff(got, expected) for got in (batch, single))
+    agreement = min(float(np.mean(decide(got) == wanted)) for got in (batch, single))
+    result = {"file": file, "rows": int(len(X32)), "max_abs_diff": max_abs_diff,
+              "decision_agreement": agreement, "min_agreement": float(min_agreement),
+              "passed": bool(np.isfinite(max_abs_diff) and agreement >= min_agreement)}
+    if refuse and not result["passed"]:
+        raise ExportError(f"{file} does not reproduce its scikit-learn model: decisions agree on {agreement:.4%} "
+                          f"of {len(X32)} rows (need {min_agreement:.2%}), max abs difference {max_abs_diff:.3g}")
+    return result
+
+
+def _max_abs_diff(got: np.ndarray, expected: np.ndarray) -> float:
+    difference = np.abs(got.astype(np.float64) - expected)
+    return float("inf") if not np.all(np.isfinite(difference)) else float(difference.max())

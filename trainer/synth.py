@@ -1,0 +1,832 @@
+"""Synthetic wafer-sort floor: a seeded, reproducible parametric table with recorded ground truth.
+
+Parts are dies on round wafers, probed in serpentine order in touchdowns of ``sites`` dies.
+Every test reading is a standardized value ``z`` turned into physical units (normal, log-normal
+or an integer trim code). ``z`` mixes four latent factors per part (process speed, leakage,
+temperature, supply) so related tests correlate (Fmax with IDD, IDDQ with ILEAK), plus wafer
+patterns (bowl, tilt, edge ring), site offsets, slow tester drift, gross defects that fail limits
+and the injected excursions whose ground truth goes into the ``truth_excursion`` column and the
+``<output>.truth.json`` file.
+
+Random numbers come from streams keyed by (seed, lot number, wafer), and the table is built a
+wafer at a time, so the same config gives the same data whatever ``chunk_parts`` is. The test
+program (catalog: names, numbers, units, limits) depends on ``tests`` only, never on the seed,
+so lots synthesized with different seeds share one test program like lots of one product do.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError, EdgeError
+from .table import PARQUET_METADATA_KEY, ParametricTable, TestMeta, test_column_name
+
+EXCURSIONS = ("drifting_site", "shifted_lot", "latent_outliers")
+
+IDENTITY = ("lot", "wafer", "x", "y", "head", "site", "part_id", "test_time_ms", "timestamp",
+            "hard_bin", "soft_bin", "passed", "tester", "job", "probe_card")
+LABELS = ("final_pass", "truth_excursion")
+
+PASS_BIN = 1
+MAX_WAFERS_PER_LOT = 25          # a FOUP holds 25 wafers: the default die grid grows to respect it
+MIN_DIE_RADIUS = 6.0             # in die pitches: about 113 dies, the smallest wafer drawn
+CATALOG_SEED = 20240108          # the test program is a product property, not a property of one lot
+
+# Excursion magnitudes in units of a test's standard deviation (z units).
+DRIFT_ONSET = 0.6                # drift starts after this fraction of the drifting lot's parts
+DRIFT_END_SIGMA = 3.5            # drift reached by the last part of the lot (linear ramp)
+LOT_SHIFT_SIGMA = 2.5
+LATENT_SHIFT_SIGMA = (3.5, 5.0)  # each latent outlier moves its signature tests jointly by this much
+# Share of the tests in a latent outlier's signature. An Isolation Forest picks split features at
+# random, so a shift confined to a few of 200 tests barely shortens its paths: measured with 200 trees
+# at a 1 % threshold, 10 % of the tests gave ~5 % recall, 20 % gave 30-50 %, 35 % gives 97-100 %.
+LATENT_TEST_SHARE = 0.35
+LATENT_LIMIT_MARGIN = 0.5        # latent outliers stay at least this far inside every limit
+LATENT_MAX_WAFER_SHARE = 0.1     # a latent cluster covers at most this share of a wafer's eligible dies
+
+TOUCHDOWN_INDEX_S = 0.35         # prober step between touchdowns
+WAFER_LOAD_S = 90.0
+LOT_CHANGE_S = 1800.0
+
+
+class SynthConfigError(EdgeError, ValueError):
+    """A synthetic-floor configuration that cannot be generated (a ValueError the CLI prints cleanly)."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """What to synthesize. ``wafers_per_lot`` and ``die_radius`` are derived from ``parts`` when None."""
+
+    seed: int = 7
+    parts: int = 20000
+    tests: int = 200
+    lots: int = 2
+    wafers_per_lot: int | None = None      # None: the smallest count <= 25 that the die grid allows
+    die_radius: float | None = None        # wafer radius in die pitches; None: sized to the parts per wafer
+    heads: int = 1
+    sites: int = 4
+    lot_prefix: str = "SYN"
+    first_lot_index: int = 1
+    excursions: tuple[str, ...] = EXCURSIONS
+    latent_outlier_fraction: float = 0.003
+    defect_fraction: float = 0.02          # parts with a gross defect that fails a limit (x2 at the wafer edge)
+    missing_fraction: float = 0.001        # readings left NaN (test did not run)
+    start_time: float = 1_704_700_800.0    # tester clock of the first touchdown (unix seconds)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "excursions", tuple(self.excursions))
+        problems = _config_problems(self)
+        if problems:
+            raise SynthConfigError("invalid synthetic config: " + "; ".join(problems))
+
+    def lot_names(self) -> list[str]:
+        return [f"{self.lot_prefix}{self.first_lot_index + i:04d}" for i in range(self.lots)]
+
+
+def _config_problems(c: SynthConfig) -> list[str]:
+    problems: list[str] = []
+
+    def integer(name: str, value, low: int, high: int | None = None) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            problems.append(f"{name} must be an integer, got {value!r}")
+            return False
+        if value < low or (high is not None and value > high):
+            problems.append(f"{name} must be {f'>= {low}' if high is None else f'in {low}..{high}'}, got {value}")
+            return False
+        return True
+
+    def fraction(name: str, value, high: float, allow_zero: bool) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append(f"{name} must be a number, got {value!r}")
+        elif value < 0 or (value == 0 and not allow_zero) or value > high:
+            problems.append(f"{name} must be {'0 <=' if allow_zero else '0 <'} {name} <= {high}, got {value}")
+
+    integer("seed", c.seed, 0)
+    integer("tests", c.tests, 8, 5000)
+    heads_ok = integer("heads", c.heads, 1, 8)
+    sites_ok = integer("sites", c.sites, 1, 64)
+    integer("first_lot_index", c.first_lot_index, 0, 9999)
+    lots_ok = integer("lots", c.lots, 1, 1000)
+    if integer("parts", c.parts, 1) and lots_ok and c.parts < c.lots:
+        problems.append(f"parts ({c.parts}) must be at least lots ({c.lots}): every lot needs a part")
+    if c.wafers_per_lot is not None:
+        integer("wafers_per_lot", c.wafers_per_lot, 1, 1000)
+    if c.die_radius is not None and (isinstance(c.die_radius, bool) or not isinstance(c.die_radius, (int, float))
+                                     or not 2 <= c.die_radius <= 1000):
+        problems.append(f"die_radius must be a number in 2..1000 die pitches, got {c.die_radius!r}")
+    if not (isinstance(c.lot_prefix, str) and c.lot_prefix
+            and all(ch.isalnum() or ch in "_-" for ch in c.lot_prefix)):
+        problems.append(f"lot_prefix must be non-empty letters, digits, '_' or '-', got {c.lot_prefix!r}")
+    fraction("latent_outlier_fraction", c.latent_outlier_fraction, 0.05, allow_zero=False)
+    fraction("defect_fraction", c.defect_fraction, 0.5, allow_zero=True)
+    fraction("missing_fraction", c.missing_fraction, 0.05, allow_zero=True)
+    if isinstance(c.start_time, bool) or not isinstance(c.start_time, (int, float)) or not math.isfinite(c.start_time):
+        problems.append(f"start_time must be finite unix seconds, got {c.start_time!r}")
+    unknown = [e for e in c.excursions if e not in EXCURSIONS]
+    if unknown:
+        problems.append(f"unknown excursion(s) {unknown}; known: {', '.join(EXCURSIONS)}")
+    if len(set(c.excursions)) != len(c.excursions):
+        problems.append(f"excursions repeat a name: {list(c.excursions)}")
+    if "shifted_lot" in c.excursions and lots_ok and c.lots < 2:
+        problems.append("excursion shifted_lot needs lots >= 2 (the last lot is shifted against the others)")
+    if "drifting_site" in c.excursions and heads_ok and sites_ok and c.heads * c.sites < 2:
+        problems.append("excursion drifting_site needs at least 2 head/site positions to compare")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# The test program
+
+FACTORS = ("speed", "leakage", "temperature", "supply")
+NORMAL, LOGNORMAL, CODE = 0, 1, 2
+CODE_RANGE = (0.0, 31.0)         # a 5-bit trim code; codes 0 and 31 mean the trim ran out of range
+
+
+@dataclass(frozen=True)
+class _Family:
+    name: str
+    number: int
+    units: str
+    kind: int
+    levels: tuple[tuple[float, float], ...]   # (center, spread) per instance, cycled; log-space spread for LOGNORMAL
+    loadings: tuple[float, float, float, float]
+    low_z: float | str | None                 # None: no limit; TYPICAL: 6..8 sigma from the centre
+    high_z: float | str | None
+    hard_bin: int
+    soft_bin: int
+    weight: int                               # share of the test program
+    defect_sign: int                          # direction a gross defect pushes readings (0: either)
+    per_pin: bool = False                     # one multi-pin test (STDF MPR): shared number, one column per pin
+
+
+TYPICAL = "typical"
+# Flow order of a wafer-sort program: continuity, DC, supply currents, leakage, speed, analog.
+FAMILIES = (
+    _Family("CONT", 1000, "V", NORMAL, ((-0.62, 0.012),), (0, 0, -0.3, 0), TYPICAL, TYPICAL, 2, 201, 5, 0, True),
+    _Family("VREG", 2000, "V", NORMAL, ((0.9, 0.0045), (1.2, 0.006), (1.8, 0.009), (3.3, 0.015)),
+            (0, 0, 0.1, 0.6), TYPICAL, TYPICAL, 3, 301, 2, 0),
+    _Family("VBG", 2100, "V", NORMAL, ((1.2, 0.003),), (0, 0, 0.45, 0.1), TYPICAL, TYPICAL, 3, 302, 2, 0),
+    _Family("VOS", 2200, "mV", NORMAL, ((0.0, 0.8),), (0.1, 0, 0.1, 0), TYPICAL, TYPICAL, 3, 303, 3, 0),
+    _Family("IDD_ACT", 3000, "mA", NORMAL, ((45.0, 2.5), (18.0, 1.0), (7.5, 0.45)),
+            (0.7, 0.2, 0.2, 0.3), TYPICAL, TYPICAL, 4, 401, 3, 1),
+    _Family("IDD_STBY", 3100, "uA", LOGNORMAL, ((120.0, 0.2),), (0.3, 0.75, 0.3, 0), None, 4.5, 4, 402, 2, 1),
+    _Family("IDDQ", 3200, "uA", LOGNORMAL, ((2.0, 0.35), (5.0, 0.3)), (0.3, 0.85, 0.2, 0), None, 4.0, 5, 501, 3, 1),
+    _Family("ILEAK", 3300, "nA", LOGNORMAL, ((1.5, 0.5),), (0, 0.6, 0.2, 0), None, 4.5, 5, 502, 6, 1, True),
+    _Family("FMAX", 4000, "MHz", NORMAL, ((1200.0, 40.0), (800.0, 25.0)), (0.85, 0, -0.2, 0.3), -3.1, None,
+            6, 601, 2, -1),
+    _Family("RO_FREQ", 4100, "MHz", NORMAL, ((350.0, 8.0), (520.0, 12.0)), (0.9, 0, -0.15, 0.1),
+            TYPICAL, TYPICAL, 6, 602, 3, -1),
+    _Family("TPD", 4200, "ns", NORMAL, ((1.8, 0.06), (2.4, 0.08)), (-0.75, 0, 0.2, -0.25), TYPICAL, 3.8,
+            6, 603, 3, 1),
+    _Family("TSU", 4300, "ns", NORMAL, ((0.35, 0.02),), (-0.5, 0, 0.15, 0), TYPICAL, TYPICAL, 6, 604, 2, 1),
+    _Family("TSENSE", 5000, "degC", NORMAL, ((30.0, 0.8),), (0, 0, 0.9, 0), TYPICAL, TYPICAL, 7, 701, 1, 0),
+    _Family("ADC_INL", 5100, "LSB", NORMAL, ((0.6, 0.12),), (0, 0, 0.1, 0.1), TYPICAL, TYPICAL, 7, 702, 2, 1),
+    _Family("ADC_DNL", 5200, "LSB", NORMAL, ((0.35, 0.07),), (0, 0, 0.1, 0.1), TYPICAL, TYPICAL, 7, 703, 2, 1),
+    _Family("BG_TRIM", 5300, "code", CODE, ((16.0, 2.2),), (0.3, 0, 0, 0), None, None, 7, 704, 1, 0),
+)
+# Which families a short program keeps first (the ones the models and the tests lean on).
+FAMILY_PRIORITY = ("FMAX", "IDD_ACT", "IDDQ", "VREG", "TPD", "ILEAK", "RO_FREQ", "VOS",
+                   "CONT", "IDD_STBY", "VBG", "TSU", "TSENSE", "ADC_INL", "ADC_DNL", "BG_TRIM")
+
+
+@dataclass
+class _Program:
+    """The test program as arrays, one entry per test column (catalog order)."""
+
+    meta: list[TestMeta]
+    family: np.ndarray        # index into FAMILIES
+    kind: np.ndarray
+    center: np.ndarray
+    spread: np.ndarray
+    loadings: np.ndarray      # (4, tests) float32
+    unique: np.ndarray        # (tests,) float32: sd of the test's own noise
+    low_z: np.ndarray         # -inf where there is no low limit
+    high_z: np.ndarray
+    low: np.ndarray           # physical limits, -inf/inf where absent
+    high: np.ndarray
+    hard_bin: np.ndarray
+    soft_bin: np.ndarray
+    defect_sign: np.ndarray
+
+    @property
+    def columns(self) -> list[str]:
+        return [m.column for m in self.meta]
+
+    def to_physical(self, z: np.ndarray) -> np.ndarray:
+        """Standardized values -> readings in units (float32, in place where possible)."""
+        out = np.empty_like(z)
+        for kind in (NORMAL, LOGNORMAL, CODE):
+            cols = np.flatnonzero(self.kind == kind)
+            if not cols.size:
+                continue
+            zc, center, spread = z[:, cols], self.center[cols], self.spread[cols]
+            if kind == NORMAL:
+                out[:, cols] = center + spread * zc
+            elif kind == LOGNORMAL:
+                out[:, cols] = center * np.exp(spread * zc)
+            else:
+                out[:, cols] = np.clip(np.rint(center + spread * zc), *CODE_RANGE)
+        return out
+
+    def physical_limit(self, z_limit: np.ndarray) -> np.ndarray:
+        """Limits in units; an absent limit (+/-inf) stays infinite."""
+        center, spread = self.center.astype(float), self.spread.astype(float)
+        with np.errstate(over="ignore"):
+            value = np.where(self.kind == LOGNORMAL, center * np.exp(spread * z_limit), center + spread * z_limit)
+        return np.where(np.isfinite(z_limit), value, z_limit)
+
+
+def _family_counts(tests: int) -> list[int]:
+    """How many tests each family gets: proportional to weight, at least one each when there is room."""
+    if tests < len(FAMILIES):
+        keep = set(FAMILY_PRIORITY[:tests])
+        return [int(f.name in keep) for f in FAMILIES]
+    weights = np.array([f.weight for f in FAMILIES], float)
+    share = (tests - len(FAMILIES)) * weights / weights.sum()
+    counts = 1 + np.floor(share).astype(int)
+    remainder_order = np.argsort(-(share - np.floor(share)), kind="stable")
+    counts[remainder_order[: tests - counts.sum()]] += 1
+    return counts.tolist()
+
+
+def _program(tests: int) -> _Program:
+    rng = np.random.default_rng(CATALOG_SEED)
+    rows = []
+    for fam_index, (family, count) in enumerate(zip(FAMILIES, _family_counts(tests))):
+        for i in range(count):
+            center, spread = family.levels[i % len(family.levels)]
+            low_z = -rng.uniform(6.0, 8.0) if family.low_z == TYPICAL else family.low_z
+            high_z = rng.uniform(6.0, 8.0) if family.high_z == TYPICAL else family.high_z
+            if family.kind == CODE:   # limits sit between codes: 0 and 31 fail
+                low_z, high_z = (1 - center) / spread, (30 - center) / spread
+            rows.append((fam_index, family, i, count, center, spread, low_z, high_z))
+    n = len(rows)
+    fam = np.array([r[0] for r in rows])
+    loadings = np.array([r[1].loadings for r in rows], np.float32).T
+    prog = _Program(
+        meta=[], family=fam,
+        kind=np.array([r[1].kind for r in rows]),
+        center=np.array([r[4] for r in rows], np.float32),
+        spread=np.array([r[5] for r in rows], np.float32),
+        loadings=loadings,
+        unique=np.sqrt(np.maximum(0.1, 1.0 - (loadings ** 2).sum(axis=0))).astype(np.float32),
+        low_z=np.array([-np.inf if r[6] is None else r[6] for r in rows]),
+        high_z=np.array([np.inf if r[7] is None else r[7] for r in rows]),
+        low=np.empty(n), high=np.empty(n),
+        hard_bin=np.array([r[1].hard_bin for r in rows], np.int32),
+        soft_bin=np.array([r[1].soft_bin for r in rows], np.int32),
+        defect_sign=np.array([r[1].defect_sign for r in rows]),
+    )
+    prog.low = _round_limit(prog.physical_limit(prog.low_z))
+    prog.high = _round_limit(prog.physical_limit(prog.high_z))
+    for j, (_, family, i, count, *_rest) in enumerate(rows):
+        if family.per_pin:
+            number, name, pin = family.number, family.name, f"P{i}"
+        else:
+            number, name, pin = family.number + i, family.name if count == 1 else f"{family.name}_{i}", None
+        low = float(prog.low[j]) if np.isfinite(prog.low[j]) else None
+        high = float(prog.high[j]) if np.isfinite(prog.high[j]) else None
+        prog.meta.append(TestMeta(column=test_column_name(number, name, pin), name=name, number=number,
+                                  units=family.units, low=low, high=high, pin=pin))
+    return prog
+
+
+def _round_limit(values: np.ndarray) -> np.ndarray:
+    """Limits as a test engineer writes them: 4 significant digits."""
+    return np.array([float(f"{v:.4g}") if np.isfinite(v) else v for v in values])
+
+
+def test_catalog(config: SynthConfig) -> list[TestMeta]:
+    """The test program of ``config``: names, numbers, units and limits, in column order."""
+    return list(_program(config.tests).meta)
+
+
+test_catalog.__test__ = False   # its name starts with "test": keep pytest from collecting it where imported
+
+
+# ----------------------------------------------------------------------------------------------
+# The floor: wafer layout, lots, per-floor random state and the excursion plan
+
+
+@dataclass
+class _Layout:
+    radius: float
+    x: np.ndarray             # die coordinates in probe order (serpentine rows)
+    y: np.ndarray
+    r: np.ndarray             # distance from the centre / radius, 0..1
+    lot_parts: list[int]
+    wafer_parts: list[list[int]]   # parts on each wafer of each lot (the last wafer may be partial)
+
+    @property
+    def dies(self) -> int:
+        return len(self.x)
+
+
+def _die_grid(radius: float) -> tuple[np.ndarray, np.ndarray]:
+    span = np.arange(-math.floor(radius), math.floor(radius) + 1)
+    xs, ys = [], []
+    for row, y in enumerate(span[::-1]):
+        xrow = span[span ** 2 + y ** 2 <= radius ** 2]
+        xs.append(xrow if row % 2 == 0 else xrow[::-1])
+        ys.append(np.full(len(xrow), y))
+    return np.concatenate(xs).astype(np.int32), np.concatenate(ys).astype(np.int32)
+
+
+def _dies_within(radius: float) -> int:
+    span = np.arange(-math.floor(radius), math.floor(radius) + 1)
+    return int(((span[:, None] ** 2 + span[None, :] ** 2) <= radius ** 2).sum())
+
+
+def _layout(config: SynthConfig) -> _Layout:
+    base, extra = divmod(config.parts, config.lots)
+    lot_parts = [base + (i < extra) for i in range(config.lots)]
+    largest = max(lot_parts)
+    if config.die_radius is not None:
+        radius = float(config.die_radius)
+        if config.wafers_per_lot is not None and config.wafers_per_lot * _dies_within(radius) < largest:
+            raise SynthConfigError(
+                f"invalid synthetic config: {config.wafers_per_lot} wafers of {_dies_within(radius)} dies "
+                f"(die_radius {radius}) cannot hold {largest} parts per lot")
+    else:
+        wafers = config.wafers_per_lot or MAX_WAFERS_PER_LOT
+        needed = math.ceil(largest / wafers)
+        radius = max(MIN_DIE_RADIUS, math.floor(math.sqrt(needed / math.pi)) - 1.0)
+        while _dies_within(radius) < needed:
+            radius += 0.25
+    x, y = _die_grid(radius)
+    if config.heads * config.sites > len(x):
+        raise SynthConfigError(f"invalid synthetic config: {config.heads * config.sites} head/site positions "
+                               f"exceed the {len(x)} dies of a wafer")
+    wafer_parts = [[min(len(x), n - w * len(x)) for w in range(math.ceil(n / len(x)))] for n in lot_parts]
+    return _Layout(radius, x, y, np.sqrt(x ** 2.0 + y ** 2.0) / radius, lot_parts, wafer_parts)
+
+
+def _stream(seed: int, tag: int, a: int = 0, b: int = 0) -> np.random.Generator:
+    """Independent random stream per (seed, purpose, lot, wafer); fixed key length avoids collisions."""
+    return np.random.default_rng(np.random.SeedSequence([seed, tag, a, b]))
+
+
+FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN = range(6)
+
+
+@dataclass
+class _LatentCluster:
+    """Latent outliers on one wafer of the first lot."""
+
+    wafer: int
+    center: tuple[float, float]
+    rows: np.ndarray          # die rows (probe order) on that wafer
+
+
+@dataclass
+class _Plan:
+    drift_head: int = 0
+    drift_site: int = 0
+    drift_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
+    drift_sign: np.ndarray = field(default_factory=lambda: np.empty(0))
+    shift_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
+    shift_sigma: np.ndarray = field(default_factory=lambda: np.empty(0))
+    latent_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
+    latent_sign: np.ndarray = field(default_factory=lambda: np.empty(0))
+    latent_clusters: list[_LatentCluster] = field(default_factory=list)
+
+
+@dataclass
+class _Block:
+    """Rows of the table as arrays: identity and label columns plus the readings matrix."""
+
+    columns: dict[str, np.ndarray]
+    readings: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.readings)
+
+    def rows(self, start: int, stop: int | None = None) -> "_Block":
+        return _Block({k: v[start:stop] for k, v in self.columns.items()}, self.readings[start:stop])
+
+    @staticmethod
+    def concat(blocks: list["_Block"]) -> "_Block":
+        if len(blocks) == 1:
+            return blocks[0]
+        return _Block({k: np.concatenate([b.columns[k] for b in blocks]) for k in blocks[0].columns},
+                      np.concatenate([b.readings for b in blocks]))
+
+    def frame(self, test_columns: list[str]) -> pd.DataFrame:
+        head = pd.DataFrame(self.columns)
+        tests = pd.DataFrame(self.readings, columns=test_columns, copy=False)
+        return pd.concat([head, tests], axis=1)
+
+
+@dataclass
+class _Lot:
+    name: str
+    position: int             # in this file: 0 is the first lot
+    number: int               # first_lot_index + position: keys the lot's random streams
+    speed: float              # process speed offset of the whole lot
+    offset: np.ndarray        # small per-test lot-to-lot offsets (z units)
+    tester: str
+    probe_card: str
+
+    @classmethod
+    def draw(cls, config: SynthConfig, position: int, name: str) -> "_Lot":
+        number = config.first_lot_index + position
+        rng = _stream(config.seed, LOT, number)
+        return cls(name, position, number, float(rng.normal(0.0, 0.3)),
+                   rng.normal(0.0, 0.1, config.tests).astype(np.float32),
+                   f"93K-{int(rng.integers(1, 40)):02d}", f"PC-{int(rng.integers(100, 999)):03d}")
+
+
+class _Floor:
+    """Everything fixed for one config; ``blocks()`` produces the table wafer by wafer."""
+
+    def __init__(self, config: SynthConfig):
+        self.config = config
+        self.program = _program(config.tests)
+        self.layout = _layout(config)
+        self.lots = config.lot_names()
+        tests = config.tests
+        rng = _stream(config.seed, FLOOR)
+        self.site_offset = rng.normal(0.0, 0.2, (config.heads * config.sites, tests)).astype(np.float32)
+        drifts = rng.random(tests) < 0.4
+        self.drift_coef = (drifts * rng.normal(0.0, 0.35, tests)).astype(np.float32)
+        self.touchdown = np.arange(self.layout.dies) // config.sites
+        self.head = (1 + self.touchdown % config.heads).astype(np.int32)
+        self.site = (np.arange(self.layout.dies) % config.sites).astype(np.int32)
+        self.plan = self._plan()
+
+    def _plan(self) -> _Plan:
+        c, prog, plan = self.config, self.program, _Plan()
+        # Excursions go on tests with wide two-sided limits, so they move distributions without turning
+        # into limit failures (a yield crash would be a different, louder excursion).
+        wide = np.flatnonzero((prog.kind == NORMAL) & (np.minimum(-prog.low_z, prog.high_z) >= 6.0))
+        if "drifting_site" in c.excursions:
+            rng = _stream(c.seed, DRIFT_PLAN)
+            position = int(rng.integers(c.heads * c.sites))
+            plan.drift_head, plan.drift_site = 1 + position // c.sites, position % c.sites
+            plan.drift_tests = np.sort(rng.choice(wide, _clamp(round(0.02 * c.tests), 2, 8), replace=False))
+            plan.drift_sign = rng.choice([-1.0, 1.0], len(plan.drift_tests))
+        if "shifted_lot" in c.excursions:
+            rng = _stream(c.seed, SHIFT_PLAN)
+            plan.shift_tests = np.sort(rng.choice(wide, _clamp(round(0.05 * c.tests), 2, 20), replace=False))
+            plan.shift_sigma = LOT_SHIFT_SIGMA * rng.choice([-1.0, 1.0], len(plan.shift_tests))
+        if "latent_outliers" in c.excursions:
+            rng = _stream(c.seed, LATENT_PLAN)
+            count = min(len(wide), max(3, round(LATENT_TEST_SHARE * c.tests)))
+            plan.latent_tests = np.sort(rng.choice(wide, count, replace=False))
+            plan.latent_sign = rng.choice([-1.0, 1.0], len(plan.latent_tests))
+            plan.latent_clusters = self._latent_clusters(rng)
+        return plan
+
+    def _latent_clusters(self, rng: np.random.Generator) -> list[_LatentCluster]:
+        """Clusters of nearby dies on a few wafers of the first lot, before any site drift starts."""
+        c, layout = self.config, self.layout
+        total = max(1, round(c.latent_outlier_fraction * c.parts))
+        cutoff = DRIFT_ONSET * layout.lot_parts[0] if "drifting_site" in c.excursions else layout.lot_parts[0]
+        eligible = []   # (wafer, dies on it before the cutoff)
+        for wafer, n in enumerate(layout.wafer_parts[0]):
+            before = int(min(n, max(0, math.ceil(cutoff) - wafer * layout.dies)))
+            if before:
+                eligible.append((wafer, before))
+        capacity = [max(1, int(LATENT_MAX_WAFER_SHARE * n)) for _, n in eligible]
+        if sum(capacity) < total:
+            raise SynthConfigError(
+                f"invalid synthetic config: {total} latent outliers do not fit in clusters of at most "
+                f"{LATENT_MAX_WAFER_SHARE:.0%} of the {sum(n for _, n in eligible)} eligible dies of lot "
+                f"{self.lots[0]}; lower latent_outlier_fraction or add parts")
+        # Spread over at least 3 wafers where possible, dealing dies round-robin within each wafer's room.
+        order = rng.permutation(len(eligible))
+        room = np.array(capacity)[order]
+        wanted = min(len(eligible), total, max(3, math.ceil(total / max(capacity))))
+        room = room[:max(wanted, int(np.searchsorted(np.cumsum(room), total)) + 1)]
+        counts = np.zeros(len(room), int)
+        while counts.sum() < total:
+            open_ = np.flatnonzero(counts < room)[: total - counts.sum()]
+            counts[open_] += 1
+        clusters = []
+        for index, take in zip(order, counts):
+            wafer, before = eligible[index]
+            radius = rng.uniform(0.3, 0.7) * layout.radius
+            angle = rng.uniform(0, 2 * math.pi)
+            center = (radius * math.cos(angle), radius * math.sin(angle))
+            distance = (layout.x[:before] - center[0]) ** 2 + (layout.y[:before] - center[1]) ** 2
+            clusters.append(_LatentCluster(wafer, center, np.sort(np.argsort(distance, kind="stable")[:take])))
+        return sorted(clusters, key=lambda cl: cl.wafer)
+
+    def blocks(self) -> Iterator[_Block]:
+        clock = float(self.config.start_time)
+        for position, name in enumerate(self.lots):
+            lot = _Lot.draw(self.config, position, name)
+            first_part = 0
+            for wafer, n in enumerate(self.layout.wafer_parts[position]):
+                block, clock = self._wafer(lot, wafer, n, first_part, clock + WAFER_LOAD_S)
+                first_part += n
+                yield block
+            clock += LOT_CHANGE_S
+
+    def _wafer(self, lot: _Lot, wafer: int, n: int, first_part: int, clock: float) -> tuple[_Block, float]:
+        c, prog, layout = self.config, self.program, self.layout
+        rng = _stream(c.seed, WAFER, lot.number, wafer)
+        x, y, r = layout.x[:n], layout.y[:n], layout.r[:n].astype(np.float32)
+        head, site, touchdown = self.head[:n], self.site[:n], self.touchdown[:n]
+        position = (first_part + np.arange(n)) / layout.lot_parts[lot.position]
+
+        # Tester time: a touchdown lasts as long as its slowest site, then the prober steps.
+        test_time = ((30.0 + 1.1 * c.tests) * (1.0 + 0.03 * rng.standard_normal(n))).astype(np.float32)
+        starts = np.flatnonzero(np.r_[True, touchdown[1:] != touchdown[:-1]])
+        touchdown_end = clock + np.cumsum(np.maximum.reduceat(test_time, starts) / 1000.0 + TOUCHDOWN_INDEX_S)
+        timestamp = touchdown_end[touchdown] + 0.001 * site
+        hours = (timestamp - c.start_time) / 3600.0
+
+        # Latent factors: process speed with lot/wafer offsets, bowl and tilt; leakage tied to speed
+        # plus an edge ring; temperature and supply shared in part by the parts of one touchdown.
+        tilt = rng.uniform(0, 2 * math.pi)
+        projected = (x * math.cos(tilt) + y * math.sin(tilt)) / layout.radius
+        speed = (lot.speed + rng.normal(0.0, 0.2) + rng.normal(0.0, 0.5) * (r ** 2 - 0.5)
+                 + rng.normal(0.0, 0.15) * projected + 0.85 * rng.standard_normal(n))
+        ring = rng.uniform(0.5, 1.5) * np.clip((r - 0.85) / 0.15, 0.0, None)
+        leakage = 0.5 * speed + 0.75 * rng.standard_normal(n) + ring
+        shared = rng.standard_normal((2, touchdown[-1] + 1))
+        temperature = 0.6 * shared[0][touchdown] + 0.8 * rng.standard_normal(n)
+        supply = 0.5 * shared[1][touchdown] + 0.85 * rng.standard_normal(n)
+        factors = np.stack([speed, leakage, temperature, supply], axis=1).astype(np.float32)
+
+        z = rng.standard_normal((n, c.tests), dtype=np.float32)
+        z *= prog.unique
+        z += factors @ prog.loadings
+        z += self.site_offset[(head - 1) * c.sites + site]
+        z += lot.offset
+        z += np.outer(_tester_drift(hours), self.drift_coef).astype(np.float32)
+
+        truth = np.full(n, "", dtype=object)
+        plan = self.plan
+        if plan.drift_tests.size and lot.position == 0:
+            rows = np.flatnonzero((head == plan.drift_head) & (site == plan.drift_site) & (position >= DRIFT_ONSET))
+            ramp = DRIFT_END_SIGMA * (position[rows] - DRIFT_ONSET) / (1.0 - DRIFT_ONSET)
+            z[np.ix_(rows, plan.drift_tests)] += np.outer(ramp, plan.drift_sign).astype(np.float32)
+            truth[rows] = "drifting_site"
+        if plan.shift_tests.size and lot.position == len(self.lots) - 1:
+            z[:, plan.shift_tests] += plan.shift_sigma.astype(np.float32)
+            truth[:] = "shifted_lot"
+        latent = np.zeros(n, bool)
+        for cluster in plan.latent_clusters:
+            if lot.position == 0 and cluster.wafer == wafer:
+                latent[cluster.rows] = True
+        latent_rows = np.flatnonzero(latent)
+        if latent_rows.size:
+            magnitude = rng.uniform(*LATENT_SHIFT_SIGMA, latent_rows.size)
+            z[np.ix_(latent_rows, plan.latent_tests)] += np.outer(magnitude, plan.latent_sign).astype(np.float32)
+            truth[latent_rows] = "latent_outliers"
+
+        self._gross_defects(rng, z, r, latent)
+        if latent_rows.size:   # a latent outlier passes every limit: that is what makes it latent
+            z[latent_rows] = np.clip(z[latent_rows], prog.low_z + LATENT_LIMIT_MARGIN,
+                                     prog.high_z - LATENT_LIMIT_MARGIN)
+
+        readings = prog.to_physical(z)
+        del z
+        if c.missing_fraction:
+            cells = rng.integers(0, n * c.tests, rng.binomial(n * c.tests, c.missing_fraction))
+            cells = cells[~latent[cells // c.tests]]
+            readings.reshape(-1)[cells] = np.nan
+        failed = (readings < prog.low) | (readings > prog.high)
+        passed = ~failed.any(axis=1)
+        first_fail = failed.argmax(axis=1)
+        hard_bin = np.where(passed, PASS_BIN, prog.hard_bin[first_fail]).astype(np.int32)
+        soft_bin = np.where(passed, PASS_BIN, prog.soft_bin[first_fail]).astype(np.int32)
+        final_pass = passed & (rng.random(n) >= _downstream_fail_probability(speed, leakage, latent))
+
+        columns = {
+            "lot": np.full(n, lot.name, dtype=object),
+            "wafer": np.full(n, f"W{wafer + 1:02d}", dtype=object),
+            "x": x, "y": y, "head": head, "site": site,
+            "part_id": np.array([f"{lot.name}-{first_part + i + 1:07d}" for i in range(n)], dtype=object),
+            "test_time_ms": test_time.astype(np.float64),
+            "timestamp": timestamp,
+            "hard_bin": hard_bin, "soft_bin": soft_bin, "passed": passed,
+            "tester": np.full(n, lot.tester, dtype=object),
+            "job": np.full(n, f"{c.lot_prefix}_SORT1_REV3", dtype=object),
+            "probe_card": np.full(n, lot.probe_card, dtype=object),
+            "final_pass": final_pass.astype(np.int8),
+            "truth_excursion": truth,
+        }
+        return _Block(columns, readings), float(touchdown_end[-1])
+
+    def _gross_defects(self, rng: np.random.Generator, z: np.ndarray, r: np.ndarray, latent: np.ndarray) -> None:
+        """Opens, shorts and dead blocks: a few tests of one family far outside their limits."""
+        c, prog = self.config, self.program
+        chance = c.defect_fraction * np.where(r > 0.9, 2.0, 1.0)
+        rows = np.flatnonzero((rng.random(len(z)) < chance) & ~latent)
+        if not rows.size:
+            return
+        families = np.unique(prog.family)
+        weights = np.array([FAMILIES[f].weight for f in families], float)
+        picked = rng.choice(families, rows.size, p=weights / weights.sum())
+        for row, family in zip(rows, picked):
+            members = np.flatnonzero(prog.family == family)
+            hit = rng.choice(members, min(len(members), int(rng.integers(1, 4))), replace=False)
+            sign = prog.defect_sign[hit]
+            sign = np.where(sign == 0, rng.choice([-1, 1], hit.size), sign)
+            z[row, hit] += sign * rng.uniform(10.0, 30.0, hit.size)
+
+    def truth(self, counts: dict[str, int], latent_ids: list[str]) -> dict:
+        c, plan, cols = self.config, self.plan, self.program.columns
+        spread = {cols[j]: float(self.program.spread[j]) for j in range(len(cols))}
+        excursions = []
+        if plan.drift_tests.size:
+            excursions.append({
+                "kind": "drifting_site", "lot": self.lots[0], "head": plan.drift_head, "site": plan.drift_site,
+                "tests": [cols[j] for j in plan.drift_tests],
+                "direction": [float(s) for s in plan.drift_sign],
+                "onset_fraction_of_lot": DRIFT_ONSET, "sigma_at_lot_end": DRIFT_END_SIGMA,
+                "sigma_units": {cols[j]: spread[cols[j]] for j in plan.drift_tests},
+                "parts": counts.get("drifting_site", 0)})
+        if plan.shift_tests.size:
+            excursions.append({
+                "kind": "shifted_lot", "lot": self.lots[-1], "tests": [cols[j] for j in plan.shift_tests],
+                "shift_sigma": [float(s) for s in plan.shift_sigma],
+                "sigma_units": {cols[j]: spread[cols[j]] for j in plan.shift_tests},
+                "parts": counts.get("shifted_lot", 0)})
+        if plan.latent_clusters:
+            excursions.append({
+                "kind": "latent_outliers", "lot": self.lots[0],
+                "tests": [cols[j] for j in plan.latent_tests],
+                "direction": [float(s) for s in plan.latent_sign],
+                "shift_sigma_range": list(LATENT_SHIFT_SIGMA), "limit_margin_sigma": LATENT_LIMIT_MARGIN,
+                "clusters": [{"wafer": f"W{cl.wafer + 1:02d}", "center_xy": [round(v, 2) for v in cl.center],
+                              "parts": int(cl.rows.size)} for cl in plan.latent_clusters],
+                "parts": counts.get("latent_outliers", 0), "part_ids": latent_ids})
+        return {"generator": "trainer.synth", "seed": c.seed, "config": asdict(c),
+                "derived": {"die_radius": self.layout.radius, "dies_per_wafer": self.layout.dies,
+                            "wafers_per_lot": [len(w) for w in self.layout.wafer_parts]},
+                "lots": self.lots, "excursions": excursions}
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def _tester_drift(hours: np.ndarray) -> np.ndarray:
+    """Slow tester drift in sigma: a settling warm-up plus a daily ambient cycle, bounded by 1."""
+    return 0.6 * (1.0 - np.exp(-hours / 6.0)) + 0.4 * np.sin(2 * math.pi * hours / 24.0)
+
+
+def _downstream_fail_probability(speed: np.ndarray, leakage: np.ndarray, latent: np.ndarray) -> np.ndarray:
+    """Chance a part that passed here fails final test: latent defects and extreme-tail parts are at risk."""
+    def sigmoid(v):
+        return 1.0 / (1.0 + np.exp(-v))
+    return 0.002 + 0.45 * latent + 0.5 * sigmoid(2.5 * (leakage - 2.8)) + 0.4 * sigmoid(2.5 * (-speed - 2.8))
+
+
+def _rechunk(blocks: Iterator[_Block], chunk_parts: int) -> Iterator[_Block]:
+    pending: list[_Block] = []
+    rows = 0
+    for block in blocks:
+        pending.append(block)
+        rows += len(block)
+        while rows >= chunk_parts:
+            merged = _Block.concat(pending)
+            yield merged.rows(0, chunk_parts)
+            rest = merged.rows(chunk_parts)
+            pending, rows = ([rest], len(rest)) if len(rest) else ([], 0)
+    if rows:
+        yield _Block.concat(pending)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def generate(config: SynthConfig, chunk_parts: int = 100_000) -> Iterator[pd.DataFrame]:
+    """The table in chunks of ``chunk_parts`` rows (the last may be shorter); same data for any chunk size."""
+    _check_chunk_parts(chunk_parts)
+    return _frames(_Floor(config), chunk_parts)
+
+
+def _check_chunk_parts(chunk_parts: int) -> None:
+    if isinstance(chunk_parts, bool) or not isinstance(chunk_parts, int) or chunk_parts < 1:
+        raise SynthConfigError(f"chunk_parts must be a positive integer, got {chunk_parts!r}")
+
+
+def _frames(floor: _Floor, chunk_parts: int) -> Iterator[pd.DataFrame]:
+    columns = floor.program.columns
+    for block in _rechunk(floor.blocks(), chunk_parts):
+        yield block.frame(columns)
+
+
+@dataclass
+class SynthSummary:
+    path: str
+    truth_path: str
+    parts: int
+    tests: int
+    lots: list[str]
+    fail_rate: float
+    final_fail_rate: float
+    excursion_parts: dict[str, int]
+    seconds: float
+    bytes: int
+
+    def describe(self) -> str:
+        excursions = ", ".join(f"{k} {v:,} parts" for k, v in self.excursion_parts.items()) or "none"
+        return (f"{self.path}: {self.parts:,} parts x {self.tests} tests in {len(self.lots)} lot(s) "
+                f"({', '.join(self.lots)}), {self.bytes / 1e6:,.1f} MB in {self.seconds:.1f} s\n"
+                f"  fail rate {self.fail_rate:.2%} (limits), {self.final_fail_rate:.2%} (final test label)\n"
+                f"  excursions: {excursions}\n"
+                f"  ground truth: {self.truth_path}")
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def write(config: SynthConfig, path: str | os.PathLike, chunk_parts: int = 100_000) -> SynthSummary:
+    """Write the table to ``path`` (.parquet or .csv) and its ground truth to ``<path>.truth.json``."""
+    start = time.perf_counter()
+    _check_chunk_parts(chunk_parts)
+    out = Path(path)
+    suffix = out.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise DataError("cannot write a synthetic table in this format", file=str(out),
+                        expected=".parquet or .csv", got=suffix or "no suffix")
+    floor = _Floor(config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    tally = _Tally()
+    frames = (tally.add(frame) for frame in _frames(floor, chunk_parts))
+    try:
+        (_write_parquet if suffix == ".parquet" else _write_csv)(frames, floor.program.meta, partial)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    truth_path = Path(f"{out}.truth.json")
+    truth_path.write_text(json.dumps(floor.truth(tally.excursions, tally.latent_ids), indent=1))
+    return SynthSummary(path=str(out), truth_path=str(truth_path), parts=tally.parts, tests=config.tests,
+                        lots=floor.lots, fail_rate=tally.failed / max(1, tally.parts),
+                        final_fail_rate=tally.final_failed / max(1, tally.parts),
+                        excursion_parts=dict(tally.excursions), seconds=time.perf_counter() - start,
+                        bytes=out.stat().st_size)
+
+
+@dataclass
+class _Tally:
+    parts: int = 0
+    failed: int = 0
+    final_failed: int = 0
+    excursions: dict[str, int] = field(default_factory=dict)
+    latent_ids: list[str] = field(default_factory=list)
+
+    def add(self, frame: pd.DataFrame) -> pd.DataFrame:
+        self.parts += len(frame)
+        self.failed += int((~frame["passed"]).sum())
+        self.final_failed += int((frame["final_pass"] == 0).sum())
+        truth = frame["truth_excursion"]
+        for kind, count in truth[truth != ""].value_counts().items():
+            self.excursions[kind] = self.excursions.get(kind, 0) + int(count)
+        self.latent_ids.extend(frame.loc[truth == "latent_outliers", "part_id"].tolist())
+        return frame
+
+
+def _write_parquet(frames: Iterator[pd.DataFrame], tests: list[TestMeta], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for frame in frames:
+            if writer is None:
+                schema = pa.Schema.from_pandas(frame, preserve_index=False)
+                schema = schema.with_metadata({**(schema.metadata or {}),
+                                               PARQUET_METADATA_KEY: ParametricTable(frame, tests).tests_json()})
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(pa.Table.from_pandas(frame, schema=writer.schema, preserve_index=False))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _write_csv(frames: Iterator[pd.DataFrame], tests: list[TestMeta], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        for index, frame in enumerate(frames):
+            if index == 0:
+                _write_csv_header(handle, list(frame.columns), tests)
+            frame.to_csv(handle, header=False, index=False, na_rep="", lineterminator="\n")
+
+
+def _write_csv_header(handle, columns: list[str], tests: list[TestMeta]) -> None:
+    """Header row plus the #test_number/#units/#low_limit/#high_limit rows of docs formats.md."""
+    by_column = {t.column: t for t in tests}
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(columns)
+    for tag, value in (("#test_number", lambda t: t.number), ("#units", lambda t: t.units),
+                       ("#low_limit", lambda t: t.low), ("#high_limit", lambda t: t.high)):
+        row = ["" if c not in by_column or value(by_column[c]) is None else value(by_column[c]) for c in columns]
+        row[0] = tag
+        writer.writerow(row)
