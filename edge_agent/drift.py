@@ -13,6 +13,7 @@ only copies the counts (``ClosedWindow``); ``ClosedWindow.to_payload`` builds th
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -236,7 +237,8 @@ class DriftReference:
                    expected_outlier_rate=float(score["outlier_rate"]), score_center=center,
                    score_scale=spread if spread > 0 else 1.0)
 
-    def to_wire(self) -> dict:
+    @functools.cached_property
+    def wire(self) -> dict:
         """The reference as the stats message carries it (so the collector needs no model registry)."""
         t = self.n_tests
         return {"rows": self.rows,
@@ -290,7 +292,7 @@ class ClosedWindow:
             "columns": list(ref.columns),
             "bins": ref.bins,
             "expected_outlier_rate": ref.expected_outlier_rate,
-            "reference": ref.to_wire(),
+            "reference": ref.wire,
             "sites": [self._site_payload(site, t, bins) for site in self.sites],
         }
 
@@ -304,7 +306,7 @@ class ClosedWindow:
             "head": site.head, "site": site.site, "parts": parts, "outliers": outliers,
             "outlier_rate": outliers / parts if parts else None,
             "missing": site.counts[:t, -1].tolist(),
-            "counts": [binned[i, :bins[i]].tolist() for i in range(t)],
+            "counts": [counts[:n] for counts, n in zip(binned[:t].tolist(), bins.tolist())],
             "psi": _floats(test_psi),
             "js": _floats(js_distance(binned[:t], ref.proportions[:t])),
             "ks": _floats(ks_statistic(binned[:t], ref.proportions[:t])),

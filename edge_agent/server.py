@@ -123,8 +123,6 @@ class Agent:
         poller.register(wake, zmq.POLLIN)
         deadline = None
         while True:
-            if self._stop_requested:
-                return
             if self._stop_requested and deadline is None:
                 self.draining = True
                 deadline = time.monotonic() + self.config.shutdown_timeout_s

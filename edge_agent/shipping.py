@@ -100,10 +100,12 @@ class DiskSpool:
         A message larger than ``max_bytes`` on its own is still kept (after dropping every older one).
         """
         seq = self.last_seq + 1
-        doomed = self._oldest_to_drop(len(encode({**message, "seq": seq, "spool": self.loss(unspooled_lost)})))
-        for old in doomed:
-            self._record_drop(old)
         data = encode({**message, "seq": seq, "spool": self.loss(unspooled_lost)})
+        doomed = self._oldest_to_drop(len(data))
+        if doomed:                    # the message must carry the loss it causes
+            for old in doomed:
+                self._record_drop(old)
+            data = encode({**message, "seq": seq, "spool": self.loss(unspooled_lost)})
         _atomic_write(self._path(seq), data)
         self.last_seq = seq
         self._save_state()            # after the message: a crash in between is repaired by _recover
@@ -228,7 +230,8 @@ class Shipper:
         self._thread = threading.Thread(target=self._run, name="edge-agent-shipper", daemon=True)
         # Read by status() from other threads: plain ints and floats, written by the shipper thread only.
         self.submitted = 0
-        self.not_queued = 0           # submit() found the queue full: windows lost before they had a seq
+        self.queue_full = 0           # windows lost before they had a seq: written by submit()'s thread ...
+        self.spool_failed = 0         # ... and by the shipper thread (each counter has one writer)
         self.acked = 0
         self.resends = 0
         self.last_ack_at: float | None = None
@@ -243,9 +246,9 @@ class Shipper:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
-            self.not_queued += 1
-            log.error("shipper queue full (%d): a drift window was lost before it was spooled (%d so far)",
-                      self._queue.maxsize, self.not_queued)
+            self.queue_full += 1
+            log.error("shipper queue full (%d): a drift window was lost before it was spooled (%d so far, "
+                      "reported upstream)", self._queue.maxsize, self.unspooled_lost)
             return False
         self.submitted += 1
         return True
@@ -257,10 +260,14 @@ class Shipper:
         if self._thread.is_alive():
             self._thread.join(timeout_s + 5.0)
 
+    @property
+    def unspooled_lost(self) -> int:
+        return self.queue_full + self.spool_failed
+
     def status(self) -> dict:
         return {"endpoint": self.endpoint, "agent_id": self.agent_id, "spooled": self.spool.pending,
                 "last_seq": self.spool.last_seq, "submitted": self.submitted, "acked": self.acked,
-                "resends": self.resends, "dropped_total": self.spool.dropped_total, "not_queued": self.not_queued,
+                "resends": self.resends, "dropped_total": self.spool.dropped_total, "unspooled_lost": self.unspooled_lost,
                 "last_ack_at": self.last_ack_at, "last_problem": self.last_problem}
 
     # ---- the thread ---------------------------------------------------------------------------------------
@@ -309,10 +316,12 @@ class Shipper:
             body = item if isinstance(item, dict) else item.to_payload()
             message = {"type": "stats", "v": VERSION, "agent_id": self.agent_id, "tester": self.tester, **body}
             try:
-                self.spool.append(message, self.not_queued)
+                self.spool.append(message, self.unspooled_lost)
             except OSError as error:
+                self.spool_failed += 1
                 self.last_problem = f"cannot spool a window: {error.strerror}"
-                log.error("spool %s: %s; the window is lost", self.spool.directory, self.last_problem)
+                log.error("spool %s: %s; the window is lost (reported upstream)", self.spool.directory,
+                          self.last_problem)
 
     def _connect(self, context: zmq.Context) -> zmq.Socket:
         socket = context.socket(zmq.DEALER)

@@ -3,7 +3,7 @@ synthetic parts instead of score requests (the agent's request path is not neede
 
     python tests/drift_feeder.py --manifest M.json --agent-id A --collector tcp://127.0.0.1:5560 --spool DIR
         --windows 5 --window-parts 400 [--sites 4] [--shift-test COLUMN --shift-site 2 --shift 1.5]
-        [--wait-acked-s 30]
+        [--wait-acked-s 30] [--pace-s 0.1]
 
 Readings are standard normal (the reference the tests build is too), scores normal(SCORE_MEAN, SCORE_SD).
 After the last window it spools every window and sends until the spool is empty or ``--wait-acked-s`` passed,
@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--score-shift", type=float, default=0.0, help="added to every score (outlier bursts)")
     parser.add_argument("--ack-timeout-s", type=float, default=1.0)
     parser.add_argument("--wait-acked-s", type=float, default=60.0)
+    parser.add_argument("--pace-s", type=float, default=0.0, help="pause after each window")
     args = parser.parse_args()
 
     manifest = json.loads(Path(args.manifest).read_text())
@@ -86,9 +88,10 @@ def main() -> int:
             window = monitor.maybe_close()
             if window is not None:
                 shipper.submit(window)
+        time.sleep(args.pace_s)
     shipper.stop(timeout_s=args.wait_acked_s)   # spools every window, then sends until acked or timed out
     print(json.dumps({"agent_id": args.agent_id, "last_seq": shipper.spool.last_seq,
-                      "pending": shipper.spool.pending, "acked": shipper.acked,
+                      "pending": shipper.spool.pending, "acked": shipper.acked, "resends": shipper.resends,
                       "dropped_total": shipper.spool.dropped_total}), flush=True)
     return 0
 

@@ -18,6 +18,7 @@ import bz2
 import gzip
 import lzma
 import math
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from .table import IDENTITY_COLUMNS, LABEL_COLUMNS, ParametricTable, TestMeta
 BYTE_ORDERS = {"<": 2, ">": 1}      # byte order -> FAR CPU_TYP
 MISSING_COORD = -32768
 _NO_SPEC = 0x02 | 0x04 | 0x08       # OPT_FLAG: reserved bit 1 set, no LO_SPEC, no HI_SPEC
+_PTR_GROUP, _MPR_GROUP = 0, 1
+ROWS_PER_BLOCK = 4096               # parts packed per compiled call (bounds the output buffer)
 
 
 @dataclass
@@ -130,33 +133,78 @@ def _prr(out, p, big, head, site, part_flg, num_test, hard, soft, x, y, test_t, 
 
 
 @nb.njit(cache=True)
-def _pack_parts(out, big, touchdowns, values, numbers, names, name_at, name_len, written, opts, low, high,
-                units, units_at, units_len, heads, sites, part_flg, hard, soft, xs, ys, test_t, ids, id_at,
-                id_len, results_written):
-    """PIRs, PTRs (test by test across the touchdown's sites) and PRRs of every touchdown; returns bytes used."""
+def _mpr(out, p, big, scratch, number, head, site, test_flg, results, names, name_at, name_len, full, opt, scale,
+         low, high, pmr, units, units_at, units_len):
+    """An MPR; the full form (first of its test) also carries RTN_INDX (PMR indexes), limits and units."""
+    start = p
+    k = len(results)
+    states = k if full else 0
+    p = _put_u32(out, p + 4, number, big)
+    out[p], out[p + 1], out[p + 2], out[p + 3] = head, site, test_flg, 0
+    p = _put_u16(out, p + 4, states, big)
+    p = _put_u16(out, p, k, big)
+    out[p:p + (states + 1) // 2] = 0                 # RTN_STAT
+    p += (states + 1) // 2
+    for i in range(k):
+        p = _put_r4(out, p, results[i], big, scratch)
+    p = _put_text(out, p, names, name_at, name_len)
+    if full:
+        out[p] = 0                                   # ALARM_ID
+        out[p + 1] = opt
+        out[p + 2] = out[p + 3] = out[p + 4] = scale & 255
+        p = _put_r4(out, p + 5, low, big, scratch)
+        p = _put_r4(out, p, high, big, scratch)
+        p = _put_r4(out, p, 0.0, big, scratch)       # START_IN
+        p = _put_r4(out, p, 0.0, big, scratch)       # INCR_IN
+        for i in range(k):
+            p = _put_u16(out, p, pmr[i], big)
+        p = _put_text(out, p, units, units_at, units_len)
+        out[p] = out[p + 1] = out[p + 2] = out[p + 3] = 0   # UNITS_IN C_RESFMT C_LLMFMT C_HLMFMT
+        p = _put_r4(out, p + 4, 0.0, big, scratch)   # LO_SPEC HI_SPEC (flagged absent)
+        p = _put_r4(out, p, 0.0, big, scratch)
+    return _close(out, start, p, 15, 15, big)
+
+
+@nb.njit(cache=True)
+def _pack_parts(out, big, touchdowns, values, kinds, numbers, names, name_at, name_len, written, opts, low, high,
+                units, units_at, units_len, member_at, members, pmr, heads, sites, part_flg, hard, soft, xs, ys,
+                test_t, ids, id_at, id_len, results_written):
+    """PIRs, PTR/MPRs (record group by group across the touchdown's sites) and PRRs; returns bytes used."""
     scratch = np.zeros(1, np.float32)
+    pin_values = np.empty(values.shape[1], np.float32)
     p = 0
-    n_tests = values.shape[1]
     for g in range(len(touchdowns) - 1):
         first, last = touchdowns[g], touchdowns[g + 1]
         for r in range(first, last):
             p = _pir(out, p, big, heads[r], sites[r])
         counts = np.zeros(last - first, np.int64)
-        for t in range(n_tests):
+        for t in range(len(kinds)):
+            a, b = member_at[t], member_at[t + 1]
             for r in range(first, last):
-                v = values[r, t]
-                if np.isnan(v):
+                present, failed = 0, False
+                for m in range(a, b):
+                    v = values[r, members[m]]
+                    pin_values[m - a] = v
+                    if not np.isnan(v):
+                        present += 1
+                        failed |= (not (opts[t] & 0x40) and v < low[t]) or (not (opts[t] & 0x80) and v > high[t])
+                if present == 0:
                     continue
-                failed = (not (opts[t] & 0x40) and v < low[t]) or (not (opts[t] & 0x80) and v > high[t])
-                p = _ptr(out, p, big, scratch, numbers[t], heads[r], sites[r], 0x80 if failed else 0, v, names,
-                         name_at[t], name_len[t], not written[t], opts[t], 0, low[t], high[t], units,
-                         units_at[t], units_len[t])
+                flag = 0x80 if failed else 0
+                if kinds[t] == _PTR_GROUP:
+                    p = _ptr(out, p, big, scratch, numbers[t], heads[r], sites[r], flag, pin_values[0], names,
+                             name_at[t], name_len[t], not written[t], opts[t], 0, low[t], high[t], units,
+                             units_at[t], units_len[t])
+                else:
+                    p = _mpr(out, p, big, scratch, numbers[t], heads[r], sites[r], flag, pin_values[:b - a], names,
+                             name_at[t], name_len[t], not written[t], opts[t], 0, low[t], high[t], pmr[a:b], units,
+                             units_at[t], units_len[t])
                 written[t] = True
                 counts[r - first] += 1
+                results_written[0] += present
         for r in range(first, last):
             p = _prr(out, p, big, heads[r], sites[r], part_flg[r], counts[r - first], hard[r], soft[r], xs[r],
                      ys[r], test_t[r], ids, id_at[r], id_len[r])
-            results_written[0] += counts[r - first]
     return p
 
 
@@ -272,17 +320,19 @@ class StdfWriter:
     def mpr(self, number: int, name: str, results: list[float], *, head: int = 1, site: int = 1,
             test_flg: int = 0, pin_indexes: list[int] | None = None, low: float | None = None,
             high: float | None = None, units: str = "", scale: int = 0) -> int:
-        """An MPR; with ``pin_indexes`` (PMR indexes) it also carries defaults (OPT_FLAG, limits, units)."""
-        payload = self.pack("IBBBBHH", number, head, site, test_flg, 0, len(pin_indexes or []), len(results))
-        payload += bytes((len(pin_indexes or []) + 1) // 2)                  # RTN_STAT, all 0
-        payload += b"".join(struct.pack(self.order + "f", r) for r in results)
-        payload += self.pack("C", name)
-        if pin_indexes is not None:
-            opt = _NO_SPEC | (0x40 if low is None else 0) | (0x80 if high is None else 0)
-            payload += self.pack("CBbbbffff", "", opt, scale, scale, scale, low or 0.0, high or 0.0, 0.0, 0.0)
-            payload += b"".join(struct.pack(self.order + "H", i) for i in pin_indexes)
-            payload += self.pack("CCCCCff", units, "", "", "", "", 0.0, 0.0)
-        return self.record(15, 15, payload)
+        """An MPR; with ``pin_indexes`` (PMR indexes, one per result) it also carries defaults (limits, units)."""
+        names, _, name_len = _pool([name])
+        unit_pool, _, units_len = _pool([units])
+        full = pin_indexes is not None
+        opt = _NO_SPEC | (0x40 if low is None else 0) | (0x80 if high is None else 0)
+        pmr = np.array(pin_indexes if full else [0] * len(results), np.int64)
+        out = np.zeros(96 + 6 * len(results) + int(name_len[0]) + int(units_len[0]), np.uint8)
+        offset = self.bytes
+        end = _mpr(out, 0, self.big, self._scratch, number, head, site, test_flg, np.array(results, np.float32),
+                   names, 0, int(name_len[0]), full, opt, scale, 0.0 if low is None else low,
+                   0.0 if high is None else high, pmr, unit_pool, 0, int(units_len[0]))
+        self.write_raw(out[:end].tobytes())
+        return offset
 
     def prr(self, head: int, site: int, *, hard_bin: int = 1, soft_bin: int = 1, x: int = MISSING_COORD,
             y: int = MISSING_COORD, part_id: str = "", passed: bool = True, num_test: int = 0, test_time_ms: int = 0,
@@ -309,8 +359,9 @@ class StdfWriter:
 # whole lots
 
 
-def _open_out(path: str) -> BinaryIO:
-    lower = path.lower()
+def _open_out(path: str, final_name: str) -> BinaryIO:
+    """``path`` opened for writing, compressed as the suffix of ``final_name`` says."""
+    lower = final_name.lower()
     if lower.endswith(".gz"):
         return gzip.open(path, "wb", compresslevel=6)
     if lower.endswith(".bz2"):
@@ -328,26 +379,76 @@ def _chunks(data) -> tuple[Iterable[pd.DataFrame], list[TestMeta] | None]:
     return data, None
 
 
+@dataclass
+class _RecordGroups:
+    """What one part's test records look like: each group is one PTR test or all pins of one MPR test."""
+
+    kinds: np.ndarray
+    numbers: np.ndarray
+    names: tuple[np.ndarray, np.ndarray, np.ndarray]
+    units: tuple[np.ndarray, np.ndarray, np.ndarray]
+    opts: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    member_at: np.ndarray      # group g's members are members[member_at[g]:member_at[g + 1]]
+    members: np.ndarray        # indexes into the test list (the columns of the values matrix)
+    pmr: np.ndarray            # per member: its PMR index (MPR pins)
+    pins: dict[str, int]       # pin name -> PMR index
+
+    @staticmethod
+    def of(tests: list[TestMeta]) -> "_RecordGroups":
+        """Pins of one test (number + name) become one MPR if they share limits and units (an MPR has one
+        set); otherwise each pin is a PTR named "name@pin", which reads back as the same column."""
+        by_test: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tests):
+            key = (t.number, t.name) if t.pin is not None else ("ptr", i)
+            by_test.setdefault(key, []).append(i)
+        groups: list[tuple[int, list[int], str]] = []
+        for key, indexes in by_test.items():
+            shared = {(tests[i].low, tests[i].high, tests[i].units) for i in indexes}
+            if key[0] != "ptr" and len(shared) == 1:
+                groups.append((_MPR_GROUP, indexes, tests[indexes[0]].name))
+            else:
+                groups += [(_PTR_GROUP, [i], tests[i].name if tests[i].pin is None
+                            else f"{tests[i].name}@{tests[i].pin}") for i in indexes]
+        pins: dict[str, int] = {}
+        pmr = np.zeros(len(tests), np.int64)
+        for kind, indexes, _ in groups:
+            if kind == _MPR_GROUP:
+                for i in indexes:
+                    pmr[i] = pins.setdefault(tests[i].pin, len(pins) + 1)
+        heads = [tests[indexes[0]] for _, indexes, _ in groups]
+        members = [i for _, indexes, _ in groups for i in indexes]
+        return _RecordGroups(
+            kinds=np.array([kind for kind, _, _ in groups], np.int64),
+            # STDF needs a test number: a test without one gets its position (1-based)
+            numbers=np.array([t.number if t.number is not None else indexes[0] + 1
+                              for t, (_, indexes, _) in zip(heads, groups)], np.int64),
+            names=_pool(name for _, _, name in groups), units=_pool(t.units for t in heads),
+            opts=np.array([_NO_SPEC | (0x40 if t.low is None else 0) | (0x80 if t.high is None else 0) for t in heads],
+                          np.uint8),
+            # an absent limit is written as 0.0 and flagged absent in OPT_FLAG
+            low=np.array([0.0 if t.low is None else t.low for t in heads], np.float64),
+            high=np.array([0.0 if t.high is None else t.high for t in heads], np.float64),
+            member_at=np.cumsum([0] + [len(indexes) for _, indexes, _ in groups]).astype(np.int64),
+            members=np.array(members, np.int64), pmr=pmr[members] if members else pmr, pins=pins)
+
+
 class _LotWriter:
     """State carried across chunks: which tests have had their defaults written, wafers, bins, part count."""
 
-    def __init__(self, writer: StdfWriter, tests: list[TestMeta], sites_per_touchdown: int):
+    def __init__(self, writer: StdfWriter, path: str, tests: list[TestMeta], sites_per_touchdown: int):
         self.w = writer
+        self.path = path
         self.tests = tests
+        self.groups = _RecordGroups.of(tests)
         self.sites_per_touchdown = sites_per_touchdown
-        self.numbers = np.array([t.number if t.number is not None else i + 1 for i, t in enumerate(tests)], np.int64)
-        self.names = _pool(t.name for t in tests)
-        self.units = _pool(t.units for t in tests)
-        # an absent limit is written as 0.0 and flagged absent in OPT_FLAG
-        self.low = np.array([0.0 if t.low is None else t.low for t in tests], np.float64)
-        self.high = np.array([0.0 if t.high is None else t.high for t in tests], np.float64)
-        self.opts = np.array([_NO_SPEC | (0x40 if t.low is None else 0) | (0x80 if t.high is None else 0)
-                              for t in tests], np.uint8)
-        self.written = np.zeros(len(tests), np.bool_)
+        self.written = np.zeros(len(self.groups.kinds), np.bool_)
         self.results = np.zeros(1, np.int64)
+        self.lot: str | None = None
         self.wafer_of_head: dict[int, str] = {}
         self.wafer_counts: dict[tuple[int, str], list[int]] = {}
-        self.bins: dict[tuple[bool, int], list[int]] = {}     # (hard?, bin) -> [count, passed count]
+        self.bins: dict[tuple[bool, int], list[int]] = {}     # (hard?, bin) -> [parts, passed parts]
         self.parts = 0
 
     def header(self, first: pd.DataFrame, **mir) -> None:
@@ -357,22 +458,29 @@ class _LotWriter:
             value = row.get(column)
             return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
+        self.lot = text("lot")
         stamp = row.get("timestamp")
         start = int(stamp) if stamp is not None and not pd.isna(stamp) else 0
         self.w.far()
         self.w.atr("edge-inference trainer.stdf_writer", start)
-        self.w.mir(lot=mir.get("lot", text("lot")), sublot=mir.get("sublot", text("sublot")),
+        self.w.mir(lot=mir.get("lot", self.lot), sublot=mir.get("sublot", text("sublot")),
                    tester=mir.get("tester", text("tester")), job=mir.get("job", text("job")), start_time=start)
         self.w.sdr(handler=text("handler"), probe_card=text("probe_card"))
+        for pin, index in self.groups.pins.items():
+            self.w.pmr(index, pin)
 
     def chunk(self, frame: pd.DataFrame) -> None:
-        n = len(frame)
-        if n == 0:
+        if len(frame) == 0:
             return
+        if "lot" in frame.columns:
+            lots = set(frame["lot"].dropna().astype(str)) - {self.lot}
+            if lots:
+                raise DataError("an STDF file holds one lot; write one file per lot", file=self.path,
+                                column="lot", expected=repr(self.lot), got=", ".join(sorted(lots))[:200])
         heads = _int_column(frame, "head", 1)
         sites = _int_column(frame, "site", -1)
-        wafers = frame["wafer"].astype(object).where(frame["wafer"].notna(), "").astype(str).to_numpy() \
-            if "wafer" in frame.columns else None
+        wafers = (frame["wafer"].astype(object).where(frame["wafer"].notna(), "").astype(str).to_numpy()
+                  if "wafer" in frame.columns else None)
         breaks = self._wafer_breaks(heads, wafers)
         for start, stop in zip(breaks[:-1], breaks[1:]):
             if wafers is not None:
@@ -407,19 +515,19 @@ class _LotWriter:
         self.w.wrr(wafer, head=head, parts=parts, good=good)
 
     def _parts(self, frame: pd.DataFrame, heads: np.ndarray, sites: np.ndarray, wafers) -> None:
-        n = len(frame)
+        n, g = len(frame), self.groups
         touchdowns, sites = _touchdowns(heads, sites, self.sites_per_touchdown)
-        values = frame[[t.column for t in self.tests]].to_numpy(np.float32, na_value=np.nan) if self.tests \
-            else np.zeros((n, 0), np.float32)
-        passed = (frame["passed"].astype(bool).to_numpy() if "passed" in frame.columns
-                  else np.ones(n, bool))
+        values = (frame[[t.column for t in self.tests]].to_numpy(np.float32, na_value=np.nan) if self.tests
+                  else np.zeros((n, 0), np.float32))
+        passed = frame["passed"].astype(bool).to_numpy() if "passed" in frame.columns else np.ones(n, bool)
         hard = _int_column(frame, "hard_bin", 1)
         soft = _int_column(frame, "soft_bin", 65535)
         xs = _int_column(frame, "x", MISSING_COORD)
         ys = _int_column(frame, "y", MISSING_COORD)
         retest = _int_column(frame, "retest", 0)
         has_xy = (xs != MISSING_COORD) & (ys != MISSING_COORD)
-        part_flg = (np.where(passed, 0, 0x08) | np.where(retest > 0, np.where(has_xy, 0x02, 0x01), 0)).astype(np.int64)
+        # PART_FLG bit 3: failed; bit 1 / bit 0: supersedes an earlier part with the same x, y / part id
+        part_flg = np.where(passed, 0, 0x08) | np.where(retest > 0, np.where(has_xy, 0x02, 0x01), 0)
         test_t = (np.nan_to_num(frame["test_time_ms"].to_numpy(np.float64, na_value=np.nan)).round().astype(np.int64)
                   if "test_time_ms" in frame.columns else np.zeros(n, np.int64))
         if "part_id" in frame.columns:
@@ -427,27 +535,41 @@ class _LotWriter:
         else:
             ids = [str(self.parts + i + 1) for i in range(n)]
         id_pool, id_at, id_len = _pool(ids)
-        names, name_at, name_len = self.names
-        units, units_at, units_len = self.units
-        present = int(np.count_nonzero(~np.isnan(values)))
-        size = (n * (6 + 4 + 21 + 255) + present * (4 + 12 + 256)
-                + len(self.tests) * (4 + 1 + 4 + 8 + 256 + 3 + 8))
-        out = np.empty(size, np.uint8)
-        used = _pack_parts(out, self.w.big, touchdowns, values, self.numbers, names, name_at, name_len,
-                           self.written, self.opts, self.low, self.high, units, units_at, units_len,
-                           heads, sites, part_flg, hard, soft, xs, ys, test_t, id_pool, id_at, id_len, self.results)
-        self.w.write_raw(out[:used].tobytes())
+        names, name_at, name_len = g.names
+        units, units_at, units_len = g.units
+        member_count = np.diff(g.member_at)
+        # exact upper bound of one part's bytes: PIR + PRR + every group's short record; defaults come once
+        part_bytes = 6 + 4 + 21 + int(id_len.max(initial=0)) + int((4 + 13 + name_len + 4 * member_count).sum())
+        defaults_bytes = int((48 + units_len + 2 * member_count).sum())
+        block_starts = touchdowns[::max(1, ROWS_PER_BLOCK // max(1, self.sites_per_touchdown))]
+        if block_starts[-1] != touchdowns[-1]:
+            block_starts = np.append(block_starts, touchdowns[-1])
+        for first, last in zip(block_starts[:-1], block_starts[1:]):
+            block = touchdowns[(touchdowns >= first) & (touchdowns <= last)]
+            out = np.empty((last - first) * part_bytes + defaults_bytes, np.uint8)
+            used = _pack_parts(out, self.w.big, block - first, values[first:last], g.kinds, g.numbers, names,
+                               name_at, name_len, self.written, g.opts, g.low, g.high, units, units_at,
+                               units_len, g.member_at, g.members, g.pmr, heads[first:last], sites[first:last],
+                               part_flg[first:last], hard[first:last], soft[first:last], xs[first:last],
+                               ys[first:last], test_t[first:last], id_pool, id_at[first:last], id_len[first:last],
+                               self.results)
+            self.w.write_raw(out[:used].tobytes())
         self.parts += n
-        for (hard_bin, soft_bin, ok, key_wafer, head) in zip(hard, soft, passed,
-                                                            wafers if wafers is not None else [None] * n, heads):
-            for key in ((True, int(hard_bin)), (False, int(soft_bin))):
-                counts = self.bins.setdefault(key, [0, 0])
-                counts[0] += 1
-                counts[1] += bool(ok)
-            if key_wafer is not None:
-                counts = self.wafer_counts.setdefault((int(head), key_wafer), [0, 0])
-                counts[0] += 1
-                counts[1] += bool(ok)
+        self._count(hard, soft, passed, heads, wafers)
+
+    def _count(self, hard, soft, passed, heads, wafers) -> None:
+        tallies = pd.DataFrame({"hard": hard, "soft": soft, "ok": passed.astype(np.int64), "head": heads,
+                                "wafer": wafers if wafers is not None else ""})
+        for is_hard, column in ((True, "hard"), (False, "soft")):
+            for number, (parts, good) in tallies.groupby(column)["ok"].agg(["size", "sum"]).iterrows():
+                counts = self.bins.setdefault((is_hard, int(number)), [0, 0])
+                counts[0] += int(parts)
+                counts[1] += int(good)
+        if wafers is not None:
+            for (head, wafer), (parts, good) in tallies.groupby(["head", "wafer"])["ok"].agg(["size", "sum"]).iterrows():
+                counts = self.wafer_counts.setdefault((int(head), wafer), [0, 0])
+                counts[0] += int(parts)
+                counts[1] += int(good)
 
     def finish(self) -> None:
         for head, wafer in list(self.wafer_of_head.items()):
@@ -495,10 +617,6 @@ def _tests_for(frame: pd.DataFrame, tests: list[TestMeta] | None) -> list[TestMe
     if missing:
         raise DataError("tests name columns absent from the data", expected="columns " + ", ".join(missing[:5]),
                         got=f"{len(frame.columns)} columns")
-    pins = [t.column for t in tests if t.pin is not None]
-    if pins:
-        raise DataError("per-pin (MPR) tests cannot be written by write_stdf; use StdfWriter.mpr",
-                        column=pins[0])
     return list(tests)
 
 
@@ -510,25 +628,33 @@ def write_stdf(path: str | Path, data: ParametricTable | pd.DataFrame | Iterable
     ``data``: a ParametricTable, a DataFrame, or an iterable of DataFrame chunks (streamed; each chunk's
     identity columns as in trainer.table.IDENTITY_COLUMNS, label columns ignored). ``tests`` names the
     test columns (default: the table's tests, else every non-identity, non-label column of the first
-    chunk). ``sites_per_touchdown`` > 1 groups consecutive parts into multi-site touchdowns whose PTRs
-    interleave. ``lot``/``tester``/``job`` override the first row's values in the MIR.
+    chunk). Per-pin tests (``pin`` set) sharing number, name, limits and units become one MPR; pins
+    with their own limits become PTRs named "name@pin" (same column name when read back).
+    ``sites_per_touchdown`` > 1 groups consecutive parts into multi-site touchdowns whose records
+    interleave. ``lot``/``tester``/``job`` override the first row's values in the MIR. The file is
+    written under a temporary name and renamed when complete.
     """
     path = str(path)
     chunks, table_tests = _chunks(data)
     tests = tests if tests is not None else table_tests
     mir = {k: v for k, v in (("lot", lot), ("tester", tester), ("job", job)) if v is not None}
     result = StdfWritten(path)
-    with _open_out(path) as stream:
-        writer = StdfWriter(stream, byte_order)
-        lot_writer = None
-        for frame in chunks:
+    partial = Path(path + ".partial")
+    try:
+        with _open_out(str(partial), path) as stream:
+            writer = StdfWriter(stream, byte_order)
+            lot_writer = None
+            for frame in chunks:
+                if lot_writer is None:
+                    result.tests = _tests_for(frame, tests)
+                    lot_writer = _LotWriter(writer, path, result.tests, sites_per_touchdown)
+                    lot_writer.header(frame, **mir)
+                lot_writer.chunk(frame)
             if lot_writer is None:
-                result.tests = _tests_for(frame, tests)
-                lot_writer = _LotWriter(writer, result.tests, sites_per_touchdown)
-                lot_writer.header(frame, **mir)
-            lot_writer.chunk(frame)
-        if lot_writer is None:
-            raise DataError("nothing to write: no data chunks", file=path)
-        lot_writer.finish()
-        result.parts, result.results, result.bytes = lot_writer.parts, int(lot_writer.results[0]), writer.bytes
+                raise DataError("nothing to write: no data chunks", file=path)
+            lot_writer.finish()
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    result.parts, result.results, result.bytes = lot_writer.parts, int(lot_writer.results[0]), writer.bytes
     return result

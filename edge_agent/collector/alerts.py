@@ -11,14 +11,20 @@ Example ``collector.toml`` (every key optional; these are the defaults)::
 
     [alerts]
     psi_threshold = 0.2          # "act" in the usual PSI reading (< 0.1 stable, 0.1-0.2 watch)
-    psi_min_parts = 100          # fewer readings of a test at a site: PSI is noise, no alert
+    psi_min_parts = 200          # fewer readings of a test at a site: PSI is noise, no alert (see below)
     outlier_margin = 0.02        # alert when outlier rate > expected + margin ...
-    outlier_min_parts = 100      # ... over at least this many parts of one site
+    outlier_min_parts = 500      # ... over at least this many parts of one site
     change_detector = true       # alert when the agent's change detector fired
     silent_after_s = 900.0       # no message for this long (agents send at least one per window)
     repeat_after_s = 3600.0      # the same alert (kind, agent, site, test) at most once per this long
     hook = ""                    # e.g. "/usr/local/bin/page-oncall --team test-eng"
     hook_timeout_s = 10.0
+
+Why these sample sizes: with no drift, n readings over B equally likely bins give PSI close to
+chi2(B - 1) / n. At n = 200 and 10 bins, PSI > 0.2 needs chi2(9) > 40, probability about 8e-6 per test and
+site; at n = 100 it is chi2(9) > 20, about 2 %, which over hundreds of tests is an alert every window.
+For 1 % expected outliers, a rate above 1 % + 2 % over 500 parts (16 outliers or more against 5 expected)
+has a binomial tail of about 6e-5.
 """
 from __future__ import annotations
 
@@ -50,9 +56,9 @@ class AlertConfigError(EdgeError):
 @dataclass
 class AlertConfig:
     psi_threshold: float = 0.2
-    psi_min_parts: int = 100
+    psi_min_parts: int = 200
     outlier_margin: float = 0.02
-    outlier_min_parts: int = 100
+    outlier_min_parts: int = 500
     change_detector: bool = True
     silent_after_s: float = 900.0
     repeat_after_s: float = 3600.0

@@ -2,7 +2,7 @@
 
     edge-collector run --bind tcp://127.0.0.1:5560 --db stats.sqlite [--config collector.toml]
                        [--metrics-port 9465] [--metrics-host 127.0.0.1]
-    edge-collector report --db stats.sqlite --out report.html [--since-hours H]
+    edge-collector report --db stats.sqlite --out report.html [--since-hours H] [--config collector.toml]
 
 Exit status: 0 ok, 2 unusable configuration, database or address.
 """
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--db", required=True, help="the collector's SQLite database")
     report.add_argument("--out", required=True, help="HTML file to write")
     report.add_argument("--since-hours", type=float, default=None, help="only windows that ended this recently")
+    report.add_argument("--config", help="TOML file with an [alerts] table (the thresholds the report applies)")
     report.set_defaults(handler=cmd_report)
     return parser
 
@@ -74,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    summary = write_report(args.db, args.out, since_hours=args.since_hours)
+    summary = write_report(args.db, args.out, since_hours=args.since_hours, config_path=args.config)
     print(summary)
     return EXIT_OK
 

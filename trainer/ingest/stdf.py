@@ -560,6 +560,7 @@ class _Reader:
         self.scan: _Scan | None = None
         self.bytes_read = 0
         self.damage_at: int | None = None
+        self.plain_size: int | None = None     # bytes of an uncompressed file, to size the table early
 
     # -- input --------------------------------------------------------------------------------
     def _open(self):
@@ -571,6 +572,7 @@ class _Reader:
             return bz2.open(self.path, "rb")
         if magic[:6] == b"\xfd7zXZ\x00":
             return lzma.open(self.path, "rb")
+        self.plain_size = Path(self.path).stat().st_size
         return open(self.path, "rb")
 
     def _fill(self, stream, view) -> tuple[int, bool]:
@@ -578,7 +580,8 @@ class _Reader:
         filled = 0
         while filled < len(view):
             try:
-                got = stream.readinto(view[filled:])
+                # readinto1: what a decompressor produced before damage is returned, not lost with the error
+                got = stream.readinto1(view[filled:])
             except (EOFError, OSError, zlib.error, lzma.LZMAError, ValueError) as error:
                 at = self.bytes_read + filled
                 self.problems.append(f"the compressed stream is damaged after {at:,} decompressed bytes "
@@ -611,10 +614,11 @@ class _Reader:
             stream = self._open()
         except OSError as error:
             raise DataError(f"cannot open: {error.strerror or error}", file=self.path) from None
+        chunk = min(CHUNK_BYTES, self.plain_size + 1) if self.plain_size is not None else CHUNK_BYTES
         with stream:
-            buf = np.empty(CHUNK_BYTES + _MAX_RECORD, np.uint8)
+            buf = np.empty(chunk + _MAX_RECORD, np.uint8)
             view = memoryview(buf)
-            n, eof = self._fill(stream, view[:CHUNK_BYTES])
+            n, eof = self._fill(stream, view[:chunk])
             self.bytes_read = n
             self._check_far(bytes(buf[:min(n, 6)]))
             self.scan = _Scan(self.order == ">")
@@ -633,7 +637,7 @@ class _Reader:
                         self._truncated(buf, left, base)
                     break
                 self._expect_parts(base)
-                got, eof = self._fill(stream, view[left:left + CHUNK_BYTES])
+                got, eof = self._fill(stream, view[left:left + chunk])
                 self.bytes_read += got
                 n = left + got
         table = self._table()
@@ -645,8 +649,7 @@ class _Reader:
     def _expect_parts(self, done_bytes: int) -> None:
         """After the first chunk of a plain file, make room for the parts its size suggests (saves regrowing)."""
         scan = self.scan
-        if self.plain_size is None or done_bytes != self.bytes_read - (self.bytes_read - done_bytes) or \
-                scan.state[_N_ROWS] == 0:
+        if self.plain_size is None or scan.state[_N_ROWS] == 0 or done_bytes == 0:
             return
         expected = int(scan.state[_N_ROWS] * self.plain_size / done_bytes * 1.05) + 1024
         self.plain_size = None   # once

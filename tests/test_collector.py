@@ -1,0 +1,506 @@
+"""The collector with real processes: agents (tests/drift_feeder.py: the real DriftMonitor, DiskSpool and
+Shipper), `edge-collector run` in its own process, its SQLite file, its Prometheus endpoint, and the report
+opened in headless Chromium.
+
+Sample sizes: windows carry 300 parts per site, so a test's PSI without drift is about chi2(9)/300 (mean
+0.03; above 0.2 with probability ~1e-9), while a one-sigma shift over decile bins gives PSI near 1.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from drift_feeder import make_manifest
+from edge_agent.collector.alerts import AlertConfig, AlertRules
+from edge_agent.collector.store import Store, parse_stats
+from edge_agent.drift import DriftMonitor, DriftReference
+from edge_agent.shipping import DiskSpool, decode
+
+REPO = Path(__file__).resolve().parents[1]
+FEEDER = Path(__file__).with_name("drift_feeder.py")
+SHIFTED_TEST = "1003:T3"
+STARTUP_S = 30.0
+
+
+# ---- processes -------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Collector:
+    """`edge-collector run` as a child process (python -m, so no installed console script is needed)."""
+
+    def __init__(self, tmp: Path, *, config: str | None = None, port: int | None = None,
+                 metrics_port: int | None = None, db: Path | None = None):
+        self.tmp = tmp
+        self.endpoint = f"tcp://127.0.0.1:{port or _free_port()}"
+        self.metrics_port = metrics_port or _free_port()
+        self.db = db or tmp / "stats.sqlite"
+        self.config = None
+        if config is not None:
+            self.config = tmp / "collector.toml"
+            self.config.write_text(config)
+        self.process = None
+        self.starts = 0
+
+    def start(self) -> Collector:
+        self.starts += 1
+        self.log = self.tmp / f"collector-{self.starts}.log"
+        argv = [sys.executable, "-m", "edge_agent.collector.cli", "run", "--bind", self.endpoint, "--db", str(self.db),
+                "--metrics-port", str(self.metrics_port)]
+        if self.config:
+            argv += ["--config", str(self.config)]
+        self.process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
+        deadline = time.monotonic() + STARTUP_S
+        while "collecting on" not in self.log.read_text():
+            assert self.process.poll() is None, f"collector exited:\n{self.log.read_text()}"
+            assert time.monotonic() < deadline, f"collector did not start:\n{self.log.read_text()}"
+            time.sleep(0.05)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith("edge_collector_")}
+
+
+def _feeder(tmp: Path, manifest: Path, endpoint: str, agent_id: str, windows: int, *extra: str,
+            spool: Path | None = None) -> subprocess.Popen:
+    spool = spool or tmp / f"spool-{agent_id}"
+    return subprocess.Popen([sys.executable, str(FEEDER), "--manifest", str(manifest), "--agent-id", agent_id,
+                             "--collector", endpoint, "--spool", str(spool), "--windows", str(windows), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 90.0) -> dict:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _windows(db: Path) -> dict[str, list[int]]:
+    """Every stored window's seq per agent, in the order the collector stored them."""
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute("SELECT agent_id, seq FROM windows ORDER BY id").fetchall()
+    stored: dict[str, list[int]] = {}
+    for agent, seq in rows:
+        stored.setdefault(agent, []).append(seq)
+    return stored
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(make_manifest(n_tests=12)))
+    return path
+
+
+@pytest.fixture
+def collector(tmp_path):
+    running = []
+
+    def start(**kwargs) -> Collector:
+        running.append(Collector(tmp_path, **kwargs).start())
+        return running[-1]
+    yield start
+    for c in running:
+        c.stop(signal.SIGKILL)
+
+
+# ---- one shifted test on one site ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def drifted_fleet(tmp_path_factory):
+    """Two testers x 4 sites, 2 windows each; test T3 shifted by one sigma on tester-b site 2 only."""
+    tmp = tmp_path_factory.mktemp("fleet")
+    manifest_path = tmp / "manifest.json"
+    manifest_path.write_text(json.dumps(make_manifest(n_tests=12)))
+    hook_log = tmp / "hook.jsonl"
+    (tmp / "hook.sh").write_text('cat >> "$1"\necho >> "$1"\n')
+    collector = Collector(tmp, config=f'[alerts]\nhook = "/bin/sh {tmp / "hook.sh"} {hook_log}"\n').start()
+    try:
+        feeders = [_feeder(tmp, manifest_path, collector.endpoint, "agent-a", 2, "--tester", "tester-a",
+                           "--window-parts", "1200", "--seed", "1"),
+                   _feeder(tmp, manifest_path, collector.endpoint, "agent-b", 2, "--tester", "tester-b",
+                           "--window-parts", "1200", "--seed", "2", "--shift-test", SHIFTED_TEST,
+                           "--shift-site", "2", "--shift", "1.0")]
+        results = [_finish(f) for f in feeders]
+        metrics = collector.metrics()
+        deadline = time.monotonic() + 10
+        while not hook_log.exists() and time.monotonic() < deadline:   # the hook runs on its own thread
+            time.sleep(0.05)
+    finally:
+        collector.stop()
+    return {"tmp": tmp, "db": collector.db, "results": results, "metrics": metrics, "hook_log": hook_log}
+
+
+def test_one_shifted_test_on_one_site_drifts_there_only_and_raises_an_alert_naming_it(drifted_fleet):
+    db = drifted_fleet["db"]
+    assert [r["acked"] for r in drifted_fleet["results"]] == [2, 2]
+    with sqlite3.connect(db) as connection:
+        connection.row_factory = sqlite3.Row
+        columns = msgpack.unpackb(connection.execute("SELECT columns FROM models").fetchone()[0])
+        shifted = columns.index(SHIFTED_TEST)
+        rows = connection.execute("SELECT w.tester, s.site, s.psi, s.counts FROM windows w "
+                                  "JOIN site_windows s ON s.window_id = w.id").fetchall()
+        alerts = connection.execute("SELECT * FROM alerts").fetchall()
+    assert len(rows) == 2 * 2 * 4
+    for row in rows:
+        psi = msgpack.unpackb(row["psi"])
+        assert sum(msgpack.unpackb(row["counts"])[shifted]) >= 290   # ~300 readings (a few missing)
+        if (row["tester"], row["site"]) == ("tester-b", 2):
+            assert psi[shifted] > 0.2
+            assert max(p for t, p in enumerate(psi) if t != shifted) < 0.2
+        else:
+            assert max(psi) < 0.2, (row["tester"], row["site"], psi)
+    psi_alerts = [a for a in alerts if a["kind"] == "psi"]
+    assert psi_alerts and {(a["tester"], a["site"], a["test"]) for a in psi_alerts} == {("tester-b", 2, SHIFTED_TEST)}
+    assert SHIFTED_TEST in psi_alerts[0]["message"] and "n = " in psi_alerts[0]["message"]
+    assert psi_alerts[0]["sample_size"] >= 290
+    hooked = [json.loads(line) for line in drifted_fleet["hook_log"].read_text().splitlines() if line.strip()]
+    assert any(a["kind"] == "psi" and a["test"] == SHIFTED_TEST for a in hooked)
+
+
+def test_prometheus_shows_psi_per_tester_and_test_alerts_agents_and_messages(drifted_fleet):
+    metrics = drifted_fleet["metrics"]
+    assert metrics[f'edge_collector_psi{{test="{SHIFTED_TEST}",tester="tester-b"}}'] > 0.2
+    assert metrics[f'edge_collector_psi{{test="{SHIFTED_TEST}",tester="tester-a"}}'] < 0.2
+    assert metrics['edge_collector_alerts_total{kind="psi"}'] >= 1
+    assert metrics['edge_collector_alerts_total{kind="spool_loss"}'] == 0
+    assert metrics["edge_collector_agents_alive"] == 2
+    assert metrics["edge_collector_messages_received_total"] >= 4
+    assert metrics["edge_collector_duplicates_dropped_total"] == \
+        metrics["edge_collector_messages_received_total"] - 4
+
+
+# ---- no loss -----------------------------------------------------------------------------------------------------
+
+def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tmp_path, manifest, collector):
+    first = collector()
+    feeder = _feeder(tmp_path, manifest, first.endpoint, "agent-1", 16, "--pace-s", "0.15", "--window-parts", "200")
+    deadline = time.monotonic() + 30
+    while not _windows(first.db).get("agent-1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.stop(signal.SIGKILL)               # no goodbye: what was acknowledged must already be on disk
+    stored_before = len(_windows(first.db).get("agent-1", []))
+    time.sleep(1.5)                          # windows keep closing; they wait in the agent's spool
+    second = Collector(tmp_path, port=int(first.endpoint.rsplit(":", 1)[1]), db=first.db)
+    second.start()
+    try:
+        result = _finish(feeder)
+    finally:
+        second.stop()
+    assert 0 < stored_before < 16            # the outage really fell in the middle of the stream
+    assert result["acked"] == 16 and result["pending"] == 0 and result["resends"] >= 0
+    assert _windows(first.db) == {"agent-1": list(range(1, 17))}
+
+
+def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path, manifest, collector):
+    port = _free_port()                      # nothing listens here yet: every window stays spooled
+    spool = tmp_path / "spool"
+    feeder = _feeder(tmp_path, manifest, f"tcp://127.0.0.1:{port}", "agent-k", 6, "--window-parts", "200",
+                     spool=spool)
+    deadline = time.monotonic() + 60
+    while len(list(spool.glob("*.msg"))) < 6:
+        assert feeder.poll() is None and time.monotonic() < deadline, feeder.stderr.read() if feeder.poll() else ""
+        time.sleep(0.05)
+    feeder.send_signal(signal.SIGKILL)
+    feeder.wait(timeout=10)
+    spooled = {decode(p.read_bytes())["seq"]: decode(p.read_bytes())["window"] for p in spool.glob("*.msg")}
+    assert sorted(spooled) == [1, 2, 3, 4, 5, 6]
+
+    running = collector(port=port)
+    result = _finish(_feeder(tmp_path, manifest, running.endpoint, "agent-k", 2, "--window-parts", "200",
+                             "--seed", "9", spool=spool))
+    assert result["last_seq"] == 8 and result["pending"] == 0
+    assert _windows(running.db) == {"agent-k": list(range(1, 9))}
+    with sqlite3.connect(running.db) as connection:
+        stored = dict(connection.execute("SELECT seq, start FROM windows WHERE seq <= 6").fetchall())
+    assert stored == {seq: window["start"] for seq, window in spooled.items()}   # the very windows spooled
+
+
+def test_a_full_spool_drops_the_oldest_and_the_loss_reaches_the_collector(tmp_path, manifest, collector):
+    port = _free_port()
+    spool = tmp_path / "spool"
+    bounded = ("--window-parts", "200", "--spool-max-messages", "3")
+    result = _finish(_feeder(tmp_path, manifest, f"tcp://127.0.0.1:{port}", "agent-s", 7, *bounded,
+                             "--wait-acked-s", "0", spool=spool))
+    assert result == {**result, "last_seq": 7, "pending": 3, "dropped_total": 4}
+    running = collector(port=port)
+    _finish(_feeder(tmp_path, manifest, running.endpoint, "agent-s", 1, "--window-parts", "200", spool=spool))
+    assert _windows(running.db) == {"agent-s": [5, 6, 7, 8]}
+    with sqlite3.connect(running.db) as connection:
+        alerts = connection.execute("SELECT kind, value, message FROM alerts ORDER BY id").fetchall()
+        dropped = connection.execute("SELECT dropped_total FROM agents").fetchone()[0]
+    # Each message reports the loss as it stood when it was spooled (5: 2 dropped, 6: 3, 7: 4): each increase
+    # is one alert, and together they count every lost window once.
+    assert {kind for kind, _, _ in alerts} == {"spool_loss"} and sum(value for _, value, _ in alerts) == 4
+    assert "seq 1-4; 4 in total" in alerts[-1][2] and dropped == 4
+
+
+def test_twenty_agents_feed_one_collector_at_once(tmp_path, manifest, collector):
+    running = collector()
+    feeders = [_feeder(tmp_path, manifest, running.endpoint, f"agent-{i:02d}", 5, "--window-parts", "200",
+                       "--seed", str(i)) for i in range(20)]
+    results = [_finish(f, timeout=120) for f in feeders]
+    assert all(r["acked"] == 5 and r["pending"] == 0 for r in results)
+    assert _windows(running.db) == {f"agent-{i:02d}": [1, 2, 3, 4, 5] for i in range(20)}
+    metrics = running.metrics()
+    assert metrics["edge_collector_agents_alive"] == 20
+    assert metrics["edge_collector_messages_received_total"] >= 100
+
+
+def test_invalid_messages_get_an_error_naming_the_field_and_are_not_stored(tmp_path, collector):
+    running = collector()
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(running.endpoint)
+    try:
+        replies = []
+        for payload in (b"\xc1 not msgpack", msgpack.packb({"type": "stats", "v": 1, "agent_id": "x", "seq": 1})):
+            dealer.send(payload)
+            assert dealer.poll(10_000), "no reply from the collector"
+            replies.append(msgpack.unpackb(dealer.recv()))
+    finally:
+        dealer.close(linger=0)
+        context.term()
+    assert [r["code"] for r in replies] == ["invalid_message", "invalid_message"]
+    assert "message.tester: missing" in replies[1]["message"] and replies[1]["seq"] == 1
+    assert _windows(running.db) == {}
+    assert running.metrics()["edge_collector_invalid_messages_total"] == 2
+
+
+# ---- the spool alone ---------------------------------------------------------------------------------------------
+
+def test_spool_survives_restarts_and_repairs_an_interrupted_write(tmp_path):
+    spool = DiskSpool(tmp_path / "s", max_messages=100)
+    for i in range(3):
+        spool.append({"n": i})
+    spool.ack(1)
+    stream = spool.stream
+    (tmp_path / "s" / "000000000004.msg.tmp").write_bytes(b"half a message")   # a crash mid-write
+    again = DiskSpool(tmp_path / "s", max_messages=100)
+    assert again.stream == stream and again.pending == 2 and again.oldest()[0] == 2
+    assert not list((tmp_path / "s").glob("*.tmp"))
+    assert again.append({"n": 3}) == 4                                      # the sequence continues
+    again.ack(2), again.ack(3), again.ack(4)
+    assert DiskSpool(tmp_path / "s").append({"n": 4}) == 5                  # even with nothing left spooled
+    message = decode(DiskSpool(tmp_path / "s").oldest()[1])
+    assert message["seq"] == 5 and message["spool"] == {"stream": stream, "dropped_total": 0,
+                                                        "dropped_seq_ranges": [], "unspooled_lost": 0}
+
+
+def test_spool_bound_by_bytes_drops_oldest_and_records_ranges(tmp_path):
+    spool = DiskSpool(tmp_path / "s", max_messages=1000, max_bytes=3500)
+    for i in range(10):
+        spool.append({"pad": "x" * 900, "n": i})              # about 1 kB each as stored: 3 fit in 3500 bytes
+    assert spool.bytes <= 3500 and spool.pending == 3
+    assert spool.dropped_total == 7 and spool.dropped_ranges == [[1, 7]]
+    assert decode(spool.oldest()[1])["n"] == 7
+    spool.drop(8, "refused")
+    assert DiskSpool(tmp_path / "s", max_messages=1000, max_bytes=3500).dropped_ranges == [[1, 8]]
+
+
+# ---- alert rules on the real store ---------------------------------------------------------------------------------
+
+def _window(seq: int, *, score_shift_sigmas: float = 0.0, parts: int = 600, dropped: tuple = (),
+            stream: str = "s1") -> dict:
+    manifest = make_manifest(n_tests=4)
+    reference = DriftReference.from_manifest(manifest)
+    monitor = DriftMonitor(reference, {"name": "m", "version": "1", "checksum": "abc"}, window_parts=10 ** 6)
+    rng = np.random.default_rng(seq)
+    threshold = manifest["models"]["outlier"]["threshold"]
+    for i in range(parts):
+        score = reference.score_center + reference.score_scale * (rng.normal() + (score_shift_sigmas if i >= parts // 2
+                                                                                   else 0.0))
+        monitor.update(1, 1, rng.normal(size=4).astype(np.float32), score, score < threshold)
+    body = monitor.close("parts").to_payload()
+    return {"type": "stats", "v": 1, "agent_id": "a1", "tester": "t1", "seq": seq, **body,
+            "spool": {"stream": stream, "dropped_total": len(dropped), "dropped_seq_ranges": [list(r) for r in dropped],
+                      "unspooled_lost": 0}}
+
+
+def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_path):
+    store = Store(tmp_path / "a.sqlite")
+    rules = AlertRules(AlertConfig(silent_after_s=60.0, repeat_after_s=3600.0))
+
+    def ingest(message: dict, now: float) -> list[str]:
+        window = parse_stats(message)
+        with store.transaction():
+            added = store.add_window(window, now)
+            alerts = [] if added is None else rules.for_window(window, added, now)
+            for alert in alerts:
+                store.add_alert(alert)
+        return [a["kind"] for a in alerts]
+
+    assert ingest(_window(1), 1000.0) == []                                   # reference-like: quiet
+    assert ingest(_window(1), 1001.0) == []                                   # a duplicate: not stored again
+    shifted = ingest(_window(2, score_shift_sigmas=-3.0), 1002.0)             # half the scores 3 sigma lower
+    assert "outlier_rate" in shifted and "change" in shifted
+    again = ingest(_window(3, score_shift_sigmas=-3.0), 1003.0)
+    assert "outlier_rate" not in again and "change" not in again              # suppressed for repeat_after_s
+    assert ingest(_window(6, dropped=((4, 4),)), 1004.0) == ["spool_loss", "sequence_gap"]   # 5: unexplained
+    assert ingest(_window(1, stream="s2"), 1005.0) == []                      # a new spool restarts the sequence
+    assert rules.for_silence(store.agents(), 1060.0) == []
+    silent = rules.for_silence(store.agents(), 1066.0)
+    assert [a["kind"] for a in silent] == ["silent"] and "a1" in silent[0]["message"]
+    with sqlite3.connect(tmp_path / "a.sqlite") as connection:
+        assert connection.execute("SELECT count(*) FROM windows").fetchone()[0] == 5
+
+
+# ---- the agent's drift hook with a real model package --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory):
+    from trainer.ingest import load_tables
+    from trainer.package import build_package
+    from trainer.registry import Registry
+    from trainer.synth import SynthConfig, write
+    from trainer.train import TrainConfig, fit
+
+    tmp = tmp_path_factory.mktemp("registry")
+    registry = Registry(tmp / "models")
+    refs = []
+    for seed in (3, 4):
+        lot = tmp / f"lot{seed}.parquet"
+        write(SynthConfig(seed=seed, parts=1500, tests=12, lots=1, excursions=("latent_outliers",)), lot)
+        table, report = load_tables([str(lot)], min_rows=200)
+        trained = fit(table, TrainConfig(name="tiny", n_trees=20, yield_trees=10, seed=seed), progress=lambda m: None)
+        files, manifest = build_package(trained, table, report.to_dict(), [str(lot)])
+        refs.append(registry.publish("tiny", files, manifest, reason="drift hook test"))
+    return registry, refs
+
+
+def test_agent_drift_hook_ships_windows_of_each_served_model(tmp_path, two_versions, collector):
+    from edge_agent.protocol import Part
+    from edge_agent.scoring import load_package
+    from edge_agent.upstream import AgentDrift, DriftConfig
+
+    registry, refs = two_versions
+    first, second = (load_package(registry, ref) for ref in refs)
+    running = collector()
+    drift = AgentDrift(DriftConfig(agent_id="tester07-agent", tester="tester07", collector=running.endpoint,
+                                   window_parts=100, spool_dir=str(tmp_path / "spool"), ack_timeout_s=2.0))
+    assert DriftConfig(window_parts=0, collector="http://x").problems() == [
+        "drift.window_parts: expected a positive number, got 0",
+        "drift.collector: expected tcp://host:port or ipc:///path, got 'http://x'"]
+    with np.load(first.path / "sample_rows.npz") as sample:
+        rows = sample["readings"]
+    drift.start(first)
+    for model, n in ((first, 250), (second, 30)):
+        scores, _ = model.score(rows[:n])
+        for i in range(n):
+            drift.update(model, Part(head=1, site=1 + i % 2), rows[i], float(scores[i]))
+    drift.stop(timeout_s=10.0)
+    assert drift.status()["spooled"] == 0
+    with sqlite3.connect(running.db) as connection:
+        stored = connection.execute("SELECT seq, closed_by, parts, model_checksum, tester FROM windows "
+                                    "ORDER BY id").fetchall()
+    assert [row[:3] for row in stored] == [(1, "parts", 100), (2, "parts", 100), (3, "model_change", 50),
+                                           (4, "shutdown", 30)]
+    assert [row[3] for row in stored] == [first.checksum] * 3 + [second.checksum]
+    assert {row[4] for row in stored} == {"tester07"}
+
+
+# ---- the report ------------------------------------------------------------------------------------------------------
+
+def _chromium_images(html_file: Path, profile: Path) -> dict:
+    """Open the page in headless Chromium (DevTools protocol over a pipe) and read back what it rendered."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    # Chromium reads commands on fd 3 and answers on fd 4; the pipe ends are moved above 10 first so that the
+    # shell's "3<&r 4>&w" cannot overwrite one of them with the other.
+    to_browser, browser_in, browser_out, from_browser = (_high_fd(fd) for fd in (*os.pipe(), *os.pipe()))
+    command = (f"exec {chromium} --headless --no-sandbox --disable-gpu --no-first-run --remote-debugging-pipe "
+               f"--user-data-dir={profile} about:blank 3<&{to_browser} 4>&{from_browser}")
+    process = subprocess.Popen(["bash", "-c", command], pass_fds=(to_browser, from_browser),   # dash: 1-digit fds only
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(to_browser), os.close(from_browser)
+    buffer, ids = b"", iter(range(1, 1000))
+
+    def call(method: str, session: str | None = None, **params) -> dict:
+        nonlocal buffer
+        number = next(ids)
+        os.write(browser_in, json.dumps({"id": number, "method": method, "params": params,
+                                         **({"sessionId": session} if session else {})}).encode() + b"\0")
+        deadline = time.monotonic() + 60
+        while True:
+            while b"\0" in buffer:
+                raw, buffer = buffer.split(b"\0", 1)
+                message = json.loads(raw)
+                if message.get("id") == number:
+                    assert "error" not in message, message
+                    return message["result"]
+            assert time.monotonic() < deadline, f"no answer from chromium to {method}"
+            if select.select([browser_out], [], [], 1.0)[0]:
+                chunk = os.read(browser_out, 1 << 20)
+                assert chunk, "chromium closed the DevTools pipe"
+                buffer += chunk
+
+    try:
+        target = call("Target.createTarget", url=html_file.as_uri())["targetId"]
+        session = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        expression = ("location.protocol === 'file:' && document.readyState === 'complete' && Array.from(document.images).every(i => i.complete) ? "
+                      "JSON.stringify({title: document.title, headings: Array.from(document.querySelectorAll('h2'))"
+                      ".map(h => h.textContent), images: Array.from(document.images).map(i => [i.naturalWidth, "
+                      "i.naturalHeight, i.src.slice(0, 22)]), cells: Array.from(document.querySelectorAll('td'))"
+                      ".map(td => td.textContent)}) : ''")
+        deadline = time.monotonic() + 60
+        while not (value := call("Runtime.evaluate", session, expression=expression)["result"].get("value")):
+            assert time.monotonic() < deadline, "the report did not finish loading in chromium"
+            time.sleep(0.2)
+        call("Browser.close")
+        return json.loads(value)
+    finally:
+        os.close(browser_in), os.close(browser_out)
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def _high_fd(fd: int) -> int:
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
+def test_report_renders_in_headless_chromium_with_its_plots(drifted_fleet):
+    from edge_agent.collector.cli import main
+    out = drifted_fleet["tmp"] / "report.html"
+    assert main(["report", "--db", str(drifted_fleet["db"]), "--out", str(out)]) == 0
+    page = _chromium_images(out, drifted_fleet["tmp"] / "chromium-profile")
+    assert page["title"].startswith("Fleet drift report")
+    assert len(page["images"]) == 4                       # overview and over-time heat maps, histograms, outlier rate
+    for width, height, source in page["images"]:
+        assert width > 300 and height > 150 and source == "data:image/png;base64,"   # decoded, and embedded
+    assert any("PSI over time" in h for h in page["headings"])
+    cells = page["cells"]
+    assert "do not retrain; investigate" in cells           # the one drifting site is a tester problem ...
+    reason = cells[cells.index("do not retrain; investigate") + 1]
+    assert "tester-b h1/s2" in reason and SHIFTED_TEST in reason   # ... and the report names where and what
+    assert {"agent-a", "agent-b", "drift-demo/1"} <= set(cells)
