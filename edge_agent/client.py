@@ -238,9 +238,13 @@ class AgentClient:
 
 
 def _wire_readings(readings):
-    """numpy arrays travel as little-endian float32 bytes (cheapest to pack and parse); maps and lists as given."""
-    if isinstance(readings, np.ndarray):
-        return np.ascontiguousarray(readings, dtype="<f4").reshape(-1).tobytes()
+    """A map stays a map (test -> float); anything else is one row in feature order and travels as little-endian
+    float32 bytes, the cheapest form to pack and parse (None becomes NaN: not run). A value beyond float32 range
+    becomes infinite here, which the agent refuses naming the test."""
     if isinstance(readings, dict):
         return {str(k): float(v) for k, v in readings.items()}
-    return readings
+    with np.errstate(over="ignore"):
+        row = np.asarray(readings, dtype=np.float64).astype("<f4")
+    if row.ndim != 1:
+        raise ValueError(f"expected one row of readings, got an array of shape {row.shape}")
+    return row.tobytes()

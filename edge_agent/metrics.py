@@ -59,11 +59,14 @@ class LatencyHistogram:
         return out
 
     def summary_us(self) -> dict:
+        """Percentiles, maximum and mean in microseconds; ``buckets``: [upper bound in us, count at or below]."""
         def us(value: float | None) -> float | None:
             return None if value is None else round(value * 1e6, 1)
         return {"count": self.count, "p50": us(self.quantile(0.50)), "p95": us(self.quantile(0.95)),
                 "p99": us(self.quantile(0.99)), "max": us(self.max_s if self.count else None),
-                "mean": us(self.total_s / self.count if self.count else None)}
+                "mean": us(self.total_s / self.count if self.count else None),
+                "buckets": [[us(bound), n] for bound, n in zip(PROMETHEUS_BOUNDS_S,
+                                                               self.cumulative(PROMETHEUS_BOUNDS_S))]}
 
 
 class Metrics:

@@ -188,6 +188,19 @@ def parse_batch(message: dict, max_batch: int) -> list:
     return parts
 
 
+def parse_batch_item(item: Any, i: int, parser: "ReadingsParser") -> tuple[Part, np.ndarray]:
+    """One entry of a score_batch's ``parts``: (identity, float32 row), or ProtocolError naming parts[i]."""
+    where = f"parts[{i}]"
+    if not isinstance(item, dict):
+        raise ProtocolError(Code.WRONG_TYPE, f"field '{where}': expected a map with part and readings, "
+                                             f"got {_kind(item)}")
+    extra = item.keys() - BATCH_ITEM_FIELDS
+    if extra:
+        raise ProtocolError(Code.UNKNOWN_FIELD, f"field '{where}': unknown field(s) "
+                                                f"{_names(sorted(extra, key=repr))}; expected part, readings")
+    return parse_part(item.get("part"), f"{where}.part"), parser.parse(item.get("readings"), f"{where}.readings")
+
+
 class ReadingsParser:
     """Turns the ``readings`` field into one float32 row in the model's feature order.
 

@@ -13,6 +13,7 @@ moves again or someone asks for a reload.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from trainer.registry import PackageRef, Registry
 from .scoring import LoadedModel, ModelRefused, load_package
 
 log = logging.getLogger("edge_agent.reload")
+
+LOADER_NICENESS = 10
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ReloadWatcher(threading.Thread):
         self._requests.put(_CHECK_STAGE)   # wake the thread so it sees the stop
 
     def run(self) -> None:
+        _yield_cpu_to_serving()
         wake = self.context.socket(zmq.PAIR)
         wake.connect(self.wake_address)
         try:
@@ -79,10 +83,18 @@ class ReloadWatcher(threading.Thread):
                     asked = _CHECK_STAGE
                 if self._stopping.is_set():
                     break
-                outcome = self._stage_moved() if asked is _CHECK_STAGE else self._requested(asked)
+                try:
+                    outcome = self._stage_moved() if asked is _CHECK_STAGE else self._requested(asked)
+                except Exception:   # e.g. a registry folder that became unreadable: keep watching
+                    log.exception("checking the registry for %s failed; serving on", self.model_name)
+                    continue
                 if outcome is not None:
                     self.outcomes.put(outcome)
-                    wake.send(b"1")
+                    try:
+                        # Never block: unread wake-ups are redundant, and at shutdown nobody reads any more.
+                        wake.send(b"1", zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
         finally:
             wake.close(linger=0)
 
@@ -125,3 +137,12 @@ class ReloadWatcher(threading.Thread):
             return ReloadOutcome(ref, trigger, problems=[f"unexpected {type(error).__name__}: {error}"],
                                  seconds=time.perf_counter() - start)
         return ReloadOutcome(ref, trigger, model=model, seconds=time.perf_counter() - start)
+
+
+def _yield_cpu_to_serving() -> None:
+    """Run this thread at a lower CPU priority (Linux: niceness is per thread), so that verifying and loading a
+    package, a few hundred ms of CPU, takes what the serving thread leaves rather than delaying requests."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
+    except (AttributeError, OSError) as error:   # not Linux, or not permitted: loading still works
+        log.debug("cannot lower the reload thread's priority: %s", error)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import EdgeError, RegistryError
+from trainer.errors import EdgeError, ExportError, RegistryError
 from trainer.export.runtime import make_session, warm_up
 from trainer.manifest_schema import SAMPLE_ROWS_FILE
 from trainer.registry import PackageRef, Registry
@@ -105,15 +105,24 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
         identity={"name": ref.name, "version": ref.version, "checksum": result.checksum},
         smoke={}, loaded_at=time.time(), _outlier=outlier, _yield=yield_session, _input=input_name,
         _outputs=outputs)
-    for session in (outlier, yield_session):
-        warm_up(session, n_features)
+    try:
+        for session in (outlier, yield_session):
+            warm_up(session, n_features)
+    except ExportError as error:   # a graph whose input width is not the manifest's feature count
+        raise ModelRefused(ref, [str(error)]) from None
+    except Exception as error:      # onnxruntime's own exception types
+        raise ModelRefused(ref, [f"warm-up of the graphs failed in onnxruntime: {error}"]) from None
     model.smoke = _smoke_test(model, sample_bytes, manifest["fidelity"], yield_variant)
     return model
 
 
 def _verified_bytes(folder: Path, name: str, manifest: dict) -> bytes:
     """The file's bytes, re-hashed: what onnxruntime gets is exactly what verification accepted."""
-    data = (folder / name).read_bytes()
+    try:
+        data = (folder / name).read_bytes()
+    except OSError as error:
+        raise ModelRefused(f"{manifest['name']}/{manifest['version']}",
+                           [f"{name}: cannot be read after verification ({error.strerror})"]) from None
     if hashlib.sha256(data).hexdigest() != manifest["files"][name]:
         raise ModelRefused(f"{manifest['name']}/{manifest['version']}",
                            [f"{name}: changed on disk while the package was being loaded"])

@@ -35,8 +35,9 @@ VERSION = 1
 MESSAGE_SUFFIX = ".msg"
 STATE_FILE = "state.msgpack"
 MAX_DROPPED_RANGES = 100     # older ranges are still counted in dropped_total
-POLL_S = 0.05                # how soon a newly spooled message leaves when the thread is idle
-RETRY_MAX_S = 5.0            # longest wait between attempts while the collector is unreachable
+POLL_S = 0.05                # first wait before sending again to an unreachable collector ...
+RETRY_MAX_S = 5.0            # ... doubling up to this
+_WAKE = object()             # put in the queue by stop(): wakes the thread
 
 
 class SpoolError(EdgeError):
@@ -82,30 +83,33 @@ class DiskSpool:
 
     def oldest(self) -> tuple[int, bytes] | None:
         """(seq, encoded message) of the oldest unacknowledged message."""
-        if not self._sizes:
-            return None
-        seq = next(iter(self._sizes))
-        return seq, self._path(seq).read_bytes()
+        while self._sizes:
+            seq = next(iter(self._sizes))
+            try:
+                return seq, self._path(seq).read_bytes()
+            except FileNotFoundError:   # removed behind the agent's back: a loss, counted like any other
+                self.drop(seq, "its spool file disappeared")
+        return None
 
-    def loss(self, unspooled_lost: int = 0) -> dict:
-        """The ``spool`` block of a message: cumulative, never reset (``unspooled_lost``: since agent start)."""
+    def loss(self) -> dict:
+        """The ``spool`` block of a message: cumulative counts, never reset."""
         return {"stream": self.stream, "dropped_total": self.dropped_total,
-                "dropped_seq_ranges": [list(r) for r in self.dropped_ranges], "unspooled_lost": unspooled_lost}
+                "dropped_seq_ranges": [list(r) for r in self.dropped_ranges], "unspooled_lost": self.unspooled_lost}
 
     # ---- changes ------------------------------------------------------------------------------------------
 
-    def append(self, message: dict, unspooled_lost: int = 0) -> int:
+    def append(self, message: dict) -> int:
         """Number the message (adds ``seq`` and the ``spool`` loss report), store it durably; returns seq.
 
         A message larger than ``max_bytes`` on its own is still kept (after dropping every older one).
         """
         seq = self.last_seq + 1
-        data = encode({**message, "seq": seq, "spool": self.loss(unspooled_lost)})
+        data = encode({**message, "seq": seq, "spool": self.loss()})
         doomed = self._oldest_to_drop(len(data))
         if doomed:                    # the message must carry the loss it causes
             for old in doomed:
                 self._record_drop(old)
-            data = encode({**message, "seq": seq, "spool": self.loss(unspooled_lost)})
+            data = encode({**message, "seq": seq, "spool": self.loss()})
         _atomic_write(self._path(seq), data)
         self.last_seq = seq
         self._save_state()            # after the message: a crash in between is repaired by _recover
@@ -117,6 +121,11 @@ class DiskSpool:
                         "%d dropped in total, reported upstream", self.directory, len(doomed), doomed[0],
                         doomed[-1], self.dropped_total)
         return seq
+
+    def record_unspooled_loss(self, count: int) -> None:
+        """Windows lost before they got a seq (the shipper's queue was full, or a spool write failed)."""
+        self.unspooled_lost += count
+        self._save_state()
 
     def ack(self, seq: int) -> None:
         """The collector stored it: forget it (a crash before the unlink lands makes it a duplicate)."""
@@ -167,6 +176,7 @@ class DiskSpool:
         self.last_seq = int(state.get("last_seq", 0))
         self.dropped_total = int(state.get("dropped_total", 0))
         self.dropped_ranges = [list(r) for r in state.get("dropped_ranges", [])]
+        self.unspooled_lost = int(state.get("unspooled_lost", 0))
         for leftover in self.directory.glob(f"*{MESSAGE_SUFFIX}.tmp"):
             leftover.unlink()          # a write that never completed: its seq was never handed out
         found = sorted((int(p.name[:-len(MESSAGE_SUFFIX)]), p) for p in self.directory.glob(f"*{MESSAGE_SUFFIX}")
@@ -183,7 +193,7 @@ class DiskSpool:
     def _save_state(self) -> None:
         _atomic_write(self.directory / STATE_FILE,
                       encode({"stream": self.stream, "last_seq": self.last_seq, "dropped_total": self.dropped_total,
-                              "dropped_ranges": self.dropped_ranges}))
+                              "dropped_ranges": self.dropped_ranges, "unspooled_lost": self.unspooled_lost}))
 
     def _path(self, seq: int) -> Path:
         return self.directory / f"{seq:012d}{MESSAGE_SUFFIX}"
@@ -232,6 +242,7 @@ class Shipper:
         self.submitted = 0
         self.queue_full = 0           # windows lost before they had a seq: written by submit()'s thread ...
         self.spool_failed = 0         # ... and by the shipper thread (each counter has one writer)
+        self._unspooled_recorded = 0  # how many of them the spool has counted (persisted, sent upstream)
         self.acked = 0
         self.resends = 0
         self.last_ack_at: float | None = None
@@ -257,8 +268,12 @@ class Shipper:
         """Spool everything queued, keep sending for at most ``timeout_s``, then stop; the rest stays spooled."""
         self._flush_until = time.monotonic() + timeout_s
         self._stop.set()
+        try:
+            self._queue.put(_WAKE, timeout=1.0)   # the thread may be waiting on the queue
+        except queue.Full:
+            pass                                   # then it is busy and sees the stop flag soon
         if self._thread.is_alive():
-            self._thread.join(timeout_s + 5.0)
+            self._thread.join(timeout_s + self.ack_timeout_s + 5.0)
 
     @property
     def unspooled_lost(self) -> int:
@@ -267,39 +282,42 @@ class Shipper:
     def status(self) -> dict:
         return {"endpoint": self.endpoint, "agent_id": self.agent_id, "spooled": self.spool.pending,
                 "last_seq": self.spool.last_seq, "submitted": self.submitted, "acked": self.acked,
-                "resends": self.resends, "dropped_total": self.spool.dropped_total, "unspooled_lost": self.unspooled_lost,
+                "resends": self.resends, "dropped_total": self.spool.dropped_total,
+                "unspooled_lost": self.unspooled_lost,
                 "last_ack_at": self.last_ack_at, "last_problem": self.last_problem}
 
     # ---- the thread ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Idle, the thread waits on the queue and nothing else: a thread that wakes up now and then makes
+        every GIL release of the serving thread (onnxruntime, ZeroMQ) slower (measured: microseconds each)."""
         context = zmq.Context()
         socket = None
-        sent: tuple[int, float] | None = None      # (seq, when) of the message waiting for its ack
-        retry_at, backoff = 0.0, POLL_S
+        backoff = POLL_S
         try:
             while True:
+                stopping = self._stop.is_set()   # read first: whatever was submitted before stop() is queued now
                 self._spool_queued()
-                now = time.monotonic()
-                if self._stop.is_set() and (not self.spool.pending or now >= self._flush_until):
+                if stopping and (not self.spool.pending or time.monotonic() >= self._flush_until):
                     return
-                if socket is None and now >= retry_at:
-                    socket = self._connect(context)
-                if socket is not None and sent is None:
-                    sent = self._send_oldest(socket)
-                if socket is None:
-                    time.sleep(POLL_S)
+                if not self.spool.pending:
+                    self._wait_for_window(None)
                     continue
-                if socket.poll(int(POLL_S * 1000), zmq.POLLIN):
-                    if self._take_replies(socket, sent):
-                        sent, backoff = None, POLL_S
-                elif sent is not None and time.monotonic() - sent[1] > self.ack_timeout_s:
-                    self.last_problem = f"no ack for seq {sent[0]} within {self.ack_timeout_s} s"
+                socket = socket or self._connect(context)
+                outcome = self._deliver_oldest(socket)
+                if outcome == "settled":
+                    backoff = POLL_S
+                    continue
+                if outcome == "no_ack":
+                    self.last_problem = f"no ack within {self.ack_timeout_s} s"
                     log.warning("collector %s: %s; reconnecting", self.endpoint, self.last_problem)
                     socket.close(linger=0)
-                    socket, sent = None, None
-                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, RETRY_MAX_S)
+                    socket = None
                     self.resends += 1
+                # Not connected, or no ack: try again later; a new window still gets spooled meanwhile.
+                self._wait_for_window(min(backoff, max(0.0, self._flush_until - time.monotonic()))
+                                      if stopping else backoff)
+                backoff = min(backoff * 2, RETRY_MAX_S)
         except Exception:   # a bug here must not take the agent down; the spool keeps what was not sent
             log.exception("shipper stopped by an internal error; windows stay spooled in %s", self.spool.directory)
         finally:
@@ -307,21 +325,41 @@ class Shipper:
                 socket.close(linger=0)
             context.term()
 
+    def _wait_for_window(self, timeout: float | None) -> None:
+        """Block until a window is submitted (or stop() is called), at most ``timeout`` seconds; spool it."""
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if item is not _WAKE:
+            self._spool(item)
+
     def _spool_queued(self) -> None:
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            body = item if isinstance(item, dict) else item.to_payload()
-            message = {"type": "stats", "v": VERSION, "agent_id": self.agent_id, "tester": self.tester, **body}
-            try:
-                self.spool.append(message, self.unspooled_lost)
-            except OSError as error:
-                self.spool_failed += 1
-                self.last_problem = f"cannot spool a window: {error.strerror}"
-                log.error("spool %s: %s; the window is lost (reported upstream)", self.spool.directory,
-                          self.last_problem)
+            if item is not _WAKE:
+                self._spool(item)
+
+    def _spool(self, item: dict | SupportsPayload) -> None:
+        body = item if isinstance(item, dict) else item.to_payload()
+        message = {"type": "stats", "v": VERSION, "agent_id": self.agent_id, "tester": self.tester, **body}
+        try:
+            self._record_unspooled_loss()
+            self.spool.append(message)
+        except OSError as error:
+            self.spool_failed += 1
+            self.last_problem = f"cannot spool a window: {error.strerror}"
+            log.error("spool %s: %s; the window is lost (reported upstream)", self.spool.directory,
+                      self.last_problem)
+
+    def _record_unspooled_loss(self) -> None:
+        new = self.unspooled_lost - self._unspooled_recorded
+        if new > 0:
+            self.spool.record_unspooled_loss(new)
+            self._unspooled_recorded += new
 
     def _connect(self, context: zmq.Context) -> zmq.Socket:
         socket = context.socket(zmq.DEALER)
@@ -331,39 +369,35 @@ class Shipper:
         socket.connect(self.endpoint)
         return socket
 
-    def _send_oldest(self, socket: zmq.Socket) -> tuple[int, float] | None:
+    def _deliver_oldest(self, socket: zmq.Socket) -> str:
+        """Send the oldest spooled message and wait for its ack: "settled" (stored, or refused for good),
+        "not_connected" or "no_ack"."""
         oldest = self.spool.oldest()
         if oldest is None:
-            return None
+            return "settled"
         seq, data = oldest
         try:
             socket.send(data, zmq.NOBLOCK)
         except zmq.Again:
-            return None               # not connected yet: ZeroMQ keeps trying, so do we
-        return seq, time.monotonic()
-
-    def _take_replies(self, socket: zmq.Socket, sent: tuple[int, float] | None) -> bool:
-        """Read every reply; True when the message in flight is settled (stored, or refused for good)."""
-        settled = False
-        while True:
+            return "not_connected"     # ZeroMQ keeps connecting in the background
+        deadline = time.monotonic() + self.ack_timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not socket.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                break
             try:
                 reply = decode(socket.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                return settled
-            except ValueError:
-                self.last_problem = "undecodable reply from the collector"
+            except (zmq.Again, ValueError):
                 continue
-            seq = reply.get("seq") if isinstance(reply, dict) else None
-            if sent is None or seq != sent[0]:
+            if not isinstance(reply, dict) or reply.get("seq") != seq:
                 continue               # a late reply to a message already settled
             if reply.get("type") == "ack":
                 self.spool.ack(seq)
                 self.acked += 1
                 self.last_ack_at = time.time()
-                settled = True
-            elif reply.get("type") == "error" and reply.get("code") == "invalid_message":
+                return "settled"
+            if reply.get("type") == "error" and reply.get("code") == "invalid_message":
                 self.spool.drop(seq, f"collector refused it: {reply.get('message')}")
-                settled = True
-            else:
-                self.last_problem = f"collector error on seq {seq}: {reply.get('code')}: {reply.get('message')}"
-                log.warning("%s", self.last_problem)   # a store failure: sent again after the ack timeout
+                return "settled"
+            self.last_problem = f"collector error on seq {seq}: {reply.get('code')}: {reply.get('message')}"
+            log.warning("%s", self.last_problem)   # a store failure: sent again after the ack timeout
+        return "no_ack"

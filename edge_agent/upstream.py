@@ -34,7 +34,7 @@ class DriftConfig:
     agent_id: str = ""                         # default: the host name
     tester: str = ""                           # default: the agent id
     collector: str = "tcp://127.0.0.1:5560"    # the collector's ROUTER
-    window_parts: int = 1000                   # a window closes after this many parts ...
+    window_parts: int = 5000                   # a window closes after this many parts ...
     window_seconds: float = 300.0              # ... or this long, whichever comes first
     max_sites: int = 512                       # (head, site) pairs tracked; parts of more sites are counted apart
     spool_dir: str = "edge-agent-spool"        # windows wait here until acknowledged (a daemon: /var/lib/...)

@@ -27,11 +27,14 @@ import zmq
 
 from bench.e2e_latency import free_tcp_endpoint, publish_package, start_agent, stop_agent, synthetic_table
 from edge_agent.binning import BinPolicy, decide
-from edge_agent.client import BACKING_OFF, TIMEOUT, AgentClient
+from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
 from edge_agent.config import ConfigError, load_config
+from edge_agent.demo import feature_columns, stream_lot
 from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
 from edge_agent.protocol import Code, Part
+from edge_agent.scoring import ModelRefused, load_package
 from trainer.registry import PackageRef, Registry
+from trainer.table import ParametricTable
 
 MODEL = "m"
 N_TESTS = 20
@@ -89,7 +92,7 @@ port = {metrics_port}
 """)
     endpoint = free_tcp_endpoint()
     process = start_agent(packages.root, MODEL, endpoint, "--config", str(config), "--metrics-port",
-                          str(metrics_port), log_path=folder / "agent.log")
+                          str(metrics_port), "--log-format", "json", log_path=folder / "agent.log")
     yield {"endpoint": endpoint, "metrics_port": metrics_port, "log": folder / "agent.log"}
     assert stop_agent(process) == 0
 
@@ -298,7 +301,7 @@ def test_each_bad_input_gets_its_error_code_and_the_next_request_is_answered(age
 
 def test_a_message_beyond_the_transport_cap_costs_only_its_sender(agent, packages):
     """ZeroMQ drops a connection that sends more than transport_max_message_bytes; the agent serves on."""
-    row = packages.stream[12].tobytes()
+    row = packages.stream[12]
     flooder = Raw(agent["endpoint"])
     flooder.send(b"\x00" * (2 << 20))
     with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
@@ -327,6 +330,24 @@ def test_health_and_prometheus_endpoint(agent, packages):
     assert samples['edge_agent_request_seconds_bucket{le="+Inf"}'] >= latency["count"]
     assert samples['edge_agent_requests_total{type="score"}'] >= 10
 
+    entries = [json.loads(line) for line in agent["log"].read_text().splitlines() if line.startswith("{")]
+    assert any(e["logger"] == "edge_agent.server" and e["message"].startswith(f"serving {MODEL}/1")
+               for e in entries)
+    assert {"time", "level", "logger", "message", "pid"} <= set(entries[0])
+
+
+def test_a_req_socket_is_served_too(agent):
+    req = zmq.Context.instance().socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(agent["endpoint"])
+    try:
+        req.send(msgpack.packb({"v": 1, "type": "health", "id": "req"}))
+        assert req.poll(int(REPLY_S * 1000))
+        reply = msgpack.unpackb(req.recv())
+    finally:
+        req.close()
+    assert reply["type"] == "health_result" and reply["id"] == "req"
+
 
 def test_cli_health_and_reload_talk_to_a_running_agent(agent):
     health = subprocess.run([sys.executable, "-m", "edge_agent.cli", "health", "--connect", agent["endpoint"]],
@@ -338,6 +359,39 @@ def test_cli_health_and_reload_talk_to_a_running_agent(agent):
     assert reload.returncode == 0, reload.stderr
     outcome = json.loads(reload.stdout)["last_reload"]
     assert outcome["outcome"] == "unchanged" and outcome["ref"] == f"{MODEL}/1"   # verified again, same package
+
+
+def test_demo_streams_a_lot_and_summarises_it(agent, packages):
+    full = synthetic_table(80, N_TESTS, seed=14, lot="DEMO")
+    columns = feature_columns(str(packages.root), MODEL)
+    dropped = columns[-1]   # a test this lot did not run
+    table = ParametricTable(full.frame.drop(columns=[dropped]), [t for t in full.tests if t.column != dropped])
+    with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
+        summary = stream_lot(client, table, columns)
+    assert summary["parts"] == summary["decided"] == 80 and summary["no_decision"] == {}
+    assert summary["tests_missing_from_table"] == [dropped]
+    assert sum(summary["bins"].values()) == 80 and summary["model_versions"] == {"1": 80}
+    ml_flags = summary["flags"].get("ml_outlier", 0)
+    assert ml_flags == summary["pat_and_ml_outlier"] + len(summary["ml_outlier_only"])
+    scores = [p["outlier_score"] for p in summary["most_anomalous"]]
+    assert scores == sorted(scores) and summary["most_anomalous"][0]["lot"] == "DEMO"
+    assert 0 < summary["round_trip_us"]["p50"] <= summary["round_trip_us"]["p99"]
+
+
+def test_client_turns_unusable_readings_into_a_counted_no_decision(agent, packages):
+    row = packages.stream[21].astype(np.float64)
+    with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
+        letters = client.score(["x"] * N_TESTS)
+        short = client.score(row[:5])
+        not_run = client.score([None] + row[1:].tolist())
+    assert (letters.decided, letters.error_code) == (False, ENCODE_FAILED)
+    assert (short.decided, short.error_code) == (False, Code.WRONG_READING_COUNT)
+    assert "5 readings" in short.error_message or "20 bytes" in short.error_message
+    with_nan = row.copy()
+    with_nan[0] = np.nan
+    assert not_run.decided
+    assert not_run.outlier_score == pytest.approx(float(packages.offline("1", with_nan[None, :])[0][0]), abs=1e-6)
+    assert client.no_decision == {ENCODE_FAILED: 1, Code.WRONG_READING_COUNT: 1} and client.decided == 1
 
 
 # ---- hot reload -------------------------------------------------------------------------------------------------
@@ -479,14 +533,16 @@ def test_sigterm_answers_every_request_already_sent(packages, tmp_path):
         for i in range(n):
             raw.send(score_request(i, packages.stream[i % len(packages.stream)].tobytes()))
         process.send_signal(signal.SIGTERM)
-        replies = [raw.receive() for _ in range(n)]
+        replies = []
+        while len(replies) < n and (reply := raw.receive()) is not None:
+            replies.append(reply)
     finally:
         raw.close()
         status = stop_agent(process)
     assert status == 0
-    assert [r and r["type"] for r in replies] == ["score_result"] * n
+    assert [r["type"] for r in replies] == ["score_result"] * n
     assert [r["id"] for r in replies] == list(range(n))
-    assert f"stopped after" in log.read_text()
+    assert "stopped after" in log.read_text()
 
 
 def test_cli_refuses_unusable_configuration(packages, tmp_path):
@@ -498,6 +554,18 @@ def test_cli_refuses_unusable_configuration(packages, tmp_path):
     assert everywhere.returncode == 2 and "bind_all_interfaces" in everywhere.stderr
     unknown = run("--model", "no-such-model", "--bind", free_tcp_endpoint())
     assert unknown.returncode == 2 and "no-such-model" in unknown.stderr
+
+
+def test_loaded_sessions_are_tuned_for_one_row_and_a_missing_variant_is_refused(packages):
+    registry = Registry(packages.root)
+    model = load_package(registry, PackageRef(MODEL, "1"))
+    for session in (model._outlier, model._yield):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert model.smoke["score"]["rows"] > 0 and model.smoke["score"]["max_abs_diff"] <= model.smoke["score"]["allowed"]
+    with pytest.raises(ModelRefused, match="int8"):
+        load_package(registry, PackageRef(MODEL, "1"), yield_variant="int8")   # a forest has no int8 graph
 
 
 # ---- components ---------------------------------------------------------------------------------------------------

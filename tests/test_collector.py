@@ -30,7 +30,7 @@ from drift_feeder import make_manifest
 from edge_agent.collector.alerts import AlertConfig, AlertRules
 from edge_agent.collector.store import Store, parse_stats
 from edge_agent.drift import DriftMonitor, DriftReference
-from edge_agent.shipping import DiskSpool, decode
+from edge_agent.shipping import DiskSpool, Shipper, decode
 
 REPO = Path(__file__).resolve().parents[1]
 FEEDER = Path(__file__).with_name("drift_feeder.py")
@@ -215,7 +215,7 @@ def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tm
     finally:
         second.stop()
     assert 0 < stored_before < 16            # the outage really fell in the middle of the stream
-    assert result["acked"] == 16 and result["pending"] == 0 and result["resends"] >= 0
+    assert result["acked"] == 16 and result["pending"] == 0
     assert _windows(first.db) == {"agent-1": list(range(1, 17))}
 
 
@@ -325,23 +325,50 @@ def test_spool_bound_by_bytes_drops_oldest_and_records_ranges(tmp_path):
     assert DiskSpool(tmp_path / "s", max_messages=1000, max_bytes=3500).dropped_ranges == [[1, 8]]
 
 
+def test_a_window_lost_before_spooling_is_counted_persisted_and_reported(tmp_path):
+    shipper = Shipper(f"tcp://127.0.0.1:{_free_port()}", DiskSpool(tmp_path / "s"), agent_id="a", tester="t",
+                      queue_length=1)
+    assert shipper.submit({"n": 1}) and not shipper.submit({"n": 2})     # the thread is not running yet
+    shipper.start()
+    shipper.stop(timeout_s=0.0)
+    restarted = DiskSpool(tmp_path / "s")
+    assert restarted.unspooled_lost == 1
+    assert decode(restarted.oldest()[1])["spool"]["unspooled_lost"] == 1
+
+
 # ---- alert rules on the real store ---------------------------------------------------------------------------------
 
-def _window(seq: int, *, score_shift_sigmas: float = 0.0, parts: int = 600, dropped: tuple = (),
-            stream: str = "s1") -> dict:
+def _window(seq: int, *, agent: str = "a1", score_shift_sigmas: float = 0.0, shifted_sites: tuple[int, ...] = (),
+            sites: tuple[int, ...] = (1,), parts: int = 600, dropped: tuple = (), stream: str = "s1") -> dict:
+    """A stats message built in process by the real DriftMonitor: ``parts`` per site, standard normal readings
+    (test 0 moved by one sigma on ``shifted_sites``), and half of the scores moved by ``score_shift_sigmas``."""
     manifest = make_manifest(n_tests=4)
     reference = DriftReference.from_manifest(manifest)
     monitor = DriftMonitor(reference, {"name": "m", "version": "1", "checksum": "abc"}, window_parts=10 ** 6)
-    rng = np.random.default_rng(seq)
+    rng = np.random.default_rng([seq, len(agent)])
     threshold = manifest["models"]["outlier"]["threshold"]
-    for i in range(parts):
-        score = reference.score_center + reference.score_scale * (rng.normal() + (score_shift_sigmas if i >= parts // 2
-                                                                                   else 0.0))
-        monitor.update(1, 1, rng.normal(size=4).astype(np.float32), score, score < threshold)
+    for site in sites:
+        for i in range(parts):
+            z = rng.normal() + (score_shift_sigmas if i >= parts // 2 else 0.0)
+            score = reference.score_center + reference.score_scale * z
+            row = rng.normal(size=4).astype(np.float32)
+            row[0] += 1.0 if site in shifted_sites else 0.0
+            monitor.update(1, site, row, score, score < threshold)
     body = monitor.close("parts").to_payload()
-    return {"type": "stats", "v": 1, "agent_id": "a1", "tester": "t1", "seq": seq, **body,
+    return {"type": "stats", "v": 1, "agent_id": agent, "tester": f"tester-{agent}", "seq": seq, **body,
             "spool": {"stream": stream, "dropped_total": len(dropped), "dropped_seq_ranges": [list(r) for r in dropped],
                       "unspooled_lost": 0}}
+
+
+def _ingest(store: Store, rules: AlertRules, message: dict, now: float) -> list[str]:
+    """What the collector does with one received message (in its own transaction); the alert kinds raised."""
+    window = parse_stats(message)
+    with store.transaction():
+        added = store.add_window(window, now)
+        alerts = [] if added is None else rules.for_window(window, added, now).alerts
+        for alert in alerts:
+            store.add_alert(alert)
+    return [a["kind"] for a in alerts]
 
 
 def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_path):
@@ -349,13 +376,7 @@ def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_
     rules = AlertRules(AlertConfig(silent_after_s=60.0, repeat_after_s=3600.0))
 
     def ingest(message: dict, now: float) -> list[str]:
-        window = parse_stats(message)
-        with store.transaction():
-            added = store.add_window(window, now)
-            alerts = [] if added is None else rules.for_window(window, added, now)
-            for alert in alerts:
-                store.add_alert(alert)
-        return [a["kind"] for a in alerts]
+        return _ingest(store, rules, message, now)
 
     assert ingest(_window(1), 1000.0) == []                                   # reference-like: quiet
     assert ingest(_window(1), 1001.0) == []                                   # a duplicate: not stored again
@@ -365,11 +386,39 @@ def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_
     assert "outlier_rate" not in again and "change" not in again              # suppressed for repeat_after_s
     assert ingest(_window(6, dropped=((4, 4),)), 1004.0) == ["spool_loss", "sequence_gap"]   # 5: unexplained
     assert ingest(_window(1, stream="s2"), 1005.0) == []                      # a new spool restarts the sequence
+    # PSI is judged on at least psi_min_parts (200) readings: two windows of 100 parts are summed first.
+    assert ingest(_window(2, stream="s2", parts=100, shifted_sites=(1,)), 1006.0) == []
+    assert ingest(_window(3, stream="s2", parts=100, shifted_sites=(1,)), 1007.0) == ["psi"]
+    with sqlite3.connect(tmp_path / "a.sqlite") as connection:
+        message = connection.execute("SELECT message FROM alerts WHERE kind = 'psi'").fetchone()[0]
+    assert "1000:T0" in message and "n = 200 readings" in message and "windows seq 2-3" in message
     assert rules.for_silence(store.agents(), 1060.0) == []
-    silent = rules.for_silence(store.agents(), 1066.0)
+    silent = rules.for_silence(store.agents(), 1068.0)                       # last message at 1007
     assert [a["kind"] for a in silent] == ["silent"] and "a1" in silent[0]["message"]
     with sqlite3.connect(tmp_path / "a.sqlite") as connection:
-        assert connection.execute("SELECT count(*) FROM windows").fetchone()[0] == 5
+        assert connection.execute("SELECT count(*) FROM windows").fetchone()[0] == 7
+
+
+@pytest.mark.parametrize("drifting_sites, verdict", [
+    ({}, "no retrain needed"),
+    ({"a": (1, 2), "b": (1, 2)}, "retrain"),            # the whole fleet moved: the process changed
+    ({"b": (2,)}, "do not retrain; investigate"),       # one site of one tester: a tester problem
+])
+def test_retrain_recommendation_follows_where_the_drift_is(tmp_path, drifting_sites, verdict):
+    from edge_agent.collector.report import write_report
+    store = Store(tmp_path / "r.sqlite")
+    rules = AlertRules(AlertConfig())
+    for seq in (1, 2):
+        for agent in ("a", "b"):
+            _ingest(store, rules, _window(seq, agent=agent, sites=(1, 2), shifted_sites=drifting_sites.get(agent, ()),
+                                          parts=400), 1000.0 + seq)
+    store.close()
+    write_report(tmp_path / "r.sqlite", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    recommendation = page[page.index("Retrain recommendation"):page.index("Agents and their model versions")]
+    assert f"<td>{verdict}</td>" in recommendation
+    if drifting_sites:
+        assert "1000:T0" in recommendation
 
 
 # ---- the agent's drift hook with a real model package --------------------------------------------------------------
@@ -465,7 +514,8 @@ def _chromium_images(html_file: Path, profile: Path) -> dict:
     try:
         target = call("Target.createTarget", url=html_file.as_uri())["targetId"]
         session = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        expression = ("location.protocol === 'file:' && document.readyState === 'complete' && Array.from(document.images).every(i => i.complete) ? "
+        expression = ("location.protocol === 'file:' && document.readyState === 'complete' && "
+                      "Array.from(document.images).every(i => i.complete) ? "
                       "JSON.stringify({title: document.title, headings: Array.from(document.querySelectorAll('h2'))"
                       ".map(h => h.textContent), images: Array.from(document.images).map(i => [i.naturalWidth, "
                       "i.naturalHeight, i.src.slice(0, 22)]), cells: Array.from(document.querySelectorAll('td'))"

@@ -595,3 +595,55 @@ def test_writer_refuses_a_second_lot_and_leaves_no_file(tmp_path):
     with pytest.raises(DataError, match="one lot"):
         write_stdf(path, (frame.iloc[i:i + 5] for i in (0, 5)), tests)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_bytes_never_escape_as_raw_errors(tmp_path):
+    """Random byte flips, cuts and insertions: a result with problems, or a DataError; nothing else."""
+    path, _, _ = _good_file(tmp_path)
+    good = path.read_bytes()
+    rng = np.random.default_rng(11)
+    damaged = tmp_path / "fuzz.stdf"
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(150):
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 6))):
+            at, size = int(rng.integers(0, len(data))), int(rng.integers(1, 40))
+            choice = rng.integers(0, 3)
+            if choice == 0:
+                data[at] = int(rng.integers(0, 256))
+            elif choice == 1:
+                del data[at:at + size]
+            else:
+                data[at:at] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        damaged.write_bytes(bytes(data))
+        try:
+            result = read_stdf(damaged)
+        except DataError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["read"] += 1
+        assert len(result.table) <= 40
+    assert outcomes["read"] > 100
+
+
+def test_synthetic_floor_written_one_file_per_lot(tmp_path):
+    """trainer.synth's chunks (two lots, 4 sites, per-pin tests) -> one STDF per lot -> the same table."""
+    from trainer import synth
+    from trainer.stdf_writer import write_stdf_lots
+    config = synth.SynthConfig(parts=600, tests=60, lots=2, seed=5)
+    tests = synth.test_catalog(config)
+    frame = pd.concat(list(synth.generate(config, chunk_parts=250)), ignore_index=True)
+    written = write_stdf_lots(tmp_path / "{lot}.stdf", synth.generate(config, chunk_parts=250), tests,
+                              sites_per_touchdown=config.sites)
+    assert [w.lot for w in written] == config.lot_names()
+    columns = [t.column for t in tests]
+    for w in written:
+        expected = frame[frame["lot"] == w.lot].reset_index(drop=True)
+        table = read_stdf(w.path).table
+        assert table.test_columns == columns
+        np.testing.assert_array_equal(table.readings(), expected[columns].to_numpy(np.float32).astype(np.float64))
+        for column in ("wafer", "x", "y", "site", "part_id", "hard_bin", "soft_bin", "passed", "tester", "job"):
+            assert table.frame[column].astype(object).tolist() == expected[column].astype(object).tolist(), column
+        limits = {t.column: (t.low, t.high) for t in table.tests}
+        for t in tests:                                          # limits come back as R*4
+            assert limits[t.column] == tuple(None if v is None else float(np.float32(v)) for v in (t.low, t.high))

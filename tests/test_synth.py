@@ -314,6 +314,8 @@ def test_csv_has_metadata_rows_and_the_same_readings(tmp_path):
         np.testing.assert_array_equal(data[meta.column].to_numpy(np.float32), expected[meta.column].to_numpy())
     assert data["part_id"].tolist() == expected["part_id"].tolist()
     assert data["truth_excursion"].tolist() == expected["truth_excursion"].tolist()
+    assert data["passed"].tolist() == expected["passed"].tolist()
+    np.testing.assert_array_equal(data["timestamp"].to_numpy(), expected["timestamp"].to_numpy())
 
 
 # --- configuration and command line ----------------------------------------------------------

@@ -29,7 +29,7 @@ def latent_lot(tmp_path_factory):
 
 def test_latent_outlier_cluster_is_flagged_at_the_calibrated_threshold(latent_lot):
     """The latent cluster passes every limit, so limits alone find 0 % of it. Its parts are moved jointly by
-    several sigma on a handful of correlated tests, which an Isolation Forest isolates in short paths; at a
+    3.5-5 sigma on about a third of the tests, which an Isolation Forest isolates in short paths; at a
     threshold calibrated to flag 1 % of passing parts, a random flag would find ~1 % of the cluster. We demand
     90 %: well above chance, while leaving room for a part or two that landed near the cluster's edge."""
     trained = fit(latent_lot, TrainConfig(n_trees=100, yield_model="logistic", seed=3), progress=lambda _: None)

@@ -42,9 +42,10 @@ ROWS_PER_BLOCK = 4096               # parts packed per compiled call (bounds the
 @dataclass
 class StdfWritten:
     path: str
+    lot: str = ""
     parts: int = 0
     results: int = 0
-    bytes: int = 0
+    bytes: int = 0             # STDF bytes, before any compression
     tests: list[TestMeta] = field(default_factory=list)
 
 
@@ -321,9 +322,11 @@ class StdfWriter:
             test_flg: int = 0, pin_indexes: list[int] | None = None, low: float | None = None,
             high: float | None = None, units: str = "", scale: int = 0) -> int:
         """An MPR; with ``pin_indexes`` (PMR indexes, one per result) it also carries defaults (limits, units)."""
+        full = pin_indexes is not None
+        if full and len(pin_indexes) != len(results):
+            raise ValueError(f"one PMR index per result: {len(pin_indexes)} indexes for {len(results)} results")
         names, _, name_len = _pool([name])
         unit_pool, _, units_len = _pool([units])
-        full = pin_indexes is not None
         opt = _NO_SPEC | (0x40 if low is None else 0) | (0x80 if high is None else 0)
         pmr = np.array(pin_indexes if full else [0] * len(results), np.int64)
         out = np.zeros(96 + 6 * len(results) + int(name_len[0]) + int(units_len[0]), np.uint8)
@@ -566,7 +569,8 @@ class _LotWriter:
                 counts[0] += int(parts)
                 counts[1] += int(good)
         if wafers is not None:
-            for (head, wafer), (parts, good) in tallies.groupby(["head", "wafer"])["ok"].agg(["size", "sum"]).iterrows():
+            per_wafer = tallies.groupby(["head", "wafer"])["ok"].agg(["size", "sum"])
+            for (head, wafer), (parts, good) in per_wafer.iterrows():
                 counts = self.wafer_counts.setdefault((int(head), wafer), [0, 0])
                 counts[0] += int(parts)
                 counts[1] += int(good)
@@ -656,5 +660,53 @@ def write_stdf(path: str | Path, data: ParametricTable | pd.DataFrame | Iterable
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+    result.lot = lot_writer.lot
     result.parts, result.results, result.bytes = lot_writer.parts, int(lot_writer.results[0]), writer.bytes
     return result
+
+
+def write_stdf_lots(pattern: str | Path, data: ParametricTable | pd.DataFrame | Iterable[pd.DataFrame],
+                    tests: list[TestMeta] | None = None, **options) -> list[StdfWritten]:
+    """Write one STDF file per lot (an STDF file holds one lot), streaming.
+
+    ``pattern`` names the files with a ``{lot}`` placeholder, e.g. ``"out/{lot}.stdf.gz"``. Rows must
+    come lot after lot (a lot that comes back later is refused). ``options`` as for ``write_stdf``.
+    """
+    pattern = str(pattern)
+    if "{lot}" not in pattern:
+        raise DataError("the output name needs a {lot} placeholder, one file is written per lot", file=pattern)
+    chunks, table_tests = _chunks(data)
+    tests = tests if tests is not None else table_tests
+    pieces = _single_lot_pieces(chunks)
+    ahead = next(pieces, None)
+    written: list[StdfWritten] = []
+    while ahead is not None:
+        lot = ahead[0]
+        if any(w.lot == lot for w in written):
+            raise DataError(f"lot {lot!r} comes back after another lot; rows must come lot after lot",
+                            file=pattern, column="lot")
+
+        def this_lot():
+            nonlocal ahead
+            while ahead is not None and ahead[0] == lot:
+                yield ahead[1]
+                ahead = next(pieces, None)
+
+        written.append(write_stdf(pattern.format(lot=_file_safe(lot)), this_lot(), tests, **options))
+    return written
+
+
+def _single_lot_pieces(chunks: Iterable[pd.DataFrame]):
+    """(lot, frame) pieces of the chunks, each piece one lot's consecutive rows."""
+    for frame in chunks:
+        if "lot" not in frame.columns or len(frame) == 0:
+            yield "", frame
+            continue
+        lots = frame["lot"].astype(object).where(frame["lot"].notna(), "").astype(str).to_numpy()
+        cuts = [0, *(np.flatnonzero(lots[1:] != lots[:-1]) + 1), len(lots)]
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            yield lots[start], frame.iloc[start:stop]
+
+
+def _file_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "lot"

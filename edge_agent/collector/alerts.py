@@ -1,7 +1,8 @@
 """Alert rules on stored windows, their thresholds (the ``[alerts]`` table of a TOML file) and the hook.
 
 Kinds: ``psi`` (a test's PSI above the threshold at one tester/site, with its sample size), ``outlier_rate``
-(above the model's expected rate by a margin), ``change`` (the agent's Page-Hinkley detector fired on the
+(above the model's expected rate by a margin) - both judged on counts summed over windows until there are
+enough parts (see ``AlertRules``) - ``change`` (the agent's Page-Hinkley detector fired on the
 outlier score), ``silent`` (no message from an agent for too long), ``spool_loss`` (the agent dropped
 windows from its spool, or lost them before spooling) and ``sequence_gap`` (windows missing that no
 loss report explains). Every alert goes to the log, the ``alerts`` table (same transaction as its window)
@@ -11,7 +12,7 @@ Example ``collector.toml`` (every key optional; these are the defaults)::
 
     [alerts]
     psi_threshold = 0.2          # "act" in the usual PSI reading (< 0.1 stable, 0.1-0.2 watch)
-    psi_min_parts = 200          # fewer readings of a test at a site: PSI is noise, no alert (see below)
+    psi_min_parts = 200          # PSI is judged on at least this many readings of a test at a site (see below)
     outlier_margin = 0.02        # alert when outlier rate > expected + margin ...
     outlier_min_parts = 500      # ... over at least this many parts of one site
     change_detector = true       # alert when the agent's change detector fired
@@ -40,8 +41,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from trainer.errors import EdgeError
 
+from ..drift import psi
 from .store import Added, StatsWindow
 
 log = logging.getLogger("edge_agent.collector.alerts")
@@ -64,6 +68,10 @@ class AlertConfig:
     repeat_after_s: float = 3600.0
     hook: str = ""
     hook_timeout_s: float = 10.0
+
+
+def _seqs(first: int, last: int) -> str:
+    return f"window seq {last}" if first == last else f"windows seq {first}-{last}"
 
 
 def load_alert_config(path: str | Path | None) -> AlertConfig:
@@ -100,47 +108,129 @@ def load_alert_config(path: str | Path | None) -> AlertConfig:
     return config
 
 
+@dataclass
+class WindowAlerts:
+    alerts: list[dict]
+    psi: dict[str, float]        # test -> worst PSI over this agent's sites judged with this window (if any)
+
+
+@dataclass
+class _SiteTally:
+    """One (agent, model, head, site): counts summed over windows until there are enough parts to judge."""
+
+    counts: np.ndarray           # [T, max_bins] bin counts since the last PSI verdict
+    psi_parts: int = 0
+    psi_first_seq: int = 0
+    parts: int = 0               # parts and outliers since the last outlier-rate verdict
+    outliers: int = 0
+    rate_first_seq: int = 0
+
+
 class AlertRules:
-    """Turns stored windows and agent silence into alert rows (dicts with the ``alerts`` table's columns)."""
+    """Turns stored windows and agent silence into alert rows (dicts with the ``alerts`` table's columns).
+
+    PSI and outlier rate are judged on each site's counts summed over consecutive windows until they hold
+    ``psi_min_parts`` (``outlier_min_parts``) parts, then the sums restart: a small window (a slow tester, many
+    sites) is judged on enough parts, never on noise. The sums live in memory (a collector restart starts them
+    again).
+    """
 
     def __init__(self, config: AlertConfig, last_raised: dict[tuple, float] | None = None):
         self.config = config
         self._last = dict(last_raised or {})
+        self._tallies: dict[tuple, _SiteTally] = {}
+        self._references: dict[str, np.ndarray] = {}
 
-    def for_window(self, window: StatsWindow, added: Added, now: float) -> list[dict]:
-        m, c = window.message, self.config
+    def for_window(self, window: StatsWindow, added: Added, now: float) -> WindowAlerts:
+        m = window.message
         alerts: list[dict] = []
+        worst: dict[str, float] = {}
         base = {"agent_id": m["agent_id"], "tester": m["tester"], "model": window.model_label,
                 "window_id": added.window_id, "created_at": now}
         where = f"tester {m['tester']} (agent {m['agent_id']})"
+        reference = self._reference(m)
         for site in m["sites"]:
+            tally = self._tally(m, site, reference.shape, added)
             place = {**base, "head": site["head"], "site": site["site"]}
             at = f"{where} head {site['head']} site {site['site']}"
-            for t, value in enumerate(site["psi"]):
-                n = sum(site["counts"][t])
-                if value is not None and value > c.psi_threshold and n >= c.psi_min_parts:
-                    self._raise(alerts, {**place, "kind": "psi", "test": m["columns"][t], "value": value,
-                                         "threshold": c.psi_threshold, "sample_size": n, "message":
-                                         f"PSI {value:.3f} > {c.psi_threshold} on test {m['columns'][t]} at {at} "
-                                         f"(n = {n} readings over {len(site['counts'][t])} bins, window seq "
-                                         f"{m['seq']}, model {window.model_label})"})
-            expected, rate = m["expected_outlier_rate"], site.get("outlier_rate")
-            if (rate is not None and site["parts"] >= c.outlier_min_parts
-                    and rate > expected + c.outlier_margin):
-                self._raise(alerts, {**place, "kind": "outlier_rate", "test": None, "value": rate,
-                                     "threshold": expected + c.outlier_margin, "sample_size": site["parts"],
-                                     "message": f"outlier rate {rate:.2%} at {at}, expected {expected:.2%} + "
-                                                f"{c.outlier_margin:.2%} (n = {site['parts']} parts, model "
-                                                f"{window.model_label})"})
+            self._judge_psi(m, site, tally, reference, place, at, alerts, worst)
+            self._judge_outlier_rate(m, site, tally, place, at, alerts)
             change = site["change"]
-            if c.change_detector and change["fired"]:
+            if self.config.change_detector and change["fired"]:
                 self._raise(alerts, {**place, "kind": "change", "test": None, "value": change["fires"],
                                      "threshold": None, "sample_size": site["parts"],
                                      "message": f"change detector (Page-Hinkley) fired {change['fires']} time(s) on "
                                                 f"the outlier score at {at} (window seq {m['seq']}, "
                                                 f"{site['parts']} parts)"})
         alerts += self._losses(window, added, base, where)
-        return alerts
+        return WindowAlerts(alerts, worst)
+
+    def forget_sums(self) -> None:
+        """Drop the partial sums (after a failed write: the windows in them come again)."""
+        self._tallies.clear()
+
+    def _judge_psi(self, m: dict, site: dict, tally: _SiteTally, reference: np.ndarray, place: dict, at: str,
+                   alerts: list[dict], worst: dict[str, float]) -> None:
+        c = self.config
+        if not tally.psi_parts:
+            tally.psi_first_seq = m["seq"]
+        for t, counts in enumerate(site["counts"]):
+            tally.counts[t, :len(counts)] += counts
+        tally.psi_parts += site["parts"]
+        if tally.psi_parts < c.psi_min_parts:
+            return
+        n = tally.counts.sum(axis=1)
+        values = np.where(n >= c.psi_min_parts, psi(tally.counts, reference), np.nan)
+        span = _seqs(tally.psi_first_seq, m["seq"])
+        for t in np.flatnonzero(~np.isnan(values)):
+            column, value = m["columns"][t], float(values[t])
+            worst[column] = max(worst.get(column, 0.0), value)
+            if value > c.psi_threshold:
+                self._raise(alerts, {**place, "kind": "psi", "test": column, "value": value,
+                                     "threshold": c.psi_threshold, "sample_size": int(n[t]),
+                                     "message": f"PSI {value:.3f} > {c.psi_threshold} on test {column} at {at} "
+                                                f"(n = {int(n[t])} readings over {len(site['counts'][t])} bins, "
+                                                f"{span}, model {place['model']})"})
+        tally.counts[:] = 0
+        tally.psi_parts = 0
+
+    def _judge_outlier_rate(self, m: dict, site: dict, tally: _SiteTally, place: dict, at: str,
+                            alerts: list[dict]) -> None:
+        c = self.config
+        if not tally.parts:
+            tally.rate_first_seq = m["seq"]
+        tally.parts += site["parts"]
+        tally.outliers += site["outliers"]
+        if tally.parts < c.outlier_min_parts:
+            return
+        expected, rate = m["expected_outlier_rate"], tally.outliers / tally.parts
+        if rate > expected + c.outlier_margin:
+            self._raise(alerts, {**place, "kind": "outlier_rate", "test": None, "value": rate,
+                                 "threshold": expected + c.outlier_margin, "sample_size": tally.parts,
+                                 "message": f"outlier rate {rate:.2%} at {at}, expected {expected:.2%} + "
+                                            f"{c.outlier_margin:.2%} (n = {tally.parts} parts, "
+                                            f"{_seqs(tally.rate_first_seq, m['seq'])}, model {place['model']})"})
+        tally.parts = tally.outliers = 0
+
+    def _reference(self, m: dict) -> np.ndarray:
+        checksum = m["model"]["checksum"]
+        if checksum not in self._references:
+            proportions = m["reference"]["proportions"]
+            padded = np.zeros((len(proportions), max((len(p) for p in proportions), default=1)))
+            for t, p in enumerate(proportions):
+                padded[t, :len(p)] = p
+            self._references[checksum] = padded
+        return self._references[checksum]
+
+    def _tally(self, m: dict, site: dict, shape: tuple, added: Added) -> _SiteTally:
+        agent, checksum = m["agent_id"], m["model"]["checksum"]
+        if added.previous is not None and added.previous["model_checksum"] != checksum:
+            # The agent serves another model now: the sums of the old one will never be judged.
+            self._tallies = {k: v for k, v in self._tallies.items() if k[0] != agent or k[1] == checksum}
+        key = (agent, checksum, site["head"], site["site"])
+        if key not in self._tallies:
+            self._tallies[key] = _SiteTally(np.zeros(shape, dtype=np.int64))
+        return self._tallies[key]
 
     def for_silence(self, agents: list, now: float) -> list[dict]:
         """Agents silent for longer than ``silent_after_s`` and not yet alerted for this silence."""

@@ -111,7 +111,8 @@ def write_report(db: str | Path, out: str | Path, *, since_hours: float | None =
     for model in models.values():
         model_series = [s for s in series if s.model == model.checksum]
         page.heading(f"Model {model.label}: PSI of tests by tester/site")
-        page.image(_overview_heatmap(model, model_series, config), f"PSI heat map of tests by tester/site, {model.label}")
+        page.image(_overview_heatmap(model, model_series, config),
+                   f"PSI heat map of tests by tester/site, {model.label}")
         page.heading(f"Model {model.label}: PSI over time")
         page.image(_time_heatmap(model, model_series, config), f"PSI over time, {model.label}")
         page.heading(f"Model {model.label}: worst-drifting tests, reference vs recent")
@@ -171,32 +172,34 @@ def _recent_psi(model: _Model, s: _Series, config: AlertConfig) -> tuple[np.ndar
 
 
 def _recommend(model: _Model, series: list[_Series], config: AlertConfig) -> tuple[str, str]:
+    """A verdict and its reason. Drift on most of the fleet means the population moved (retrain); drift on a
+    few testers/sites while the rest matches the reference points at those testers (do not retrain on it)."""
     if not series:
         return "no data", "no windows in the report's range"
-    drifting: dict[int, list[tuple[str, float, int]]] = {}
-    measured = 0
-    worst = (-1.0, "", "", 0)
+    drifting: dict[int, list[tuple[_Series, float]]] = {}      # test -> (tester/site, recent PSI) above threshold
+    measured, worst = [], (-1.0, "", "", 0)
     for s in series:
         values, n = _recent_psi(model, s, config)
         if np.all(np.isnan(values)):
             continue
-        measured += 1
+        measured.append(s)
         t = int(np.nanargmax(values))
         if values[t] > worst[0]:
             worst = (float(values[t]), model.columns[t], s.label, int(n[t]))
         for t in np.flatnonzero(values > config.psi_threshold):
-            drifting.setdefault(int(t), []).append((s.label, float(values[t]), int(n[t])))
+            drifting.setdefault(int(t), []).append((s, float(values[t])))
     if not measured:
         return "not enough data", (f"no tester/site has {config.psi_min_parts} readings of a test yet "
                                    f"({len(series)} tester/site(s) reporting)")
-    testers = {s.tester for s in series}
-    fleet_wide = {t: where for t, where in drifting.items()
-                  if len(where) * 2 >= measured and (len({w[0].split(' ')[0] for w in where}) >= 2 or len(testers) == 1)}
+    several_testers = len({s.tester for s in measured}) > 1
+    fleet_wide = {t: where for t, where in drifting.items() if len(where) * 2 >= len(measured)
+                  and (not several_testers or len({s.tester for s, _ in where}) > 1)}
     excess = [s for s in series if (r := s.recent())[1] >= config.outlier_min_parts
               and r[2] / r[1] > model.expected_outlier_rate + config.outlier_margin]
     if fleet_wide:
-        named = "; ".join(f"{model.columns[t]} on {len(w)} of {measured} tester/sites (max PSI "
-                          f"{max(x[1] for x in w):.2f})" for t, w in sorted(fleet_wide.items(), key=lambda i: -len(i[1]))[:3])
+        widest = sorted(fleet_wide.items(), key=lambda item: -len(item[1]))[:3]
+        named = "; ".join(f"{model.columns[t]} on {len(where)} of {len(measured)} tester/sites (max PSI "
+                          f"{max(v for _, v in where):.2f})" for t, where in widest)
         return "retrain", (f"{len(fleet_wide)} test(s) drift (PSI > {config.psi_threshold}) on most of the fleet "
                            f"running it: {named}. The process or product moved away from the training data.")
     if len(excess) * 2 >= len(series):
@@ -204,13 +207,13 @@ def _recommend(model: _Model, series: list[_Series], config: AlertConfig) -> tup
                                           f"{config.outlier_margin:.2%} on {len(excess)} of {len(series)} "
                                           f"tester/sites: the score threshold no longer fits the population")
     if drifting:
-        places = sorted({label for where in drifting.values() for label, _, _ in where})
-        tests = ", ".join(model.columns[t] for t in sorted(drifting, key=lambda t: -max(x[1] for x in drifting[t]))[:3])
+        places = sorted({s.label for where in drifting.values() for s, _ in where})
+        strongest = sorted(drifting, key=lambda t: -max(v for _, v in drifting[t]))[:3]
         return "do not retrain; investigate", (
-            f"drift is confined to {', '.join(places[:5])}{' ...' if len(places) > 5 else ''} (tests {tests}); "
-            f"the rest of the fleet matches the reference. Check the tester, probe card or setup there: "
-            f"retraining would teach the model a fault.")
-    return "no retrain needed", (f"no test above PSI {config.psi_threshold} on {measured} tester/site(s); "
+            f"drift is confined to {', '.join(places[:5])}{' ...' if len(places) > 5 else ''} (tests "
+            f"{', '.join(model.columns[t] for t in strongest)}); the rest of the fleet matches the reference. "
+            f"Check the tester, probe card or setup there: retraining would teach the model a fault.")
+    return "no retrain needed", (f"no test above PSI {config.psi_threshold} on {len(measured)} tester/site(s); "
                                  f"worst PSI {worst[0]:.3f} ({worst[1]} at {worst[2]}, n = {worst[3]})")
 
 
@@ -334,7 +337,8 @@ def _agent_rows(agents, agent_models, models: dict[str, _Model], config: AlertCo
         model = models.get(a["model_checksum"])
         status = "silent" if a["silent_since"] is not None or now - a["last_seen"] > config.silent_after_s else "alive"
         rows.append((a["agent_id"], a["tester"], model.label if model else a["model_checksum"][:12],
-                     ", ".join(seen.get(a["agent_id"], [])), f"{_iso(a['last_seen'])} ({now - a['last_seen']:.0f} s ago)",
+                     ", ".join(seen.get(a["agent_id"], [])),
+                     f"{_iso(a['last_seen'])} ({now - a['last_seen']:.0f} s ago)",
                      a["last_seq"], a["windows"], a["dropped_total"] + a["unspooled_lost"], status))
     return rows
 

@@ -45,16 +45,10 @@ class FleetState:
         self.last_seen: dict[str, float] = {}
         self.psi: dict[tuple[str, str], float] = {}     # (tester, test) -> latest PSI, worst site
 
-    def window(self, window: StatsWindow) -> None:
-        m = window.message
-        latest: dict[str, float] = {}
-        for site in m["sites"]:
-            for column, value in zip(m["columns"], site["psi"]):
-                if value is not None and value > latest.get(column, -1.0):
-                    latest[column] = value
+    def judged(self, tester: str, psi: dict[str, float]) -> None:
         with self.lock:
-            for column, value in latest.items():
-                self.psi[(m["tester"], column)] = value
+            for column, value in psi.items():
+                self.psi[(tester, column)] = value
 
     def collect(self):
         now = time.time()
@@ -72,8 +66,8 @@ class FleetState:
             yield GaugeMetricFamily("edge_collector_agents_alive",
                                     "Agents heard from within the silence limit", value=alive)
             yield GaugeMetricFamily("edge_collector_agents_known", "Agents ever heard from", value=len(self.last_seen))
-            psi = GaugeMetricFamily("edge_collector_psi", "Latest PSI of a test on a tester (its worst site)",
-                                    labels=["tester", "test"])
+            psi = GaugeMetricFamily("edge_collector_psi", "Latest PSI judged for a test on a tester (its worst "
+                                    "site, over at least the alert rule's minimum readings)", labels=["tester", "test"])
             for (tester, test), value in sorted(self.psi.items()):
                 psi.add_metric([tester, test], value)
             yield psi
@@ -170,18 +164,26 @@ class CollectorServer:
 
     def _store(self, router: zmq.Socket, batch: list[tuple[bytes, StatsWindow]]) -> None:
         received_at = time.time()
-        outcomes, alerts = [], []
+        outcomes, alerts, judged = [], [], []
         try:
             with self.store.transaction():
                 for _, window in batch:
                     added = self.store.add_window(window, received_at)
                     outcomes.append(added)
                     if added is not None:
-                        for alert in self.rules.for_window(window, added, received_at):
+                        verdict = self.rules.for_window(window, added, received_at)
+                        for alert in verdict.alerts:
                             self.store.add_alert(alert)
-                            alerts.append(alert)
-        except sqlite3.Error as error:
-            log.error("storing %d window(s) failed, none acknowledged (agents will resend): %s", len(batch), error)
+                        alerts += verdict.alerts
+                        judged.append((window["tester"], verdict.psi))
+        except Exception as error:   # sqlite3 errors (disk full, locked) and bugs: the loop must go on for others
+            self.rules.forget_sums()
+            if len(batch) > 1:       # one at a time, so that one message that cannot be stored holds up no other
+                for item in batch:
+                    self._store(router, [item])
+                return
+            log.error("storing a window of %s failed, not acknowledged (it will be sent again): %s",
+                      _peer(batch[0][1].message), error, exc_info=not isinstance(error, sqlite3.Error))
             for identity, window in batch:
                 self._reply(router, identity, {"type": "error", "v": 1, "code": "store_failed",
                                                "message": str(error), "seq": window["seq"]})
@@ -193,8 +195,8 @@ class CollectorServer:
             with self.state.lock:
                 self.state.last_seen[window["agent_id"]] = received_at
                 self.state.duplicates += added is None
-            if added is not None:
-                self.state.window(window)
+        for tester, psi in judged:
+            self.state.judged(tester, psi)
         self._announce(alerts)
 
     def _check_silence(self) -> None:

@@ -126,9 +126,17 @@ def parse_stats(message: Any) -> StatsWindow:
                                   "change": dict})
         for name in ("missing", "counts", "psi", "js", "ks"):
             _length(s[name], n_tests, f"{where}.{name}")
+        for name in ("psi", "js", "ks"):
+            if not all(map(_number_or_nil, s[name])):
+                raise InvalidMessage(f"{where}.{name}: expected a number or nil per test")
+        for name in ("outlier_rate", "score_psi"):
+            if not _number_or_nil(s.get(name)):
+                raise InvalidMessage(f"{where}.{name}: expected a number or nil")
         for t, counts in enumerate(s["counts"]):
-            if not isinstance(counts, list) or len(counts) != bins[t]:
+            if not isinstance(counts, list) or len(counts) != bins[t] or not _counts(counts):
                 raise InvalidMessage(f"{where}.counts[{t}]: expected {bins[t]} bin counts (the reference's bins)")
+        if not _counts(s["missing"]) or not _counts(s["score_counts"]):
+            raise InvalidMessage(f"{where}.missing and .score_counts: expected counts (integers >= 0)")
         _fields(s["change"], f"{where}.change", {"fired": bool, "fires": int, "statistic": _NUMBER})
     return StatsWindow(m)
 
@@ -143,6 +151,14 @@ def _fields(value: Any, where: str, spec: dict[str, type | tuple]) -> dict:
             raise InvalidMessage(f"{where}.{key}: expected {getattr(kind, '__name__', 'a number')}, "
                                  f"got {type(value[key]).__name__}")
     return value
+
+
+def _number_or_nil(value: Any) -> bool:
+    return value is None or (isinstance(value, _NUMBER) and not isinstance(value, bool))
+
+
+def _counts(values: list) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def _length(value: list, n: int, where: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import struct
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -71,8 +72,8 @@ _MORE, _ROWS, _COLS, _FLUSH, _CORRUPT, _IDS = 0, 1, 2, 3, 4, 5
 # corruption kinds
 _E_SHORT, _E_TEXT, _E_ARRAY, _E_FAR = 1, 2, 3, 4
 # part fields (columns of the int64 parts array)
-(_P_HEAD, _P_SITE, _P_FLG, _P_HARD, _P_SOFT, _P_X, _P_Y, _P_TIME, _P_WAFER, _P_SEQ, _P_PRR_OFF, _P_PID_LEN,
- _N_PART_FIELDS) = range(13)
+(_P_HEAD, _P_SITE, _P_FLG, _P_HARD, _P_SOFT, _P_X, _P_Y, _P_TIME, _P_WAFER, _P_PRR_OFF, _P_PID_LEN,
+ _N_PART_FIELDS) = range(12)
 _PTR_KIND, _MPR_KIND = 0, 1
 
 
@@ -83,6 +84,7 @@ class StdfStats:
     parts: int
     tests: int
     results: int         # PTR/MPR results placed in the table
+    flagged: int         # results TEST_FLG marks invalid or not executed (left missing)
     seconds: float
 
 
@@ -234,7 +236,7 @@ def _scan(buf, n, pos, base, big, known, st, open_row, wafer_of_head, parts, don
                     st[_N_EVENTS] += 1
                     if has_opt:
                         col_state[col] = 1
-                if test_flg & 0x12:
+                if test_flg & TEST_FLG_NO_RESULT:
                     st[_INVALID] += 1
                 elif row < 0:
                     st[_ORPHANS] += 1
@@ -258,7 +260,6 @@ def _scan(buf, n, pos, base, big, known, st, open_row, wafer_of_head, parts, don
             st[_N_ROWS] += 1
             open_row[slot] = row
             parts[row, _P_WAFER] = wafer_of_head[buf[body]]
-            parts[row, _P_SEQ] = -1
         elif code == _PRR:
             if length < 2:
                 st[_ERR] = _E_SHORT
@@ -292,7 +293,6 @@ def _scan(buf, n, pos, base, big, known, st, open_row, wafer_of_head, parts, don
                 ids[at:at + id_len] = buf[body + 18:body + 18 + id_len]
                 st[_N_ID_BYTES] += id_len
                 parts[row, _P_PID_LEN] = id_len
-                parts[row, _P_SEQ] = st[_N_DONE]
                 done_rows[st[_N_DONE]] = row
                 st[_N_DONE] += 1
         elif code == _MIR or code == _SDR or code == _WIR or code == _PMR or code == _HBR or code == _SBR:
@@ -301,9 +301,10 @@ def _scan(buf, n, pos, base, big, known, st, open_row, wafer_of_head, parts, don
             rare[st[_N_RARE], 0] = pos
             rare[st[_N_RARE], 1] = code
             st[_N_RARE] += 1
-            if code == _WIR and length >= 1:
-                wafer_of_head[buf[body]] = st[_N_WAFERS]
-                st[_N_WAFERS] += 1
+            if code == _WIR:
+                if length >= 1:
+                    wafer_of_head[buf[body]] = st[_N_WAFERS]
+                st[_N_WAFERS] += 1          # counted like Python's list of WAFER_IDs, one per WIR
         elif code == _FAR:
             st[_ERR] = _E_FAR
             break
@@ -336,46 +337,47 @@ class _Fields:
     def __init__(self, data, start: int, end: int, order: str):
         self.data, self.pos, self.end, self.order = data, start, end, order
 
-    def _take(self, size: int):
+    def _take(self, size: int) -> int | None:
+        """Position of the next ``size`` bytes, or None (and the record is used up) if they are not there."""
         if self.pos + size > self.end:
             self.pos = self.end
             return None
-        view = self.data[self.pos:self.pos + size]
         self.pos += size
-        return view
+        return self.pos - size
 
-    def _number(self, dtype: str, missing):
-        raw = self._take(np.dtype(dtype).itemsize)
-        return missing if raw is None else np.frombuffer(bytes(raw), self.order + dtype)[0].item()
+    def _number(self, code: str, missing):
+        at = self._take(struct.calcsize(code))
+        return missing if at is None else struct.unpack_from(self.order + code, self.data, at)[0]
 
     def u1(self, missing=0):
-        return self._number("u1", missing)
+        return self._number("B", missing)
 
     def u2(self, missing=0):
-        return self._number("u2", missing)
+        return self._number("H", missing)
 
     def u4(self, missing=0):
-        return self._number("u4", missing)
+        return self._number("I", missing)
 
     def i1(self, missing=None):
-        return self._number("i1", missing)
+        return self._number("b", missing)
 
     def r4(self, missing=None):
-        return self._number("f4", missing)
+        return self._number("f", missing)
 
     def char(self) -> str:
-        raw = self._take(1)
-        return "" if raw is None else bytes(raw).decode("latin-1")
+        at = self._take(1)
+        return "" if at is None else bytes(self.data[at:at + 1]).decode("latin-1")
 
     def skip(self, size: int) -> None:
         self.pos = min(self.pos + size, self.end)
 
     def text(self) -> str:
         size = self.u1(missing=None)
-        if size is None:
+        if not size:
             return ""
-        raw = self._take(min(size, self.end - self.pos)) if size else b""
-        return bytes(raw).decode("latin-1").strip() if raw is not None else ""
+        size = min(size, self.end - self.pos)    # a text cut by the record's end keeps what is there
+        at = self._take(size)
+        return bytes(self.data[at:at + size]).decode("latin-1").strip()
 
     def u2_array(self, count: int) -> list[int]:
         values = []
@@ -393,7 +395,6 @@ class _TestInfo:
     number: int
     name: str
     pin_position: int | None = None
-    has_defaults: bool = False       # OPT_FLAG seen: scale, limits and units are settled
     scale: int = 0
     low: float | None = None
     high: float | None = None
@@ -416,9 +417,12 @@ class _Context:
     soft_bin_pass: dict[int, bool] = field(default_factory=dict)
 
 
+def _record_length(data, start: int, order: str) -> int:
+    return struct.unpack_from(order + "H", data, start)[0]
+
+
 def _decode_rare(ctx: _Context, data, start: int, code: int, order: str) -> None:
-    length = int(np.frombuffer(bytes(data[start:start + 2]), order + "u2")[0])
-    f = _Fields(data, start + 4, start + 4 + length, order)
+    f = _Fields(data, start + 4, start + 4 + _record_length(data, start, order), order)
     if code == _MIR:
         ctx.mirs += 1
         if ctx.mirs > 1:
@@ -441,7 +445,9 @@ def _decode_rare(ctx: _Context, data, start: int, code: int, order: str) -> None
     elif code == _PMR:
         index = f.u2()
         f.skip(2)    # CHAN_TYP
-        channel, _physical, logical = f.text(), f.text(), f.text()
+        channel = f.text()
+        f.text()     # PHY_NAM
+        logical = f.text()
         ctx.pins.setdefault(index, logical or channel or str(index))
     else:            # HBR / SBR: HEAD_NUM SITE_NUM BIN_NUM BIN_CNT BIN_PF
         f.skip(2)
@@ -453,10 +459,9 @@ def _decode_rare(ctx: _Context, data, start: int, code: int, order: str) -> None
 
 
 def _decode_test(info: _TestInfo | None, data, start: int, kind: int, pin_position: int, has_opt: bool,
-                 order: str, names: dict[tuple[int, int], str]) -> _TestInfo:
+                 order: str, names: dict[tuple[int, int], str], problems: list[str]) -> _TestInfo:
     """Test identity from a PTR/MPR; with has_opt also its defaults (scale, limits, units, pin)."""
-    length = int(np.frombuffer(bytes(data[start:start + 2]), order + "u2")[0])
-    f = _Fields(data, start + 4, start + 4 + length, order)
+    f = _Fields(data, start + 4, start + 4 + _record_length(data, start, order), order)
     number = f.u4()
     f.skip(4)                      # HEAD_NUM SITE_NUM TEST_FLG PARM_FLG
     n_states = 0
@@ -475,7 +480,8 @@ def _decode_test(info: _TestInfo | None, data, start: int, kind: int, pin_positi
         return info
     f.text()                       # ALARM_ID
     opt = f.u1(missing=0xFF)
-    res_scale, _low_scale, _high_scale = f.i1(), f.i1(), f.i1()
+    res_scale = f.i1()
+    f.skip(2)                      # LLM_SCAL HLM_SCAL: limits are shown in the results' units
     low, high = f.r4(), f.r4()
     if kind == _MPR_KIND:
         f.skip(8)                  # START_IN INCR_IN
@@ -483,8 +489,11 @@ def _decode_test(info: _TestInfo | None, data, start: int, kind: int, pin_positi
         if pin_position < len(indexes):
             info.pmr_index = indexes[pin_position]
     units = f.text()
-    info.has_defaults = True
     info.scale = res_scale if (res_scale is not None and not opt & 0x01) else 0
+    if info.scale not in SCALE_PREFIX:   # not an exponent STDF defines: show base units, say so
+        problems.append(f"test {number} {info.name!r}: RES_SCAL {info.scale} is not an STDF scaling exponent; "
+                        "its results and limits are shown unscaled")
+        info.scale = 0
     info.low = low if (low is not None and not opt & 0x50) else None
     info.high = high if (high is not None and not opt & 0xA0) else None
     info.units = units
@@ -561,6 +570,7 @@ class _Reader:
         self.bytes_read = 0
         self.damage_at: int | None = None
         self.plain_size: int | None = None     # bytes of an uncompressed file, to size the table early
+        self.rows_sized = False
 
     # -- input --------------------------------------------------------------------------------
     def _open(self):
@@ -623,6 +633,9 @@ class _Reader:
             self._check_far(bytes(buf[:min(n, 6)]))
             self.scan = _Scan(self.order == ">")
             base, pos = 0, 6   # the FAR itself is done
+            if _record_length(buf, 0, self.order) != 2:
+                self.problems.append(f"byte offset 0, record FAR: it declares {_record_length(buf, 0, self.order)} "
+                                     "bytes, the spec's FAR has 2; read as 2")
             self.scan.state[_N_RECORDS] = 1
             while True:
                 pos, stop = self._scan_chunk(buf, n, pos, base)
@@ -643,16 +656,17 @@ class _Reader:
         table = self._table()
         stats = StdfStats(bytes=self.bytes_read, records=int(self.scan.state[_N_RECORDS]), parts=len(table),
                           tests=len(table.tests), results=int(self.scan.state[_N_RESULTS]),
+                          flagged=int(self.scan.state[_INVALID]),
                           seconds=time.perf_counter() - started)
         return StdfRead(table, self.problems, stats)
 
     def _expect_parts(self, done_bytes: int) -> None:
         """After the first chunk of a plain file, make room for the parts its size suggests (saves regrowing)."""
         scan = self.scan
-        if self.plain_size is None or scan.state[_N_ROWS] == 0 or done_bytes == 0:
+        if self.rows_sized or self.plain_size is None or scan.state[_N_ROWS] == 0 or done_bytes == 0:
             return
+        self.rows_sized = True
         expected = int(scan.state[_N_ROWS] * self.plain_size / done_bytes * 1.05) + 1024
-        self.plain_size = None   # once
         if expected > scan.matrix.shape[0]:
             scan.grow_rows(expected)
 
@@ -661,17 +675,18 @@ class _Reader:
         while True:
             status, pos = scan.run(buf, n, pos, base)
             self._collect(buf)
+            if status == _MORE:
+                return pos, False
+            if status == _CORRUPT:
+                self._corrupt()
+                return pos, True
             if status == _ROWS:
                 scan.grow_rows()
             elif status == _IDS:
                 scan.grow_ids()
             elif status == _COLS:
                 scan.grow_cols()
-            elif status == _CORRUPT:
-                self._corrupt(base)
-                return pos, True
-            elif status == _MORE:
-                return pos, False
+            # _FLUSH needs nothing more: _collect has emptied the event and record lists
 
     def _collect(self, buf) -> None:
         """Decode what the pass left for Python while the chunk is still in the buffer."""
@@ -685,7 +700,7 @@ class _Reader:
             while len(self.tests) <= col:
                 self.tests.append(None)
             self.tests[col] = _decode_test(self.tests[col], buf, start, kind, pin, bool(has_opt), self.order,
-                                           self.names)
+                                           self.names, self.problems)
         st[_N_EVENTS] = 0
 
     # -- damage -------------------------------------------------------------------------------
@@ -707,12 +722,12 @@ class _Reader:
         if left < 4:
             self._damage(base, f"byte offset {base:,}: the file ends inside a record header ({left} of 4 bytes)")
             return
-        length = int(np.frombuffer(bytes(buf[:2]), self.order + "u2")[0])
+        length = _record_length(buf, 0, self.order)
         name = _record_name(int(buf[2]) * 256 + int(buf[3]))
         self._damage(base, f"byte offset {base:,}, record {name}: the record declares {length} bytes but the "
                            f"file ends after {left - 4}; the file is truncated (or this record's length is corrupt)")
 
-    def _corrupt(self, base: int) -> None:
+    def _corrupt(self) -> None:
         st = self.scan.state
         offset, kind, name = int(st[_ERR_OFF]), int(st[_ERR]), _record_name(int(st[_ERR_CODE]))
         reasons = {
@@ -726,7 +741,7 @@ class _Reader:
 
     # -- result ---------------------------------------------------------------------------------
     def _table(self) -> ParametricTable:
-        scan, st, ctx = self.scan, self.scan.state, self.ctx
+        scan, st = self.scan, self.scan.state
         done = scan.done_rows[:int(st[_N_DONE])]
         open_parts = int((scan.open_row >= 0).sum())
         keep = np.ones(len(done), bool)
@@ -877,9 +892,7 @@ def _scaled(values, scale: int):
 
 
 def _scaled_units(units: str, scale: int) -> str:
-    if scale == 0:
-        return units
-    return SCALE_PREFIX.get(scale, f"1e{-scale} ") + units
+    return SCALE_PREFIX[scale] + units
 
 
 def _retest_counts(frame: pd.DataFrame, part_flags: np.ndarray) -> np.ndarray:
