@@ -93,8 +93,10 @@ def free_tcp_endpoint() -> str:
 def start_agent(registry_root: str | Path, model: str, endpoint: str, *extra: str, log_path: str | Path,
                 timeout_s: float = STARTUP_TIMEOUT_S) -> subprocess.Popen:
     """Start ``edge-agent run`` as its own process and return once it answers a health request."""
+    # Drift windows that no collector acknowledges wait in a spool beside the log, not in the working folder.
+    spool = [] if "--spool-dir" in extra else ["--spool-dir", str(Path(log_path).with_suffix(".spool"))]
     command = [sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(registry_root), "--model", model,
-               "--bind", endpoint, "--metrics-port", "0", *extra]
+               "--bind", endpoint, "--metrics-port", "0", *spool, *extra]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s

@@ -25,6 +25,7 @@ from .config import AgentConfig, load_config
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_UNUSABLE, EXIT_NO_REPLY = 0, 1, 2, 3
 RELOAD_POLL_S = 0.1
+DRIFT_STOP_TIMEOUT_S = 2.0   # at shutdown the open window gets this long to be acknowledged, else it stays spooled
 
 log = logging.getLogger("edge_agent.cli")
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off (default: 9464)")
     run.add_argument("--metrics-host", help="Prometheus listen address (default: 127.0.0.1)")
     run.add_argument("--watch-interval-s", type=float, help="how often the followed stage is checked")
+    run.add_argument("--collector", help="fleet collector endpoint for drift windows (default: tcp://127.0.0.1:5560)")
+    run.add_argument("--no-drift", dest="drift", action="store_false", default=None,
+                     help="no drift statistics and nothing shipped upstream")
+    run.add_argument("--agent-id", help="this agent's id in the fleet (default: the host name)")
+    run.add_argument("--tester", help="the tester this agent serves (default: the agent id)")
+    run.add_argument("--spool-dir", help="where unacknowledged drift windows wait (default: edge-agent-spool)")
     run.add_argument("--log-format", choices=("plain", "json"))
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     run.set_defaults(handler=cmd_run)
@@ -83,7 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         "registry": args.registry, "model": args.model, "stage": args.stage, "version": args.version,
         "bind": args.bind, "yield_variant": args.yield_variant, "watch_interval_s": args.watch_interval_s,
         "metrics.port": args.metrics_port, "metrics.host": args.metrics_host,
-        "logging.format": args.log_format, "logging.level": args.log_level})
+        "logging.format": args.log_format, "logging.level": args.log_level,
+        "drift.enabled": args.drift, "drift.collector": args.collector, "drift.agent_id": args.agent_id,
+        "drift.tester": args.tester, "drift.spool_dir": args.spool_dir})
     return run_agent(config)
 
 
@@ -95,6 +104,7 @@ def run_agent(config: AgentConfig) -> int:
     from .logs import setup_logging
     from .scoring import load_package
     from .server import Agent
+    from .upstream import AgentDrift
 
     setup_logging(config.logging.format, config.logging.level)
     registry = Registry(config.registry)
@@ -104,11 +114,18 @@ def run_agent(config: AgentConfig) -> int:
     model = load_package(registry, ref, config.yield_variant)
     log.info("loaded %s in %.2f s: checksum %s, %d features, smoke score of %d sample rows ok", ref,
              time.perf_counter() - start, model.checksum, len(model.columns), model.smoke["score"]["rows"])
-    agent = Agent(config, registry, model)
+    drift = AgentDrift(config.drift) if config.drift.enabled else None
+    agent = Agent(config, registry, model, drift=drift)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     signal.signal(signal.SIGHUP, agent.request_reload)
-    agent.serve()
+    if drift is not None:
+        drift.start(model)
+    try:
+        agent.serve()
+    finally:
+        if drift is not None:
+            drift.stop(timeout_s=DRIFT_STOP_TIMEOUT_S)
     return EXIT_OK
 
 

@@ -43,6 +43,17 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     dynamic_pat = 22
     ml_outlier = 23
     predicted_fail = 24
+
+    [drift]                          # streaming drift statistics, shipped to the fleet collector
+    enabled = true
+    agent_id = ""                    # default: the host name
+    tester = ""                      # default: the agent id
+    collector = "tcp://127.0.0.1:5560"
+    window_parts = 5000              # a window closes after this many parts or seconds, whichever first
+    window_seconds = 300.0
+    spool_dir = "edge-agent-spool"   # unacknowledged windows wait here (a daemon: /var/lib/edge-agent/spool)
+    spool_max_messages = 10000       # beyond either bound the oldest windows are dropped, counted and reported
+    spool_max_bytes = 268435456
 """
 from __future__ import annotations
 
@@ -100,6 +111,44 @@ class BinningConfig:
 
 
 @dataclass
+class DriftConfig:
+    """``[drift]`` in agent.toml. Every field is a plain str/int/float/bool so the agent's loader can set it."""
+
+    enabled: bool = True
+    agent_id: str = ""                         # default: the host name
+    tester: str = ""                           # default: the agent id
+    collector: str = "tcp://127.0.0.1:5560"    # the collector's ROUTER
+    window_parts: int = 5000                   # a window closes after this many parts ...
+    window_seconds: float = 300.0              # ... or this long, whichever comes first
+    max_sites: int = 512                       # (head, site) pairs tracked; parts of more sites are counted apart
+    spool_dir: str = "edge-agent-spool"        # windows wait here until acknowledged (a daemon: /var/lib/...)
+    spool_max_messages: int = 10_000
+    spool_max_bytes: int = 256 << 20
+    ack_timeout_s: float = 5.0
+    queue_length: int = 1000                   # windows waiting for the shipper thread
+    change_delta: float = 0.25                 # Page-Hinkley on the outlier score, in reference sigmas
+    change_threshold: float = 25.0
+    change_min_parts: int = 30
+
+    def problems(self) -> list[str]:
+        """What is wrong, as "drift.<key>: ..." lines (empty when usable)."""
+        problems = []
+        for name in ("window_parts", "max_sites", "spool_max_messages", "spool_max_bytes", "queue_length",
+                     "change_min_parts"):
+            if getattr(self, name) < 1:
+                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
+        for name in ("window_seconds", "ack_timeout_s", "change_delta", "change_threshold"):
+            if not getattr(self, name) > 0:
+                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
+        scheme, sep, _ = self.collector.partition("://")
+        if self.enabled and (not sep or scheme not in ("tcp", "ipc")):
+            problems.append(f"drift.collector: expected tcp://host:port or ipc:///path, got {self.collector!r}")
+        if self.enabled and not self.spool_dir:
+            problems.append("drift.spool_dir: a folder is required")
+        return problems
+
+
+@dataclass
 class AgentConfig:
     registry: str = "models"
     model: str = ""
@@ -119,9 +168,11 @@ class AgentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pat: PatConfig = field(default_factory=PatConfig)
     binning: BinningConfig = field(default_factory=BinningConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
-_SECTIONS = {"metrics": MetricsConfig, "logging": LoggingConfig, "pat": PatConfig, "binning": BinningConfig}
+_SECTIONS = {"metrics": MetricsConfig, "logging": LoggingConfig, "pat": PatConfig, "binning": BinningConfig,
+             "drift": DriftConfig}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
@@ -215,6 +266,7 @@ def _check(config: AgentConfig, source: str, require_model: bool) -> None:
     if pat.reset_on not in RESET_ON:
         problems.append(f"pat.reset_on: expected one of {RESET_ON}, got {pat.reset_on!r}")
     problems += [f"binning.{p}" for p in check_policy(config.binning.order, config.binning.bins)]
+    problems += config.drift.problems()
     if problems:
         raise ConfigError(f"configuration ({source}) is not usable:\n" + "\n".join(f"  - {p}" for p in problems))
 

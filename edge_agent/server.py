@@ -42,9 +42,13 @@ GIL_SWITCH_INTERVAL_S = 200e-6
 
 
 class DriftHook(Protocol):
-    """Receives every scored part (streaming drift statistics; a later issue plugs one in)."""
+    """Streaming drift statistics (edge_agent.upstream.AgentDrift): every scored part, idle ticks, status."""
 
     def update(self, model: LoadedModel, part: Part, readings: np.ndarray, score: float) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def status(self) -> dict: ...
 
 
 class Agent:
@@ -141,7 +145,9 @@ class Agent:
                 self._take_reload_outcomes(wake)
             if router in events:
                 self._serve_ready(router)
-            elif deadline is not None:
+            elif self.drift is not None:
+                self.drift.tick()   # closes a window whose time is up while no parts arrive
+            if router not in events and deadline is not None:
                 return   # quiet for drain_quiet_ms: every request that arrived has its reply
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("shutdown timeout (%.1f s) reached while requests kept arriving",
@@ -264,6 +270,7 @@ class Agent:
                                                               "sites": self.dynamic.sites()},
             "agent": {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
                       "bind": self.config.bind},
+            "drift": None if self.drift is None else self.drift.status(),
             **self.metrics.snapshot(),
         }
 

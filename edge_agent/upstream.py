@@ -16,52 +16,14 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
 
 import numpy as np
 
+from .config import DriftConfig
 from .drift import ChangeParams, DriftMonitor, DriftReference
 from .shipping import DiskSpool, Shipper
 
 log = logging.getLogger("edge_agent.upstream")
-
-
-@dataclass
-class DriftConfig:
-    """``[drift]`` in agent.toml. Every field is a plain str/int/float/bool so the agent's loader can set it."""
-
-    enabled: bool = True
-    agent_id: str = ""                         # default: the host name
-    tester: str = ""                           # default: the agent id
-    collector: str = "tcp://127.0.0.1:5560"    # the collector's ROUTER
-    window_parts: int = 5000                   # a window closes after this many parts ...
-    window_seconds: float = 300.0              # ... or this long, whichever comes first
-    max_sites: int = 512                       # (head, site) pairs tracked; parts of more sites are counted apart
-    spool_dir: str = "edge-agent-spool"        # windows wait here until acknowledged (a daemon: /var/lib/...)
-    spool_max_messages: int = 10_000
-    spool_max_bytes: int = 256 << 20
-    ack_timeout_s: float = 5.0
-    queue_length: int = 1000                   # windows waiting for the shipper thread
-    change_delta: float = 0.25                 # Page-Hinkley on the outlier score, in reference sigmas
-    change_threshold: float = 25.0
-    change_min_parts: int = 30
-
-    def problems(self) -> list[str]:
-        """What is wrong, as "drift.<key>: ..." lines (empty when usable)."""
-        problems = []
-        for name in ("window_parts", "max_sites", "spool_max_messages", "spool_max_bytes", "queue_length",
-                     "change_min_parts"):
-            if getattr(self, name) < 1:
-                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("window_seconds", "ack_timeout_s", "change_delta", "change_threshold"):
-            if not getattr(self, name) > 0:
-                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
-        scheme, sep, _ = self.collector.partition("://")
-        if self.enabled and (not sep or scheme not in ("tcp", "ipc")):
-            problems.append(f"drift.collector: expected tcp://host:port or ipc:///path, got {self.collector!r}")
-        if self.enabled and not self.spool_dir:
-            problems.append("drift.spool_dir: a folder is required")
-        return problems
 
 
 class AgentDrift:

@@ -477,11 +477,24 @@ def test_agent_drift_hook_ships_windows_of_each_served_model(tmp_path, two_versi
 
 # ---- the report ------------------------------------------------------------------------------------------------------
 
+def _chromium() -> str:
+    """The browser; the test set-up installs Debian's chromium package when it is missing (CI machines start bare)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for step in (["apt-get", "update", "-qq"],
+                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]):
+            if subprocess.run(step, env=environment, capture_output=True, timeout=600).returncode != 0:
+                break
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("chromium is not installed and could not be installed (Debian: apt-get install -y chromium)")
+    return found
+
+
 def _chromium_images(html_file: Path, profile: Path) -> dict:
     """Open the page in headless Chromium (DevTools protocol over a pipe) and read back what it rendered."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium)")
+    chromium = _chromium()
     # Chromium reads commands on fd 3 and answers on fd 4; the pipe ends are moved above 10 first so that the
     # shell's "3<&r 4>&w" cannot overwrite one of them with the other.
     to_browser, browser_in, browser_out, from_browser = (_high_fd(fd) for fd in (*os.pipe(), *os.pipe()))
@@ -554,3 +567,60 @@ def test_report_renders_in_headless_chromium_with_its_plots(drifted_fleet):
     reason = cells[cells.index("do not retrain; investigate") + 1]
     assert "tester-b h1/s2" in reason and SHIFTED_TEST in reason   # ... and the report names where and what
     assert {"agent-a", "agent-b", "drift-demo/1"} <= set(cells)
+
+
+# ---- the real agent process in the fleet ------------------------------------------------------------------------
+
+def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tmp_path, collector):
+    """The whole path with real processes: client -> `edge-agent run` (scoring + drift) -> `edge-collector run`.
+
+    A second lot of the trained product streams through the agent on sites 1 and 2 with test T3 moved by
+    2 sigma on site 2 only; 300 parts per site per window keep undrifted PSI far below 0.2 (module docstring)."""
+    from bench.e2e_latency import free_tcp_endpoint, publish_package, start_agent, stop_agent, synthetic_table
+    from edge_agent.client import AgentClient
+    from trainer.registry import Registry
+
+    registry = Registry(tmp_path / "models")
+    ref, _ = publish_package(registry, "fleet", synthetic_table(2000, 12, seed=1), n_trees=30, yield_trees=10)
+    registry.promote(ref.name, ref.version, "production", reason="fleet test")
+    running = collector()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[drift]\nagent_id = "agent-7"\ntester = "tester-7"\ncollector = "{running.endpoint}"\n'
+                      f'window_parts = 600\nspool_dir = "{tmp_path / "spool"}"\n')
+    endpoint = free_tcp_endpoint()
+    agent = start_agent(registry.root, "fleet", endpoint, "--config", str(config), log_path=tmp_path / "agent.log")
+
+    lot = synthetic_table(1200, 12, seed=2, lot="L2")
+    columns = lot.test_columns
+    readings = lot.readings().astype(np.float32)
+    shifted = columns.index(SHIFTED_TEST)
+    sites = 1 + np.arange(len(readings)) % 2
+    sigma = np.nanstd(readings[:, shifted])
+    readings[sites == 2, shifted] += 2.0 * sigma
+    try:
+        with AgentClient(endpoint, timeout_ms=2000) as client:
+            results = [client.score(row, {"lot": "L2", "head": 1, "site": int(site), "part_id": str(i)})
+                       for i, (row, site) in enumerate(zip(readings, sites))]
+            assert all(r.decided for r in results)
+            assert client.health(timeout_ms=2000)["drift"]["tester"] == "tester-7"
+    finally:
+        assert stop_agent(agent) == 0
+    deadline = time.monotonic() + 20
+    while len(_windows(running.db).get("agent-7", [])) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # Two full windows, then the window open at SIGTERM: shipped at shutdown although it holds no part.
+    assert _windows(running.db)["agent-7"] == [1, 2, 3]
+    with sqlite3.connect(running.db) as connection:
+        connection.row_factory = sqlite3.Row
+        assert tuple(connection.execute("SELECT closed_by, parts FROM windows WHERE seq = 3").fetchone()) == ("shutdown", 0)
+        rows = connection.execute("SELECT w.closed_by, s.site, s.parts, s.psi FROM windows w "
+                                  "JOIN site_windows s ON s.window_id = w.id ORDER BY w.seq, s.site").fetchall()
+        alerts = connection.execute("SELECT * FROM alerts WHERE kind = 'psi'").fetchall()
+    assert [(r["closed_by"], r["site"], r["parts"]) for r in rows] == [("parts", 1, 300), ("parts", 2, 300),
+                                                                       ("parts", 1, 300), ("parts", 2, 300)]
+    for row in rows:
+        psi = msgpack.unpackb(row["psi"])
+        if row["site"] == 2:
+            assert psi[shifted] > 0.2
+        assert max(p for t, p in enumerate(psi) if row["site"] == 1 or t != shifted) < 0.2
+    assert {(a["tester"], a["site"], a["test"]) for a in alerts} == {("tester-7", 2, SHIFTED_TEST)}
