@@ -2,6 +2,7 @@
 
     edge-agent run --registry models --model NAME [--stage production] [--bind tcp://127.0.0.1:5555]
                    [--config agent.toml]
+    edge-agent demo     [--workdir DIR] [--parts N] [--tests N] [--stream-parts N]
     edge-agent health   [--connect ENDPOINT | --config agent.toml]
     edge-agent reload   [--version N] [--no-wait] [--connect ENDPOINT | --config agent.toml]
     edge-agent rollback [--connect ENDPOINT | --config agent.toml]
@@ -69,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     run.set_defaults(handler=cmd_run)
 
+    demo = commands.add_parser("demo", help="synthetic lot -> train -> export -> agent + collector -> stream a "
+                                            "second lot -> outliers, PAT vs model, latency, drift alerts")
+    demo.add_argument("--workdir", help="where the demo keeps its data and logs (default: a new temp folder)")
+    demo.add_argument("--parts", type=int, default=20000, help="parts in the training lot")
+    demo.add_argument("--tests", type=int, default=200)
+    demo.add_argument("--stream-parts", type=int, default=6000, help="parts in the streamed second lot")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--registry", default="models")
+    demo.add_argument("--name", default="demo", help="model name in the registry")
+    demo.set_defaults(handler=cmd_demo)
+
     for name, handler, text in (("health", cmd_health, "status, counters and latency of a running agent"),
                                 ("reload", cmd_reload, "make a running agent load its stage's (or a given) version"),
                                 ("rollback", cmd_rollback, "make a running agent serve its previous model again")):
@@ -127,6 +139,12 @@ def run_agent(config: AgentConfig) -> int:
         if drift is not None:
             drift.stop(timeout_s=DRIFT_STOP_TIMEOUT_S)
     return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .walkthrough import run_demo
+    return run_demo(args.workdir, parts=args.parts, tests=args.tests, stream_parts=args.stream_parts,
+                    seed=args.seed, registry_root=args.registry, name=args.name)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -1,0 +1,142 @@
+"""`edge-agent demo`: the whole product on a synthetic floor, in one command.
+
+1. a synthetic training lot -> validate -> train -> export -> publish into the registry -> production
+2. the fleet collector and an edge agent start as their own processes (the agent follows production)
+3. a second lot with a drifting site and a cluster of latent outliers streams through the client library
+4. what the agent found (outliers, PAT vs model, latency), what the collector raised, and the fleet report
+"""
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from trainer.ingest import load_tables
+from trainer.package import build_and_publish
+from trainer.registry import Registry, package_summary
+from trainer.synth import SynthConfig, write
+from trainer.train import TrainConfig, fit
+
+from .client import AgentClient
+from .collector.report import write_report
+from .demo import feature_columns, stream_lot
+from .processes import free_tcp_endpoint, start_agent, start_collector, stop
+
+WINDOW_PARTS = 1000       # small windows so a demo lot of a few thousand parts yields several per site
+SHOWN = 5
+# Lots differ (lot speed, per-test lot offsets), so a model trained on one lot sees the next as drifted.
+TRAINING_LOTS = 3
+
+
+def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, seed: int, registry_root: str,
+             name: str) -> int:
+    work = Path(workdir or tempfile.mkdtemp(prefix="edge-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    registry = Registry(registry_root)
+
+    _step(f"1/4 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to {registry.root}/{name}")
+    training_lot = work / "training_lot.parquet"
+    print(write(SynthConfig(seed=seed, parts=parts, tests=tests, lots=TRAINING_LOTS, excursions=("latent_outliers",)),
+                str(training_lot)).describe())
+    table, report = load_tables([str(training_lot)])
+    trained = fit(table, TrainConfig(name=name, seed=seed))
+    ref = build_and_publish(trained, table, report.to_dict(), registry, [str(training_lot)])
+    registry.promote(ref.name, ref.version, "production", reason="edge-agent demo")
+    print(package_summary(registry, ref))
+
+    _step(f"2/4 second lot ({stream_parts:,} parts, drifting site + latent outliers); collector and agent start")
+    stream_path = work / "stream_lot.parquet"
+    # Same product and floor (seed), the next lot off the line: what the model sees after training.
+    print(write(SynthConfig(seed=seed, parts=stream_parts, tests=tests, lots=1, first_lot_index=TRAINING_LOTS + 1,
+                            excursions=("drifting_site", "latent_outliers")), str(stream_path)).describe())
+    stream_table, _ = load_tables([str(stream_path)])
+    db = work / "fleet.sqlite"
+    collector_endpoint, agent_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+    agent_config = work / "agent.toml"
+    agent_config.write_text(f'[drift]\nagent_id = "demo-agent"\ntester = "demo-tester"\n'
+                            f'collector = "{collector_endpoint}"\nwindow_parts = {WINDOW_PARTS}\n'
+                            f'spool_dir = "{work / "spool"}"\n')
+    collector = start_collector(db, collector_endpoint, log_path=work / "collector.log")
+    try:
+        agent = start_agent(registry.root, name, agent_endpoint, "--config", str(agent_config),
+                            log_path=work / "agent.log")
+        try:
+            _step(f"3/4 streaming {len(stream_table):,} parts through edge_agent.client to {agent_endpoint}")
+            with AgentClient(agent_endpoint, timeout_ms=50) as client:
+                summary = stream_lot(client, stream_table, feature_columns(registry_root, name))
+                agent_side = client.health(timeout_ms=2000)["latency_us"]
+        finally:
+            stop(agent)
+        _wait_for_windows(db, expected=-(-len(stream_table) // WINDOW_PARTS))
+    finally:
+        stop(collector)
+
+    _step("4/4 results")
+    _print_findings(summary, agent_side, stream_table)
+    _print_alerts(db)
+    html = work / "fleet_report.html"
+    write_report(db, html)
+    print(f"\nfleet report: {html}\nagent and collector logs, data and spool: {work}")
+    return 0
+
+
+def _step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def _print_findings(summary: dict, agent_side: dict, table) -> None:
+    decided = summary["decided"]
+    print(f"parts scored: {decided:,} of {summary['parts']:,}; no decision: {summary['no_decision'] or 'none'}")
+    print(f"bins recommended: {summary['bins']}")
+    frame = table.frame
+    if "truth_excursion" in frame.columns:
+        truth = frame["truth_excursion"].to_numpy(str)
+        latent = frame["part_id"].astype(str).to_numpy()[truth == "latent_outliers"]
+        flagged_ids = {p["part_id"] for p in summary["ml_outlier_parts"]}
+        found = sum(pid in flagged_ids for pid in latent)
+        print(f"ground truth: {len(latent)} latent outliers (inside every limit), {found} flagged by the ML "
+              f"outlier model ({found / max(len(latent), 1):.0%})")
+        drifting = frame.loc[truth == "drifting_site", ["head", "site"]].drop_duplicates().to_numpy()
+        for head, site in drifting:
+            print(f"ground truth: head {head} site {site} drifts late in the lot (the collector should point at it)")
+    print("most anomalous parts (lowest outlier score):")
+    for part in summary["most_anomalous"][:SHOWN]:
+        print(f"  wafer {part.get('wafer')} x={part.get('x')} y={part.get('y')} site {part.get('site')} "
+              f"part {part.get('part_id')}: score {part['outlier_score']:.4f}")
+    print(f"PAT and the model: both flagged {summary['pat_and_ml_outlier']}, ML outlier only "
+          f"{len(summary['ml_outlier_only'])} (inside every PAT limit), PAT only {len(summary['pat_only'])}")
+    for part in summary["pat_only"][:SHOWN]:
+        print(f"  PAT only: part {part.get('part_id')} site {part.get('site')} broke {', '.join(part['tests'][:4])}")
+    rt = summary["round_trip_us"]
+    print(f"latency per part, test program's view (round trip): p50 {rt['p50']:.0f} us, p99 {rt['p99']:.0f} us, "
+          f"max {rt['max']:.0f} us; agent's own processing: p50 {agent_side['p50']:.0f} us, "
+          f"p99 {agent_side['p99']:.0f} us")
+
+
+def _wait_for_windows(db: Path, expected: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if db.exists():
+            with sqlite3.connect(db) as connection:
+                if connection.execute("SELECT COUNT(*) FROM windows").fetchone()[0] >= expected:
+                    return
+        time.sleep(0.2)
+
+
+def _print_alerts(db: Path) -> None:
+    """Alerts by kind, then the strongest PSI alerts: a drifting site stands out by size, while a new lot's
+    ordinary differences from the training lots raise many small ones spread over every site."""
+    with sqlite3.connect(db) as connection:
+        windows = connection.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        by_kind = connection.execute("SELECT kind, COUNT(*) FROM alerts GROUP BY kind ORDER BY 2 DESC").fetchall()
+        strongest = connection.execute("SELECT message FROM alerts WHERE kind = 'psi' ORDER BY value DESC LIMIT ?",
+                                       (SHOWN,)).fetchall()
+        by_site = connection.execute("SELECT head, site, COUNT(*), MAX(value) FROM alerts WHERE kind = 'psi' "
+                                     "GROUP BY head, site ORDER BY 4 DESC").fetchall()
+    print(f"\ncollector: {windows} drift windows stored, alerts: "
+          + (", ".join(f"{kind} {count}" for kind, count in by_kind) or "none"))
+    for head, site, count, largest in by_site:
+        print(f"  head {head} site {site}: {count} PSI alert(s), largest PSI {largest:.2f}")
+    for (message,) in strongest:
+        print(f"  {message}")
