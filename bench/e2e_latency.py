@@ -20,8 +20,6 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from edge_agent.client import AgentClient, AgentUnavailable
+from edge_agent.client import AgentClient
+from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from trainer.registry import PackageRef, Registry
 from trainer.table import ParametricTable, TestMeta, test_column_name
 
@@ -40,7 +39,6 @@ MODEL = "bench"
 TARGET_P99_US = 1000.0
 WARM_UP_PARTS = 500
 SPIN_BEFORE_DUE_S = 100e-6   # sleep until this long before a part is due, then spin: sleep() wakes late
-STARTUP_TIMEOUT_S = 120.0
 
 
 def synthetic_table(n_parts: int, n_tests: int, seed: int, lot: str = "L1", product_seed: int = 0) -> ParametricTable:
@@ -82,47 +80,6 @@ def publish_package(registry: Registry, name: str, table: ParametricTable, *, n_
     trained = fit(table, config, progress=lambda message: None)
     files, manifest = build_package(trained, table, {}, [])
     return registry.publish(name, files, manifest, reason="benchmark / test package"), trained
-
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
-def start_agent(registry_root: str | Path, model: str, endpoint: str, *extra: str, log_path: str | Path,
-                timeout_s: float = STARTUP_TIMEOUT_S) -> subprocess.Popen:
-    """Start ``edge-agent run`` as its own process and return once it answers a health request."""
-    # Drift windows that no collector acknowledges wait in a spool beside the log, not in the working folder.
-    spool = [] if "--spool-dir" in extra else ["--spool-dir", str(Path(log_path).with_suffix(".spool"))]
-    command = [sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(registry_root), "--model", model,
-               "--bind", endpoint, "--metrics-port", "0", *spool, *extra]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout_s
-    with AgentClient(endpoint) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the agent exited with status {process.returncode} before it answered; "
-                                   f"log {log_path}:\n{Path(log_path).read_text()[-3000:]}")
-            try:
-                client.health(timeout_ms=200)
-                return process
-            except AgentUnavailable:
-                continue
-    process.kill()
-    raise RuntimeError(f"the agent did not answer within {timeout_s:.0f} s; log {log_path}")
-
-
-def stop_agent(process: subprocess.Popen, timeout_s: float = 30.0) -> int:
-    """SIGTERM, then wait for the agent to drain and exit; returns its exit status."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        return process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait()
 
 
 def run(rate: float = 1000.0, parts: int | None = None, transport: str = "tcp", quick: bool = False,
@@ -180,7 +137,7 @@ def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tes
             load_after = os.getloadavg()[0]
             health = client.health(timeout_ms=10_000)
     finally:
-        status = stop_agent(agent)
+        status = stop(agent)
     key = f"e2e.{transport}.rate_{rate:g}" + (".with_reloads" if reload_every_s else "")
     e2e, round_trip, agent_us = measured["from_due_us"], measured["round_trip_us"], measured["agent_us"]
     figures = {

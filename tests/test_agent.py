@@ -25,7 +25,8 @@ import onnxruntime as ort
 import pytest
 import zmq
 
-from bench.e2e_latency import free_tcp_endpoint, publish_package, start_agent, stop_agent, synthetic_table
+from bench.e2e_latency import publish_package, synthetic_table
+from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from edge_agent.binning import BinPolicy, decide
 from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
 from edge_agent.config import ConfigError, load_config
@@ -94,7 +95,7 @@ port = {metrics_port}
     process = start_agent(packages.root, MODEL, endpoint, "--config", str(config), "--metrics-port",
                           str(metrics_port), "--log-format", "json", log_path=folder / "agent.log")
     yield {"endpoint": endpoint, "metrics_port": metrics_port, "log": folder / "agent.log"}
-    assert stop_agent(process) == 0
+    assert stop(process) == 0
 
 
 class Raw:
@@ -402,12 +403,12 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(packages, tmp_path):
     process = start_agent(root, MODEL, endpoint, "--watch-interval-s", "0.2", log_path=tmp_path / "agent.log")
     rows = packages.stream
     streams: dict[int, list] = {k: [] for k in range(3)}
-    stop = threading.Event()
+    finished = threading.Event()
 
     def stream(k: int) -> None:
         with AgentClient(endpoint, timeout_ms=REPLY_S * 1000) as client:
             i = 0
-            while not stop.is_set() and i < 50_000:
+            while not finished.is_set() and i < 50_000:
                 streams[k].append((i, client.score(rows[i % len(rows)], {"lot": "L", "site": k + 1})))
                 i += 1
 
@@ -420,7 +421,7 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(packages, tmp_path):
         wait_for(lambda: all(sum(r.decided and r.model["version"] == "2" for _, r in s[-30:]) == 30
                              for s in streams.values()), "every stream to see version 2")
     finally:
-        stop.set()
+        finished.set()
         for thread in threads:
             thread.join()
     for k, results in streams.items():
@@ -444,7 +445,7 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(packages, tmp_path):
         after = client.score(rows[0])
         assert after.decided and after.model["version"] == "1"
         assert after.outlier_score == pytest.approx(float(packages.offline("1", rows[:1])[0][0]), abs=1e-6)
-    assert stop_agent(process) == 0
+    assert stop(process) == 0
 
 
 def test_packages_that_fail_verification_are_refused_and_the_old_model_keeps_serving(packages, tmp_path):
@@ -492,7 +493,7 @@ def test_packages_that_fail_verification_are_refused_and_the_old_model_keeps_ser
             assert result.decided and result.model["version"] == "1"
             assert result.outlier_score == pytest.approx(expected, abs=1e-6)
     finally:
-        assert stop_agent(process) == 0
+        assert stop(process) == 0
     log = (tmp_path / "agent.log").read_text()
     assert "reload refused" in log and "checksum mismatch" in log
 
@@ -507,7 +508,7 @@ def test_client_fails_open_while_the_agent_is_gone_and_recovers_when_it_returns(
     client = AgentClient(endpoint, timeout_ms=300, failures_before_backoff=2, backoff_s=0.5)
     try:
         assert client.score(row).decided
-        assert stop_agent(process) == 0
+        assert stop(process) == 0
         gone = [client.score(row) for _ in range(4)]   # must return, not raise or hang
         assert [r.decided for r in gone] == [False] * 4
         assert {r.error_code for r in gone} <= {TIMEOUT, BACKING_OFF}
@@ -520,7 +521,7 @@ def test_client_fails_open_while_the_agent_is_gone_and_recovers_when_it_returns(
         assert client.decided == 2
     finally:
         client.close()
-        assert stop_agent(process) == 0
+        assert stop(process) == 0
 
 
 def test_sigterm_answers_every_request_already_sent(packages, tmp_path):
@@ -538,7 +539,7 @@ def test_sigterm_answers_every_request_already_sent(packages, tmp_path):
             replies.append(reply)
     finally:
         raw.close()
-        status = stop_agent(process)
+        status = stop(process)
     assert status == 0
     assert [r["type"] for r in replies] == ["score_result"] * n
     assert [r["id"] for r in replies] == list(range(n))
