@@ -637,3 +637,11 @@ def test_configuration_file_then_command_line(tmp_path):
     with pytest.raises(ConfigError, match="bind_all_interfaces"):
         load_config(None, {"model": "m", "bind": "tcp://*:5555"})
     assert load_config(None, {"model": "m", "bind": "tcp://*:5555", "bind_all_interfaces": True}).bind
+
+
+def test_shipped_deployment_configuration_loads():
+    """The example a site copies to /etc/edge-agent must stay valid as configuration keys change."""
+    config = load_config(Path(__file__).parents[1] / "edge_agent" / "deploy" / "agent.toml")
+    assert config.model == "demo" and config.bind == "tcp://127.0.0.1:5555"
+    assert config.drift.enabled and config.drift.spool_dir == "/var/lib/edge-agent/spool"
+    assert config.binning.bins["ml_outlier"] == 23

@@ -1,4 +1,4 @@
-"""CSV and Parquet readers: a file in the format of notes/formats.md -> ParametricTable.
+"""CSV and Parquet readers: a file in the format described in README.md ("Data in") -> ParametricTable.
 
 Column names are matched to identity and label columns case-insensitively and through a few
 common aliases (``ALIASES``); every other column is a test. Test metadata comes from the
