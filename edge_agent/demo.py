@@ -36,7 +36,7 @@ def stream_lot(client: AgentClient, table: ParametricTable, columns: list[str], 
     present = [c for c in columns if c in frame.columns]
     readings = np.full((len(frame), len(columns)), np.nan, dtype=np.float32)
     readings[:, [columns.index(c) for c in present]] = frame[present].to_numpy(np.float32, na_value=np.nan)
-    identities = _identities(frame)
+    identities = part_identities(frame)
 
     summary = ReplySummary()
     for row, part in zip(readings, identities):
@@ -44,7 +44,7 @@ def stream_lot(client: AgentClient, table: ParametricTable, columns: list[str], 
     return {**summary.as_dict(), "tests_missing_from_table": [c for c in columns if c not in frame.columns]}
 
 
-def _identities(frame: pd.DataFrame) -> list[dict]:
+def part_identities(frame: pd.DataFrame) -> list[dict]:
     """Part identity maps with plain Python values (msgpack does not pack numpy scalars); unknowns left out."""
     fields = [f for f in PART_IDENTITY if f in frame.columns]
     records = frame[fields].to_dict("records")

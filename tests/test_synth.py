@@ -352,7 +352,7 @@ def test_configs_that_cannot_be_laid_out_are_refused(tmp_path):
         generate(SynthConfig(parts=200, lots=2, latent_outlier_fraction=0.05))
     with pytest.raises(ValueError, match="chunk_parts"):
         generate(SynthConfig(parts=100, lots=1, excursions=()), chunk_parts=0)
-    with pytest.raises(DataError, match="expected .parquet or .csv, got .txt"):
+    with pytest.raises(DataError, match=r"expected .parquet, .csv or .stdf .*got .txt"):
         write(SynthConfig(parts=100, lots=1, excursions=()), tmp_path / "lot.txt")
     assert not list(tmp_path.iterdir())
 

@@ -97,3 +97,70 @@ def test_bad_data_stops_fit_with_a_message_and_publishes_nothing(tmp_path):
     assert "TOO_FEW_ROWS" in result.stderr and "bad.csv" in result.stderr
     assert "Traceback" not in result.stderr
     assert not registry.exists() or not any(registry.rglob("manifest.json"))
+
+
+def _synth_args(*extra: str) -> list[str]:
+    return ["synth", "--parts", "2000", "--tests", "40", "--sites", "4", "--seed", "9", *extra]
+
+
+def test_synth_to_stdf_reads_back_like_parquet(tmp_path, capsys):
+    """`edge-train synth --out x.stdf.gz` and `--out x.parquet` of one config give the same parts: STDF stores
+    readings as R*4, so they must equal the Parquet readings rounded to float32; bins, coordinates, sites and
+    part ids must be equal exactly, and the ground truth must be the same JSON."""
+    from trainer.cli import main
+    stdf, parquet = tmp_path / "lot.stdf.gz", tmp_path / "lot.parquet"
+    assert main(_synth_args("--out", str(stdf))) == 0
+    assert main(_synth_args("--out", str(parquet))) == 0
+    from_stdf, _ = load_tables([str(stdf)])
+    from_parquet, _ = load_tables([str(parquet)])
+
+    assert len(from_stdf) == len(from_parquet) == 2000
+    assert from_stdf.test_columns == from_parquet.test_columns and len(from_stdf.test_columns) == 40
+    np.testing.assert_array_equal(from_stdf.readings(),
+                                  from_parquet.readings().astype(np.float32).astype(np.float64))
+    assert np.isnan(from_stdf.readings()).any(), "missing readings must stay missing, not become 0"
+    for column in ("wafer", "x", "y", "head", "site", "part_id", "hard_bin", "soft_bin", "passed"):
+        assert from_stdf.frame[column].astype(object).tolist() == \
+            from_parquet.frame[column].astype(object).tolist(), column
+    assert (~from_stdf.frame["passed"]).any() and from_stdf.frame["hard_bin"].nunique() > 1
+    truth = json.loads((tmp_path / "lot.stdf.gz.truth.json").read_text())
+    assert truth == json.loads((tmp_path / "lot.parquet.truth.json").read_text())
+    assert truth["excursions"][0]["part_ids"], "the latent outliers' ids are the truth STDF cannot carry"
+
+
+def test_synth_several_lots_to_stdf_writes_one_file_per_lot(tmp_path, capsys):
+    """Without a {lot} placeholder the name gets one before the suffix, and the summary names every file."""
+    from trainer.cli import main
+    assert main(_synth_args("--lots", "2", "--out", str(tmp_path / "lots.stdf"))) == 0
+    printed = capsys.readouterr().out
+    assert "lots_SYN0001.stdf" in printed and "lots_SYN0002.stdf" in printed
+    files = sorted(tmp_path.glob("lots_*.stdf"))
+    assert [f.name for f in files] == ["lots_SYN0001.stdf", "lots_SYN0002.stdf"]
+    tables = [load_tables([str(f)])[0] for f in files]
+    assert [t.frame["lot"].unique().tolist() for t in tables] == [["SYN0001"], ["SYN0002"]]
+    assert sum(len(t) for t in tables) == 2000
+    assert all((tmp_path / f"{f.name}.truth.json").is_file() for f in files)
+
+
+def test_fit_from_two_stdf_lots_through_the_command_line(tmp_path):
+    """Two lots written as STDF by `edge-train synth`, trained into one model by `edge-train fit --data a --data b`
+    in separate processes; the package's lineage names both files and counts the parts of both."""
+    pattern = str(tmp_path / "{lot}.stdf")
+    synth = _edge_train("synth", "--out", pattern, "--parts", "3000", "--tests", "30", "--lots", "2",
+                        "--seed", "4", cwd=tmp_path)
+    assert synth.returncode == 0, synth.stderr
+    lots = [tmp_path / "SYN0001.stdf", tmp_path / "SYN0002.stdf"]
+    parts = [len(load_tables([str(lot)])[0]) for lot in lots]
+    assert parts == [1500, 1500]
+
+    registry = tmp_path / "models"
+    fitted = _edge_train("fit", "--data", str(lots[0]), "--data", str(lots[1]), "--registry", str(registry),
+                         "--name", "two_lots", "--trees", "40", "--yield-trees", "20", cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    reg = Registry(registry)
+    manifest = reg.manifest(reg.resolve("two_lots", "candidate"))
+    lineage = manifest["lineage"]
+    assert [source["path"] for source in lineage["sources"]] == [str(lot.resolve()) for lot in lots]
+    assert all(source["bytes"] == lot.stat().st_size for source, lot in zip(lineage["sources"], lots))
+    assert lineage["rows"] == sum(parts) == 3000
+    assert len(manifest["features"]) == 30

@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    synth = commands.add_parser("synth", help="write a synthetic lot (Parquet or CSV)")
-    synth.add_argument("--out", required=True, help="output file: .parquet or .csv")
+    synth = commands.add_parser("synth", help="write a synthetic lot (Parquet, CSV or STDF V4)")
+    synth.add_argument("--out", required=True,
+                       help="output file: .parquet, .csv, or .stdf/.std (+ .gz/.bz2/.xz); STDF holds one lot per "
+                            "file, so with several lots name them with {lot}, e.g. 'out/{lot}.stdf.gz' "
+                            "(else _{lot} goes before the suffix)")
     _add_synth_options(synth)
     synth.set_defaults(handler=cmd_synth)
 

@@ -754,31 +754,66 @@ class SynthSummary:
 
 
 def write(config: SynthConfig, path: str | os.PathLike, chunk_parts: int = 100_000) -> SynthSummary:
-    """Write the table to ``path`` (.parquet or .csv) and its ground truth to ``<path>.truth.json``."""
+    """Write the floor to ``path`` and its ground truth to ``<path>.truth.json``, streamed chunk by chunk.
+
+    Parquet or CSV: one file. STDF V4 (``.stdf``/``.std``, optionally ``.gz``/``.bz2``/``.xz``): one file per
+    lot, as an STDF file holds one lot; with several lots ``path`` names them with ``{lot}`` (inserted before
+    the suffix when absent). STDF has no place for the label columns, so each STDF file's truth JSON (the
+    whole floor's) is where they live.
+    """
+    from .ingest import STDF_SUFFIXES
+
     start = time.perf_counter()
     _check_chunk_parts(chunk_parts)
-    out = Path(path)
-    suffix = out.suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise DataError("cannot write a synthetic table in this format", file=str(out),
-                        expected=".parquet or .csv", got=suffix or "no suffix")
+    name = str(path)
+    is_stdf = name.lower().endswith(STDF_SUFFIXES)
+    if not is_stdf and Path(name).suffix.lower() not in (".parquet", ".csv"):
+        raise DataError("cannot write a synthetic table in this format", file=name,
+                        expected=".parquet, .csv or .stdf (+ .gz/.bz2/.xz)", got=Path(name).suffix or "no suffix")
     floor = _Floor(config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
     tally = _Tally()
     frames = (tally.add(frame) for frame in _frames(floor, chunk_parts))
+    written = _write_stdf(frames, floor, name, STDF_SUFFIXES) if is_stdf else [_write_table(frames, floor, name)]
+    truth = json.dumps(floor.truth(tally.excursions, tally.latent_ids), indent=1)
+    for file in written:
+        Path(f"{file}.truth.json").write_text(truth)
+    return SynthSummary(path=", ".join(written), truth_path=", ".join(f"{p}.truth.json" for p in written),
+                        parts=tally.parts, tests=config.tests, lots=floor.lots,
+                        fail_rate=tally.failed / max(1, tally.parts),
+                        final_fail_rate=tally.final_failed / max(1, tally.parts),
+                        excursion_parts=dict(tally.excursions), seconds=time.perf_counter() - start,
+                        bytes=sum(Path(p).stat().st_size for p in written))
+
+
+def _write_table(frames: Iterator[pd.DataFrame], floor: _Floor, name: str) -> str:
+    out = Path(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
     try:
-        (_write_parquet if suffix == ".parquet" else _write_csv)(frames, floor.program.meta, partial)
+        (_write_parquet if out.suffix.lower() == ".parquet" else _write_csv)(frames, floor.program.meta, partial)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
-    truth_path = Path(f"{out}.truth.json")
-    truth_path.write_text(json.dumps(floor.truth(tally.excursions, tally.latent_ids), indent=1))
-    return SynthSummary(path=str(out), truth_path=str(truth_path), parts=tally.parts, tests=config.tests,
-                        lots=floor.lots, fail_rate=tally.failed / max(1, tally.parts),
-                        final_fail_rate=tally.final_failed / max(1, tally.parts),
-                        excursion_parts=dict(tally.excursions), seconds=time.perf_counter() - start,
-                        bytes=out.stat().st_size)
+    return name
+
+
+def _write_stdf(frames: Iterator[pd.DataFrame], floor: _Floor, name: str, suffixes: tuple[str, ...]) -> list[str]:
+    from .stdf_writer import write_stdf, write_stdf_lots
+
+    if len(floor.lots) > 1 and "{lot}" not in name:
+        suffix = max((s for s in suffixes if name.lower().endswith(s)), key=len)
+        name = f"{name[:len(name) - len(suffix)]}_{{lot}}{name[len(name) - len(suffix):]}"
+    options = {"sites_per_touchdown": floor.config.heads * floor.config.sites}
+    try:
+        if "{lot}" not in str(Path(name).parent):
+            Path(name).parent.mkdir(parents=True, exist_ok=True)
+        if "{lot}" in name:
+            written = write_stdf_lots(name, frames, floor.program.meta, **options)
+        else:
+            written = [write_stdf(name, frames, floor.program.meta, **options)]
+    except OSError as error:
+        raise DataError(f"cannot write: {error.strerror or error}", file=error.filename or name) from None
+    return [str(file.path) for file in written]
 
 
 @dataclass
