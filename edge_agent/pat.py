@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trainer.reference import pat_limits
+
 from .protocol import Part
 
-ROBUST_SIGMA_PER_IQR = 1.35   # IQR of a normal distribution is 1.349 sigma (AEC-Q001); trainer.reference uses the same
 MIN_SLICE_TESTS = 64          # below this, numpy's per-call overhead dominates a refresh
 
 
@@ -45,6 +46,7 @@ class StaticPat:
         self.columns = columns
         self.low = np.full(len(columns), np.nan, dtype=np.float32)
         self.high = np.full(len(columns), np.nan, dtype=np.float32)
+        self.log_scale = np.zeros(len(columns), dtype=bool)   # the trainer's choice, which dynamic PAT follows
         index = {column: i for i, column in enumerate(columns)}
         for limit in limits:
             i = index.get(limit["column"])
@@ -52,6 +54,7 @@ class StaticPat:
             # every other reading would break: no PAT limit is defined for such a test.
             if i is None or not limit.get("robust_sigma"):
                 continue
+            self.log_scale[i] = limit.get("scale") == "log"
             self.low[i] = np.nan if limit["low"] is None else limit["low"]
             self.high[i] = np.nan if limit["high"] is None else limit["high"]
         self.n_limited = int(np.sum(~np.isnan(self.low) | ~np.isnan(self.high)))
@@ -65,11 +68,13 @@ class DynamicPat:
     """Rolling-window PAT per (head, site), reset when the lot (or wafer) of a site changes."""
 
     def __init__(self, columns: list[str], *, window: int = 100, min_parts: int = 30, k_sigma: float = 6.0,
-                 refresh_parts: int = 25, reset_on: str = "lot", max_sites: int = 512):
+                 refresh_parts: int = 25, reset_on: str = "lot", max_sites: int = 512,
+                 log_scale: np.ndarray | None = None):
         if not 2 <= min_parts <= window:
             raise ValueError(f"dynamic PAT needs 2 <= min_parts <= window, got min_parts {min_parts}, "
                              f"window {window}")
         self.columns = columns
+        self.log_scale = np.zeros(len(columns), dtype=bool) if log_scale is None else np.asarray(log_scale, bool)
         self.window, self.min_parts, self.k_sigma = window, min_parts, k_sigma
         n_tests = len(columns)
         self.slice = min(n_tests, max(MIN_SLICE_TESTS, -(-n_tests // refresh_parts)))
@@ -128,10 +133,12 @@ class DynamicPat:
     def _refresh(self, state: "_SiteWindow", tests: slice) -> None:
         filled = min(state.parts, self.window)
         q1, median, q3, counts = nan_quartiles(state.values[:filled, tests])
-        sigma = (q3 - q1) / ROBUST_SIGMA_PER_IQR
-        usable = (counts >= self.min_parts) & (sigma > 0)
-        state.low[tests] = np.where(usable, median - self.k_sigma * sigma, np.nan)
-        state.high[tests] = np.where(usable, median + self.k_sigma * sigma, np.nan)
+        # A log-scale test whose window holds a reading <= 0 falls back to the linear rule for this window.
+        log_scale = self.log_scale[tests] & (q1 > 0)
+        low, high = pat_limits(q1, median, q3, log_scale, self.k_sigma)
+        usable = (counts >= self.min_parts) & (q3 > q1)
+        state.low[tests] = np.where(usable, low, np.nan)
+        state.high[tests] = np.where(usable, high, np.nan)
 
 
 _GROUPS = {"lot": lambda part: part.lot, "wafer": lambda part: (part.lot, part.wafer), "never": lambda part: None}

@@ -338,7 +338,8 @@ class Agent:
         if not pat.dynamic:
             return None
         return DynamicPat(model.columns, window=pat.window, min_parts=pat.min_parts, k_sigma=pat.k_sigma,
-                          refresh_parts=pat.refresh_parts, reset_on=pat.reset_on, max_sites=pat.max_sites)
+                          refresh_parts=pat.refresh_parts, reset_on=pat.reset_on, max_sites=pat.max_sites,
+                          log_scale=model.static_pat.log_scale)
 
 
 def _freeze_heap() -> None:

@@ -608,6 +608,25 @@ def test_dynamic_pat_warms_up_per_site_and_restarts_on_a_new_lot():
     assert pat.sites()["1/1"] == {"parts": 1, "active": False, "group": "B"}
 
 
+def test_dynamic_pat_sets_limits_on_the_log_scale_for_log_scale_tests():
+    """Leakage-like readings (log-normal, sigma 1 in log): the linear rule's upper limit lies inside the
+    ordinary tail, the log rule's does not, and a reading far above the population still breaks it."""
+    rng = np.random.default_rng(3)
+    baseline = rng.lognormal(0.0, 1.0, (100, 1)).astype(np.float32)
+    fresh = rng.lognormal(0.0, 1.0, 20_000).astype(np.float32)
+    flagged = {}
+    for name, log_scale in (("linear", [False]), ("log", [True])):
+        pat = DynamicPat(["ILEAK"], window=100, min_parts=30, k_sigma=6.0, refresh_parts=1, log_scale=log_scale)
+        for row in baseline:
+            pat.check_and_add(Part(lot="A", site=1), row)
+        state = pat._sites[(1, 1)]
+        flagged[name] = float(np.mean((fresh < state.low[0]) | (fresh > state.high[0])))
+        median = float(np.median(baseline))
+        assert [b.test for b in pat.check_and_add(Part(lot="A", site=1), np.float32([median * 1e6]))] == ["ILEAK"]
+    assert flagged["linear"] > 0.005      # about 2 % of ordinary parts: why the log scale exists
+    assert flagged["log"] < 0.0005        # 6 robust sigma on the log scale: essentially none
+
+
 def test_bin_policy_order_decides_and_every_condition_is_flagged():
     static = [PatBreak("T1", "static", 9.0, 0.0, 1.0)]
     kwargs = dict(static=static, dynamic=[], score=-0.3, score_threshold=-0.05, pass_probability=0.9,

@@ -576,7 +576,8 @@ def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tm
 
     A second lot of the trained product streams through the agent on sites 1 and 2 with test T3 moved by
     2 sigma on site 2 only; 300 parts per site per window keep undrifted PSI far below 0.2 (module docstring)."""
-    from bench.e2e_latency import free_tcp_endpoint, publish_package, start_agent, stop_agent, synthetic_table
+    from bench.e2e_latency import publish_package, synthetic_table
+    from edge_agent.processes import free_tcp_endpoint, start_agent, stop
     from edge_agent.client import AgentClient
     from trainer.registry import Registry
 
@@ -604,7 +605,7 @@ def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tm
             assert all(r.decided for r in results)
             assert client.health(timeout_ms=2000)["drift"]["tester"] == "tester-7"
     finally:
-        assert stop_agent(agent) == 0
+        assert stop(agent) == 0
     deadline = time.monotonic() + 20
     while len(_windows(running.db).get("agent-7", [])) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)

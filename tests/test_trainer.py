@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from trainer.ingest import load_tables
+from trainer.reference import static_pat_limits
 from trainer.registry import Registry
 from trainer.synth import SynthConfig, write
 from trainer.train import TrainConfig, fit
@@ -164,3 +165,25 @@ def test_fit_from_two_stdf_lots_through_the_command_line(tmp_path):
     assert all(source["bytes"] == lot.stat().st_size for source, lot in zip(lineage["sources"], lots))
     assert lineage["rows"] == sum(parts) == 3000
     assert len(manifest["features"]) == 30
+
+
+def test_static_pat_uses_the_log_scale_only_for_skewed_positive_tests():
+    """Log-normal leakage gets limits on log(reading) (a fresh sample of the same population stays inside),
+    a normal test keeps median +/- 6 robust sigma, and a skewed test with readings <= 0 cannot go to log."""
+    rng = np.random.default_rng(5)
+    n = 5000
+    leak = rng.lognormal(-2.0, 1.0, n)
+    normal = rng.normal(1.2, 0.01, n)
+    skewed_signed = rng.lognormal(0.0, 1.0, n) - 1.5
+    limits = static_pat_limits(np.column_stack([leak, normal, skewed_signed]), ["ILEAK", "VDD", "OFFSET"])
+    assert [entry["scale"] for entry in limits] == ["log", "linear", "linear"]
+
+    vdd = limits[1]
+    assert vdd["low"] == pytest.approx(vdd["median"] - 6 * vdd["robust_sigma"])
+    assert vdd["high"] == pytest.approx(vdd["median"] + 6 * vdd["robust_sigma"])
+
+    fresh = rng.lognormal(-2.0, 1.0, 100_000)
+    outside_log = np.mean((fresh < limits[0]["low"]) | (fresh > limits[0]["high"]))
+    linear_high = limits[0]["median"] + 6 * limits[0]["robust_sigma"]
+    assert outside_log < 1e-3 < np.mean(fresh > linear_high)
+    assert limits[0]["low"] > 0 and limits[0]["median"] == pytest.approx(np.median(leak))

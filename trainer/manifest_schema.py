@@ -286,7 +286,10 @@ def _check_pat(check: _Checker, pat: dict, columns: list[str] | None) -> None:
                          {"k_sigma": "number", "method": "string", "min_parts": "integer", "limits": "array"})
     for path, limit in check.objects(valid.get("limits", ()), "manifest.pat.limits"):
         entry = check.fields(limit, path, {"column": "string", "median": "number|null", "robust_sigma": "number|null",
-                                           "low": "number|null", "high": "number|null", "n": "integer"})
+                                           "scale": "string", "low": "number|null", "high": "number|null",
+                                           "n": "integer"}, optional=("scale",))
+        if "scale" in entry:
+            check.one_of(entry["scale"], f"{path}.scale", ("linear", "log"))
         _known_column(check, entry, path, columns)
         low, high = entry.get("low"), entry.get("high")
         if low is not None and high is not None and low > high:

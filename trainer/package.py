@@ -115,7 +115,7 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
             },
         },
         "pat": {"k_sigma": trained.config.pat_k_sigma,
-                "method": "median +/- k * IQR/1.35 over passing training parts", "min_parts": 30,
+                "method": "median +/- k * IQR/1.35 over passing training parts; on log(reading) for tests marked scale log", "min_parts": 30,
                 "limits": static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma)},
         "drift_reference": drift_reference(X[reference_rows], trained.columns, reference_scores,
                                            trained.outlier_threshold, trained.config.drift_bins),

