@@ -125,18 +125,20 @@ def _wait_for_windows(db: Path, expected: int, timeout_s: float = 20.0) -> None:
 
 
 def _print_alerts(db: Path) -> None:
-    """Alerts by kind, then the strongest PSI alerts: a drifting site stands out by size, while a new lot's
-    ordinary differences from the training lots raise many small ones spread over every site."""
+    """Alerts by kind; sites that differ from their sibling sites (a tester problem); then PSI against the
+    training lots per site, where a new lot's ordinary differences raise many small alerts on every site."""
     with sqlite3.connect(db) as connection:
         windows = connection.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
         by_kind = connection.execute("SELECT kind, COUNT(*) FROM alerts GROUP BY kind ORDER BY 2 DESC").fetchall()
-        strongest = connection.execute("SELECT message FROM alerts WHERE kind = 'psi' ORDER BY value DESC LIMIT ?",
-                                       (SHOWN,)).fetchall()
+        against_siblings = connection.execute("SELECT message FROM alerts WHERE kind = 'site_psi' "
+                                              "ORDER BY value DESC LIMIT ?", (SHOWN,)).fetchall()
         by_site = connection.execute("SELECT head, site, COUNT(*), MAX(value) FROM alerts WHERE kind = 'psi' "
                                      "GROUP BY head, site ORDER BY 4 DESC").fetchall()
     print(f"\ncollector: {windows} drift windows stored, alerts: "
           + (", ".join(f"{kind} {count}" for kind, count in by_kind) or "none"))
-    for head, site, count, largest in by_site:
-        print(f"  head {head} site {site}: {count} PSI alert(s), largest PSI {largest:.2f}")
-    for (message,) in strongest:
+    print("a site against its sibling sites (site_psi):")
+    for (message,) in against_siblings:
         print(f"  {message}")
+    print("against the training lots (psi), per site:")
+    for head, site, count, largest in by_site:
+        print(f"  head {head} site {site}: {count} alert(s), largest PSI {largest:.2f}")

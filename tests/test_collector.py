@@ -181,6 +181,10 @@ def test_one_shifted_test_on_one_site_drifts_there_only_and_raises_an_alert_nami
     assert psi_alerts and {(a["tester"], a["site"], a["test"]) for a in psi_alerts} == {("tester-b", 2, SHIFTED_TEST)}
     assert SHIFTED_TEST in psi_alerts[0]["message"] and "n = " in psi_alerts[0]["message"]
     assert psi_alerts[0]["sample_size"] >= 290
+    # Against its three sibling sites, only the shifted site stands out (the other sites' rest includes it).
+    site_alerts = [a for a in alerts if a["kind"] == "site_psi"]
+    assert {(a["tester"], a["site"], a["test"]) for a in site_alerts} == {("tester-b", 2, SHIFTED_TEST)}
+    assert "against its 3 sibling sites" in site_alerts[0]["message"]
     hooked = [json.loads(line) for line in drifted_fleet["hook_log"].read_text().splitlines() if line.strip()]
     assert any(a["kind"] == "psi" and a["test"] == SHIFTED_TEST for a in hooked)
 
@@ -397,6 +401,22 @@ def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_
     assert [a["kind"] for a in silent] == ["silent"] and "a1" in silent[0]["message"]
     with sqlite3.connect(tmp_path / "a.sqlite") as connection:
         assert connection.execute("SELECT count(*) FROM windows").fetchone()[0] == 7
+
+
+def test_a_whole_tester_shift_raises_psi_but_no_site_alert_and_one_site_raises_both(tmp_path):
+    """A new lot moves every site together: PSI against the training reference fires on every site, the
+    site-against-siblings comparison stays quiet. One moved site of four fires both, at that site only."""
+    store = Store(tmp_path / "s.sqlite")
+    rules = AlertRules(AlertConfig())
+    _ingest(store, rules, _window(1, sites=(1, 2, 3, 4), shifted_sites=(1, 2, 3, 4), parts=400), 1000.0)
+    with sqlite3.connect(tmp_path / "s.sqlite") as connection:
+        raised = connection.execute("SELECT kind, site, test FROM alerts").fetchall()
+    assert sorted(raised) == [("psi", site, "1000:T0") for site in (1, 2, 3, 4)]
+
+    _ingest(store, rules, _window(1, agent="b2", sites=(1, 2, 3, 4), shifted_sites=(3,), parts=400), 1001.0)
+    with sqlite3.connect(tmp_path / "s.sqlite") as connection:
+        raised = connection.execute("SELECT kind, site, test FROM alerts WHERE agent_id = 'b2'").fetchall()
+    assert sorted(raised) == [("psi", 3, "1000:T0"), ("site_psi", 3, "1000:T0")]
 
 
 @pytest.mark.parametrize("drifting_sites, verdict", [

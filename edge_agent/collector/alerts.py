@@ -1,6 +1,8 @@
 """Alert rules on stored windows, their thresholds (the ``[alerts]`` table of a TOML file) and the hook.
 
-Kinds: ``psi`` (a test's PSI above the threshold at one tester/site, with its sample size), ``outlier_rate``
+Kinds: ``psi`` (a test's PSI above the threshold at one tester/site, with its sample size), ``site_psi`` (one
+site of a tester against the pooled other sites of the same tester in the same window: a tester problem that a
+new lot, which moves every site together, does not raise), ``outlier_rate``
 (above the model's expected rate by a margin) - both judged on counts summed over windows until there are
 enough parts (see ``AlertRules``) - ``change`` (the agent's Page-Hinkley detector fired on the
 outlier score), ``silent`` (no message from an agent for too long), ``spool_loss`` (the agent dropped
@@ -13,6 +15,7 @@ Example ``collector.toml`` (every key optional; these are the defaults)::
     [alerts]
     psi_threshold = 0.2          # "act" in the usual PSI reading (< 0.1 stable, 0.1-0.2 watch)
     psi_min_parts = 200          # PSI is judged on at least this many readings of a test at a site (see below)
+    site_psi_threshold = 0.6     # a site against its sibling sites (3 or more sites); 0 turns it off
     outlier_margin = 0.02        # alert when outlier rate > expected + margin ...
     outlier_min_parts = 500      # ... over at least this many parts of one site
     change_detector = true       # alert when the agent's change detector fired
@@ -26,6 +29,11 @@ chi2(B - 1) / n. At n = 200 and 10 bins, PSI > 0.2 needs chi2(9) > 40, probabili
 site; at n = 100 it is chi2(9) > 20, about 2 %, which over hundreds of tests is an alert every window.
 For 1 % expected outliers, a rate above 1 % + 2 % over 500 parts (16 outliers or more against 5 expected)
 has a binomial tail of about 6e-5.
+
+Why ``site_psi`` has its own, higher threshold: sites of one tester differ permanently by their calibration,
+commonly by up to half a robust sigma on some tests (PSI about 0.25 against the siblings, more with sampling
+noise), and that is no drift. A normal test moved by 0.8 sigma against its siblings gives PSI about 0.6,
+by 1 sigma 0.93, by 1.5 sigma 2.0.
 """
 from __future__ import annotations
 
@@ -50,7 +58,7 @@ from .store import Added, StatsWindow
 
 log = logging.getLogger("edge_agent.collector.alerts")
 
-KINDS = ("psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap")
+KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap")
 
 
 class AlertConfigError(EdgeError):
@@ -61,6 +69,7 @@ class AlertConfigError(EdgeError):
 class AlertConfig:
     psi_threshold: float = 0.2
     psi_min_parts: int = 200
+    site_psi_threshold: float = 0.6
     outlier_margin: float = 0.02
     outlier_min_parts: int = 500
     change_detector: bool = True
@@ -162,6 +171,7 @@ class AlertRules:
                                      "message": f"change detector (Page-Hinkley) fired {change['fires']} time(s) on "
                                                 f"the outlier score at {at} (window seq {m['seq']}, "
                                                 f"{site['parts']} parts)"})
+        self._judge_sites_against_siblings(m, reference.shape, base, where, alerts)
         alerts += self._losses(window, added, base, where)
         return WindowAlerts(alerts, worst)
 
@@ -193,6 +203,43 @@ class AlertRules:
                                                 f"{span}, model {place['model']})"})
         tally.counts[:] = 0
         tally.psi_parts = 0
+
+    def _judge_sites_against_siblings(self, m: dict, shape: tuple, base: dict, where: str,
+                                      alerts: list[dict]) -> None:
+        """PSI of each site's histogram against the other sites' pooled one, per test, in this window.
+
+        The training reference is not involved: a new lot or a process shift moves every site of a tester
+        together and stays quiet here, a drifting site stands out. With two sites either could be the one that
+        moved, so a test is judged where at least three sites hold ``psi_min_parts`` readings of it.
+        """
+        c = self.config
+        if not c.site_psi_threshold or len(m["sites"]) < 3:
+            return
+        counts = np.zeros((len(m["sites"]), *shape))
+        for s, site in enumerate(m["sites"]):
+            for t, test_counts in enumerate(site["counts"]):
+                counts[s, t, :len(test_counts)] = test_counts
+        n = counts.sum(axis=2)                                  # [sites, tests]
+        judged = (n >= c.psi_min_parts).sum(axis=0) >= 3        # [tests]
+        total = counts.sum(axis=0)
+        values = np.empty(n.shape)
+        for s in range(len(m["sites"])):
+            rest = total - counts[s]
+            values[s] = psi(counts[s], rest / np.maximum(rest.sum(axis=1, keepdims=True), 1))
+        values[(n < c.psi_min_parts) | ~judged | np.isnan(values)] = -np.inf
+        # One site per test: the most deviant. When one site drifts, its siblings' "rest" includes it and
+        # they can look moved too; the drifting site is the one that stands out most.
+        for t in np.flatnonzero(values.max(axis=0) > c.site_psi_threshold):
+            s = int(np.argmax(values[:, t]))
+            site, column, value = m["sites"][s], m["columns"][t], float(values[s, t])
+            self._raise(alerts, {**base, "head": site["head"], "site": site["site"], "kind": "site_psi",
+                                 "test": column, "value": value, "threshold": c.site_psi_threshold,
+                                 "sample_size": int(n[s, t]),
+                                 "message": f"PSI {value:.3f} > {c.site_psi_threshold} on test {column} at "
+                                            f"{where} head {site['head']} site {site['site']} against its "
+                                            f"{len(m['sites']) - 1} sibling sites (n = {int(n[s, t])} vs "
+                                            f"{int(total[t].sum() - n[s, t])} readings, window seq {m['seq']}, "
+                                            f"model {base['model']})"})
 
     def _judge_outlier_rate(self, m: dict, site: dict, tally: _SiteTally, place: dict, at: str,
                             alerts: list[dict]) -> None:
