@@ -6,10 +6,10 @@ what the agent's drift hook does per part - ``update`` and ``maybe_close``, and 
 message, ``to_payload``, timed apart, and spools it to disk; no collector listens), parts paced at ``--rate``
 so the shipper's work competes with the hook as often as it would on a fast tester.
 
-End to end (``--end-to-end``): the real ``Agent`` serving a 200-test package (200-tree Isolation Forest,
-100-tree random forest) in its own process, once without a drift hook and once with ``AgentDrift`` shipping
-to a real collector process; this process is the test program (``AgentClient``, one part after the other).
-Runs alternate off/on twice so that a drifting machine load hits both alike.
+End to end (``--end-to-end``): the real agent (``edge-agent run`` via ``edge_agent.processes``) serving a
+200-test package (200-tree Isolation Forest, 100-tree random forest), once with ``--no-drift`` and once with
+drift on, shipping windows to a real collector process; this process is the test program, sending 1,000
+parts/s open loop (``bench.latency_suite``; keys ``e2e.tcp.rate_1000[.drift_off].*``).
 
     python -m bench.drift_cost [--tests 200] [--sites 4] [--parts 50000] [--rate 5000] [--quick] [--end-to-end]
 
@@ -23,18 +23,14 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
 
 from edge_agent.drift import DriftMonitor, DriftReference
+from edge_agent.processes import free_tcp_endpoint
 from edge_agent.shipping import DiskSpool, Shipper
 from edge_agent.upstream import DriftConfig
 from trainer.reference import drift_reference
@@ -72,7 +68,7 @@ def run(tests: int = 200, sites: int = 4, parts: int | None = None, quick: bool 
         update_ns[i] = clock() - start
 
     spool_dir = tempfile.mkdtemp(prefix="edge-drift-bench-")
-    shipper = Shipper(_unused_endpoint(), DiskSpool(spool_dir), agent_id="bench", tester="bench")
+    shipper = Shipper(free_tcp_endpoint(), DiskSpool(spool_dir), agent_id="bench", tester="bench")
     shipper.start()
     monitor = DriftMonitor(reference, model, window_parts=window_parts, window_seconds=3600.0)
     hook_ns = np.empty(parts, dtype=np.int64)
@@ -117,119 +113,16 @@ def run(tests: int = 200, sites: int = 4, parts: int | None = None, quick: bool 
     }
 
 
-def end_to_end(parts: int | None = None, quick: bool = False, tests: int = 200,
-               window_parts: int = DEFAULT_WINDOW_PARTS) -> dict:
-    """Round-trip and in-agent latency per part with drift off and on (see the module docstring)."""
-    from bench.e2e_latency import WARM_UP_PARTS, publish_package, stop_agent, synthetic_table
-    from edge_agent.client import AgentClient
-    from trainer.registry import PackageRef, Registry
+def end_to_end(quick: bool = False) -> dict:
+    """Open-loop latency at 1,000 parts/s over tcp of the real agent (``edge-agent run``) with drift on, shipping
+    to a real collector process, and with ``--no-drift``: the ``bench.latency_suite`` figures of those two runs."""
+    from bench.latency_suite import run as latency_runs
+    from bench.latency_suite import stream_parts
+    from bench.site import AgentSite
 
-    parts = parts or (2_000 if quick else 20_000)
-    root = Path(tempfile.mkdtemp(prefix="edge-drift-e2e-"))
-    collector = None
-    try:
-        registry = Registry(root / "models")
-        ref, _ = publish_package(registry, "drift-bench", synthetic_table(2_000 if quick else 5_000, tests, seed=1),
-                                 n_trees=200, yield_trees=100)
-        registry.promote(ref.name, ref.version, "production", "drift benchmark")
-        columns = [f["column"] for f in registry.manifest(PackageRef(ref.name, ref.version))["features"]]
-        stream = synthetic_table(parts + WARM_UP_PARTS, tests, seed=2, lot="L2")
-        readings = stream.readings(columns).astype(np.float32)
-        identities = [{"lot": "L2", "head": 1, "site": 1 + i % 4} for i in range(len(readings))]
-        collector_endpoint = _unused_endpoint()
-        collector = subprocess.Popen([sys.executable, "-m", "edge_agent.collector.cli", "run", "--bind",
-                                      collector_endpoint, "--db", str(root / "stats.sqlite"), "--metrics-port", "0"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        measured: dict[str, dict[str, list]] = {"off": {"round_trip": [], "agent": []},
-                                                "on": {"round_trip": [], "agent": []}}
-        half = parts // 2
-        for run_number, drift in enumerate(("off", "on", "off", "on")):
-            endpoint = _unused_endpoint()
-            agent = _start_agent(endpoint, root / "agent.log", "--registry", str(root / "models"), "--model",
-                                 ref.name, "--bind", endpoint, "--drift", drift, "--collector", collector_endpoint,
-                                 "--spool", str(root / "spool"), "--window-parts", str(window_parts))
-            try:
-                with AgentClient(endpoint, timeout_ms=1000.0) as client:
-                    for i in range(WARM_UP_PARTS):
-                        client.score(readings[i], identities[i])
-                    first = WARM_UP_PARTS + (run_number // 2) * half
-                    for i in range(first, first + half):
-                        result = client.score(readings[i], identities[i])
-                        measured[drift]["round_trip"].append(result.round_trip_us)
-                        measured[drift]["agent"].append(result.agent_us)
-            finally:
-                stop_agent(agent)
-        windows = _stored_windows(root / "stats.sqlite")
-    finally:
-        if collector is not None:
-            collector.send_signal(signal.SIGTERM)
-            collector.wait(timeout=30)
-        shutil.rmtree(root, ignore_errors=True)
-    figures = {"e2e.parts_per_setting": 2 * half, "e2e.tests": tests, "e2e.window_parts": window_parts,
-               "e2e.windows_stored_by_collector": windows}
-    for drift, series in measured.items():
-        for name, values in series.items():
-            values = np.array([v for v in values if v is not None], dtype=np.float64)
-            figures[f"e2e.drift_{drift}.{name}_us"] = {
-                "p50": round(float(np.percentile(values, 50)), 1), "p99": round(float(np.percentile(values, 99)), 1),
-                "p99.9": round(float(np.percentile(values, 99.9)), 1), "max": round(float(values.max()), 1)}
+    with AgentSite(quick, stream_parts(quick)) as site:
+        figures, _ = latency_runs(site, quick, runs=[("tcp", False, (1_000,)), ("tcp", True, (1_000,))])
     return figures
-
-
-def _start_agent(endpoint: str, log_path: Path, *argv: str) -> subprocess.Popen:
-    """``serve_agent`` in its own process, returned once it answers a health request."""
-    from edge_agent.client import AgentClient, AgentUnavailable
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bench.drift_cost", "serve-agent", *argv], stdout=log,
-                                   stderr=subprocess.STDOUT)
-    with AgentClient(endpoint) as client:
-        for _ in range(600):
-            if process.poll() is not None:
-                raise RuntimeError(f"the agent exited ({process.returncode}): {log_path.read_text()[-3000:]}")
-            try:
-                client.health(timeout_ms=200)
-                return process
-            except AgentUnavailable:
-                continue
-    process.kill()
-    raise RuntimeError(f"the agent did not answer; log {log_path}")
-
-
-def _stored_windows(db: Path) -> int:
-    import sqlite3
-    with sqlite3.connect(db) as connection:
-        return connection.execute("SELECT count(*) FROM windows").fetchone()[0]
-
-
-def serve_agent(argv: list[str]) -> int:
-    """The agent process of ``end_to_end``: the real Agent, with or without the drift hook wired in."""
-    from edge_agent.config import load_config
-    from edge_agent.scoring import load_package
-    from edge_agent.server import Agent
-    from edge_agent.upstream import AgentDrift, DriftConfig
-    from trainer.registry import Registry
-
-    parser = argparse.ArgumentParser()
-    for option in ("--registry", "--model", "--bind", "--drift", "--collector", "--spool", "--window-parts"):
-        parser.add_argument(option, required=True)
-    args = parser.parse_args(argv)
-    config = load_config(None, {"registry": args.registry, "model": args.model, "bind": args.bind,
-                                "metrics.port": 0})
-    registry = Registry(config.registry)
-    model = load_package(registry, registry.resolve(config.model, stage=config.stage))
-    drift = None
-    if args.drift == "on":
-        drift = AgentDrift(DriftConfig(agent_id="bench-agent", collector=args.collector, spool_dir=args.spool,
-                                       window_parts=int(args.window_parts)))
-        drift.start(model)
-    agent = Agent(config, registry, model, drift=drift)
-    signal.signal(signal.SIGTERM, agent.request_stop)
-    try:
-        agent.serve()
-    finally:
-        if drift is not None:
-            drift.stop(timeout_s=5.0)
-    return 0
 
 
 def _timer_pair(clock) -> int:
@@ -243,16 +136,7 @@ def _summary(nanoseconds: np.ndarray) -> dict:
             "mean": round(float(us.mean()), 2), "max": round(float(us.max()), 1)}
 
 
-def _unused_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve-agent"]:
-        return serve_agent(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench.drift_cost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", type=int, default=200)
@@ -265,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     figures = run(args.tests, args.sites, args.parts, args.quick, args.window_parts, args.rate)
     if args.end_to_end:
-        figures.update(end_to_end(None, args.quick, args.tests, args.window_parts))
+        figures.update(end_to_end(args.quick))
     print(json.dumps(figures, indent=2))
     return 0
 

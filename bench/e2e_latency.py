@@ -8,6 +8,11 @@ its latency counts from the due time, so one stall shows in every part it delays
     python -m bench.e2e_latency --rate 1000 --parts 20000 --transport tcp
     python -m bench.e2e_latency --quick
 
+``measure_open_loop`` is one test program waiting for each decision (a part due while the previous call is
+still out starts late, and that lateness counts); ``measure_pipelined`` sends every part at its due time
+whatever is still in flight (parts of several sites or testers), so the offered rate holds: edge-bench's e2e
+section (``bench.latency_suite``) uses it.
+
 Figures: ``e2e.<transport>.rate_<rate>.p50_us`` etc. (from the due time), ``...round_trip.p50_us`` (send to
 reply, what one call costs), ``...agent.p50_us`` (the agent's own processing time, in its reply) and
 ``...late_start.p50_us`` (how late calls started: a slow previous call, or this process not scheduled).
@@ -27,11 +32,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pandas as pd
+import zmq
 
 from edge_agent.client import AgentClient
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
+from edge_agent.protocol import PROTOCOL_VERSION, REPLY_TYPES, SCORE
 from trainer.registry import PackageRef, Registry
 from trainer.table import ParametricTable, TestMeta, test_column_name
 
@@ -82,6 +90,31 @@ def publish_package(registry: Registry, name: str, table: ParametricTable, *, n_
     return registry.publish(name, files, manifest, reason="benchmark / test package"), trained
 
 
+def build_bench_package(registry_root: Path, quick: bool, n_tests: int = 200, n_trees: int = 200,
+                        yield_trees: int = 100) -> dict:
+    """Train and publish the benchmark package ``MODEL`` (promoted to production); what it holds."""
+    registry = Registry(registry_root)
+    build_start = time.perf_counter()
+    train = synthetic_table(2_000 if quick else 5_000, n_tests, seed=1)
+    ref, _ = publish_package(registry, MODEL, train, n_trees=n_trees, yield_trees=yield_trees)
+    registry.promote(MODEL, ref.version, "production", "benchmark")
+    return {"tests": n_tests, "outlier_trees": n_trees, "yield_trees": yield_trees, "train_parts": len(train),
+            "build_s": round(time.perf_counter() - build_start, 1)}
+
+
+def package_stream(registry_root: Path, n_parts: int, n_tests: int = 200) -> tuple[np.ndarray, list[dict]]:
+    """``n_parts`` parts of another lot of the product, in the feature order of ``MODEL``'s production version,
+    with their identities."""
+    registry = Registry(registry_root)
+    ref = registry.resolve(MODEL, stage="production")
+    stream = synthetic_table(n_parts, n_tests, seed=2, lot="L2")
+    columns = [f["column"] for f in registry.manifest(PackageRef(MODEL, ref.version))["features"]]
+    readings = stream.readings(columns).astype(np.float32)
+    identities = [{"lot": "L2", "wafer": "1", "x": i % 40, "y": i // 40, "head": 1, "site": 1 + i % 4,
+                   "part_id": str(i)} for i in range(len(readings))]
+    return readings, identities
+
+
 def run(rate: float = 1000.0, parts: int | None = None, transport: str = "tcp", quick: bool = False,
         n_tests: int = 200, n_trees: int = 200, yield_trees: int = 100, workdir: str | None = None,
         reload_every_s: float | None = None) -> dict:
@@ -102,17 +135,8 @@ def run(rate: float = 1000.0, parts: int | None = None, transport: str = "tcp", 
 
 def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tests: int, n_trees: int,
          yield_trees: int, reload_every_s: float | None) -> dict:
-    registry = Registry(root / "models")
-    build_start = time.perf_counter()
-    train = synthetic_table(2_000 if quick else 5_000, n_tests, seed=1)
-    ref, _ = publish_package(registry, MODEL, train, n_trees=n_trees, yield_trees=yield_trees)
-    registry.promote(MODEL, ref.version, "production", "benchmark")
-    build_s = time.perf_counter() - build_start
-    stream = synthetic_table(parts + WARM_UP_PARTS, n_tests, seed=2, lot="L2")
-    columns = [f["column"] for f in registry.manifest(PackageRef(MODEL, ref.version))["features"]]
-    readings = stream.readings(columns).astype(np.float32)
-    identities = [{"lot": "L2", "wafer": "1", "x": i % 40, "y": i // 40, "head": 1, "site": 1 + i % 4,
-                   "part_id": str(i)} for i in range(len(readings))]
+    package = build_bench_package(root / "models", quick, n_tests, n_trees, yield_trees)
+    readings, identities = package_stream(root / "models", parts + WARM_UP_PARTS, n_tests)
 
     if transport == "tcp":
         endpoint = free_tcp_endpoint()
@@ -123,15 +147,9 @@ def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tes
     agent = start_agent(root / "models", MODEL, endpoint, "--log-level", "WARNING", log_path=root / "agent.log")
     try:
         with AgentClient(endpoint, timeout_ms=100.0) as client:
-            for i in range(WARM_UP_PARTS):
-                client.score(readings[i], identities[i])
-            # This process trained the models: a full collection of its heap would stall the "test program"
-            # for tens of ms. A real test program is small; freeze what exists so only new objects are collected.
-            gc.collect()
-            gc.freeze()
             load_before = os.getloadavg()[0]
             reloader = _Reloader(endpoint, reload_every_s) if reload_every_s else None
-            measured = _open_loop(client, readings[WARM_UP_PARTS:], identities[WARM_UP_PARTS:], rate)
+            measured = measure_open_loop(client, readings, identities, rate)
             if reloader is not None:
                 reloader.finish()
             load_after = os.getloadavg()[0]
@@ -139,9 +157,97 @@ def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tes
     finally:
         status = stop(agent)
     key = f"e2e.{transport}.rate_{rate:g}" + (".with_reloads" if reload_every_s else "")
-    e2e, round_trip, agent_us = measured["from_due_us"], measured["round_trip_us"], measured["agent_us"]
     figures = {
-        f"{key}.parts": parts,
+        **open_loop_figures(key, measured),
+        **({f"{key}.reloads": health["reloads"]} if reload_every_s else {}),
+        "agent.health_latency_us": {k: v for k, v in health["latency_us"].items() if k != "buckets"},
+        "agent.exit_status": status,
+        "package": package,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    # Other work on the machine shows in the tail: judge the figures with the load beside them.
+                    "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(load_after, 2)},
+    }
+    return figures
+
+
+def measure_open_loop(client: AgentClient, readings: np.ndarray, identities: list[dict], rate: float) -> dict:
+    """Score the first ``WARM_UP_PARTS`` rows unmeasured, then the rest open loop at ``rate`` (see the module
+    docstring); the raw per-part arrays, for ``open_loop_figures`` and for plots."""
+    for i in range(WARM_UP_PARTS):
+        client.score(readings[i], identities[i])
+    # This process trained the models: a full collection of its heap would stall the "test program"
+    # for tens of ms. A real test program is small; freeze what exists so only new objects are collected.
+    gc.collect()
+    gc.freeze()
+    return _open_loop(client, readings[WARM_UP_PARTS:], identities[WARM_UP_PARTS:], rate)
+
+
+def measure_pipelined(client: AgentClient, readings: np.ndarray, identities: list[dict], rate: float,
+                      drain_timeout_s: float = 2.0) -> dict:
+    """Like ``measure_open_loop``, but part i is sent at its due time whether or not earlier replies arrived
+    (requests in flight overlap, as parts from several sites or testers do): the offered rate holds even above
+    what one waiting caller achieves. Replies are matched by request id; a part without a reply
+    ``drain_timeout_s`` after the last send counts under ``no_decision["timeout"]``. Same figures."""
+    for i in range(WARM_UP_PARTS):
+        client.score(readings[i], identities[i])
+    gc.collect()
+    gc.freeze()
+    readings, identities = readings[WARM_UP_PARTS:], identities[WARM_UP_PARTS:]
+    n = len(readings)
+    due_at, sent_at, done_at = np.empty(n), np.empty(n), np.full(n, np.nan)
+    agent_us = np.full(n, np.nan)
+    no_decision: Counter[str] = Counter()
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(client.endpoint)
+    first_id = 1 << 40   # ids of this run cannot be taken for anything else on this fresh socket anyway
+
+    def receive(timeout_ms: int) -> None:
+        while socket.poll(timeout_ms, zmq.POLLIN):
+            now = time.perf_counter()
+            reply = msgpack.unpackb(socket.recv(), raw=False)
+            i = reply.get("id", -1) - first_id
+            if not 0 <= i < n:
+                continue
+            done_at[i] = now
+            if reply.get("type") == REPLY_TYPES[SCORE]:
+                agent_us[i] = reply.get("agent_us", np.nan)
+            else:
+                no_decision[str(reply.get("code"))] += 1
+            timeout_ms = 0
+
+    try:
+        interval = 1.0 / rate
+        start = time.perf_counter() + 0.01
+        for i in range(n):
+            due_at[i] = due = start + i * interval
+            while time.perf_counter() < due:
+                receive(0)
+            sent_at[i] = time.perf_counter()
+            # The wire form the client library sends: readings as little-endian float32 bytes (PROTOCOL.md).
+            socket.send(msgpack.packb({"v": PROTOCOL_VERSION, "type": SCORE, "id": first_id + i,
+                                       "readings": np.asarray(readings[i], "<f4").tobytes(),
+                                       "part": identities[i]}, use_bin_type=True))
+        deadline = time.perf_counter() + drain_timeout_s
+        while np.isnan(done_at).any() and time.perf_counter() < deadline:
+            receive(10)
+        elapsed = np.nanmax(done_at) - start if not np.isnan(done_at).all() else float("nan")
+    finally:
+        socket.close(linger=0)
+    replied = ~np.isnan(done_at)
+    if (~replied).any():
+        no_decision["timeout"] += int((~replied).sum())
+    return {"from_due_us": (done_at[replied] - due_at[replied]) * 1e6,
+            "round_trip_us": (done_at[replied] - sent_at[replied]) * 1e6,
+            "agent_us": agent_us[~np.isnan(agent_us)], "no_decision": dict(no_decision),
+            "achieved_rate": int(replied.sum()) / elapsed}
+
+
+def open_loop_figures(key: str, measured: dict) -> dict:
+    """The figures of one ``measure_open_loop`` run under ``key`` (e.g. ``e2e.tcp.rate_1000``)."""
+    e2e, round_trip, agent_us = measured["from_due_us"], measured["round_trip_us"], measured["agent_us"]
+    return {
+        f"{key}.parts": len(e2e),
         f"{key}.achieved_rate": round(measured["achieved_rate"], 1),
         **_percentiles(f"{key}", e2e),
         **_percentiles(f"{key}.round_trip", round_trip),
@@ -149,17 +255,8 @@ def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tes
         # How late calls started (a slow previous call, or this process not scheduled in time).
         **_percentiles(f"{key}.late_start", e2e - round_trip),
         f"{key}.no_decision": measured["no_decision"],
-        **({f"{key}.reloads": health["reloads"]} if reload_every_s else {}),
         f"{key}.meets_target_p99_under_1ms": bool(np.percentile(e2e, 99) < TARGET_P99_US),
-        "agent.health_latency_us": {k: v for k, v in health["latency_us"].items() if k != "buckets"},
-        "agent.exit_status": status,
-        "package": {"tests": n_tests, "outlier_trees": n_trees, "yield_trees": yield_trees,
-                    "train_parts": len(train), "build_s": round(build_s, 1)},
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    # Other work on the machine shows in the tail: judge the figures with the load beside them.
-                    "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(load_after, 2)},
     }
-    return figures
 
 
 def _open_loop(client: AgentClient, readings: np.ndarray, identities: list[dict], rate: float) -> dict:
@@ -213,8 +310,9 @@ class _Reloader(threading.Thread):
 def _percentiles(prefix: str, values: np.ndarray) -> dict:
     if len(values) == 0:
         return {}
-    p50, p95, p99, p999 = np.percentile(values, [50, 95, 99, 99.9])
-    return {f"{prefix}.p50_us": round(float(p50), 1), f"{prefix}.p95_us": round(float(p95), 1),
+    p50, p90, p95, p99, p999 = np.percentile(values, [50, 90, 95, 99, 99.9])
+    return {f"{prefix}.p50_us": round(float(p50), 1), f"{prefix}.p90_us": round(float(p90), 1),
+            f"{prefix}.p95_us": round(float(p95), 1),
             f"{prefix}.p99_us": round(float(p99), 1), f"{prefix}.p999_us": round(float(p999), 1),
             f"{prefix}.max_us": round(float(np.max(values)), 1)}
 

@@ -38,8 +38,10 @@ SKL2ONNX_OPSETS = {"": 17, "ai.onnx.ml": 3}
 
 
 def run(n_trees: int = 200, n_tests: int = 200, rows: int | None = None, quick: bool = False,
-        yield_trees: int = 100, timed_rows: int | None = None, seed: int = 0) -> dict:
-    """Train on ``rows`` synthetic parts of ``n_tests`` tests; time every engine on ``timed_rows`` other parts."""
+        yield_trees: int = 100, timed_rows: int | None = None, seed: int = 0,
+        yield_kinds: tuple[str, ...] = YIELD_KINDS) -> dict:
+    """Train on ``rows`` synthetic parts of ``n_tests`` tests; time every engine on ``timed_rows`` other parts.
+    ``yield_kinds``: the yield model types compared (the first one's outlier model is the one timed)."""
     rows = rows or (2_000 if quick else 5_000)
     timed_rows = timed_rows or (50 if quick else 300)
     table = synthetic_table(rows, n_tests, seed=1, product_seed=seed)
@@ -51,7 +53,7 @@ def run(n_trees: int = 200, n_tests: int = 200, rows: int | None = None, quick: 
 
     trained = {}
     train_start = time.perf_counter()
-    for kind in YIELD_KINDS:
+    for kind in yield_kinds:
         config = TrainConfig(name="bench", n_trees=n_trees, yield_model=kind, yield_trees=yield_trees, seed=seed)
         trained[kind] = fit(table, config, progress=lambda message: None)
     figures: dict = {"inproc.n_tests": n_tests, "inproc.n_trees": n_trees, "inproc.yield_trees": yield_trees,
@@ -60,7 +62,7 @@ def run(n_trees: int = 200, n_tests: int = 200, rows: int | None = None, quick: 
                      "machine.cpus": os.cpu_count(), "machine.python": platform.python_version(),
                      "machine.load_1min_before": round(os.getloadavg()[0], 2)}
 
-    outlier = trained[YIELD_KINDS[0]].outlier
+    outlier = trained[yield_kinds[0]].outlier
     expected = outlier.decision_function(X64[:timed_rows])
     figures.update(_engine("inproc.sklearn", lambda x: outlier.decision_function(x), X64[:timed_rows], batch64,
                            repeats, size=len(pickle.dumps(outlier))))
@@ -75,7 +77,7 @@ def run(n_trees: int = 200, n_tests: int = 200, rows: int | None = None, quick: 
     figures["inproc.size_ratio_skl2onnx_over_compact"] = round(
         figures["inproc.skl2onnx.size_bytes"] / figures["inproc.compact.size_bytes"], 1)
 
-    for kind in YIELD_KINDS:
+    for kind in yield_kinds:
         model = trained[kind].yield_model
         key = f"inproc.yield.{kind}"
         expected = model.predict_proba(X64[:timed_rows])[:, 1]

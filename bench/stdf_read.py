@@ -275,6 +275,18 @@ def run(paths: list[str] | None = None, quick: bool = False, reference_limit_mb:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}}
 
 
+def read_speed(path: Path, reader: str = "ours", repeats: int = 1) -> dict:
+    """One reader on one file in a fresh process: the ``_worker`` figures plus ``stdf_mb``, ``mb_per_s`` and
+    ``parts_per_s`` (or ``error``)."""
+    size = _stdf_bytes(path)
+    row = {"stdf_mb": size / 1e6, **_measure(reader, path, REPO / "tests" / "data" / "stdf" / "d10_final_test.std",
+                                             repeats)}
+    if "seconds" in row:
+        row["mb_per_s"] = size / 1e6 / row["seconds"]
+        row["parts_per_s"] = row["parts"] / row["seconds"]
+    return row
+
+
 def markdown(result: dict) -> str:
     lines = ["| file | STDF MB | reader | parts | tests | best s | MB/s | parts/s | x ours time | "
              "peak RSS +MB | table MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

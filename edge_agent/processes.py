@@ -1,10 +1,13 @@
 """Start and stop the agent and the collector as their own processes (the demo, the benchmark and the tests).
 
 Both are started with ``python -m`` so that no installed console script is needed, and both are waited for
-until they answer: the agent a health request, the collector its "collecting on" log line.
+until they answer: the agent a health request, the collector its "collecting on" log line. A process started
+here does not outlive the Python process that started it: whatever is still running at exit is killed (a
+failed test or an interrupted demo leaves no daemon behind).
 """
 from __future__ import annotations
 
+import atexit
 import socket
 import subprocess
 import sys
@@ -14,6 +17,22 @@ from pathlib import Path
 from .client import AgentClient, AgentUnavailable
 
 STARTUP_TIMEOUT_S = 120.0
+_started: list[subprocess.Popen] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for process in _started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _spawn(command: list[str], log_path: str | Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    _started[:] = [p for p in _started if p.poll() is None] + [process]
+    return process
 
 
 def free_tcp_endpoint() -> str:
@@ -30,8 +49,7 @@ def start_agent(registry_root: str | Path, model: str, endpoint: str, *extra: st
     spool = [] if "--spool-dir" in extra else ["--spool-dir", str(Path(log_path).with_suffix(".spool"))]
     command = [sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(registry_root), "--model", model,
                "--bind", endpoint, "--metrics-port", "0", *spool, *extra]
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    process = _spawn(command, log_path)
     deadline = time.monotonic() + timeout_s
     with AgentClient(endpoint) as client:
         while time.monotonic() < deadline:
@@ -53,8 +71,7 @@ def start_collector(db: str | Path, endpoint: str, *extra: str, log_path: str | 
     command = [sys.executable, "-m", "edge_agent.collector.cli", "run", "--bind", endpoint, "--db", str(db),
                "--metrics-port", "0", *extra]
     log = Path(log_path)
-    with open(log, "ab") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    process = _spawn(command, log)
     deadline = time.monotonic() + timeout_s
     while "collecting on" not in log.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:

@@ -1,0 +1,146 @@
+"""edge-bench: one real quick run (real agents, collector, sockets, sessions) and the README table renderer.
+
+No wall-clock thresholds: the figures are checked for presence, sign and internal consistency only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import sklearn
+import zmq
+
+from bench import report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "--quick", "--json", str(out / "out.json"),
+                           "--markdown", str(out / "out.md"), "--plots", str(out / "plots")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "out.json").read_text())
+
+
+def _number(figures: dict, key: str) -> float:
+    value = figures[key]
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} = {value!r}"
+    assert math.isfinite(value), f"{key} = {value!r}"
+    return float(value)
+
+
+def test_required_keys_present_and_positive(quick_run):
+    _, figures = quick_run
+    for key in report.REQUIRED_KEYS:
+        assert key in figures, key
+        if key != "machine":
+            assert _number(figures, key) > 0, key
+
+
+def test_percentiles_are_ordered_in_every_e2e_run(quick_run):
+    _, figures = quick_run
+    runs = [k.removesuffix(".p50_us") for k in figures if k.startswith("e2e.") and k.endswith(".p50_us")]
+    assert "e2e.tcp.rate_1000" in runs and "e2e.ipc.rate_1000" in runs and "e2e.tcp.rate_1000.drift_off" in runs
+    for run in runs:
+        ladder = [_number(figures, f"{run}.{p}_us") for p in ("p50", "p90", "p99", "p999", "max")]
+        assert ladder == sorted(ladder), (run, ladder)
+        assert ladder[0] > 0
+    for rate in (100, 1000, 5000):
+        assert figures[f"e2e.tcp.rate_{rate}.no_decision"] == {}
+        assert _number(figures, f"e2e.tcp.rate_{rate}.parts") > 0
+    # Latency from the due time includes the round trip of the same part.
+    assert figures["e2e.tcp.rate_1000.p50_us"] >= figures["e2e.tcp.rate_1000.round_trip.p50_us"] - 0.1
+
+
+def test_inproc_ratios_match_the_medians(quick_run):
+    _, figures = quick_run
+    compact = _number(figures, "inproc.compact.p50_us")
+    for engine in ("sklearn", "skl2onnx"):
+        ratio = _number(figures, f"inproc.ratio_{engine}_over_compact")
+        assert ratio == pytest.approx(_number(figures, f"inproc.{engine}.p50_us") / compact, abs=0.051)
+    assert figures["inproc.compact.max_abs_diff"] < 1e-4   # the compact graph reproduces scikit-learn
+    assert any(k.endswith(".int8.p50_us") for k in figures), "no quantized variant was measured"
+
+
+def test_throughput_footprint_and_machine(quick_run):
+    _, figures = quick_run
+    assert figures["throughput.batched_parts_per_s"] == figures["throughput.one_core.parts_per_s"]
+    assert len(figures["throughput.one_core.agent_cpus"]) == 1
+    assert figures["throughput.one_core.no_decision"] == 0
+    assert _number(figures, "agent.rss_after_parts_mb") > 0
+    assert figures["agent.rss_after_parts_count"] >= 1000
+    assert figures["agent.rss_after_parts_no_decision"] == 0
+    machine = figures["machine"]
+    assert machine["cores"] >= 1 and machine["cpu_model"]
+    assert machine["numpy"] == np.__version__ and machine["sklearn"] == sklearn.__version__
+    assert machine["onnxruntime"] == onnxruntime.__version__ and machine["pyzmq"] == zmq.__version__
+    assert machine["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert len(machine["load_before"]) == 3 and len(machine["load_after"]) == 3
+
+
+def test_every_key_is_documented(quick_run):
+    _, figures = quick_run
+    keys_md = (REPO / "bench" / "KEYS.md").read_text()
+    documented = {line.split("`")[1] for line in keys_md.splitlines() if line.startswith("| `")}
+    patterns = [re.sub(r"<[a-z_]+>", "[^.]+", re.escape(d).replace(r"\<", "<").replace(r"\>", ">"))
+                for d in documented]
+    missing = [k for k in figures if not any(re.fullmatch(p, k) for p in patterns)]
+    assert not missing, f"keys not in bench/KEYS.md: {missing}"
+
+
+def test_markdown_and_plots_written(quick_run):
+    out, figures = quick_run
+    summary = (out / "out.md").read_text()
+    assert "e2e.tcp.rate_1000" in summary and "## Targets" in summary
+    for name in ("e2e_latency.png", "scaling.png"):
+        assert (out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _met_cells(table: str) -> dict[str, str]:
+    cells = {}
+    for line in table.splitlines():
+        parts = [c.strip() for c in line.strip("|").split("|")]
+        if len(parts) == 4 and parts[0] and parts[0] != "---":
+            cells[parts[0]] = parts[3]
+    return cells
+
+
+def test_readme_table_met_column_follows_the_figures(quick_run):
+    out, figures = quick_run
+    printed = subprocess.run([sys.executable, "-m", "bench.cli", "--readme-table", str(out / "out.json")],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+    cells = _met_cells(printed)
+    for target in report.TARGETS:
+        measured = figures[target.key]
+        expected = measured < target.value if target.comparison == "<" else measured >= target.value
+        assert cells[target.label] == ("yes" if expected else "no"), target.label
+    assert f"{figures['machine']['cores']} cores" in printed
+
+    # Flip every figure to the other side of its target: the met column must flip with it.
+    flipped = dict(figures)
+    for target in report.TARGETS:
+        passing = target.value * (0.5 if target.comparison == "<" else 2.0)
+        failing = target.value * (2.0 if target.comparison == "<" else 0.5)
+        flipped[target.key] = failing if cells[target.label] == "yes" else passing
+    flipped_cells = _met_cells(report.readme_table(flipped))
+    for target in report.TARGETS:
+        assert flipped_cells[target.label] != cells[target.label], target.label
+
+
+def test_readme_table_refuses_a_file_that_is_not_results(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    done = subprocess.run([sys.executable, "-m", "bench.cli", "--readme-table", str(bad)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "bad.json" in done.stderr and "Traceback" not in done.stderr
