@@ -19,12 +19,12 @@ import signal
 import sys
 import time
 
-from trainer.errors import EdgeError
+from trainer.errors import run_command
 
 from .config import AgentConfig, load_config
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
-EXIT_OK, EXIT_ERROR_REPLY, EXIT_UNUSABLE, EXIT_NO_REPLY = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR_REPLY, EXIT_NO_REPLY = 0, 1, 3   # 2: unusable input (trainer.errors.run_command)
 RELOAD_POLL_S = 0.1
 DRIFT_STOP_TIMEOUT_S = 2.0   # at shutdown the open window gets this long to be acknowledged, else it stays spooled
 
@@ -33,14 +33,7 @@ log = logging.getLogger("edge_agent.cli")
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except EdgeError as error:
-        print(f"edge-agent: error: {error}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except KeyboardInterrupt:
-        print("edge-agent: interrupted", file=sys.stderr)
-        return 130
+    return run_command("edge-agent", lambda: args.handler(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, TextIO
 
 import numpy as np
 
-from trainer.errors import EdgeError
+from trainer.errors import EdgeError, run_command
 
 from .client import AgentClient, AgentUnavailable, ScoreResult
 from .demo import part_identities
@@ -38,7 +38,7 @@ from .summary import ReplySummary
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 PACES = ("fast", "file")
-EXIT_OK, EXIT_UNDECIDED, EXIT_UNUSABLE = 0, 1, 2
+EXIT_OK, EXIT_UNDECIDED = 0, 1   # 2: unusable input (trainer.errors.run_command)
 # A replay is not the production path: a generous timeout keeps a slow first call (session warm-up, a reload)
 # from being counted as "no decision", while a dead agent still fails fast through the client's back-off.
 DEFAULT_TIMEOUT_MS = 1000.0
@@ -208,14 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except EdgeError as error:
-        print(f"edge-replay: error: {error}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except KeyboardInterrupt:
-        print("edge-replay: interrupted", file=sys.stderr)
-        return 130
+    return run_command("edge-replay", lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,22 +7,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import EdgeError
+from .errors import run_command
 
 DEFAULT_REGISTRY = "models"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args) or 0
-    except EdgeError as error:
-        print(f"edge-train: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edge-train: interrupted", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(argv)
+    return run_command("edge-train", lambda: args.handler(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,12 @@
 """Errors the trainer shows to people. Each names what was wrong and where."""
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
+EXIT_UNUSABLE = 2       # every command: the input, configuration or model cannot be used
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
 
 class EdgeError(Exception):
     """Base of every error the command line prints as a message instead of a traceback."""
@@ -36,3 +42,16 @@ class ExportError(EdgeError):
 
 class RegistryError(EdgeError):
     """A registry operation that cannot be done: unknown model/version, bad stage, failed verification."""
+
+
+def run_command(program: str, command: Callable[[], int | None]) -> int:
+    """Run one command-line command: an EdgeError becomes one line on stderr and exit status 2, Ctrl-C 130;
+    anything else is a bug and keeps its traceback."""
+    try:
+        return command() or 0
+    except EdgeError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -12,21 +12,14 @@ import argparse
 import signal
 import sys
 
-from trainer.errors import EdgeError
+from trainer.errors import run_command
 
-EXIT_OK, EXIT_UNUSABLE = 0, 2
+EXIT_OK = 0   # 2: unusable configuration, database or address (trainer.errors.run_command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except EdgeError as error:
-        print(f"edge-collector: error: {error}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except KeyboardInterrupt:
-        print("edge-collector: interrupted", file=sys.stderr)
-        return 130
+    return run_command("edge-collector", lambda: args.handler(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
