@@ -185,16 +185,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            with open(path, "rb") as handle:
-                document = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: configuration file not found") from None
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot be read ({error.strerror})") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML ({error})") from None
-        _apply_document(config, document, source)
+        _apply_document(config, read_toml(path, ConfigError), source)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -203,6 +194,19 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         _set(target, key, value, f"command line --{dotted.replace('.', '-').replace('_', '-')}")
     _check(config, source, require_model)
     return config
+
+
+def read_toml(path: str | Path, error: type[EdgeError]) -> dict:
+    """The TOML document at ``path``; ``error`` names the file and what is wrong with it."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise error(f"{path}: configuration file not found") from None
+    except OSError as failure:
+        raise error(f"{path}: cannot be read ({failure.strerror})") from None
+    except tomllib.TOMLDecodeError as failure:
+        raise error(f"{path}: not valid TOML ({failure})") from None
 
 
 def _apply_document(config: AgentConfig, document: dict, source: str) -> None:

@@ -99,7 +99,8 @@ class Part:
 _DEFAULT_PART = Part()
 
 
-def encode(message: dict) -> bytes:
+def encode(message) -> bytes:
+    """msgpack, binary as bin (every message of the product, and the collector's stored arrays)."""
     return msgpack.packb(message, use_bin_type=True)
 
 

@@ -28,15 +28,17 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 import numpy as np
+import pandas as pd
 
 from trainer.errors import EdgeError, run_command
+from trainer.table import ParametricTable
 
 from .client import AgentClient, AgentUnavailable, ScoreResult
-from .demo import part_identities
 from .protocol import PROTOCOL_VERSION, SCORE
 from .summary import ReplySummary
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
+PART_IDENTITY = ("lot", "wafer", "x", "y", "head", "site", "part_id")
 PACES = ("fast", "file")
 EXIT_OK, EXIT_UNDECIDED = 0, 1   # 2: unusable input (trainer.errors.run_command)
 # A replay is not the production path: a generous timeout keeps a slow first call (session warm-up, a reload)
@@ -51,7 +53,7 @@ class ReplayError(EdgeError):
 
 @dataclass
 class Replay:
-    """An STDF file's parts as the agent will receive them, in file (completion) order."""
+    """A lot's parts as the agent will receive them, in file (completion) or table order."""
 
     path: str
     features: list[str]          # the model's feature order
@@ -82,21 +84,41 @@ class Replay:
 def load_replay(path: str | Path, features: list[str]) -> Replay:
     """Read the STDF file (DataError if it is not one) and line its readings up with ``features``."""
     from trainer.ingest.stdf import read_stdf
-    table = read_stdf(path).table
+    return plan_from_table(read_stdf(path).table, features, str(path))
+
+
+def plan_from_table(table: ParametricTable, features: list[str], source: str = "") -> Replay:
+    """A table's parts, in table order, as the agent will receive them: readings in ``features`` order."""
     frame = table.frame
-    in_file = set(table.test_columns)
-    present = [c for c in features if c in in_file]
+    in_table = set(table.test_columns)
+    present = [c for c in features if c in in_table]
     readings = np.full((len(frame), len(features)), np.nan, dtype=np.float32)
-    readings[:, [i for i, c in enumerate(features) if c in in_file]] = table.readings(present).astype(np.float32)
+    readings[:, [i for i, c in enumerate(features) if c in in_table]] = table.readings(present).astype(np.float32)
     infinite = np.isinf(readings)
     readings[infinite] = np.nan
-    test_time = frame["test_time_ms"].to_numpy(np.float64, na_value=np.nan)
+    test_time = (frame["test_time_ms"].to_numpy(np.float64, na_value=np.nan) if "test_time_ms" in frame.columns
+                 else np.full(len(frame), np.nan))
     known = set(features)
-    return Replay(path=str(path), features=list(features), readings=readings, parts=part_identities(frame),
+    return Replay(path=source, features=list(features), readings=readings, parts=part_identities(frame),
                   test_time_ms=np.where(test_time > 0, test_time, np.nan),
-                  missing_tests=[c for c in features if c not in in_file],
+                  missing_tests=[c for c in features if c not in in_table],
                   dropped_tests=[c for c in table.test_columns if c not in known],
                   non_finite=int(infinite.sum()))
+
+
+def part_identities(frame: pd.DataFrame) -> list[dict]:
+    """Part identity maps with plain Python values (msgpack does not pack numpy scalars); unknowns left out."""
+    fields = [f for f in PART_IDENTITY if f in frame.columns]
+    records = frame[fields].to_dict("records")
+    return [{k: _plain(v) for k, v in record.items() if not pd.isna(v)} for record in records]
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)   # integer identity columns read back as float when they hold missing values
+    return value
 
 
 def send_schedule(test_time_ms: np.ndarray, speed: float = 1.0) -> np.ndarray:

@@ -27,6 +27,9 @@ import msgpack
 import zmq
 
 from trainer.errors import EdgeError
+from trainer.registry import atomic_write
+
+from .protocol import encode
 
 log = logging.getLogger("edge_agent.shipping")
 
@@ -44,11 +47,8 @@ class SpoolError(EdgeError):
     """The spool folder cannot be used (names the folder and the reason)."""
 
 
-def encode(message: dict) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
 def decode(payload: bytes) -> dict:
+    """A message this agent or collector encoded (trusted: no protocol validation)."""
     return msgpack.unpackb(payload, raw=False)
 
 
@@ -110,7 +110,7 @@ class DiskSpool:
             for old in doomed:
                 self._record_drop(old)
             data = encode({**message, "seq": seq, "spool": self.loss()})
-        _atomic_write(self._path(seq), data)
+        atomic_write(self._path(seq), data)
         self.last_seq = seq
         self._save_state()            # after the message: a crash in between is repaired by _recover
         for old in doomed:
@@ -177,7 +177,7 @@ class DiskSpool:
         self.dropped_total = int(state.get("dropped_total", 0))
         self.dropped_ranges = [list(r) for r in state.get("dropped_ranges", [])]
         self.unspooled_lost = int(state.get("unspooled_lost", 0))
-        for leftover in self.directory.glob(f"*{MESSAGE_SUFFIX}.tmp"):
+        for leftover in self.directory.glob(f"*{MESSAGE_SUFFIX}.tmp"):   # atomic_write's ".<name>.tmp"
             leftover.unlink()          # a write that never completed: its seq was never handed out
         found = sorted((int(p.name[:-len(MESSAGE_SUFFIX)]), p) for p in self.directory.glob(f"*{MESSAGE_SUFFIX}")
                        if p.name[:-len(MESSAGE_SUFFIX)].isdigit())
@@ -191,7 +191,7 @@ class DiskSpool:
         self._save_state()
 
     def _save_state(self) -> None:
-        _atomic_write(self.directory / STATE_FILE,
+        atomic_write(self.directory / STATE_FILE,
                       encode({"stream": self.stream, "last_seq": self.last_seq, "dropped_total": self.dropped_total,
                               "dropped_ranges": self.dropped_ranges, "unspooled_lost": self.unspooled_lost}))
 
@@ -203,21 +203,6 @@ class DiskSpool:
             self._path(seq).unlink()
         except FileNotFoundError:
             pass
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename over, fsync the folder: after return the file survives power loss whole."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class SupportsPayload(Protocol):

@@ -427,7 +427,7 @@ class Registry:
             stages[version] = to_stage
         _append_lines(model_dir / HISTORY_FILE, lines)
         state = {"name": name, "updated_at": now, "stages": dict(sorted(stages.items(), key=lambda i: int(i[0])))}
-        _atomic_write(model_dir / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
+        atomic_write(model_dir / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
 
 
 # ---- file-system steps --------------------------------------------------------------------------------------
@@ -451,13 +451,16 @@ def _write_file(path: Path, data: bytes | Path) -> str:
 
 
 def _write_manifest(staging: Path, manifest: dict) -> None:
-    _atomic_write(staging / MANIFEST_FILE, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(staging / MANIFEST_FILE, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
     os.chmod(staging / MANIFEST_FILE, _READ_ONLY_FILE)
     _fsync_dir(staging)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")   # callers hold the model lock or own the folder
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write, fsync, rename over, fsync the folder: after return the file survives power loss whole.
+
+    The caller owns the folder or holds its lock (one temporary name per file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as out:
         out.write(data)
         out.flush()

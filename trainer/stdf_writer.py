@@ -92,19 +92,32 @@ def _close(out, start, p, typ, sub, big):
 
 
 @nb.njit(cache=True)
+def _test_header(out, p, big, number, head, site, test_flg):
+    """TEST_NUM HEAD_NUM SITE_NUM TEST_FLG PARM_FLG after the record header (PTR and MPR); returns the end."""
+    p = _put_u32(out, p + 4, number, big)
+    out[p], out[p + 1], out[p + 2], out[p + 3] = head, site, test_flg, 0
+    return p + 4
+
+
+@nb.njit(cache=True)
+def _limits(out, p, big, scratch, opt, scale, low, high):
+    """ALARM_ID OPT_FLAG RES_SCAL LLM_SCAL HLM_SCAL LO_LIMIT HI_LIMIT (PTR and MPR); returns the end."""
+    out[p] = 0                                       # ALARM_ID
+    out[p + 1] = opt
+    out[p + 2] = out[p + 3] = out[p + 4] = scale & 255
+    p = _put_r4(out, p + 5, low, big, scratch)
+    return _put_r4(out, p, high, big, scratch)
+
+
+@nb.njit(cache=True)
 def _ptr(out, p, big, scratch, number, head, site, test_flg, result, names, name_at, name_len, full, opt, scale,
          low, high, units, units_at, units_len):
     start = p
-    p = _put_u32(out, p + 4, number, big)
-    out[p], out[p + 1], out[p + 2], out[p + 3] = head, site, test_flg, 0
-    p = _put_r4(out, p + 4, result, big, scratch)
+    p = _test_header(out, p, big, number, head, site, test_flg)
+    p = _put_r4(out, p, result, big, scratch)
     p = _put_text(out, p, names, name_at, name_len)
     if full:
-        out[p] = 0                                   # ALARM_ID
-        out[p + 1] = opt
-        out[p + 2] = out[p + 3] = out[p + 4] = scale & 255
-        p = _put_r4(out, p + 5, low, big, scratch)
-        p = _put_r4(out, p, high, big, scratch)
+        p = _limits(out, p, big, scratch, opt, scale, low, high)
         p = _put_text(out, p, units, units_at, units_len)
         out[p] = out[p + 1] = out[p + 2] = 0         # C_RESFMT C_LLMFMT C_HLMFMT
         p = _put_r4(out, p + 3, 0.0, big, scratch)   # LO_SPEC HI_SPEC (flagged absent)
@@ -140,9 +153,8 @@ def _mpr(out, p, big, scratch, number, head, site, test_flg, results, names, nam
     start = p
     k = len(results)
     states = k if full else 0
-    p = _put_u32(out, p + 4, number, big)
-    out[p], out[p + 1], out[p + 2], out[p + 3] = head, site, test_flg, 0
-    p = _put_u16(out, p + 4, states, big)
+    p = _test_header(out, p, big, number, head, site, test_flg)
+    p = _put_u16(out, p, states, big)
     p = _put_u16(out, p, k, big)
     out[p:p + (states + 1) // 2] = 0                 # RTN_STAT
     p += (states + 1) // 2
@@ -150,11 +162,7 @@ def _mpr(out, p, big, scratch, number, head, site, test_flg, results, names, nam
         p = _put_r4(out, p, results[i], big, scratch)
     p = _put_text(out, p, names, name_at, name_len)
     if full:
-        out[p] = 0                                   # ALARM_ID
-        out[p + 1] = opt
-        out[p + 2] = out[p + 3] = out[p + 4] = scale & 255
-        p = _put_r4(out, p + 5, low, big, scratch)
-        p = _put_r4(out, p, high, big, scratch)
+        p = _limits(out, p, big, scratch, opt, scale, low, high)
         p = _put_r4(out, p, 0.0, big, scratch)       # START_IN
         p = _put_r4(out, p, 0.0, big, scratch)       # INCR_IN
         for i in range(k):

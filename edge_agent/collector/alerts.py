@@ -45,7 +45,6 @@ import queue
 import shlex
 import subprocess
 import threading
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +52,7 @@ import numpy as np
 
 from trainer.errors import EdgeError
 
+from ..config import read_toml
 from ..drift import psi
 from .store import Added, StatsWindow
 
@@ -88,15 +88,7 @@ def load_alert_config(path: str | Path | None) -> AlertConfig:
     config = AlertConfig()
     if path is None:
         return config
-    try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except FileNotFoundError:
-        raise AlertConfigError(f"{path}: configuration file not found") from None
-    except OSError as error:
-        raise AlertConfigError(f"{path}: cannot be read ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise AlertConfigError(f"{path}: not valid TOML ({error})") from None
+    document = read_toml(path, AlertConfigError)
     unknown = set(document) - {"alerts"}
     if unknown:
         raise AlertConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected [alerts]")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import msgpack
-
 from trainer.errors import EdgeError
+
+from ..protocol import encode
 
 SCHEMA_VERSION = 1
 
@@ -58,14 +58,6 @@ class StoreError(EdgeError):
 
 class InvalidMessage(ValueError):
     """A stats message that cannot be stored: says which field and what was expected."""
-
-
-def pack(value: Any) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def unpack(blob: bytes) -> Any:
-    return msgpack.unpackb(blob, raw=False)
 
 
 # ---- the message -------------------------------------------------------------------------------------------
@@ -224,8 +216,8 @@ class Store:
             return None
         model = m["model"]
         self.db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (model["checksum"], model["name"], model["version"], pack(m["columns"]), m["bins"],
-                         m["expected_outlier_rate"], pack(m["reference"]), received_at))
+                        (model["checksum"], model["name"], model["version"], encode(m["columns"]), m["bins"],
+                         m["expected_outlier_rate"], encode(m["reference"]), received_at))
         w, spool = m["window"], m["spool"]
         cursor = self.db.execute(
             "INSERT INTO windows (agent_id, stream, seq, tester, model_checksum, start, end, closed_by, parts, "
@@ -241,8 +233,8 @@ class Store:
                 "INSERT INTO site_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (window_id, site["head"], site["site"], site["parts"], site["outliers"], site.get("outlier_rate"),
                  max_psi, max_test, site.get("score_psi"), int(site["change"]["fired"]), site["change"]["fires"],
-                 site["change"]["statistic"], pack(site["missing"]), pack(site["counts"]), pack(psi),
-                 pack(site["js"]), pack(site["ks"]), pack(site["score_counts"])))
+                 site["change"]["statistic"], encode(site["missing"]), encode(site["counts"]), encode(psi),
+                 encode(site["js"]), encode(site["ks"]), encode(site["score_counts"])))
         self.db.execute(
             "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, NULL) ON CONFLICT (agent_id) DO UPDATE SET "
             "tester = excluded.tester, stream = excluded.stream, "
