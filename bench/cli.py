@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.errors import EdgeError
-
 from bench import machine, report
+from edge_agent.errors import EdgeError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("e2e", "throughput", "agent", "inproc", "scaling", "stdf", "training", "drift")
@@ -152,7 +151,7 @@ def write_outputs(figures: dict, latencies: dict, curves: dict, json_path: Path,
 
 def load_results(path: str) -> dict:
     """A results JSON written by edge-bench; EdgeError naming the file when it is not one."""
-    from trainer.errors import DataError
+    from edge_agent.errors import DataError
     try:
         figures = json.loads(Path(path).read_text())
     except OSError as error:

@@ -38,9 +38,9 @@ import pandas as pd
 import zmq
 
 from edge_agent.client import AgentClient
+from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
-from edge_agent.protocol import PROTOCOL_VERSION, REPLY_TYPES, SCORE
-from trainer.registry import PackageRef, Registry
+from edge_agent.wire.score import PROTOCOL_VERSION, REPLY_TYPES, SCORE
 from trainer.table import ParametricTable, TestMeta, test_column_name
 
 MODEL = "bench"

@@ -28,8 +28,8 @@ import onnx
 from skl2onnx import to_onnx
 
 from bench.e2e_latency import synthetic_table
-from trainer.export import (isolation_forest_to_onnx, make_session, quantize_int8, supports_int8, warm_up,
-                            yield_model_to_onnx)
+from edge_agent.package.runtime import make_session, warm_up
+from trainer.export import isolation_forest_to_onnx, quantize_int8, supports_int8, yield_model_to_onnx
 from trainer.train import YIELD_KINDS, TrainConfig, fit
 
 BATCH_ROWS = 1000

@@ -17,7 +17,8 @@ from sklearn.pipeline import Pipeline
 
 from bench.e2e_latency import synthetic_table
 from bench.export_compare import _timed
-from trainer.export import isolation_forest_to_onnx, make_session, warm_up
+from edge_agent.package.runtime import make_session, warm_up
+from trainer.export import isolation_forest_to_onnx
 
 DEFAULTS = {"trees": 200, "tests": 200, "max_samples": 256}
 FULL = {"trees": (50, 100, 200, 400, 800), "tests": (20, 50, 100, 200, 500, 1000, 2000),

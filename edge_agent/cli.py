@@ -2,7 +2,6 @@
 
     edge-agent run --registry models --model NAME [--stage production] [--bind tcp://127.0.0.1:5555]
                    [--config agent.toml]
-    edge-agent demo     [--workdir DIR] [--parts N] [--tests N] [--stream-parts N]
     edge-agent health   [--connect ENDPOINT | --config agent.toml]
     edge-agent reload   [--version N] [--no-wait] [--connect ENDPOINT | --config agent.toml]
     edge-agent rollback [--connect ENDPOINT | --config agent.toml]
@@ -19,12 +18,11 @@ import signal
 import sys
 import time
 
-from trainer.errors import run_command
-
 from .config import AgentConfig, load_config
+from .errors import run_command
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
-EXIT_OK, EXIT_ERROR_REPLY, EXIT_NO_REPLY = 0, 1, 3   # 2: unusable input (trainer.errors.run_command)
+EXIT_OK, EXIT_ERROR_REPLY, EXIT_NO_REPLY = 0, 1, 3   # 2: unusable input (edge_agent.errors.run_command)
 RELOAD_POLL_S = 0.1
 DRIFT_STOP_TIMEOUT_S = 2.0   # at shutdown the open window gets this long to be acknowledged, else it stays spooled
 
@@ -63,17 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     run.set_defaults(handler=cmd_run)
 
-    demo = commands.add_parser("demo", help="synthetic lot -> train -> export -> agent + collector -> stream a "
-                                            "second lot -> outliers, PAT vs model, latency, drift alerts")
-    demo.add_argument("--workdir", help="where the demo keeps its data and logs (default: a new temp folder)")
-    demo.add_argument("--parts", type=int, default=20000, help="parts in the training lot")
-    demo.add_argument("--tests", type=int, default=200)
-    demo.add_argument("--stream-parts", type=int, default=6000, help="parts in the streamed second lot")
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--registry", default="models")
-    demo.add_argument("--name", default="demo", help="model name in the registry")
-    demo.set_defaults(handler=cmd_demo)
-
     for name, handler, text in (("health", cmd_health, "status, counters and latency of a running agent"),
                                 ("reload", cmd_reload, "make a running agent load its stage's (or a given) version"),
                                 ("rollback", cmd_rollback, "make a running agent serve its previous model again")):
@@ -104,9 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def run_agent(config: AgentConfig) -> int:
     """Load the configured package and serve until SIGTERM/SIGINT; SIGHUP asks for a reload."""
     # Imported here: health/reload/rollback need neither onnxruntime nor the registry.
-    from trainer.registry import Registry
-
     from .logs import setup_logging
+    from .package.registry import Registry
     from .scoring import load_package
     from .server import Agent
     from .upstream import AgentDrift
@@ -132,12 +118,6 @@ def run_agent(config: AgentConfig) -> int:
         if drift is not None:
             drift.stop(timeout_s=DRIFT_STOP_TIMEOUT_S)
     return EXIT_OK
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .walkthrough import run_demo
-    return run_demo(args.workdir, parts=args.parts, tests=args.tests, stream_parts=args.stream_parts,
-                    seed=args.seed, registry_root=args.registry, name=args.name)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .protocol import ERROR, PROTOCOL_VERSION, REPLY_TYPES, SCORE, SCORE_BATCH
+from .wire.score import ERROR, PROTOCOL_VERSION, REPLY_TYPES, SCORE, SCORE_BATCH
 
 # Reasons a call ends without a decision, besides the agent's own error codes (protocol.Code).
 TIMEOUT = "timeout"

@@ -58,14 +58,13 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import EdgeError
-
 from .binning import CONDITIONS, BinPolicy, check_policy
+from .errors import EdgeError
+from .settings import read_toml
 
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -196,17 +195,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return config
 
 
-def read_toml(path: str | Path, error: type[EdgeError]) -> dict:
-    """The TOML document at ``path``; ``error`` names the file and what is wrong with it."""
-    try:
-        with open(path, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        raise error(f"{path}: configuration file not found") from None
-    except OSError as failure:
-        raise error(f"{path}: cannot be read ({failure.strerror})") from None
-    except tomllib.TOMLDecodeError as failure:
-        raise error(f"{path}: not valid TOML ({failure})") from None
 
 
 def _apply_document(config: AgentConfig, document: dict, source: str) -> None:

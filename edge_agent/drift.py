@@ -11,7 +11,7 @@ Why numpy and not a numba kernel: a fused numba kernel did the same in 1.3 us pe
 (agent RSS 206 MB with it, 80 MB without) and half a second of start-up; the agent's memory budget
 (200 MB) matters more on a tester controller than a few microseconds of a request that takes a hundred.
 
-Binning is the trainer's (``trainer.reference.bin_index``): bin = number of inner edges <= value, so a
+Binning is the trainer's (``edge_agent.package.rules.bin_index``): bin = number of inner edges <= value, so a
 reading exactly on an edge goes to the bin on its right; a missing (NaN) reading is counted apart.
 
 A window closes after ``window_parts`` parts or ``window_seconds``, whichever comes first. ``maybe_close``
@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.errors import DataError
+from .errors import DataError
+from .wire.distances import js_distance, ks_statistic, psi
 
-# Empty bins: PSI takes a log of proportions, so each proportion is floored here (Evidently's choice).
-PSI_EPSILON = 1e-4
 # Normal quantile of 0.99: (p99 - p01) / (2 * 2.326) is one sigma of a normal reference score.
 Z99 = 2.3263
 CLOSED_BY = ("parts", "time", "shutdown", "model_change")
@@ -58,49 +57,6 @@ def page_hinkley_step(state: np.ndarray, x: float, delta: float, threshold: floa
         return True
     state[:_PH_SIZE] = (n, mean, up, min_up, down, max_down, statistic)
     return False
-
-
-# ---- distances between binned distributions (vectorized over tests: the last axis is the bins) ------------
-
-def psi(counts: np.ndarray, reference: np.ndarray, epsilon: float = PSI_EPSILON) -> np.ndarray:
-    """Population stability index sum((a - e) * ln(a / e)) of current counts against reference proportions;
-    both proportions floored at ``epsilon``. NaN where there are no counts."""
-    current, total = _proportions(counts)
-    a, e = np.maximum(current, epsilon), np.maximum(reference, epsilon)
-    return _undefined_where_empty(np.sum((a - e) * np.log(a / e), axis=-1), total)
-
-
-def js_distance(counts: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon distance (square root of the divergence, log base 2: 0 = same, 1 = disjoint)."""
-    current, total = _proportions(counts)
-    middle = (current + reference) / 2
-    divergence = (_kl_bits(current, middle) + _kl_bits(reference, middle)) / 2
-    return _undefined_where_empty(np.sqrt(np.maximum(divergence, 0.0)), total)
-
-
-def ks_statistic(counts: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Largest gap between the two cumulative distributions at the bin edges (a lower bound of the KS
-    statistic of the raw readings: the binned data cannot show gaps inside a bin)."""
-    current, total = _proportions(counts)
-    gap = np.abs(np.cumsum(current, axis=-1) - np.cumsum(reference, axis=-1))
-    return _undefined_where_empty(np.max(gap, axis=-1), total)
-
-
-def _proportions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum(axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, counts / np.where(total > 0, total, 1.0), 0.0), total[..., 0]
-
-
-def _kl_bits(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        terms = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0) / np.where(q > 0, q, 1.0)), 0.0)
-    return terms.sum(axis=-1)
-
-
-def _undefined_where_empty(values: np.ndarray, total: np.ndarray) -> np.ndarray:
-    return np.where(total > 0, values, np.nan)
 
 
 # ---- the change detector -----------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.reference import pat_limits
-
-from .protocol import Part
+from .package.rules import pat_limits
+from .wire.score import Part
 
 MIN_SLICE_TESTS = 64          # below this, numpy's per-call overhead dominates a refresh
 

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from trainer.errors import RegistryError
-from trainer.registry import PackageRef, Registry
-
+from .errors import RegistryError
+from .package.registry import PackageRef, Registry
 from .scoring import LoadedModel, ModelRefused, load_package
 
 log = logging.getLogger("edge_agent.reload")

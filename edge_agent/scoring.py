@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import EdgeError, ExportError, RegistryError
-from trainer.export.runtime import make_session, warm_up
-from trainer.manifest_schema import SAMPLE_ROWS_FILE
-from trainer.registry import PackageRef, Registry
-
+from .errors import EdgeError, ExportError, RegistryError
+from .package.manifest import SAMPLE_ROWS_FILE
+from .package.registry import PackageRef, Registry
+from .package.runtime import make_session, warm_up
 from .pat import StaticPat
-from .protocol import ReadingsParser
+from .wire.score import ReadingsParser
 
 # The sample rows' expected values were computed by scikit-learn in float64 and stored as float32, and the
 # agent's sessions may sum trees in another order than the exporter's: allow that much beyond the fidelity.

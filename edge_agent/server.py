@@ -17,19 +17,19 @@ from typing import Protocol
 import numpy as np
 import zmq
 
-from trainer.errors import EdgeError
-from trainer.registry import Registry
-
 from . import __version__
 from .binning import decide
 from .config import AgentConfig
+from .errors import EdgeError
 from .metrics import Metrics, start_prometheus
+from .package.registry import Registry
 from .pat import DynamicPat
-from .protocol import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, Code, Part,
-                       ProtocolError, check_envelope, decode, encode, error_reply, parse_batch, parse_batch_item,
-                       parse_part, request_id)
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
+from .wire.codec import encode
+from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, Code, Part,
+                         ProtocolError, check_envelope, decode, error_reply, parse_batch, parse_batch_item, parse_part,
+                         request_id)
 
 log = logging.getLogger("edge_agent.server")
 

@@ -23,18 +23,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
-import msgpack
 import zmq
 
-from trainer.errors import EdgeError
-from trainer.registry import atomic_write
-
-from .protocol import encode
+from .errors import EdgeError
+from .package.files import atomic_write
+from .wire.codec import decode_trusted, encode
+from .wire.stats import VERSION
 
 log = logging.getLogger("edge_agent.shipping")
 
-PROTOCOL = "edge-stats"
-VERSION = 1
 MESSAGE_SUFFIX = ".msg"
 STATE_FILE = "state.msgpack"
 MAX_DROPPED_RANGES = 100     # older ranges are still counted in dropped_total
@@ -45,11 +42,6 @@ _WAKE = object()             # put in the queue by stop(): wakes the thread
 
 class SpoolError(EdgeError):
     """The spool folder cannot be used (names the folder and the reason)."""
-
-
-def decode(payload: bytes) -> dict:
-    """A message this agent or collector encoded (trusted: no protocol validation)."""
-    return msgpack.unpackb(payload, raw=False)
 
 
 class DiskSpool:
@@ -168,7 +160,7 @@ class DiskSpool:
         state = {}
         if state_path.exists():
             try:
-                state = decode(state_path.read_bytes())
+                state = decode_trusted(state_path.read_bytes())
             except (ValueError, OSError) as error:
                 raise SpoolError(f"spool {state_path}: unreadable state file ({error}); move the folder aside "
                                  f"to start a new spool (its windows would then be lost)") from None
@@ -370,7 +362,7 @@ class Shipper:
             if not socket.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
                 break
             try:
-                reply = decode(socket.recv(zmq.NOBLOCK))
+                reply = decode_trusted(socket.recv(zmq.NOBLOCK))
             except (zmq.Again, ValueError):
                 continue
             if not isinstance(reply, dict) or reply.get("seq") != seq:

@@ -26,15 +26,15 @@ import pytest
 import zmq
 
 from bench.e2e_latency import publish_package, synthetic_table
-from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from edge_agent.binning import BinPolicy, decide
 from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
 from edge_agent.config import ConfigError, load_config
-from edge_agent.demo import feature_columns, stream_lot
+from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
-from edge_agent.protocol import Code, Part
+from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from edge_agent.scoring import ModelRefused, load_package
-from trainer.registry import PackageRef, Registry
+from edge_agent.wire.score import Code, Part
+from trainer.replay import feature_columns, stream_lot
 from trainer.table import ParametricTable
 
 MODEL = "m"

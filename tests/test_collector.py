@@ -25,12 +25,14 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-
 from drift_feeder import make_manifest
+
 from edge_agent.collector.alerts import AlertConfig, AlertRules
-from edge_agent.collector.store import Store, parse_stats
+from edge_agent.collector.store import Store
 from edge_agent.drift import DriftMonitor, DriftReference
-from edge_agent.shipping import DiskSpool, Shipper, decode
+from edge_agent.shipping import DiskSpool, Shipper
+from edge_agent.wire.codec import decode_trusted as decode
+from edge_agent.wire.stats import parse_stats
 
 REPO = Path(__file__).resolve().parents[1]
 FEEDER = Path(__file__).with_name("drift_feeder.py")
@@ -445,9 +447,9 @@ def test_retrain_recommendation_follows_where_the_drift_is(tmp_path, drifting_si
 
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory):
+    from edge_agent.package.registry import Registry
     from trainer.ingest import load_tables
     from trainer.package import build_package
-    from trainer.registry import Registry
     from trainer.synth import SynthConfig, write
     from trainer.train import TrainConfig, fit
 
@@ -465,9 +467,9 @@ def two_versions(tmp_path_factory):
 
 
 def test_agent_drift_hook_ships_windows_of_each_served_model(tmp_path, two_versions, collector):
-    from edge_agent.protocol import Part
     from edge_agent.scoring import load_package
     from edge_agent.upstream import AgentDrift, DriftConfig
+    from edge_agent.wire.score import Part
 
     registry, refs = two_versions
     first, second = (load_package(registry, ref) for ref in refs)
@@ -597,9 +599,9 @@ def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tm
     A second lot of the trained product streams through the agent on sites 1 and 2 with test T3 moved by
     2 sigma on site 2 only; 300 parts per site per window keep undrifted PSI far below 0.2 (module docstring)."""
     from bench.e2e_latency import publish_package, synthetic_table
-    from edge_agent.processes import free_tcp_endpoint, start_agent, stop
     from edge_agent.client import AgentClient
-    from trainer.registry import Registry
+    from edge_agent.package.registry import Registry
+    from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 
     registry = Registry(tmp_path / "models")
     ref, _ = publish_package(registry, "fleet", synthetic_table(2000, 12, seed=1), n_trees=30, yield_trees=10)

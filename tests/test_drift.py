@@ -10,12 +10,12 @@ import math
 
 import numpy as np
 import pytest
+from drift_feeder import make_manifest
 from scipy.spatial.distance import jensenshannon
 
-from drift_feeder import make_manifest
-from edge_agent.drift import (ChangeParams, DriftMonitor, DriftReference, PageHinkley, js_distance, ks_statistic,
-                              psi)
-from trainer.errors import DataError
+from edge_agent.drift import ChangeParams, DriftMonitor, DriftReference, PageHinkley
+from edge_agent.errors import DataError
+from edge_agent.wire.distances import js_distance, ks_statistic, psi
 from trainer.reference import drift_reference
 
 MODEL = {"name": "m", "version": "1", "checksum": "c0ffee"}

@@ -18,10 +18,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from edge_agent.errors import ExportError
+from edge_agent.package.runtime import make_session, warm_up
 from trainer import table
-from trainer.errors import ExportError
-from trainer.export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, make_session,
-                            quantize_int8, supports_int8, warm_up, yield_model_to_onnx)
+from trainer.export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8,
+                            supports_int8, yield_model_to_onnx)
 from trainer.ingest import read_table
 from trainer.train import TrainConfig, fit
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.errors import DataError
+from edge_agent.errors import DataError
 from trainer.ingest import load_tables, read_table
 from trainer.table import PARQUET_METADATA_KEY, ParametricTable
 from trainer.table import TestMeta as Meta  # aliased: pytest would try to collect a class named Test*

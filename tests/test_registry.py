@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.errors import RegistryError
-from trainer.manifest_schema import validate_manifest
-from trainer.registry import (PackageRef, Registry, add_registry_commands, cli_list, cli_show, cli_verify,
-                              verify_dir)
+from edge_agent.errors import RegistryError
+from edge_agent.package.manifest import validate_manifest
+from edge_agent.package.registry import PackageRef, Registry, verify_dir
+from trainer.registry_cli import add_registry_commands, cli_list, cli_show, cli_verify
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -434,7 +434,7 @@ def test_resolve_errors_say_what_exists(registry):
 WRITER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
-    import trainer.registry as registry_module
+    import edge_agent.package.registry as registry_module
 
     root, source, mode, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     manifest = json.loads((source / "manifest-in.json").read_text())
@@ -452,7 +452,7 @@ WRITER = textwrap.dedent("""
     if mode == "kill_after_files":
         registry_module._write_file = write_then_wait
     elif mode == "exit_before_rename":
-        registry_module._rename_no_replace = lambda source, target: os._exit(1)
+        registry_module.rename_no_replace = lambda source, target: os._exit(1)
     elif mode == "publish_on_go":
         print("ready", flush=True)
         sys.stdin.readline()

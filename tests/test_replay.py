@@ -18,13 +18,13 @@ import pandas as pd
 import pytest
 
 from edge_agent.client import BACKING_OFF, TIMEOUT, AgentClient
+from edge_agent.package.registry import Registry
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
-from edge_agent.replay import ReplayError, load_replay, main, replay, send_schedule
 from trainer import synth
 from trainer.ingest import load_tables
 from trainer.ingest.stdf import read_stdf
 from trainer.package import build_package
-from trainer.registry import Registry
+from trainer.replay import ReplayError, load_replay, main, replay, send_schedule
 from trainer.stdf_writer import write_stdf
 from trainer.table import TestMeta as Meta
 from trainer.train import TrainConfig, fit
@@ -94,10 +94,10 @@ def _offline_scores(world, name: str, rows: np.ndarray) -> np.ndarray:
 
 
 def test_a595_replayed_into_an_agent_every_part_decided_scores_as_offline(world, tmp_path):
-    """The real file, through `python -m edge_agent.replay`: all 336 parts decided in file order, each outlier
+    """The real file, through `python -m trainer.replay`: all 336 parts decided in file order, each outlier
     score equal to an offline onnxruntime score and to scikit-learn's decision_function of the same row."""
     replies_path = tmp_path / "replies.jsonl"
-    done = subprocess.run([sys.executable, "-m", "edge_agent.replay", str(A595), "--registry",
+    done = subprocess.run([sys.executable, "-m", "trainer.replay", str(A595), "--registry",
                            str(world["registry"].root), "--model", "a595", "--connect", world["endpoints"]["a595"],
                            "--replies", str(replies_path), "--json"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("Semi_ATE.STDF")
 from Semi_ATE.STDF import records_from_file  # noqa: E402
 
-from trainer.errors import DataError  # noqa: E402
+from edge_agent.errors import DataError  # noqa: E402
 from trainer.ingest.stdf import read_stdf  # noqa: E402
 from trainer.stdf_writer import StdfWriter, write_stdf  # noqa: E402
 from trainer.table import IDENTITY_COLUMNS  # noqa: E402

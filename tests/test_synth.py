@@ -17,9 +17,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from edge_agent.errors import DataError, EdgeError
 from trainer.cli import cmd_synth
-from trainer.errors import DataError, EdgeError
 from trainer.synth import EXCURSIONS, SynthConfig, SynthSummary, generate, test_catalog, write
+
 # Aliased: pytest would collect names starting with "test" as tests.
 from trainer.table import IDENTITY_COLUMNS, LABEL_COLUMNS, PARQUET_METADATA_KEY
 from trainer.table import TestMeta as Meta

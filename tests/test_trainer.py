@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from edge_agent.package.registry import Registry
 from trainer.ingest import load_tables
 from trainer.reference import static_pat_limits
-from trainer.registry import Registry
 from trainer.synth import SynthConfig, write
 from trainer.train import TrainConfig, fit
 

@@ -1,5 +1,5 @@
-"""Central trainer: ingestion, validation, training, ONNX export and the model registry.
+"""Central trainer: ingestion, validation, training, ONNX export, demo and replay.
 
-Kept import-light: the edge agent imports ``trainer.registry`` without pulling in scikit-learn.
+It depends on the agent's contract (``edge_agent.package``, ``edge_agent.wire``), never the reverse. Kept
+import-light: `edge-train --help` and the registry commands import no scikit-learn.
 """
-__version__ = "0.1.0"

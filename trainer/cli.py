@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-from .errors import run_command
+from edge_agent.errors import run_command
 
 DEFAULT_REGISTRY = "models"
 
@@ -35,16 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_options(fit)
     fit.set_defaults(handler=cmd_fit)
 
-    demo = commands.add_parser("demo", help="synthetic lot -> train -> export -> package summary")
-    demo.add_argument("--workdir", default=None, help="where to keep the demo's data (default: a temp dir)")
-    demo.add_argument("--parts", type=int, default=20000)
+    demo = commands.add_parser("demo", help="the whole product on a synthetic floor: train -> publish -> collector "
+                                            "+ agent -> stream the next lot -> outliers, PAT vs model, latency, drift")
+    demo.add_argument("--workdir", help="where the demo keeps its data and logs (default: a new temp folder)")
+    demo.add_argument("--parts", type=int, default=20000, help="parts in the training lots")
     demo.add_argument("--tests", type=int, default=200)
+    demo.add_argument("--stream-parts", type=int, default=6000, help="parts in the streamed next lot")
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--registry", default=DEFAULT_REGISTRY)
-    demo.add_argument("--name", default="demo")
+    demo.add_argument("--name", default="demo", help="model name in the registry")
     demo.set_defaults(handler=cmd_demo)
 
-    from .registry import add_registry_commands
+    from .registry_cli import add_registry_commands
     add_registry_commands(commands, DEFAULT_REGISTRY)
     return parser
 
@@ -103,9 +103,10 @@ def cmd_synth(args) -> int:
 
 
 def cmd_fit(args) -> int:
+    from edge_agent.package.registry import Registry
+
     from .ingest import load_tables
     from .package import build_and_publish
-    from .registry import Registry
     from .train import TrainConfig, fit
 
     start = time.perf_counter()
@@ -122,23 +123,16 @@ def cmd_fit(args) -> int:
     ref = build_and_publish(trained, table, report.to_dict(), registry, args.data)
     if args.promote:
         registry.promote(ref.name, ref.version, args.promote, reason=f"--promote {args.promote} at fit")
-    from .registry import package_summary
+    from .registry_cli import package_summary
     print(package_summary(registry, ref))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def cmd_demo(args) -> int:
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="edge-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    lot = workdir / "training_lot.parquet"
-    print(f"== 1/2 synthetic lot: {args.parts:,} parts x {args.tests} tests -> {lot}")
-    parser = build_parser()
-    cmd_synth(parser.parse_args(["synth", "--out", str(lot), "--parts", str(args.parts), "--tests",
-                                 str(args.tests), "--seed", str(args.seed)]))
-    print(f"== 2/2 train, export, publish into {args.registry}/{args.name}")
-    return cmd_fit(parser.parse_args(["fit", "--data", str(lot), "--name", args.name,
-                                      "--registry", args.registry, "--promote", "production"]))
+    from .demo import run_demo
+    return run_demo(args.workdir, parts=args.parts, tests=args.tests, stream_parts=args.stream_parts,
+                    seed=args.seed, registry_root=args.registry, name=args.name)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8,
-                     supports_int8, yield_model_to_onnx)
+from edge_agent import __version__
+from edge_agent.package.registry import PackageRef, Registry
+
+from .export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8, supports_int8,
+                     yield_model_to_onnx)
 from .modelcard import render_model_card
 from .reference import drift_reference, static_pat_limits
-from .registry import PackageRef, Registry
 from .table import ParametricTable
 from .train import TrainedModels
 

@@ -1,7 +1,7 @@
-"""Reference statistics a package carries: static PAT limits and drift reference bins.
+"""Reference statistics a package carries, computed from training data: static PAT limits and drift reference bins.
 
-numpy only: the edge agent imports the binning convention from here so that training and
-serving bin a reading identically.
+The rules they follow (the PAT limit formula, the log-scale choice, the binning convention) are the package
+contract's (``edge_agent.package.rules``), so training and serving apply the same ones.
 """
 from __future__ import annotations
 
@@ -9,35 +9,9 @@ import warnings
 
 import numpy as np
 
-ROBUST_SIGMA_PER_IQR = 1.35   # IQR of a normal distribution is 1.349 sigma (AEC-Q001)
+from edge_agent.package.rules import ROBUST_SIGMA_PER_IQR, bin_index, log_scale_tests, pat_limits
+
 PAT_MIN_PARTS = 30
-SKEW_FOR_LOG_SCALE = 0.1   # Bowley (quartile) skewness; a normal test's sampling noise stays well below
-
-
-def log_scale_tests(q1: np.ndarray, median: np.ndarray, q3: np.ndarray, minimum: np.ndarray) -> np.ndarray:
-    """Tests whose PAT limits are set on log(reading): positive, right-skewed readings such as leakage.
-
-    median +/- k robust sigma assumes a symmetric distribution; on a log-normal one the upper limit cuts into
-    the ordinary tail (measured on the synthetic floor: 27 leakage tests put 5.5 % of passing parts outside
-    static PAT; on the log scale 0.05 %). A test qualifies when every reading is positive, its quartiles are
-    skewed (Bowley skewness above ``SKEW_FOR_LOG_SCALE``) and taking logs makes them less so.
-    """
-    with np.errstate(divide="ignore", invalid="ignore"):
-        skew = (q3 + q1 - 2 * median) / (q3 - q1)
-        log_q1, log_median, log_q3 = np.log(q1), np.log(median), np.log(q3)
-        log_skew = (log_q3 + log_q1 - 2 * log_median) / (log_q3 - log_q1)
-    return (minimum > 0) & (skew > SKEW_FOR_LOG_SCALE) & (np.abs(log_skew) < np.abs(skew))
-
-
-def pat_limits(q1: np.ndarray, median: np.ndarray, q3: np.ndarray, log_scale: np.ndarray,
-               k_sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """median +/- k * IQR/1.35, on log(reading) where ``log_scale``: the static and dynamic PAT rule."""
-    linear = (q3 - q1) / ROBUST_SIGMA_PER_IQR
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        spread = np.exp(k_sigma * np.log(q3 / q1) / ROBUST_SIGMA_PER_IQR)
-        low = np.where(log_scale, median / spread, median - k_sigma * linear)
-        high = np.where(log_scale, median * spread, median + k_sigma * linear)
-    return low, high
 
 
 def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0) -> list[dict]:
@@ -78,11 +52,6 @@ def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
     if finite.size == 0:
         return np.empty(0)
     return np.unique(np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1]))
-
-
-def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Bin of each value: the number of inner edges <= value (0 .. len(edges))."""
-    return np.searchsorted(edges, values, side="right")
 
 
 def bin_proportions(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

@@ -29,7 +29,8 @@ import numba as nb
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from edge_agent.errors import DataError
+
 from .table import IDENTITY_COLUMNS, LABEL_COLUMNS, ParametricTable, TestMeta
 
 BYTE_ORDERS = {"<": 2, ">": 1}      # byte order -> FAR CPU_TYP

@@ -28,7 +28,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, EdgeError
+from edge_agent.errors import DataError, EdgeError
+
 from .table import LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta, test_column_name
 
 EXCURSIONS = ("drifting_site", "shifted_lot", "latent_outliers")

@@ -19,7 +19,8 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .errors import DataError
+from edge_agent.errors import DataError
+
 from .table import ParametricTable
 
 YIELD_KINDS = ("random_forest", "logistic", "mlp")

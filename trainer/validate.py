@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from edge_agent.errors import DataError
+
 from .table import IDENTITY_COLUMNS, ParametricTable, TestMeta
 
 SEVERITIES = ("error", "warning", "info")

@@ -50,11 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import EdgeError
-
-from ..config import read_toml
-from ..drift import psi
-from .store import Added, StatsWindow
+from ..errors import EdgeError
+from ..settings import read_toml
+from ..wire.distances import psi
+from ..wire.stats import StatsWindow
+from .store import Added
 
 log = logging.getLogger("edge_agent.collector.alerts")
 

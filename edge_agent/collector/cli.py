@@ -12,9 +12,9 @@ import argparse
 import signal
 import sys
 
-from trainer.errors import run_command
+from ..errors import run_command
 
-EXIT_OK = 0   # 2: unusable configuration, database or address (trainer.errors.run_command)
+EXIT_OK = 0   # 2: unusable configuration, database or address (edge_agent.errors.run_command)
 
 
 def main(argv: list[str] | None = None) -> int:

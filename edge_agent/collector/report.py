@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..drift import psi  # noqa: E402
+from ..wire.codec import decode_trusted  # noqa: E402
+from ..wire.distances import psi  # noqa: E402
 from .alerts import AlertConfig, load_alert_config  # noqa: E402
-from ..shipping import decode  # noqa: E402
 from .store import Store  # noqa: E402
 
 RECENT_PARTS = 1000        # parts per tester/site behind a "recent" figure
@@ -133,12 +133,12 @@ def write_report(db: str | Path, out: str | Path, *, since_hours: float | None =
 def _load(store: Store, since: float) -> tuple[dict[str, _Model], list[_Series]]:
     models = {}
     for row in store.db.execute("SELECT * FROM models"):
-        reference = decode(row["reference"])
+        reference = decode_trusted(row["reference"])
         proportions = reference["proportions"]
         padded = np.zeros((len(proportions), max((len(p) for p in proportions), default=1)))
         for t, p in enumerate(proportions):
             padded[t, :len(p)] = p
-        models[row["checksum"]] = _Model(row["checksum"], row["name"], row["version"], decode(row["columns"]),
+        models[row["checksum"]] = _Model(row["checksum"], row["name"], row["version"], decode_trusted(row["columns"]),
                                          row["expected_outlier_rate"], padded, reference["edges"])
     series: dict[tuple, _Series] = {}
     rows = store.db.execute(
@@ -151,7 +151,7 @@ def _load(store: Store, since: float) -> tuple[dict[str, _Model], list[_Series]]
             series[key] = _Series(row["model_checksum"], row["agent_id"], row["tester"], row["head"], row["site"])
         s = series[key]
         counts = np.zeros(model.reference.shape, dtype=np.int64)
-        for t, c in enumerate(decode(row["counts"])):
+        for t, c in enumerate(decode_trusted(row["counts"])):
             counts[t, :len(c)] = c
         s.ends.append(row["end"])
         s.parts.append(row["parts"])

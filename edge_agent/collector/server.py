@@ -1,4 +1,4 @@
-"""The collector's receive loop (one ROUTER, one thread) and its Prometheus exposition.
+"""The collector's receive loop: one ROUTER, one thread.
 
 Per loop turn: read every message that is ready (up to ``BATCH``), store the valid ones and their alerts in
 one SQLite transaction, commit (durable), then acknowledge each one. A window already stored (same agent,
@@ -11,70 +11,23 @@ from __future__ import annotations
 import errno
 import logging
 import sqlite3
-import threading
 import time
-from collections import Counter
 
 import msgpack
 import zmq
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from trainer.errors import EdgeError
-
-from .alerts import KINDS, AlertHook, AlertRules
-from .store import InvalidMessage, Store, StatsWindow, parse_stats
+from ..errors import EdgeError
+from ..wire.stats import InvalidMessage, StatsWindow, parse_stats
+from .alerts import AlertHook, AlertRules
+from .prometheus import FleetState
+from .store import Store
 
 log = logging.getLogger("edge_agent.collector.server")
 
 BATCH = 256               # messages per transaction at most
 POLL_MS = 200
 MAX_MESSAGE_BYTES = 64 << 20
-
-
-class FleetState:
-    """What Prometheus shows, kept in memory; the receive loop writes, scrapes read, under one lock."""
-
-    def __init__(self, silent_after_s: float):
-        self.silent_after_s = silent_after_s
-        self.lock = threading.Lock()
-        self.received = 0
-        self.duplicates = 0
-        self.invalid = 0
-        self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
-        self.last_seen: dict[str, float] = {}
-        self.psi: dict[tuple[str, str], float] = {}     # (tester, test) -> latest PSI, worst site
-
-    def judged(self, tester: str, psi: dict[str, float]) -> None:
-        with self.lock:
-            for column, value in psi.items():
-                self.psi[(tester, column)] = value
-
-    def collect(self):
-        now = time.time()
-        with self.lock:
-            yield _counter("edge_collector_messages_received", "Stats messages received (valid or not)",
-                           self.received)
-            yield _counter("edge_collector_duplicates_dropped", "Windows received again and not stored again",
-                           self.duplicates)
-            yield _counter("edge_collector_invalid_messages", "Messages refused as invalid", self.invalid)
-            alerts = CounterMetricFamily("edge_collector_alerts", "Alerts raised, by kind", labels=["kind"])
-            for kind, count in sorted(self.alerts.items()):
-                alerts.add_metric([kind], count)
-            yield alerts
-            alive = sum(1 for seen in self.last_seen.values() if now - seen <= self.silent_after_s)
-            yield GaugeMetricFamily("edge_collector_agents_alive",
-                                    "Agents heard from within the silence limit", value=alive)
-            yield GaugeMetricFamily("edge_collector_agents_known", "Agents ever heard from", value=len(self.last_seen))
-            psi = GaugeMetricFamily("edge_collector_psi", "Latest PSI judged for a test on a tester (its worst "
-                                    "site, over at least the alert rule's minimum readings)", labels=["tester", "test"])
-            for (tester, test), value in sorted(self.psi.items()):
-                psi.add_metric([tester, test], value)
-            yield psi
-
-
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, documentation, value=value)
 
 
 class CollectorServer:

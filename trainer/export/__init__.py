@@ -11,7 +11,6 @@ _HOMES = {
     "check_fidelity": "fidelity",
     "isolation_forest_to_onnx": "iforest",
     "TREE_QUANTIZATION_NOTE": "quantize", "quantize_int8": "quantize", "supports_int8": "quantize",
-    "make_session": "runtime", "warm_up": "runtime",
     "yield_model_to_onnx": "yield_model",
 }
 __all__ = sorted(_HOMES)

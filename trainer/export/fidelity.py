@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ExportError
-from .runtime import make_session
+from edge_agent.errors import ExportError
+from edge_agent.package.runtime import make_session
 
 
 def check_fidelity(model_bytes: bytes, expected: np.ndarray, X32: np.ndarray, *, output: str, threshold: float,

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import ExportError
+from edge_agent.errors import ExportError
 
 INPUT_NAME = "readings"
 OPSET = 17

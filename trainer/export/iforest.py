@@ -16,7 +16,8 @@ import onnx
 from onnx import helper
 from sklearn.ensemble import IsolationForest
 
-from ..errors import ExportError
+from edge_agent.errors import ExportError
+
 from .graph import (Imputation, TreeLeaves, flatten_nodes, imputation_nodes, imputation_of, make_model, scalar,
                     tree_ensemble_node)
 

@@ -17,7 +17,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
-from ..errors import ExportError
+from edge_agent.errors import ExportError
 
 TREE_QUANTIZATION_NOTE = (
     "No int8 or float16 variant: onnxruntime quantizes MatMul/Conv-style operators only and has no int8 or "

@@ -21,7 +21,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from ..errors import ExportError
+from edge_agent.errors import ExportError
+
 from .graph import (Imputation, TreeLeaves, flatten_nodes, imputation_nodes, imputation_of, make_model,
                     tree_ensemble_node)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
+from edge_agent.errors import DataError
+
 from ..table import ParametricTable
 from ..validate import Finding, ValidationReport, check_retest_policy, clean_tests, validate
 

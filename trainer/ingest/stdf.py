@@ -36,7 +36,8 @@ import pyarrow.compute as pc
 from numba import types
 from numba.typed import Dict
 
-from ..errors import DataError
+from edge_agent.errors import DataError
+
 from ..table import ParametricTable, TestMeta, test_column_name
 
 RECORD_NAMES: dict[tuple[int, int], str] = {

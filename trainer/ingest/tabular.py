@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from ..errors import DataError
-from ..table import (IDENTITY_COLUMNS, LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta,
-                     finite_or_none)
+from edge_agent.errors import DataError
+
+from ..table import IDENTITY_COLUMNS, LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta, finite_or_none
 from ..validate import EXAMPLES, MISSING_TOKENS, Finding, clean_tests
 
 ALIASES = {

@@ -1,4 +1,4 @@
-"""`edge-agent demo`: the whole product on a synthetic floor, in one command.
+"""`edge-train demo`: the whole product on a synthetic floor, in one command.
 
 1. a synthetic training lot -> validate -> train -> export -> publish into the registry -> production
 2. the fleet collector and an edge agent start as their own processes (the agent follows production)
@@ -12,16 +12,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from edge_agent.client import AgentClient
+from edge_agent.collector.report import write_report
+from edge_agent.package.registry import Registry
+from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
 from trainer.ingest import load_tables
 from trainer.package import build_and_publish
-from trainer.registry import Registry, package_summary
+from trainer.registry_cli import package_summary
+from trainer.replay import feature_columns, stream_lot
 from trainer.synth import SynthConfig, write
 from trainer.train import TrainConfig, fit
-
-from .client import AgentClient
-from .collector.report import write_report
-from .demo import feature_columns, stream_lot
-from .processes import free_tcp_endpoint, start_agent, start_collector, stop
 
 WINDOW_PARTS = 1000       # small windows so a demo lot of a few thousand parts yields several per site
 SHOWN = 5
@@ -42,7 +42,7 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     table, report = load_tables([str(training_lot)])
     trained = fit(table, TrainConfig(name=name, seed=seed))
     ref = build_and_publish(trained, table, report.to_dict(), registry, [str(training_lot)])
-    registry.promote(ref.name, ref.version, "production", reason="edge-agent demo")
+    registry.promote(ref.name, ref.version, "production", reason="edge-train demo")
     print(package_summary(registry, ref))
 
     _step(f"2/4 second lot ({stream_parts:,} parts, drifting site + latent outliers); collector and agent start")

@@ -30,17 +30,16 @@ from typing import Callable, Iterator, TextIO
 import numpy as np
 import pandas as pd
 
-from trainer.errors import EdgeError, run_command
+from edge_agent.client import AgentClient, AgentUnavailable, ScoreResult
+from edge_agent.errors import EdgeError, run_command
+from edge_agent.summary import ReplySummary
+from edge_agent.wire.score import PROTOCOL_VERSION, SCORE
 from trainer.table import ParametricTable
-
-from .client import AgentClient, AgentUnavailable, ScoreResult
-from .protocol import PROTOCOL_VERSION, SCORE
-from .summary import ReplySummary
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 PART_IDENTITY = ("lot", "wafer", "x", "y", "head", "site", "part_id")
 PACES = ("fast", "file")
-EXIT_OK, EXIT_UNDECIDED = 0, 1   # 2: unusable input (trainer.errors.run_command)
+EXIT_OK, EXIT_UNDECIDED = 0, 1   # 2: unusable input (edge_agent.errors.run_command)
 # A replay is not the production path: a generous timeout keeps a slow first call (session warm-up, a reload)
 # from being counted as "no decision", while a dead agent still fails fast through the client's back-off.
 DEFAULT_TIMEOUT_MS = 1000.0
@@ -176,7 +175,7 @@ def dump(plan: Replay, out: TextIO) -> int:
 def registry_features(registry_root: str, name: str, stage: str = "production",
                       version: str | None = None) -> tuple[list[str], str]:
     """The feature order of a registry package and its version (RegistryError if there is no such package)."""
-    from trainer.registry import Registry
+    from edge_agent.package.registry import Registry
     registry = Registry(registry_root)
     ref = registry.resolve(name, stage, version)
     return [f["column"] for f in registry.manifest(ref)["features"]], ref.version
@@ -319,3 +318,18 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def feature_columns(registry_root: str, name: str, stage: str = "production") -> list[str]:
+    """The model's feature order (manifest), which the readings sent to the agent follow."""
+    return registry_features(registry_root, name, stage)[0]
+
+
+def stream_lot(client: AgentClient, table: ParametricTable, columns: list[str]) -> dict:
+    """Score every part of ``table`` (in table order) one call at a time, back to back; summary of the decisions.
+
+    Tests of the model that the table lacks are sent as NaN (not run). The summary is ReplySummary.as_dict()
+    plus the model's tests that the table lacks.
+    """
+    plan = plan_from_table(table, columns)
+    return {**replay(plan, client).as_dict(), "tests_missing_from_table": plan.missing_tests}

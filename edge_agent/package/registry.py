@@ -15,24 +15,23 @@ stdlib only: the edge agent imports this module to find, verify and load package
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
-import errno
 import fcntl
 import getpass
 import hashlib
 import json
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import RegistryError
-from .manifest_schema import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN, fidelity_problems, validate_manifest
+from ..errors import RegistryError
+from .files import (BLOCK, READ_ONLY_DIR, READ_ONLY_FILE, WRITABLE_DIR, abandoned, append_lines, atomic_write,
+                    fsync_dir, remove_tree, rename_no_replace, sha256_file)
+from .manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN, fidelity_problems, validate_manifest
 
 STAGES = ("candidate", "staging", "production", "archived")
 SINGLE_HOLDER_STAGES = ("staging", "production")   # at most one version of a model holds each
@@ -42,8 +41,6 @@ HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_S = 300.0   # gc leaves younger staging folders alone even when no writer holds them
-_READ_ONLY_FILE, _READ_ONLY_DIR, _WRITABLE_DIR = 0o444, 0o555, 0o755
-_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ def _file_problems(path: Path, listed: dict) -> list[str]:
         if not file.is_file():
             problems.append(f"{name}: missing (listed in manifest.files)")
             continue
-        got = _sha256_file(file)
+        got = sha256_file(file)
         if got != expected:
             problems.append(f"{name}: checksum mismatch, expected sha256 {expected}, got {got}")
     for entry in sorted(os.listdir(path)):
@@ -126,12 +123,6 @@ def _file_problems(path: Path, listed: dict) -> list[str]:
     return problems
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Registry:
@@ -187,7 +178,7 @@ class Registry:
         """sha256 of the package's manifest.json: the identity an agent reports for "which model decided"."""
         path = self.package_dir(self._existing(ref.name, ref.version)) / MANIFEST_FILE
         try:
-            return _sha256_file(path)
+            return sha256_file(path)
         except OSError as error:
             raise RegistryError(f"{path}: cannot be read ({error.strerror})") from error
 
@@ -260,21 +251,21 @@ class Registry:
                     if not result.ok:
                         raise RegistryError(f"refusing to publish {name}: the package does not verify:\n"
                                             + "\n".join(f"  - {p}" for p in result.problems))
-                    os.chmod(staging, _READ_ONLY_DIR)
+                    os.chmod(staging, READ_ONLY_DIR)
                     try:
-                        _rename_no_replace(staging, model_dir / version)
+                        rename_no_replace(staging, model_dir / version)
                         break
                     except FileExistsError:
                         # Another writer took this number without our lock; the next number is free to try.
-                        os.chmod(staging, _WRITABLE_DIR)
+                        os.chmod(staging, WRITABLE_DIR)
                         version = str(int(version) + 1)
                 published = True
-                _fsync_dir(model_dir)
+                fsync_dir(model_dir)
                 self._apply(name, [(version, "candidate", "publish", reason)])
         finally:
             os.close(staging_fd)
             if not published:
-                _remove_tree(staging)
+                remove_tree(staging)
         return PackageRef(name, version)
 
     def promote(self, name: str, version: str | int, stage: str, reason: str) -> PackageRef:
@@ -331,8 +322,8 @@ class Registry:
             model_dir = self._model_dir(model)
             for staging in sorted(model_dir.glob(f"{STAGING_PREFIX}*")):
                 try:
-                    if time.time() - staging.stat().st_mtime >= older_than_s and _abandoned(staging):
-                        _remove_tree(staging)
+                    if time.time() - staging.stat().st_mtime >= older_than_s and abandoned(staging):
+                        remove_tree(staging)
                         removed.append(staging)
                 except FileNotFoundError:
                     continue   # another gc got there first
@@ -425,7 +416,7 @@ class Registry:
             lines.append(json.dumps({"time": now, "action": action, "version": version, "from_stage": from_stage,
                                      "to_stage": to_stage, "reason": reason, "user": user}))
             stages[version] = to_stage
-        _append_lines(model_dir / HISTORY_FILE, lines)
+        append_lines(model_dir / HISTORY_FILE, lines)
         state = {"name": name, "updated_at": now, "stages": dict(sorted(stages.items(), key=lambda i: int(i[0])))}
         atomic_write(model_dir / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
 
@@ -441,87 +432,19 @@ def _write_file(path: Path, data: bytes | Path) -> str:
             out.write(data)
         else:
             with open(data, "rb") as source:
-                for block in iter(lambda: source.read(_BLOCK), b""):
+                for block in iter(lambda: source.read(BLOCK), b""):
                     digest.update(block)
                     out.write(block)
         out.flush()
         os.fsync(out.fileno())
-    os.chmod(path, _READ_ONLY_FILE)
+    os.chmod(path, READ_ONLY_FILE)
     return digest.hexdigest()
 
 
 def _write_manifest(staging: Path, manifest: dict) -> None:
     atomic_write(staging / MANIFEST_FILE, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
-    os.chmod(staging / MANIFEST_FILE, _READ_ONLY_FILE)
-    _fsync_dir(staging)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write, fsync, rename over, fsync the folder: after return the file survives power loss whole.
-
-    The caller owns the folder or holds its lock (one temporary name per file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _append_lines(path: Path, lines: list[str]) -> None:
-    with open(path, "ab+") as log:
-        size = log.seek(0, os.SEEK_END)
-        if size:
-            log.seek(size - 1)
-            if log.read(1) != b"\n":
-                # Drop the torn tail of an append cut short by a crash (history() already ignores it).
-                log.seek(0)
-                log.truncate(log.read().rfind(b"\n") + 1)
-        log.write("".join(line + "\n" for line in lines).encode())
-        log.flush()
-        os.fsync(log.fileno())
-
-
-def _rename_no_replace(source: Path, target: Path) -> None:
-    """rename(2) would silently replace an empty target folder; an existing target means "taken"."""
-    if os.path.lexists(target):
-        raise FileExistsError(errno.EEXIST, "version folder exists", str(target))
-    try:
-        os.rename(source, target)
-    except OSError as error:
-        if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise FileExistsError(errno.EEXIST, "version folder exists", str(target)) from error
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _abandoned(staging: Path) -> bool:
-    """True when no live writer holds the staging folder's lock."""
-    fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a (partly) read-only folder."""
-    if not path.exists():
-        return
-    for folder, _, _ in os.walk(path):
-        os.chmod(folder, _WRITABLE_DIR)
-    shutil.rmtree(path)
+    os.chmod(staging / MANIFEST_FILE, READ_ONLY_FILE)
+    fsync_dir(staging)
 
 
 # ---- argument checks --------------------------------------------------------------------------------------------
@@ -586,202 +509,3 @@ def _user() -> str:
         return getpass.getuser()
     except (OSError, KeyError):   # no login name and no passwd entry (some containers)
         return f"uid {os.getuid()}"
-
-
-# ---- command line ---------------------------------------------------------------------------------------------
-
-def add_registry_commands(commands: argparse._SubParsersAction, default_root: str = "models") -> None:
-    """Add ``registry list|show|history|promote|rollback|verify|gc`` to an ``edge-train`` subparsers object.
-
-    Each leaf sets ``handler(args) -> int`` (0 ok, 1 verification failed); errors raise RegistryError.
-    """
-    root = argparse.ArgumentParser(add_help=False)
-    root.add_argument("--registry", default=default_root, help=f"registry root folder (default: {default_root})")
-    registry = commands.add_parser("registry", help="list, inspect, promote, roll back and verify model packages")
-    actions = registry.add_subparsers(dest="registry_command", required=True)
-
-    listing = actions.add_parser("list", parents=[root], help="models, versions and their stages")
-    listing.add_argument("name", nargs="?")
-    listing.set_defaults(handler=lambda a: _print(cli_list(Registry(a.registry), a.name)))
-
-    show = actions.add_parser("show", parents=[root], help="summary of one package")
-    show.add_argument("name")
-    show.add_argument("which", nargs="?", default="production",
-                      help="a version number or a stage (default: production)")
-    show.set_defaults(handler=lambda a: _print(cli_show(Registry(a.registry), a.name, a.which)))
-
-    history = actions.add_parser("history", parents=[root], help="every stage change with time, user and reason")
-    history.add_argument("name")
-    history.set_defaults(handler=lambda a: _print(cli_history(Registry(a.registry), a.name)))
-
-    promote = actions.add_parser("promote", parents=[root], help="move a version to a stage")
-    promote.add_argument("name")
-    promote.add_argument("version")
-    promote.add_argument("stage", choices=STAGES)
-    promote.add_argument("--reason", required=True)
-    promote.set_defaults(handler=lambda a: _print(cli_promote(Registry(a.registry), a.name, a.version, a.stage,
-                                                              a.reason)))
-
-    rollback = actions.add_parser("rollback", parents=[root], help="give a stage back to its previous version")
-    rollback.add_argument("name")
-    rollback.add_argument("--stage", choices=SINGLE_HOLDER_STAGES, default="production")
-    rollback.add_argument("--reason", required=True)
-    rollback.set_defaults(handler=lambda a: _print(cli_rollback(Registry(a.registry), a.name, a.stage, a.reason)))
-
-    verify = actions.add_parser("verify", parents=[root], help="check checksums, manifest schema and fidelity")
-    verify.add_argument("name", nargs="?", help="default: every model")
-    verify.add_argument("version", nargs="?", help="default: every version")
-    verify.set_defaults(handler=_handle_verify)
-
-    gc = actions.add_parser("gc", parents=[root], help="remove packages half-written by crashed writers")
-    gc.add_argument("--older-than", type=float, default=STALE_STAGING_S, metavar="SECONDS")
-    gc.set_defaults(handler=lambda a: _print(cli_gc(Registry(a.registry), a.older_than)))
-
-
-def _print(text: str) -> int:
-    print(text)
-    return 0
-
-
-def _handle_verify(args) -> int:
-    ok, text = cli_verify(Registry(args.registry), args.name, args.version)
-    print(text)
-    return 0 if ok else 1
-
-
-def cli_list(registry: Registry, name: str | None = None) -> str:
-    names = [name] if name is not None else registry.models()
-    if name is not None and not registry.versions(name):
-        raise RegistryError(f"model {name!r}: {registry._what_exists(name)}")
-    if not names:
-        return f"no models in {registry.root}"
-    lines = []
-    for model in names:
-        stages = registry.stages(model)
-        lines += [model, f"  {'version':>7}  {'stage':<10}  {'created':<25}  {'checksum':<12}  size"]
-        for ref in registry.versions(model):
-            folder = registry.package_dir(ref)
-            try:
-                created = json.loads((folder / MANIFEST_FILE).read_bytes()).get("created_at")
-                checksum = registry.checksum(ref)[:12]
-            except (OSError, ValueError, AttributeError, RegistryError):
-                created, checksum = "unreadable manifest", "-"
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-            lines.append(f"  {ref.version:>7}  {stages[ref.version]:<10}  {_fmt(created):<25}  {checksum:<12}  "
-                         f"{_size(size)}")
-    return "\n".join(lines)
-
-
-def cli_show(registry: Registry, name: str, which: str = "production") -> str:
-    ref = (registry.resolve(name, version=which) if VERSION_PATTERN.fullmatch(which)
-           else registry.resolve(name, stage=which))
-    return package_summary(registry, ref)
-
-
-def package_summary(registry: Registry, ref: PackageRef) -> str:
-    """What a person needs to decide about a package, from its manifest (tolerant of a malformed one)."""
-    result = registry.verify(ref)
-    manifest = result.manifest or {}
-    lineage = _section(manifest, "lineage")
-    features = manifest.get("features") if isinstance(manifest.get("features"), list) else []
-    columns = [str(f.get("column")) for f in features if isinstance(f, dict)]
-    lines = [
-        f"package   {ref}  (stage {registry.stage_of(ref.name, ref.version)})",
-        f"folder    {registry.package_dir(ref)}",
-        f"checksum  {result.checksum}  (sha256 of manifest.json)",
-        f"verified  {'ok' if result.ok else f'FAILED, {len(result.problems)} problem(s), first: {result.problems[0]}'}",
-        f"created   {_fmt(manifest.get('created_at'))}",
-        f"rows      {_fmt(lineage.get('rows'))} (train {_fmt(lineage.get('train_rows'))}, held out "
-        f"{_fmt(lineage.get('holdout_rows'))}), data sha256 {str(lineage.get('data_sha256'))[:12]}",
-        f"features  {len(columns)}: {', '.join(columns[:8])}{', ...' if len(columns) > 8 else ''}",
-    ]
-    for model in ("outlier", "yield"):
-        spec = _section(_section(manifest, "models"), model)
-        detail = (f"target outlier rate {_fmt(spec.get('target_outlier_rate'))}" if model == "outlier"
-                  else f"label {_fmt(spec.get('label'))}")
-        lines.append(f"{model:<9} {_fmt(spec.get('kind'))}, threshold {_fmt(spec.get('threshold'))}, {detail}")
-        metrics = _section(_section(manifest, "metrics"), model)
-        scalars = [f"{k} {_fmt(v)}" for k, v in metrics.items() if v is None or isinstance(v, (int, float))]
-        if scalars:
-            lines.append(f"  metrics       {', '.join(scalars)}")
-        lines.append(f"  quantization  {_fmt(_section(spec, 'quantization').get('reason'))}")
-    lines.append("fidelity")
-    for key, entry in _section(manifest, "fidelity").items():
-        if isinstance(entry, dict):
-            lines.append(f"  {key:<16} {entry.get('file')}: {'passed' if entry.get('passed') is True else 'FAILED'}, "
-                         f"decisions agree {_fmt(entry.get('decision_agreement'))} "
-                         f"(min {_fmt(entry.get('min_agreement'))}) over {_fmt(entry.get('rows'))} rows, "
-                         f"max abs diff {_fmt(entry.get('max_abs_diff'))}")
-    lines.append("files")
-    lines += [f"  {file.name:<20} {_size(file.stat().st_size):>10}" for file in sorted(result.path.iterdir())]
-    return "\n".join(lines)
-
-
-def cli_history(registry: Registry, name: str) -> str:
-    events = registry.history(name)
-    if not events:
-        raise RegistryError(f"model {name!r} has no history; {registry._what_exists(name)}")
-    return "\n".join(f"{e['time']}  {e['user']:<10}  v{e['version']:<5} {e['action']:<10} "
-                     f"{e['from_stage'] or '-'} -> {e['to_stage']}: {e['reason']}" for e in events)
-
-
-def cli_promote(registry: Registry, name: str, version: str, stage: str, reason: str) -> str:
-    before = registry.stage_of(name, version)
-    ref = registry.promote(name, version, stage, reason)
-    if before == stage:
-        return f"{ref} is already in {stage}; nothing changed"
-    return f"{ref}: {before} -> {stage}\n" + _stage_line(registry, name)
-
-
-def cli_rollback(registry: Registry, name: str, stage: str = "production", reason: str = "") -> str:
-    ref = registry.rollback(name, stage, reason)
-    return f"{ref} restored to {stage}\n" + _stage_line(registry, name)
-
-
-def cli_verify(registry: Registry, name: str | None = None, version: str | None = None) -> tuple[bool, str]:
-    """(all ok, report) for one version, every version of a model, or every model."""
-    if version is not None:
-        refs = [registry.resolve(name, version=version)]
-    elif name is not None:
-        refs = registry.versions(name)
-        if not refs:
-            raise RegistryError(f"model {name!r}: {registry._what_exists(name)}")
-    else:
-        refs = [ref for model in registry.models() for ref in registry.versions(model)]
-        if not refs:
-            return True, f"no packages in {registry.root}"
-    results = [(ref, registry.verify(ref)) for ref in refs]
-    lines = [f"{ref}: ok" if result.ok else f"{ref}: FAILED\n" + "\n".join(f"  - {p}" for p in result.problems)
-             for ref, result in results]
-    failed = sum(not result.ok for _, result in results)
-    lines.append(f"{len(results) - failed} of {len(results)} package(s) verified")
-    return failed == 0, "\n".join(lines)
-
-
-def cli_gc(registry: Registry, older_than_s: float = STALE_STAGING_S) -> str:
-    removed = registry.gc(older_than_s=older_than_s)
-    return "\n".join([f"removed {path}" for path in removed] + [f"{len(removed)} abandoned staging folder(s) removed"])
-
-
-def _stage_line(registry: Registry, name: str) -> str:
-    return "stages: " + ", ".join(f"{v} {s}" for v, s in registry.stages(name).items())
-
-
-def _section(obj, key: str) -> dict:
-    """obj[key] when both are dicts, else {} (a summary must work on a malformed manifest too)."""
-    value = obj.get(key) if isinstance(obj, dict) else None
-    return value if isinstance(value, dict) else {}
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "n/a" if value is None else str(value)
-
-
-def _size(n_bytes: int) -> str:
-    if n_bytes < 1024:
-        return f"{n_bytes} B"
-    if n_bytes < 1 << 20:
-        return f"{n_bytes / 1024:.1f} KiB"
-    return f"{n_bytes / (1 << 20):.1f} MiB"

@@ -1,4 +1,4 @@
-"""Errors the trainer shows to people. Each names what was wrong and where."""
+"""Errors every program shows to people (each names what was wrong and where), and how a command reports them."""
 from __future__ import annotations
 
 import sys
@@ -44,13 +44,26 @@ class RegistryError(EdgeError):
     """A registry operation that cannot be done: unknown model/version, bad stage, failed verification."""
 
 
+# The extra that installs each optional library: `pip install .` installs the agent and its client only.
+EXTRA_OF_MODULE = {"sklearn": "trainer", "skl2onnx": "trainer", "onnx": "trainer", "pandas": "trainer",
+                   "pyarrow": "trainer", "numba": "trainer", "scipy": "trainer", "matplotlib": "collector"}
+
+
 def run_command(program: str, command: Callable[[], int | None]) -> int:
-    """Run one command-line command: an EdgeError becomes one line on stderr and exit status 2, Ctrl-C 130;
-    anything else is a bug and keeps its traceback."""
+    """Run one command-line command: an EdgeError becomes one line on stderr and exit status 2, Ctrl-C 130, a
+    library of a role that is not installed one line naming the extra; anything else is a bug and keeps its
+    traceback."""
     try:
         return command() or 0
     except EdgeError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"{program}: error: this command needs {error.name}, which is not installed; install the "
+              f"{extra} role with: pip install 'edge-inference[{extra}]'", file=sys.stderr)
         return EXIT_UNUSABLE
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)

@@ -99,10 +99,6 @@ class Part:
 _DEFAULT_PART = Part()
 
 
-def encode(message) -> bytes:
-    """msgpack, binary as bin (every message of the product, and the collector's stored arrays)."""
-    return msgpack.packb(message, use_bin_type=True)
-
 
 def decode(payload: bytes) -> dict:
     """One msgpack map with string keys, or ProtocolError(malformed_message)."""

@@ -1,0 +1,55 @@
+"""The collector's Prometheus exposition: fleet state kept in memory, read at scrape time."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .alerts import KINDS
+
+
+class FleetState:
+    """What Prometheus shows, kept in memory; the receive loop writes, scrapes read, under one lock."""
+
+    def __init__(self, silent_after_s: float):
+        self.silent_after_s = silent_after_s
+        self.lock = threading.Lock()
+        self.received = 0
+        self.duplicates = 0
+        self.invalid = 0
+        self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
+        self.last_seen: dict[str, float] = {}
+        self.psi: dict[tuple[str, str], float] = {}     # (tester, test) -> latest PSI, worst site
+
+    def judged(self, tester: str, psi: dict[str, float]) -> None:
+        with self.lock:
+            for column, value in psi.items():
+                self.psi[(tester, column)] = value
+
+    def collect(self):
+        now = time.time()
+        with self.lock:
+            yield _counter("edge_collector_messages_received", "Stats messages received (valid or not)",
+                           self.received)
+            yield _counter("edge_collector_duplicates_dropped", "Windows received again and not stored again",
+                           self.duplicates)
+            yield _counter("edge_collector_invalid_messages", "Messages refused as invalid", self.invalid)
+            alerts = CounterMetricFamily("edge_collector_alerts", "Alerts raised, by kind", labels=["kind"])
+            for kind, count in sorted(self.alerts.items()):
+                alerts.add_metric([kind], count)
+            yield alerts
+            alive = sum(1 for seen in self.last_seen.values() if now - seen <= self.silent_after_s)
+            yield GaugeMetricFamily("edge_collector_agents_alive",
+                                    "Agents heard from within the silence limit", value=alive)
+            yield GaugeMetricFamily("edge_collector_agents_known", "Agents ever heard from", value=len(self.last_seen))
+            psi = GaugeMetricFamily("edge_collector_psi", "Latest PSI judged for a test on a tester (its worst "
+                                    "site, over at least the alert rule's minimum readings)", labels=["tester", "test"])
+            for (tester, test), value in sorted(self.psi.items()):
+                psi.add_metric([tester, test], value)
+            yield psi
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
