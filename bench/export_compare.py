@@ -33,7 +33,7 @@ from trainer.export import isolation_forest_to_onnx, quantize_int8, supports_int
 from trainer.train import YIELD_KINDS, TrainConfig, fit
 
 BATCH_ROWS = 1000
-# What skl2onnx 1.20 converts an IsolationForest with under onnx 1.23 (DESIGN.md).
+# What skl2onnx 1.20 converts an IsolationForest with under onnx 1.23.
 SKL2ONNX_OPSETS = {"": 17, "ai.onnx.ml": 3}
 
 

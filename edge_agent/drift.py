@@ -11,8 +11,9 @@ Why numpy and not a numba kernel: a fused numba kernel did the same in 1.3 us pe
 (agent RSS 206 MB with it, 80 MB without) and half a second of start-up; the agent's memory budget
 (200 MB) matters more on a tester controller than a few microseconds of a request that takes a hundred.
 
-Binning is the trainer's (``edge_agent.package.rules.bin_index``): bin = number of inner edges <= value, so a
-reading exactly on an edge goes to the bin on its right; a missing (NaN) reading is counted apart.
+Binning follows the convention the trainer wrote the reference with (``edge_agent.package.rules.bin_index``):
+bin = number of inner edges <= value, so a reading exactly on an edge goes to the bin on its right; a missing
+(NaN) reading is counted apart.
 
 A window closes after ``window_parts`` parts or ``window_seconds``, whichever comes first. ``maybe_close``
 only copies the counts (``ClosedWindow``); ``ClosedWindow.to_payload`` builds the statistics later.
@@ -33,31 +34,6 @@ from .wire.distances import js_distance, ks_statistic, psi
 Z99 = 2.3263
 CLOSED_BY = ("parts", "time", "shutdown", "model_change")
 
-# Page-Hinkley state (one float64 row per site): running mean and the two cumulative sums with their
-# extremes (a shift up and a shift down), the current statistic, parts since the last reset.
-_PH_N, _PH_MEAN, _PH_UP, _PH_MIN_UP, _PH_DOWN, _PH_MAX_DOWN, _PH_STAT = range(7)
-_PH_SIZE = 7
-# Per-site tallies, the window's and the detector's, in one float64 array beside the PH state.
-_PARTS, _OUTLIERS, _FIRES, _SINCE_FIRE = range(_PH_SIZE, _PH_SIZE + 4)
-_STATE_SIZE = _PH_SIZE + 4
-
-
-def page_hinkley_step(state: np.ndarray, x: float, delta: float, threshold: float, min_parts: float) -> bool:
-    """One two-sided Page-Hinkley update of ``state[0:7]``; True (and the state reset) when it fires."""
-    n, mean, up, min_up, down, max_down = state[:_PH_STAT].tolist()
-    n += 1.0
-    mean += (x - mean) / n
-    up += x - mean - delta
-    min_up = min(min_up, up)
-    down += x - mean + delta
-    max_down = max(max_down, down)
-    statistic = max(up - min_up, max_down - down)
-    if n >= min_parts and statistic > threshold:
-        state[:_PH_SIZE] = 0.0
-        return True
-    state[:_PH_SIZE] = (n, mean, up, min_up, down, max_down, statistic)
-    return False
-
 
 # ---- the change detector -----------------------------------------------------------------------------------
 
@@ -75,19 +51,47 @@ class ChangeParams:
 
 
 class PageHinkley:
-    """Two-sided Page-Hinkley detector, River style: ``update(x)`` returns True when it fires (and resets)."""
+    """Two-sided Page-Hinkley test, River's shape: ``update(x)`` is True when the cumulative deviation of x
+    from its running mean, up or down, passes ``threshold``; the detector then starts afresh.
+
+    >>> detector = PageHinkley(ChangeParams(delta=0.25, threshold=25.0, min_parts=30))
+    >>> any(detector.update(0.0) for _ in range(200))            # a steady stream
+    False
+    >>> next(i for i in range(1000) if detector.update(1.0))    # a shift of 4 deltas: fires 37 parts later
+    37
+    >>> detector.n, detector.statistic                          # and restarts
+    (0, 0.0)
+    """
+
+    __slots__ = ("delta", "threshold", "min_parts", "n", "mean", "up", "min_up", "down", "max_down", "statistic")
 
     def __init__(self, params: ChangeParams = ChangeParams()):
-        self.params = params
-        self._state = np.zeros(_PH_SIZE)
+        self.delta = params.delta
+        self.threshold = params.threshold
+        self.min_parts = params.min_parts
+        self._reset()
 
     def update(self, x: float) -> bool:
-        p = self.params
-        return page_hinkley_step(self._state, float(x), p.delta, p.threshold, float(p.min_parts))
+        x = float(x)
+        n = self.n + 1
+        mean = self.mean + (x - self.mean) / n
+        up = self.up + (x - mean - self.delta)        # rises while x runs above its mean by more than delta ...
+        down = self.down + (x - mean + self.delta)    # ... falls while x runs below it by more than delta
+        min_up = min(self.min_up, up)
+        max_down = max(self.max_down, down)
+        statistic = max(up - min_up, max_down - down)
+        if n >= self.min_parts and statistic > self.threshold:
+            self._reset()
+            return True
+        self.n, self.mean, self.up, self.min_up, self.down, self.max_down = n, mean, up, min_up, down, max_down
+        self.statistic = statistic
+        return False
 
-    def get(self) -> float:
-        """The current statistic: the larger cumulative deviation, up or down, since the last reset."""
-        return float(self._state[_PH_STAT])
+    def _reset(self) -> None:
+        """State since the last fire: parts, running mean, the two cumulative sums and their extremes, and the
+        statistic (the larger of up's rise above its minimum and down's fall below its maximum)."""
+        self.n = 0
+        self.mean = self.up = self.min_up = self.down = self.max_down = self.statistic = 0.0
 
 
 # ---- the reference ------------------------------------------------------------------------------------------
@@ -170,12 +174,40 @@ class DriftReference:
 
 # ---- windows ------------------------------------------------------------------------------------------------
 
-@dataclass
-class SiteCounts:
+class SiteWindow:
+    """One (head, site) in the open window: its bin counts and tallies, and its change detector, which (with
+    ``parts_since_fire``) outlives windows."""
+
+    __slots__ = ("head", "site", "counts", "parts", "outliers", "fires", "parts_since_fire", "change")
+
+    def __init__(self, head: int, site: int, shape: tuple[int, int], change: ChangeParams):
+        self.head, self.site = head, site
+        self.counts = np.zeros(shape, dtype=np.int64)   # [T+1, max_bins + 1]: row T = the score, last = missing
+        self.parts = self.outliers = self.fires = 0
+        self.parts_since_fire: int | None = None         # None: never fired
+        self.change = PageHinkley(change)
+
+    def close(self) -> ClosedSite:
+        """A copy of the window's counts and tallies; they start again from zero (the detector carries on)."""
+        closed = ClosedSite(self.head, self.site, self.counts.copy(), self.parts, self.outliers, self.fires,
+                            self.parts_since_fire, self.change.statistic)
+        self.counts[:] = 0
+        self.parts = self.outliers = self.fires = 0
+        return closed
+
+
+@dataclass(frozen=True)
+class ClosedSite:
+    """A site's counts and tallies at the close of a window, and its detector's state then."""
+
     head: int
     site: int
-    counts: np.ndarray      # int64 [T+1, max_bins + 1]: row T = the outlier score, last column = missing
-    state: np.ndarray       # float64 [_STATE_SIZE]: tallies and the change detector
+    counts: np.ndarray
+    parts: int
+    outliers: int
+    fires: int
+    parts_since_fire: int | None
+    statistic: float
 
 
 @dataclass(frozen=True)
@@ -189,7 +221,7 @@ class ClosedWindow:
     closed_by: str
     parts: int
     unobserved_parts: int
-    sites: list[SiteCounts] = field(default_factory=list)
+    sites: list[ClosedSite] = field(default_factory=list)
 
     def to_payload(self) -> dict:
         """Message fields owned by drift (the shipper adds type, agent, tester, seq and spool)."""
@@ -205,18 +237,16 @@ class ClosedWindow:
             score_psi = psi(binned[:, t], ref.proportions[t]).tolist()
             counts = binned.tolist()
             for i, site in enumerate(self.sites):
-                parts, outliers, since = int(site.state[_PARTS]), int(site.state[_OUTLIERS]), site.state[_SINCE_FIRE]
                 sites.append({
-                    "head": site.head, "site": site.site, "parts": parts, "outliers": outliers,
-                    "outlier_rate": outliers / parts if parts else None,
+                    "head": site.head, "site": site.site, "parts": site.parts, "outliers": site.outliers,
+                    "outlier_rate": site.outliers / site.parts if site.parts else None,
                     "missing": site.counts[:t, -1].tolist(),
                     "counts": [row[:n] for row, n in zip(counts[i], bins)][:t],
                     **{name: _floats(values[i]) for name, values in distances.items()},
                     "score_counts": counts[i][t][:bins[t]],
                     "score_psi": _floats([score_psi[i]])[0],
-                    "change": {"detector": "page_hinkley", "fired": bool(site.state[_FIRES] > 0),
-                               "fires": int(site.state[_FIRES]), "statistic": float(site.state[_PH_STAT]),
-                               "parts_since_fire": int(since) if since >= 0 else None}})
+                    "change": {"detector": "page_hinkley", "fired": site.fires > 0, "fires": site.fires,
+                               "statistic": site.statistic, "parts_since_fire": site.parts_since_fire}})
         return {
             "model": dict(self.model),
             "window": {"start": self.start, "end": self.end, "closed_by": self.closed_by, "parts": self.parts,
@@ -247,7 +277,7 @@ class DriftMonitor:
         self.window_parts = window_parts
         self.window_seconds = window_seconds
         self.max_sites = max_sites
-        self._change = (change.delta, change.threshold, float(change.min_parts))
+        self._change = change
         self._shape = (reference.n_tests + 1, reference.proportions.shape[1] + 1)
         # Buffers reused by every update: the part's values (readings, then the score) and the comparison.
         self._values = np.empty(reference.n_tests + 1)
@@ -256,7 +286,7 @@ class DriftMonitor:
         self._bins = np.empty(reference.n_tests + 1, dtype=np.intp)
         self._row_starts = np.arange(reference.n_tests + 1) * self._shape[1]   # counts are C-contiguous
         self._missing_column = self._shape[1] - 1
-        self._sites: dict[tuple[int, int], SiteCounts] = {}
+        self._sites: dict[tuple[int, int], SiteWindow] = {}
         self._open(time.monotonic() if now is None else now)
 
     @property
@@ -266,13 +296,12 @@ class DriftMonitor:
 
     def update(self, head: int, site: int, row: np.ndarray, score: float, outlier: bool) -> None:
         """Count one scored part (row: float32 or float64 [T], NaN = not run)."""
-        state = self._sites.get((head, site))
-        if state is None:
-            state = self._add_site(head, site)
-            if state is None:
+        tally = self._sites.get((head, site))
+        if tally is None:
+            tally = self._add_site(head, site)
+            if tally is None:
                 self._unobserved += 1
                 return
-        counts, tally = state.counts, state.state
         values = self._values
         values[:-1] = row
         values[-1] = score
@@ -281,17 +310,16 @@ class DriftMonitor:
         np.less_equal(self._edges_by_row, values, out=self._below)
         bins = self._below.sum(axis=0, dtype=np.intp, out=self._bins)
         bins[np.isnan(values)] = self._missing_column
-        counts.reshape(-1)[self._row_starts + bins] += 1
-        if tally[_SINCE_FIRE] >= 0.0:
-            tally[_SINCE_FIRE] += 1.0
+        tally.counts.reshape(-1)[self._row_starts + bins] += 1
+        if tally.parts_since_fire is not None:
+            tally.parts_since_fire += 1
         if score == score:   # not NaN
-            z = (score - self.reference.score_center) / self.reference.score_scale
-            if page_hinkley_step(tally, z, *self._change):
-                tally[_FIRES] += 1.0
-                tally[_SINCE_FIRE] = 0.0
-        tally[_PARTS] += 1.0
+            if tally.change.update((score - self.reference.score_center) / self.reference.score_scale):
+                tally.fires += 1
+                tally.parts_since_fire = 0
+        tally.parts += 1
         if outlier:
-            tally[_OUTLIERS] += 1.0
+            tally.outliers += 1
         self._parts += 1
 
     def maybe_close(self, now: float | None = None) -> ClosedWindow | None:
@@ -308,15 +336,9 @@ class DriftMonitor:
         if reason not in CLOSED_BY:
             raise ValueError(f"closed_by must be one of {CLOSED_BY}, got {reason!r}")
         now = time.monotonic() if now is None else now
-        snapshots = []
-        for site in self._sites.values():
-            if site.state[_PARTS]:
-                snapshots.append(SiteCounts(site.head, site.site, site.counts.copy(), site.state.copy()))
-            site.counts[:] = 0
-            site.state[_PARTS] = site.state[_OUTLIERS] = site.state[_FIRES] = 0.0
         window = ClosedWindow(self.reference, self.model, self._opened_wall,
                               self._opened_wall + (now - self._opened), reason, self._parts, self._unobserved,
-                              snapshots)
+                              [site.close() for site in self._sites.values() if site.parts])
         self._open(now)
         return window
 
@@ -326,11 +348,9 @@ class DriftMonitor:
         self._parts = 0
         self._unobserved = 0
 
-    def _add_site(self, head: int, site: int) -> SiteCounts | None:
+    def _add_site(self, head: int, site: int) -> SiteWindow | None:
         if len(self._sites) >= self.max_sites:
             return None
-        state = np.zeros(_STATE_SIZE)
-        state[_SINCE_FIRE] = -1.0
-        added = SiteCounts(int(head), int(site), np.zeros(self._shape, dtype=np.int64), state)
+        added = SiteWindow(int(head), int(site), self._shape, self._change)
         self._sites[(head, site)] = added
         return added

@@ -20,7 +20,7 @@ from trainer.table import PARQUET_METADATA_KEY, ParametricTable
 from trainer.table import TestMeta as Meta  # aliased: pytest would try to collect a class named Test*
 from trainer.validate import HIGH_MISSING_RATE
 
-STDF_DIR = Path("/work/shared/data/stdf")
+STDF_DIR = Path(__file__).parent / "data" / "stdf"
 TESTS = ["1000:VDD", "1001:IDD", "1002:FREQ"]
 
 

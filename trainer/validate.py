@@ -96,10 +96,6 @@ class ValidationReport:
     missing_rate: dict[str, float] = field(default_factory=dict)
     dropped_tests: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def has_errors(self) -> bool:
-        return any(f.severity == "error" for f in self.findings)
-
     def by_code(self, code: str) -> list[Finding]:
         return [f for f in self.findings if f.code == code]
 

@@ -1,5 +1,9 @@
-"""The rules a package's reference statistics follow, applied alike by the trainer (static PAT limits, drift
-reference) and the agent (dynamic PAT, drift counting): one implementation of each.
+"""The rules a package's reference statistics follow: the trainer applies them to write the static PAT limits and
+the drift reference, the agent's dynamic PAT applies ``pat_limits`` to its rolling windows.
+
+The agent's drift counting does not call ``bin_index``: it follows the same convention (a reading on an inner
+edge goes to the bin on its right) with one comparison against every test's edges per part
+(``edge_agent.drift``), and tests/test_drift.py checks its counts against numpy's histogram.
 
 numpy only.
 """
