@@ -9,7 +9,9 @@ ranges) is persisted and carried upstream in every later message.
 disk or network); the thread builds the message, spools it, then sends the oldest unacknowledged message
 and waits for its ack (stop-and-wait: message N+1 leaves only after N is stored, so the collector stores
 every agent's windows in sequence order). No ack in time: the socket is thrown away and a new one
-connects ("Lazy Pirate"), and the same message is sent again; the collector drops duplicates.
+connects ("Lazy Pirate"), and the same message is sent again; the collector drops duplicates. A refusal is
+read by ``wire.stats.classify_reply``: a permanent one drops the message (a counted loss, reported upstream),
+a transient one is treated as no ack. The messages and codes: ``edge_agent/wire/STATS_PROTOCOL.md``.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import zmq
 from .errors import EdgeError
 from .package.files import atomic_write
 from .wire.codec import decode_trusted, encode
-from .wire.stats import VERSION
+from .wire.stats import Reply, classify_reply, stats_message
 
 log = logging.getLogger("edge_agent.shipping")
 
@@ -322,7 +324,7 @@ class Shipper:
 
     def _spool(self, item: dict | SupportsPayload) -> None:
         body = item if isinstance(item, dict) else item.to_payload()
-        message = {"type": "stats", "v": VERSION, "agent_id": self.agent_id, "tester": self.tester, **body}
+        message = stats_message(self.agent_id, self.tester, body)
         try:
             self._record_unspooled_loss()
             self.spool.append(message)
@@ -365,16 +367,17 @@ class Shipper:
                 reply = decode_trusted(socket.recv(zmq.NOBLOCK))
             except (zmq.Again, ValueError):
                 continue
-            if not isinstance(reply, dict) or reply.get("seq") != seq:
-                continue               # a late reply to a message already settled
-            if reply.get("type") == "ack":
+            verdict = classify_reply(reply, seq)
+            if verdict is Reply.ACK:
                 self.spool.ack(seq)
                 self.acked += 1
                 self.last_ack_at = time.time()
                 return "settled"
-            if reply.get("type") == "error" and reply.get("code") == "invalid_message":
-                self.spool.drop(seq, f"collector refused it: {reply.get('message')}")
+            if verdict is Reply.PERMANENT:
+                self.spool.drop(seq, f"collector refused it for good: {reply.get('code')}: {reply.get('message')}")
                 return "settled"
-            self.last_problem = f"collector error on seq {seq}: {reply.get('code')}: {reply.get('message')}"
-            log.warning("%s", self.last_problem)   # a store failure: sent again after the ack timeout
+            if verdict is Reply.TRANSIENT:   # sent again after the ack timeout (the socket is renewed first)
+                self.last_problem = f"collector error on seq {seq}: {reply.get('code')}: {reply.get('message')}"
+                log.warning("%s", self.last_problem)
+            # Reply.UNRELATED: a late reply to a message already settled
         return "no_ack"

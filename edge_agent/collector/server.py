@@ -3,8 +3,8 @@
 Per loop turn: read every message that is ready (up to ``BATCH``), store the valid ones and their alerts in
 one SQLite transaction, commit (durable), then acknowledge each one. A window already stored (same agent,
 spool stream and seq) is acknowledged as a duplicate and not stored again. A message that cannot be valid
-gets an ``invalid_message`` error (the agent drops it and reports the loss); a failed write gets
-``store_failed`` and no ack, so the agent sends it again.
+gets a permanent refusal (the agent drops it and reports the loss); a failed write gets a transient one and
+no ack, so the agent sends it again (codes and replies: ``wire/stats.py`` and STATS_PROTOCOL.md).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import zmq
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ..errors import EdgeError
-from ..wire.stats import InvalidMessage, StatsWindow, parse_stats
+from ..wire.codec import encode
+from ..wire.stats import Code, InvalidMessage, StatsWindow, ack, parse_stats, refusal
 from .alerts import AlertHook, AlertRules
 from .prometheus import FleetState
 from .store import Store
@@ -110,8 +111,7 @@ class CollectorServer:
                 with self.state.lock:
                     self.state.invalid += 1
                 log.warning("refused a message from %s: %s", _peer(message), error)
-                self._reply(router, identity, {"type": "error", "v": 1, "code": "invalid_message",
-                                               "message": str(error), "seq": seq})
+                self._reply(router, identity, refusal(Code.INVALID_MESSAGE, str(error), seq))
         if batch:
             self._store(router, batch)
 
@@ -138,13 +138,11 @@ class CollectorServer:
             log.error("storing a window of %s failed, not acknowledged (it will be sent again): %s",
                       _peer(batch[0][1].message), error, exc_info=not isinstance(error, sqlite3.Error))
             for identity, window in batch:
-                self._reply(router, identity, {"type": "error", "v": 1, "code": "store_failed",
-                                               "message": str(error), "seq": window["seq"]})
+                self._reply(router, identity, refusal(Code.STORE_FAILED, str(error), window["seq"]))
             return
         # Committed: acknowledge, then tell the world.
         for (identity, window), added in zip(batch, outcomes):
-            self._reply(router, identity, {"type": "ack", "v": 1, "agent_id": window["agent_id"],
-                                           "seq": window["seq"], "duplicate": added is None})
+            self._reply(router, identity, ack(window, duplicate=added is None))
             with self.state.lock:
                 self.state.last_seen[window["agent_id"]] = received_at
                 self.state.duplicates += added is None
@@ -176,7 +174,7 @@ class CollectorServer:
     @staticmethod
     def _reply(router: zmq.Socket, identity: bytes, reply: dict) -> None:
         try:
-            router.send_multipart([identity, msgpack.packb(reply, use_bin_type=True)], zmq.NOBLOCK)
+            router.send_multipart([identity, encode(reply)], zmq.NOBLOCK)
         except zmq.Again:
             pass                    # the agent's queue is full: it resends after its ack timeout
         except zmq.ZMQError as error:

@@ -1,4 +1,4 @@
-"""The collector's SQLite store: schema, message validation, durable writes, deduplication by (agent, seq).
+"""The collector's SQLite store: schema, durable writes, deduplication by (agent, stream, seq).
 
 Schema and how to read it: SCHEMA.md beside this file. Durability: WAL journal with ``synchronous=FULL``,
 so a committed transaction is on disk when ``commit`` returns; the server acknowledges a window only

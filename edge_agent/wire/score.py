@@ -36,7 +36,10 @@ DEFAULT_HEAD, DEFAULT_SITE = 1, 1
 
 
 class Code:
-    """Stable error codes. Clients may branch on them; they never change meaning within a protocol version."""
+    """Stable error codes. Clients may branch on them; they never change meaning within a protocol version.
+
+    PROTOCOL.md gives the cause of each (tests/test_protocols.py keeps the two the same set).
+    """
 
     MALFORMED_MESSAGE = "malformed_message"
     MESSAGE_TOO_LARGE = "message_too_large"
@@ -53,25 +56,6 @@ class Code:
     UNKNOWN_VERSION = "unknown_version"
     NOTHING_TO_ROLL_BACK = "nothing_to_roll_back"
     INTERNAL_ERROR = "internal_error"
-
-
-ERROR_CODES: dict[str, str] = {
-    Code.MALFORMED_MESSAGE: "the frame is not one msgpack map (or the ZeroMQ framing is wrong)",
-    Code.MESSAGE_TOO_LARGE: "the message is larger than the agent's max_message_bytes",
-    Code.UNSUPPORTED_VERSION: "field v is not a protocol version this agent speaks",
-    Code.UNKNOWN_TYPE: "field type names no request type",
-    Code.MISSING_FIELD: "a required field is absent",
-    Code.UNKNOWN_FIELD: "a field this request type does not have (often a typo)",
-    Code.WRONG_TYPE: "a field holds a value of the wrong type",
-    Code.WRONG_READING_COUNT: "a readings array does not have one value per model feature",
-    Code.UNKNOWN_TEST: "a readings map names a test the model does not know",
-    Code.DUPLICATE_TEST: "a readings map gives one test twice (by its column and by its name)",
-    Code.NON_FINITE_READING: "a reading is +inf, -inf or beyond float32 range (NaN is allowed: test not run)",
-    Code.BATCH_TOO_LARGE: "a score_batch carries more parts than the agent's max_batch",
-    Code.UNKNOWN_VERSION: "a reload names a model version the registry does not hold",
-    Code.NOTHING_TO_ROLL_BACK: "rollback asked for, but no previous model is kept",
-    Code.INTERNAL_ERROR: "the agent failed on a valid request (a bug; logged with a traceback)",
-}
 
 
 class ProtocolError(Exception):
@@ -97,7 +81,6 @@ class Part:
 
 
 _DEFAULT_PART = Part()
-
 
 
 def decode(payload: bytes) -> dict:

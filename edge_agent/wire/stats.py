@@ -1,15 +1,40 @@
 """The stats protocol (``edge-stats`` version 1): drift windows from an agent to the collector, acknowledged one by one.
 
-Defined once here for both ends: the agent's shipping builds and sends windows, the collector validates and
-acknowledges them. STATS_PROTOCOL.md beside this file documents every message.
+Every message type, refusal code and the version live here, and both ends import them (the shape of the ZeroMQ
+guide's Majordomo ``MDP.py``): the agent's shipping builds windows and classifies the replies, the collector
+validates windows and builds the replies. STATS_PROTOCOL.md beside this file documents every message.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL = "edge-stats"
 VERSION = 1
+
+# Message types: a window (agent -> collector) and the two replies (collector -> agent).
+STATS, ACK, ERROR = "stats", "ack", "error"
+
+
+class Code:
+    """Refusal codes: the ``code`` of an ``error`` reply. They never change meaning within a protocol version."""
+
+    INVALID_MESSAGE = "invalid_message"   # the window fails validation: it can never be stored
+    STORE_FAILED = "store_failed"         # the collector could not write it now (disk full, database locked)
+
+
+class Reply(enum.Enum):
+    """What a reply means for the window the agent is waiting on."""
+
+    ACK = "ack"                 # stored: forget it
+    PERMANENT = "permanent"     # can never be stored: drop it, a counted loss reported upstream
+    TRANSIENT = "transient"     # not stored now: send it again after the ack timeout
+    UNRELATED = "unrelated"     # not about this seq (a late reply to a window already settled): ignore it
+
+
+# Every refusal code and what the agent does with it. A code missing here (a newer collector's) is transient:
+# retrying a window costs a resend, dropping one loses it for good.
+REFUSALS: dict[str, Reply] = {Code.INVALID_MESSAGE: Reply.PERMANENT, Code.STORE_FAILED: Reply.TRANSIENT}
 
 
 class InvalidMessage(ValueError):
@@ -35,6 +60,46 @@ class StatsWindow:
         return f"{model['name']}/{model['version']}"
 
 
+# ---- builders -----------------------------------------------------------------------------------------------
+
+def stats_message(agent_id: str, tester: str, body: dict) -> dict:
+    """A window before it is spooled; the spool adds ``seq`` and ``spool`` (drift builds ``body``)."""
+    return {"type": STATS, "v": VERSION, "agent_id": agent_id, "tester": tester, **body}
+
+
+def ack(window: StatsWindow, duplicate: bool) -> dict:
+    """The window is stored (committed), or was stored already (``duplicate``): the agent forgets it."""
+    return {"type": ACK, "v": VERSION, "agent_id": window["agent_id"], "seq": window["seq"], "duplicate": duplicate}
+
+
+def refusal(code: str, message: str, seq: int | None) -> dict:
+    """An ``error`` reply; ``seq`` is None when the message was too broken to carry a usable one."""
+    return {"type": ERROR, "v": VERSION, "code": code, "message": message, "seq": seq}
+
+
+# ---- the agent's reading of a reply -----------------------------------------------------------------------------
+
+def classify_reply(reply: Any, seq: int) -> Reply:
+    """How the agent settles window ``seq`` on ``reply`` (a decoded message).
+
+    >>> classify_reply(refusal(Code.INVALID_MESSAGE, "sites[0].counts: missing", 7), 7)
+    <Reply.PERMANENT: 'permanent'>
+    >>> classify_reply(refusal(Code.STORE_FAILED, "database is locked", 7), 7)
+    <Reply.TRANSIENT: 'transient'>
+    >>> classify_reply({"type": "ack", "v": 1, "agent_id": "a", "seq": 6, "duplicate": False}, 7)
+    <Reply.UNRELATED: 'unrelated'>
+    """
+    if not isinstance(reply, dict) or reply.get("seq") != seq:
+        return Reply.UNRELATED
+    if reply.get("type") == ACK:
+        return Reply.ACK
+    if reply.get("type") == ERROR:
+        return REFUSALS.get(reply.get("code"), Reply.TRANSIENT)
+    return Reply.TRANSIENT      # a reply this agent cannot read: as if no ack came
+
+
+# ---- the collector's validation -----------------------------------------------------------------------------
+
 _NUMBER = (int, float)
 
 
@@ -44,8 +109,8 @@ def parse_stats(message: Any) -> StatsWindow:
                                      "model": dict, "window": dict, "columns": list, "bins": int,
                                      "expected_outlier_rate": _NUMBER, "reference": dict, "sites": list,
                                      "spool": dict})
-    if m["type"] != "stats" or m["v"] != 1:
-        raise InvalidMessage(f"expected type 'stats' version 1, got type {m['type']!r} version {m['v']!r}")
+    if m["type"] != STATS or m["v"] != VERSION:
+        raise InvalidMessage(f"expected type {STATS!r} version {VERSION}, got type {m['type']!r} version {m['v']!r}")
     if not m["agent_id"] or m["seq"] < 1:
         raise InvalidMessage(f"agent_id must not be empty and seq must be >= 1, got {m['agent_id']!r}, {m['seq']}")
     _fields(m["model"], "model", {"name": str, "version": str, "checksum": str})
