@@ -1,4 +1,5 @@
-"""Agent configuration: defaults, a TOML file, then command-line overrides (in that order of precedence).
+"""Agent configuration: defaults, a TOML file, then command-line overrides (in that order of precedence), checked
+against the constraints each section declares (``edge_agent.settings``) before the agent loads a model.
 
 Example ``agent.toml`` (every key optional; these are the defaults)::
 
@@ -57,40 +58,66 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .binning import CONDITIONS, BinPolicy, check_policy
 from .errors import EdgeError
-from .settings import read_toml
+from .settings import NON_EMPTY, Checked, Instance, Interval, OneOf, Rule, load
 
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 RESET_ON = ("lot", "wafer", "never")
 YIELD_VARIANTS = ("float32", "int8")
+ENDPOINT_SCHEMES = ("tcp", "ipc")
 _ALL_INTERFACES = ("*", "0.0.0.0", "[::]", "::")
+
+POSITIVE_INT = [Interval(int, 1, None)]
+POSITIVE = [Interval(float, 0, None, closed="neither")]
+FLAG = [Instance(bool)]
+TEXT = [Instance(str)]
 
 
 class ConfigError(EdgeError):
     """A configuration value that cannot be used; names the file (if any) and the key."""
 
 
+class _AgentSection(Checked):
+    ERROR = ConfigError
+
+
 @dataclass
-class MetricsConfig:
+class MetricsConfig(_AgentSection):
+    SCOPE = "metrics"
+    CONSTRAINTS = {"port": [Interval(int, 0, 65535)], "host": [NON_EMPTY]}   # port 0 turns /metrics off
+
     port: int = 9464
     host: str = "127.0.0.1"
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(_AgentSection):
+    SCOPE = "logging"
+    CONSTRAINTS = {"format": [OneOf(*LOG_FORMATS)], "level": [OneOf(*LOG_LEVELS, ignore_case=True)]}
+
     format: str = "plain"
     level: str = "INFO"
 
 
+def _min_parts_within_window(pat: PatConfig) -> list[str]:
+    return [] if pat.min_parts <= pat.window else [f"min_parts: expected at most window ({pat.window}), "
+                                                   f"got {pat.min_parts}"]
+
+
 @dataclass
-class PatConfig:
+class PatConfig(_AgentSection):
+    SCOPE = "pat"
+    CONSTRAINTS = {"dynamic": FLAG, "window": [Interval(int, 2, None)], "min_parts": [Interval(int, 2, None)],
+                   "k_sigma": POSITIVE, "refresh_parts": POSITIVE_INT, "reset_on": [OneOf(*RESET_ON)],
+                   "max_sites": POSITIVE_INT}
+    RULES = (Rule(("min_parts", "window"), _min_parts_within_window),)
+
     dynamic: bool = True
     window: int = 100
     min_parts: int = 30
@@ -101,7 +128,11 @@ class PatConfig:
 
 
 @dataclass
-class BinningConfig:
+class BinningConfig(_AgentSection):
+    SCOPE = "binning"
+    CONSTRAINTS = {"order": [Instance(list)], "bins": [Instance(dict)]}
+    RULES = (Rule(("order", "bins"), lambda binning: check_policy(binning.order, binning.bins)),)
+
     order: list[str] = field(default_factory=lambda: list(CONDITIONS))
     bins: dict[str, int] = field(default_factory=lambda: dict(BinPolicy().bins))
 
@@ -109,9 +140,32 @@ class BinningConfig:
         return BinPolicy(tuple(self.order), dict(self.bins))
 
 
+def _endpoint_problems(name: str, endpoint: str) -> list[str]:
+    scheme, sep, _ = endpoint.partition("://")
+    if not sep or scheme not in ENDPOINT_SCHEMES:
+        return [f"{name}: expected tcp://host:port or ipc:///path, got {endpoint!r}"]
+    return []
+
+
+def _shipping_problems(drift: DriftConfig) -> list[str]:
+    """Where windows go and wait matters only when they are shipped."""
+    if not drift.enabled:
+        return []
+    spool = [] if drift.spool_dir else ["spool_dir: expected a folder for the windows not yet acknowledged, got ''"]
+    return _endpoint_problems("collector", drift.collector) + spool
+
+
 @dataclass
-class DriftConfig:
+class DriftConfig(_AgentSection):
     """``[drift]`` in agent.toml. Every field is a plain str/int/float/bool so the agent's loader can set it."""
+
+    SCOPE = "drift"
+    CONSTRAINTS = {"enabled": FLAG, "agent_id": TEXT, "tester": TEXT, "collector": TEXT,
+                   "window_parts": POSITIVE_INT, "window_seconds": POSITIVE, "max_sites": POSITIVE_INT,
+                   "spool_dir": TEXT, "spool_max_messages": POSITIVE_INT, "spool_max_bytes": POSITIVE_INT,
+                   "ack_timeout_s": POSITIVE, "queue_length": POSITIVE_INT, "change_delta": POSITIVE,
+                   "change_threshold": POSITIVE, "change_min_parts": POSITIVE_INT}
+    RULES = (Rule(("enabled", "collector", "spool_dir"), _shipping_problems),)
 
     enabled: bool = True
     agent_id: str = ""                         # default: the host name
@@ -129,26 +183,44 @@ class DriftConfig:
     change_threshold: float = 25.0
     change_min_parts: int = 30
 
-    def problems(self) -> list[str]:
-        """What is wrong, as "drift.<key>: ..." lines (empty when usable)."""
-        problems = []
-        for name in ("window_parts", "max_sites", "spool_max_messages", "spool_max_bytes", "queue_length",
-                     "change_min_parts"):
-            if getattr(self, name) < 1:
-                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
-        for name in ("window_seconds", "ack_timeout_s", "change_delta", "change_threshold"):
-            if not getattr(self, name) > 0:
-                problems.append(f"drift.{name}: expected a positive number, got {getattr(self, name)}")
-        scheme, sep, _ = self.collector.partition("://")
-        if self.enabled and (not sep or scheme not in ("tcp", "ipc")):
-            problems.append(f"drift.collector: expected tcp://host:port or ipc:///path, got {self.collector!r}")
-        if self.enabled and not self.spool_dir:
-            problems.append("drift.spool_dir: a folder is required")
-        return problems
+
+def _bind_problems(agent: AgentConfig) -> list[str]:
+    bind = agent.bind
+    scheme, _, rest = bind.partition("://")
+    if scheme != "tcp":
+        return _endpoint_problems("bind", bind)
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+        return [f"bind: expected tcp://host:port with a port 1..65535, got {bind!r}"]
+    if host in _ALL_INTERFACES and not agent.bind_all_interfaces:
+        return [f"bind: {bind} listens on every network interface and the protocol has no authentication; "
+                "set [agent] bind_all_interfaces = true if that is really wanted"]
+    return []
+
+
+def _room_for_error_replies(agent: AgentConfig) -> list[str]:
+    if agent.transport_max_message_bytes >= agent.max_message_bytes:
+        return []
+    return [f"transport_max_message_bytes: expected at least max_message_bytes ({agent.max_message_bytes}) so that "
+            f"oversized requests get an error reply, got {agent.transport_max_message_bytes}"]
+
+
+# The daemon serves a model; commands that only talk to a running daemon need its bind address alone.
+MODEL_REQUIRED = Rule(("model",), lambda agent: [] if agent.model else
+                      ["model: a model name is required (--model or [agent] model)"])
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(_AgentSection):
+    SCOPE = "agent"
+    CONSTRAINTS = {"registry": [NON_EMPTY], "model": TEXT, "stage": [NON_EMPTY], "version": TEXT, "bind": TEXT,
+                   "bind_all_interfaces": FLAG, "yield_variant": [OneOf(*YIELD_VARIANTS)],
+                   "max_message_bytes": POSITIVE_INT, "transport_max_message_bytes": POSITIVE_INT,
+                   "max_batch": POSITIVE_INT, "queue_length": POSITIVE_INT, "watch_interval_s": POSITIVE,
+                   "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT}
+    RULES = (Rule(("bind", "bind_all_interfaces"), _bind_problems),
+             Rule(("max_message_bytes", "transport_max_message_bytes"), _room_for_error_replies))
+
     registry: str = "models"
     model: str = ""
     stage: str = "production"
@@ -170,113 +242,10 @@ class AgentConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
 
 
-_SECTIONS = {"metrics": MetricsConfig, "logging": LoggingConfig, "pat": PatConfig, "binning": BinningConfig,
-             "drift": DriftConfig}
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
                 require_model: bool = True) -> AgentConfig:
-    """Defaults, then the TOML file at ``path``, then ``overrides`` ({"bind": ..., "metrics.port": ...}).
+    """Defaults, then the TOML file at ``path``, then ``overrides`` ({"bind": ..., "metrics.port": ...}), checked.
 
     ``require_model=False`` for commands that only talk to a running agent (they need the bind address).
     """
-    config = AgentConfig()
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        _apply_document(config, read_toml(path, ConfigError), source)
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        section, _, key = dotted.rpartition(".")
-        target = getattr(config, section) if section else config
-        _set(target, key, value, f"command line --{dotted.replace('.', '-').replace('_', '-')}")
-    _check(config, source, require_model)
-    return config
-
-
-
-
-def _apply_document(config: AgentConfig, document: dict, source: str) -> None:
-    for name, table in document.items():
-        if name == "agent":
-            target = config
-        elif name in _SECTIONS:
-            target = getattr(config, name)
-        else:
-            raise ConfigError(f"{source}: unknown section [{name}]; expected [agent] or "
-                              f"{', '.join(f'[{s}]' for s in _SECTIONS)}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: {name} must be a table [{name}], got a {type(table).__name__}")
-        for key, value in table.items():
-            _set(target, key, value, f"{source}: [{name}] {key}")
-
-
-def _set(target: object, key: str, value: Any, where: str) -> None:
-    known = {f.name: f for f in dataclasses.fields(target) if f.name not in _SECTIONS}
-    if key not in known:
-        raise ConfigError(f"{where}: unknown key; expected one of {', '.join(sorted(known))}")
-    default = getattr(target, key)
-    expected = type(default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {_type_name(expected)}, got {value!r}")
-    # A partial [binning.bins] table changes those bins only.
-    setattr(target, key, {**default, **value} if expected is dict else value)
-
-
-def _check(config: AgentConfig, source: str, require_model: bool) -> None:
-    problems = []
-    if require_model and not config.model:
-        problems.append("agent.model: a model name is required (--model or [agent] model)")
-    if not config.stage:
-        problems.append("agent.stage: must name a stage")
-    problems += _bind_problems(config.bind, config.bind_all_interfaces)
-    for name in ("max_message_bytes", "transport_max_message_bytes", "max_batch", "queue_length", "drain_quiet_ms"):
-        if getattr(config, name) < 1:
-            problems.append(f"agent.{name}: expected a positive number, got {getattr(config, name)}")
-    if config.transport_max_message_bytes < config.max_message_bytes:
-        problems.append(f"agent.transport_max_message_bytes ({config.transport_max_message_bytes}) must be at least "
-                        f"max_message_bytes ({config.max_message_bytes}), or oversized requests get no error reply")
-    for name in ("watch_interval_s", "shutdown_timeout_s"):
-        if not getattr(config, name) > 0:
-            problems.append(f"agent.{name}: expected a positive number of seconds, got {getattr(config, name)}")
-    if config.yield_variant not in YIELD_VARIANTS:
-        problems.append(f"agent.yield_variant: expected one of {YIELD_VARIANTS}, got {config.yield_variant!r}")
-    if not 0 <= config.metrics.port <= 65535:
-        problems.append(f"metrics.port: expected 0 (off) or a TCP port, got {config.metrics.port}")
-    if config.logging.format not in LOG_FORMATS:
-        problems.append(f"logging.format: expected one of {LOG_FORMATS}, got {config.logging.format!r}")
-    if config.logging.level.upper() not in LOG_LEVELS:
-        problems.append(f"logging.level: expected one of {LOG_LEVELS}, got {config.logging.level!r}")
-    pat = config.pat
-    if not 2 <= pat.min_parts <= pat.window:
-        problems.append(f"pat.min_parts: expected 2 <= min_parts <= window ({pat.window}), got {pat.min_parts}")
-    if pat.refresh_parts < 1 or pat.max_sites < 1 or not pat.k_sigma > 0:
-        problems.append("pat.refresh_parts, pat.max_sites and pat.k_sigma must be positive")
-    if pat.reset_on not in RESET_ON:
-        problems.append(f"pat.reset_on: expected one of {RESET_ON}, got {pat.reset_on!r}")
-    problems += [f"binning.{p}" for p in check_policy(config.binning.order, config.binning.bins)]
-    problems += config.drift.problems()
-    if problems:
-        raise ConfigError(f"configuration ({source}) is not usable:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def _bind_problems(bind: str, all_interfaces: bool) -> list[str]:
-    scheme, sep, rest = bind.partition("://")
-    if not sep or scheme not in ("tcp", "ipc"):
-        return [f"agent.bind: expected tcp://host:port or ipc:///path, got {bind!r}"]
-    if scheme == "tcp":
-        host, colon, port = rest.rpartition(":")
-        if not colon or not port.isdigit() or not 0 < int(port) < 65536:
-            return [f"agent.bind: expected tcp://host:port with a port 1..65535, got {bind!r}"]
-        if host in _ALL_INTERFACES and not all_interfaces:
-            return [f"agent.bind: {bind} listens on every network interface and the protocol has no "
-                    "authentication; set [agent] bind_all_interfaces = true if that is really wanted"]
-    return []
-
-
-def _type_name(kind: type) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "a table"}.get(kind, kind.__name__)
+    return load(AgentConfig(), path, overrides, also=(MODEL_REQUIRED,) if require_model else ())

@@ -322,22 +322,26 @@ def test_csv_has_metadata_rows_and_the_same_readings(tmp_path):
 # --- configuration and command line ----------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"parts": 0}, "parts must be >= 1"),
-    ({"tests": 3}, "tests must be in 8..5000"),
-    ({"lots": 0}, "lots must be in 1..1000"),
-    ({"parts": 3, "lots": 5, "excursions": ()}, "every lot needs a part"),
-    ({"sites": 0}, "sites must be in 1..64"),
-    ({"seed": -1}, "seed must be >= 0"),
-    ({"tests": 2.5}, "tests must be an integer"),
-    ({"excursions": ("bogus",)}, "unknown excursion(s) ['bogus']"),
-    ({"excursions": ("shifted_lot", "shifted_lot")}, "repeat a name"),
-    ({"lots": 1, "excursions": ("shifted_lot",)}, "shifted_lot needs lots >= 2"),
-    ({"sites": 1, "excursions": ("drifting_site",)}, "drifting_site needs at least 2"),
-    ({"latent_outlier_fraction": 0.0}, "latent_outlier_fraction must be 0 <"),
-    ({"latent_outlier_fraction": 0.2}, "latent_outlier_fraction must be"),
-    ({"missing_fraction": -0.1}, "missing_fraction must be 0 <="),
-    ({"lot_prefix": "A B"}, "lot_prefix must be"),
-    ({"die_radius": 1}, "die_radius must be"),
+    ({"parts": 0}, "parts: expected a positive number, got 0"),
+    ({"tests": 3}, "tests: expected a number in [8, 5000], got 3"),
+    ({"lots": 0}, "lots: expected a number in [1, 1000], got 0"),
+    ({"parts": 3, "lots": 5, "excursions": ()},
+     "parts: expected at least lots (5) since every lot needs a part, got 3"),
+    ({"sites": 0}, "sites: expected a number in [1, 64], got 0"),
+    ({"seed": -1}, "seed: expected a number >= 0, got -1"),
+    ({"tests": 2.5}, "tests: expected an integer, got 2.5"),
+    ({"excursions": ("bogus",)}, "excursions: expected names among ('drifting_site', 'shifted_lot', "
+                                 "'latent_outliers'), got unknown ['bogus']"),
+    ({"excursions": ("shifted_lot", "shifted_lot")}, "excursions: expected each name once, got ['shifted_lot', "
+                                                     "'shifted_lot']"),
+    ({"lots": 1, "excursions": ("shifted_lot",)}, "excursions: shifted_lot needs lots >= 2"),
+    ({"sites": 1, "excursions": ("drifting_site",)}, "excursions: drifting_site needs at least 2"),
+    ({"latent_outlier_fraction": 0.0}, "latent_outlier_fraction: expected a number in (0, 0.05], got 0.0"),
+    ({"latent_outlier_fraction": 0.2}, "latent_outlier_fraction: expected a number in (0, 0.05], got 0.2"),
+    ({"missing_fraction": -0.1}, "missing_fraction: expected a number in [0, 0.05], got -0.1"),
+    ({"lot_prefix": "A B"}, "lot_prefix: expected letters, digits, '_' or '-', got 'A B'"),
+    ({"die_radius": 1}, "die_radius: expected None or a number in [2, 1000], got 1"),
+    ({"start_time": float("nan")}, "start_time: expected a finite number, got nan"),
 ])
 def test_invalid_config_names_the_problem(kwargs, message):
     with pytest.raises(ValueError) as raised:

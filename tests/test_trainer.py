@@ -187,3 +187,31 @@ def test_static_pat_uses_the_log_scale_only_for_skewed_positive_tests():
     linear_high = limits[0]["median"] + 6 * limits[0]["robust_sigma"]
     assert outside_log < 1e-3 < np.mean(fresh > linear_high)
     assert limits[0]["low"] > 0 and limits[0]["median"] == pytest.approx(np.median(leak))
+
+
+def test_fit_options_are_checked_before_any_data_is_read(tmp_path, capsys):
+    """A data file that does not exist: had it been opened, the error would name it. One line per bad option,
+    under the option's own name, and nothing in the registry."""
+    from trainer.cli import main
+    registry = tmp_path / "models"
+    status = main(["fit", "--data", str(tmp_path / "missing.parquet"), "--registry", str(registry), "--trees", "0",
+                   "--max-features", "0", "--target-outlier-rate", "2", "--holdout-fraction", "1.5",
+                   "--yield-trees", "0"])
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "edge-train: error: configuration (edge-train fit options) is not usable:",
+        "  - --trees: expected a positive number, got 0",
+        "  - --max-features: expected a positive integer or a number in (0, 1], got 0.0",
+        "  - --target-outlier-rate: expected a number in (0, 0.5), got 2.0",
+        "  - --yield-trees: expected a positive number, got 0",
+        "  - --holdout-fraction: expected a number in (0, 1), got 1.5"]
+    assert not registry.exists()
+
+
+def test_synth_options_are_checked_before_anything_is_written(tmp_path, capsys):
+    from trainer.cli import main
+    assert main(["synth", "--out", str(tmp_path / "lot.parquet"), "--parts", "0", "--sites", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["edge-train: error: configuration (SynthConfig) is not usable:",
+                                                    "  - parts: expected a positive number, got 0",
+                                                    "  - sites: expected a number in [1, 64], got 0"]
+    assert not list(tmp_path.iterdir())

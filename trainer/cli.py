@@ -66,7 +66,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="demo", help="model name in the registry")
     parser.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry root folder")
     parser.add_argument("--trees", type=int, default=200, help="Isolation Forest trees")
-    parser.add_argument("--max-samples", default="auto", help="'auto', an integer, or a fraction")
+    parser.add_argument("--max-samples", type=_max_samples, default="auto", help="'auto', an integer, or a fraction")
     parser.add_argument("--max-features", type=float, default=1.0)
     parser.add_argument("--target-outlier-rate", type=float, default=0.01,
                         help="share of passing training parts flagged at the calibrated threshold")
@@ -74,6 +74,8 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yield-model", choices=YIELD_KINDS, default="random_forest")
     parser.add_argument("--yield-trees", type=int, default=100)
     parser.add_argument("--yield-label", default=None, help="label column (default: final_pass if present, else passed)")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2,
+                        help="share of the parts held out to evaluate both models")
     parser.add_argument("--retest-policy", choices=["last", "first", "all"], default="last")
     parser.add_argument("--min-rows", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -81,13 +83,21 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
                         help="promote the new version straight away")
 
 
-def _max_samples(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+# `edge-train fit` option -> the TrainConfig field it sets (messages name the option the user typed).
+FIT_OPTIONS = {"name": "name", "trees": "n_trees", "max_samples": "max_samples", "max_features": "max_features",
+               "target_outlier_rate": "target_outlier_rate", "train_outlier_on": "train_outlier_on",
+               "yield_model": "yield_model", "yield_trees": "yield_trees", "yield_label": "yield_label",
+               "holdout_fraction": "holdout_fraction", "seed": "seed"}
+
+
+def _max_samples(text: str) -> int | float | str:
+    """An integer, a fraction or the text itself ('auto', or a mistake that the config check names)."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return text
 
 
 def cmd_synth(args) -> int:
@@ -110,13 +120,12 @@ def cmd_fit(args) -> int:
     from .train import TrainConfig, fit
 
     start = time.perf_counter()
+    config = TrainConfig(**{field: getattr(args, option) for option, field in FIT_OPTIONS.items()})
+    config.check("edge-train fit options", names={field: f"--{option.replace('_', '-')}"
+                                                  for option, field in FIT_OPTIONS.items()})
     print(f"reading {len(args.data)} file(s)", file=sys.stderr)
     table, report = load_tables(args.data, retest_policy=args.retest_policy, min_rows=args.min_rows)
     print(report.summary(), file=sys.stderr)
-    config = TrainConfig(name=args.name, n_trees=args.trees, max_samples=_max_samples(args.max_samples),
-                         max_features=args.max_features, target_outlier_rate=args.target_outlier_rate,
-                         train_outlier_on=args.train_outlier_on, yield_model=args.yield_model,
-                         yield_trees=args.yield_trees, yield_label=args.yield_label, seed=args.seed)
     trained = fit(table, config)
     print("exporting ONNX graphs and checking them against scikit-learn", file=sys.stderr)
     registry = Registry(args.registry)

@@ -31,25 +31,28 @@ TRAINING_LOTS = 3
 
 def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, seed: int, registry_root: str,
              name: str) -> int:
+    # Every configuration first: a bad --stream-parts must not wait for the training to fail.
+    training = SynthConfig(seed=seed, parts=parts, tests=tests, lots=TRAINING_LOTS, excursions=("latent_outliers",))
+    # Same product and floor (seed), the next lot off the line: what the model sees after training.
+    streamed = SynthConfig(seed=seed, parts=stream_parts, tests=tests, lots=1, first_lot_index=TRAINING_LOTS + 1,
+                           excursions=("drifting_site", "latent_outliers"))
+    train = TrainConfig(name=name, seed=seed).check()
     work = Path(workdir or tempfile.mkdtemp(prefix="edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     registry = Registry(registry_root)
 
     _step(f"1/4 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to {registry.root}/{name}")
     training_lot = work / "training_lot.parquet"
-    print(write(SynthConfig(seed=seed, parts=parts, tests=tests, lots=TRAINING_LOTS, excursions=("latent_outliers",)),
-                str(training_lot)).describe())
+    print(write(training, str(training_lot)).describe())
     table, report = load_tables([str(training_lot)])
-    trained = fit(table, TrainConfig(name=name, seed=seed))
+    trained = fit(table, train)
     ref = build_and_publish(trained, table, report.to_dict(), registry, [str(training_lot)])
     registry.promote(ref.name, ref.version, "production", reason="edge-train demo")
     print(package_summary(registry, ref))
 
     _step(f"2/4 second lot ({stream_parts:,} parts, drifting site + latent outliers); collector and agent start")
     stream_path = work / "stream_lot.parquet"
-    # Same product and floor (seed), the next lot off the line: what the model sees after training.
-    print(write(SynthConfig(seed=seed, parts=stream_parts, tests=tests, lots=1, first_lot_index=TRAINING_LOTS + 1,
-                            excursions=("drifting_site", "latent_outliers")), str(stream_path)).describe())
+    print(write(streamed, str(stream_path)).describe())
     stream_table, _ = load_tables([str(stream_path)])
     db = work / "fleet.sqlite"
     collector_endpoint, agent_endpoint = free_tcp_endpoint(), free_tcp_endpoint()

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from edge_agent.errors import DataError, EdgeError
+from edge_agent.settings import Checked, DistinctNames, Interval, Rule, Satisfies, unusable
 
 from .table import LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta, test_column_name
 
@@ -64,9 +66,48 @@ class SynthConfigError(EdgeError, ValueError):
     """A synthetic-floor configuration that cannot be generated (a ValueError the CLI prints cleanly)."""
 
 
+def _every_lot_has_a_part(c: SynthConfig) -> list[str]:
+    return [] if c.parts >= c.lots else [f"parts: expected at least lots ({c.lots}) since every lot needs a part, "
+                                         f"got {c.parts}"]
+
+
+def _excursions_fit_the_floor(c: SynthConfig) -> list[str]:
+    problems = []
+    if "shifted_lot" in c.excursions and c.lots < 2:
+        problems.append("excursions: shifted_lot needs lots >= 2 (the last lot is shifted against the others)")
+    if "drifting_site" in c.excursions and c.heads * c.sites < 2:
+        problems.append("excursions: drifting_site needs at least 2 head/site positions to compare")
+    return problems
+
+
 @dataclass(frozen=True)
-class SynthConfig:
-    """What to synthesize. ``wafers_per_lot`` and ``die_radius`` are derived from ``parts`` when None."""
+class SynthConfig(Checked):
+    """What to synthesize. ``wafers_per_lot`` and ``die_radius`` are derived from ``parts`` when None.
+
+    Checked when made: a config that exists can be generated, except for the layout limits ``generate`` finds
+    (a die grid too small for the parts, latent clusters that do not fit).
+    """
+
+    ERROR = SynthConfigError
+    CONSTRAINTS = {
+        "seed": [Interval(int, 0, None)],
+        "parts": [Interval(int, 1, None)],
+        "tests": [Interval(int, 8, 5000)],
+        "lots": [Interval(int, 1, 1000)],
+        "wafers_per_lot": [None, Interval(int, 1, 1000)],
+        "die_radius": [None, Interval(float, 2, 1000)],
+        "heads": [Interval(int, 1, 8)],
+        "sites": [Interval(int, 1, 64)],
+        "lot_prefix": [Satisfies(str, re.compile(r"[\w-]+").fullmatch, "letters, digits, '_' or '-'")],
+        "first_lot_index": [Interval(int, 0, 9999)],
+        "excursions": [DistinctNames(EXCURSIONS)],
+        "latent_outlier_fraction": [Interval(float, 0, 0.05, closed="right")],
+        "defect_fraction": [Interval(float, 0, 0.5)],
+        "missing_fraction": [Interval(float, 0, 0.05)],
+        "start_time": [Interval(float, None, None)],       # unix seconds
+    }
+    RULES = (Rule(("parts", "lots"), _every_lot_has_a_part),
+             Rule(("excursions", "lots", "heads", "sites"), _excursions_fit_the_floor))
 
     seed: int = 7
     parts: int = 20000
@@ -85,67 +126,20 @@ class SynthConfig:
     start_time: float = 1_704_700_800.0    # tester clock of the first touchdown (unix seconds)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "excursions", tuple(self.excursions))
+        if isinstance(self.excursions, (list, tuple)):
+            object.__setattr__(self, "excursions", tuple(self.excursions))
         for name in ("seed", "parts", "tests", "lots", "wafers_per_lot", "heads", "sites", "first_lot_index"):
             if isinstance(getattr(self, name), np.integer):   # numpy integers would not survive json.dumps
                 object.__setattr__(self, name, int(getattr(self, name)))
-        problems = _config_problems(self)
-        if problems:
-            raise SynthConfigError("invalid synthetic config: " + "; ".join(problems))
+        self.check()
 
     def lot_names(self) -> list[str]:
         return [f"{self.lot_prefix}{self.first_lot_index + i:04d}" for i in range(self.lots)]
 
 
-def _config_problems(c: SynthConfig) -> list[str]:
-    problems: list[str] = []
-
-    def integer(name: str, value, low: int, high: int | None = None) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            problems.append(f"{name} must be an integer, got {value!r}")
-            return False
-        if value < low or (high is not None and value > high):
-            problems.append(f"{name} must be {f'>= {low}' if high is None else f'in {low}..{high}'}, got {value}")
-            return False
-        return True
-
-    def fraction(name: str, value, high: float, allow_zero: bool) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            problems.append(f"{name} must be a number, got {value!r}")
-        elif value < 0 or (value == 0 and not allow_zero) or value > high:
-            problems.append(f"{name} must be {'0 <=' if allow_zero else '0 <'} {name} <= {high}, got {value}")
-
-    integer("seed", c.seed, 0)
-    integer("tests", c.tests, 8, 5000)
-    heads_ok = integer("heads", c.heads, 1, 8)
-    sites_ok = integer("sites", c.sites, 1, 64)
-    integer("first_lot_index", c.first_lot_index, 0, 9999)
-    lots_ok = integer("lots", c.lots, 1, 1000)
-    if integer("parts", c.parts, 1) and lots_ok and c.parts < c.lots:
-        problems.append(f"parts ({c.parts}) must be at least lots ({c.lots}): every lot needs a part")
-    if c.wafers_per_lot is not None:
-        integer("wafers_per_lot", c.wafers_per_lot, 1, 1000)
-    if c.die_radius is not None and (isinstance(c.die_radius, bool) or not isinstance(c.die_radius, (int, float))
-                                     or not 2 <= c.die_radius <= 1000):
-        problems.append(f"die_radius must be a number in 2..1000 die pitches, got {c.die_radius!r}")
-    if not (isinstance(c.lot_prefix, str) and c.lot_prefix
-            and all(ch.isalnum() or ch in "_-" for ch in c.lot_prefix)):
-        problems.append(f"lot_prefix must be non-empty letters, digits, '_' or '-', got {c.lot_prefix!r}")
-    fraction("latent_outlier_fraction", c.latent_outlier_fraction, 0.05, allow_zero=False)
-    fraction("defect_fraction", c.defect_fraction, 0.5, allow_zero=True)
-    fraction("missing_fraction", c.missing_fraction, 0.05, allow_zero=True)
-    if isinstance(c.start_time, bool) or not isinstance(c.start_time, (int, float)) or not math.isfinite(c.start_time):
-        problems.append(f"start_time must be finite unix seconds, got {c.start_time!r}")
-    unknown = [e for e in c.excursions if e not in EXCURSIONS]
-    if unknown:
-        problems.append(f"unknown excursion(s) {unknown}; known: {', '.join(EXCURSIONS)}")
-    if len(set(c.excursions)) != len(c.excursions):
-        problems.append(f"excursions repeat a name: {list(c.excursions)}")
-    if "shifted_lot" in c.excursions and lots_ok and c.lots < 2:
-        problems.append("excursion shifted_lot needs lots >= 2 (the last lot is shifted against the others)")
-    if "drifting_site" in c.excursions and heads_ok and sites_ok and c.heads * c.sites < 2:
-        problems.append("excursion drifting_site needs at least 2 head/site positions to compare")
-    return problems
+def _unusable(problem: str) -> SynthConfigError:
+    """A config that passed its own check but does not fit the floor ``generate`` lays out."""
+    return unusable(SynthConfigError, SynthConfig.__name__, [problem])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +352,8 @@ def _layout(config: SynthConfig) -> _Layout:
     if config.die_radius is not None:
         radius = float(config.die_radius)
         if config.wafers_per_lot is not None and config.wafers_per_lot * _dies_within(radius) < largest:
-            raise SynthConfigError(
-                f"invalid synthetic config: {config.wafers_per_lot} wafers of {_dies_within(radius)} dies "
+            raise _unusable(
+                f"wafers_per_lot: {config.wafers_per_lot} wafers of {_dies_within(radius)} dies "
                 f"(die_radius {radius}) cannot hold {largest} parts per lot")
     else:
         wafers = config.wafers_per_lot or MAX_WAFERS_PER_LOT
@@ -369,8 +363,8 @@ def _layout(config: SynthConfig) -> _Layout:
             radius += 0.25
     x, y = _die_grid(radius)
     if config.heads * config.sites > len(x):
-        raise SynthConfigError(f"invalid synthetic config: {config.heads * config.sites} head/site positions "
-                               f"exceed the {len(x)} dies of a wafer")
+        raise _unusable(f"sites: {config.heads * config.sites} head/site positions "
+                        f"exceed the {len(x)} dies of a wafer")
     wafer_parts = [[min(len(x), n - w * len(x)) for w in range(math.ceil(n / len(x)))] for n in lot_parts]
     return _Layout(radius, x, y, np.sqrt(x ** 2.0 + y ** 2.0) / radius, lot_parts, wafer_parts)
 
@@ -503,8 +497,8 @@ class _Floor:
                 eligible.append((wafer, before))
         capacity = [max(1, int(LATENT_MAX_WAFER_SHARE * n)) for _, n in eligible]
         if sum(capacity) < total:
-            raise SynthConfigError(
-                f"invalid synthetic config: {total} latent outliers do not fit in clusters of at most "
+            raise _unusable(
+                f"latent_outlier_fraction: {total} latent outliers do not fit in clusters of at most "
                 f"{LATENT_MAX_WAFER_SHARE:.0%} of the {sum(n for _, n in eligible)} eligible dies of lot "
                 f"{self.lots[0]}; lower latent_outlier_fraction or add parts")
         # Spread over at least 3 wafers where possible, dealing dies round-robin within each wafer's room.

@@ -19,16 +19,47 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from edge_agent.errors import DataError
+from edge_agent.errors import DataError, EdgeError
+from edge_agent.package.manifest import NAME_PATTERN
+from edge_agent.settings import Checked, Interval, OneOf, Satisfies
 
 from .table import ParametricTable
 
 YIELD_KINDS = ("random_forest", "logistic", "mlp")
 TREES_PER_PROGRESS_STEP = 20
+FRACTION = Interval(float, 0, 1, closed="neither")
+MAX_SEED = 2 ** 32 - 1          # scikit-learn's random_state
+
+
+class TrainConfigError(EdgeError, ValueError):
+    """Training options that cannot be used (a ValueError, as scikit-learn's own parameter errors are)."""
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
+    """What to fit. Checked (``problems()``) before any data is read, so no option fails deep inside scikit-learn."""
+
+    ERROR = TrainConfigError
+    CONSTRAINTS = {
+        "name": [Satisfies(str, NAME_PATTERN.fullmatch, "a model name: letters, digits, '.', '_' or '-', first a "
+                                                              "letter or digit, at most 128 characters")],
+        "n_trees": [Interval(int, 1, None)],
+        "max_samples": [OneOf("auto"), Interval(int, 1, None), Interval(float, 0, 1, closed="right")],
+        "max_features": [Interval(int, 1, None), Interval(float, 0, 1, closed="right")],
+        "contamination": [OneOf("auto"), Interval(float, 0, 0.5, closed="right")],
+        "target_outlier_rate": [Interval(float, 0, 0.5, closed="neither")],
+        "train_outlier_on": [OneOf("passing", "all")],
+        "yield_model": [OneOf(*YIELD_KINDS)],
+        "yield_trees": [Interval(int, 1, None)],
+        "yield_max_depth": [None, Interval(int, 1, None)],
+        "yield_threshold": [FRACTION],
+        "yield_label": [None, Satisfies(str, bool, "a column name")],
+        "holdout_fraction": [FRACTION],
+        "pat_k_sigma": [Interval(float, 0, None, closed="neither")],
+        "drift_bins": [Interval(int, 2, None)],
+        "seed": [Interval(int, 0, MAX_SEED)],
+    }
+
     name: str = "demo"
     n_trees: int = 200
     max_samples: int | float | str = "auto"
@@ -72,12 +103,7 @@ def _progress(message: str) -> None:
 def fit(table: ParametricTable, config: TrainConfig,
         progress: Callable[[str], None] = _progress) -> TrainedModels:
     """Fit both models on a random split of ``table`` and evaluate them on the held-out part."""
-    if config.yield_model not in YIELD_KINDS:
-        raise DataError(f"unknown yield model {config.yield_model!r}", expected=" | ".join(YIELD_KINDS),
-                        got=config.yield_model)
-    if not 0 < config.target_outlier_rate < 0.5:
-        raise DataError("target outlier rate out of range", expected="0 < rate < 0.5",
-                        got=str(config.target_outlier_rate))
+    config.check()
     label_name = config.yield_label or ("final_pass" if "final_pass" in table.frame.columns else "passed")
     if label_name not in table.frame.columns:
         raise DataError("the yield label column is missing", column=label_name,

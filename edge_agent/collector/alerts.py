@@ -37,7 +37,6 @@ by 1 sigma 0.93, by 1.5 sigma 2.0.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -51,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgeError
-from ..settings import read_toml
+from ..settings import Checked, Instance, Interval, Satisfies, load
 from ..wire.distances import psi
 from ..wire.stats import StatsWindow
 from .store import Added
@@ -65,8 +64,30 @@ class AlertConfigError(EdgeError):
     """An alert configuration that cannot be used (names the file and key)."""
 
 
+def _splits(command: str) -> bool:
+    """Whether the hook command splits into arguments the way ``AlertHook`` runs it."""
+    try:
+        shlex.split(command)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass
-class AlertConfig:
+class AlertConfig(Checked):
+    SCOPE = "alerts"
+    ERROR = AlertConfigError
+    CONSTRAINTS = {"psi_threshold": [Interval(float, 0, None, closed="neither")],
+                   "psi_min_parts": [Interval(int, 1, None)],
+                   "site_psi_threshold": [Interval(float, 0, None)],          # 0 turns it off
+                   "outlier_margin": [Interval(float, 0, 1)],
+                   "outlier_min_parts": [Interval(int, 1, None)],
+                   "change_detector": [Instance(bool)],
+                   "silent_after_s": [Interval(float, 0, None, closed="neither")],
+                   "repeat_after_s": [Interval(float, 0, None)],              # 0: every alert, however often
+                   "hook": [Satisfies(str, _splits, "a command line with balanced quotes")],
+                   "hook_timeout_s": [Interval(float, 0, None, closed="neither")]}
+
     psi_threshold: float = 0.2
     psi_min_parts: int = 200
     site_psi_threshold: float = 0.6
@@ -84,29 +105,8 @@ def _seqs(first: int, last: int) -> str:
 
 
 def load_alert_config(path: str | Path | None) -> AlertConfig:
-    """Defaults, then the ``[alerts]`` table of ``path``."""
-    config = AlertConfig()
-    if path is None:
-        return config
-    document = read_toml(path, AlertConfigError)
-    unknown = set(document) - {"alerts"}
-    if unknown:
-        raise AlertConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected [alerts]")
-    fields = {f.name: f for f in dataclasses.fields(AlertConfig)}
-    for key, value in document.get("alerts", {}).items():
-        if key not in fields:
-            raise AlertConfigError(f"{path}: [alerts] {key}: unknown key; expected one of {', '.join(fields)}")
-        expected = type(getattr(config, key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise AlertConfigError(f"{path}: [alerts] {key}: expected {expected.__name__}, got {value!r}")
-        setattr(config, key, value)
-    negative = [f.name for f in dataclasses.fields(AlertConfig)
-                if type(getattr(config, f.name)) in (int, float) and getattr(config, f.name) < 0]
-    if negative:
-        raise AlertConfigError(f"{path}: [alerts] {', '.join(negative)}: expected a number >= 0")
-    return config
+    """Defaults, then the ``[alerts]`` table of ``path``, checked."""
+    return load(AlertConfig(), path)
 
 
 @dataclass
