@@ -49,10 +49,8 @@ def run(tests: int = 200, sites: int = 4, parts: int | None = None, quick: bool 
     columns = [f"{1000 + i}:T{i}" for i in range(tests)]
     reference_scores = rng.normal(0.1, 0.03, REFERENCE_ROWS)
     threshold = float(np.quantile(reference_scores, 0.01))
-    manifest = {"name": "bench", "version": "1", "features": [{"column": c} for c in columns],
-                "drift_reference": drift_reference(rng.normal(size=(REFERENCE_ROWS, tests)), columns,
-                                                   reference_scores, threshold)}
-    reference = DriftReference.from_manifest(manifest)
+    reference = DriftReference.from_bins(columns, drift_reference(rng.normal(size=(REFERENCE_ROWS, tests)), columns,
+                                                                  reference_scores, threshold))
     rows = rng.normal(size=(parts, tests)).astype(np.float32)
     rows[rng.random(rows.shape) < MISSING] = np.nan
     scores = rng.normal(0.1, 0.03, parts).tolist()

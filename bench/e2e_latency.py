@@ -108,7 +108,7 @@ def package_stream(registry_root: Path, n_parts: int, n_tests: int = 200) -> tup
     registry = Registry(registry_root)
     ref = registry.resolve(MODEL, stage="production")
     stream = synthetic_table(n_parts, n_tests, seed=2, lot="L2")
-    columns = [f["column"] for f in registry.manifest(PackageRef(MODEL, ref.version))["features"]]
+    columns = registry.manifest(PackageRef(MODEL, ref.version)).columns
     readings = stream.readings(columns).astype(np.float32)
     identities = [{"lot": "L2", "wafer": "1", "x": i % 40, "y": i // 40, "head": 1, "site": 1 + i % 4,
                    "part_id": str(i)} for i in range(len(readings))]

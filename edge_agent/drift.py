@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DataError
+from .package.manifest import Manifest, ReferenceBins
 from .wire.distances import js_distance, ks_statistic, psi
 
 # Normal quantile of 0.99: (p99 - p01) / (2 * 2.326) is one sigma of a normal reference score.
@@ -120,23 +121,22 @@ class DriftReference:
         return len(self.columns)
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> DriftReference:
-        """Build from a package manifest (feature order = ``manifest["features"]``); DataError if unusable."""
-        where = f"manifest of {manifest.get('name', '?')}/{manifest.get('version', '?')}"
-        try:
-            columns = [feature["column"] for feature in manifest["features"]]
-            block = manifest["drift_reference"]
-            by_column = {test["column"]: test for test in block["tests"]}
-            score = block["outlier_score"]
-            quantiles = score["quantiles"]
-            entries = [(by_column[c]["edges"], by_column[c]["proportions"]) for c in columns if c in by_column]
-        except (KeyError, TypeError) as error:
-            raise DataError(f"{where}: drift_reference is incomplete (missing {error})") from None
+    def from_manifest(cls, manifest: Manifest) -> DriftReference:
+        """The manifest's drift reference in its feature order; DataError if it cannot be used."""
+        return cls.from_bins(manifest.columns, manifest.drift_reference,
+                             f"manifest of {manifest.name}/{manifest.version}")
+
+    @classmethod
+    def from_bins(cls, columns: list[str], reference: ReferenceBins, where: str = "drift reference") -> DriftReference:
+        """Pack ``reference`` in the order of ``columns``; DataError (naming ``where``) if a feature has no
+        bins or a distribution's edges and proportions do not fit together."""
+        by_column = {test.column: test for test in reference.tests}
         absent = [c for c in columns if c not in by_column]
         if absent:
             raise DataError(f"{where}: drift_reference has no bins for {len(absent)} feature(s), "
                             f"first {absent[:3]}")
-        entries.append((score["edges"], score["proportions"]))
+        score = reference.outlier_score
+        entries = [(by_column[c].edges, by_column[c].proportions) for c in columns] + [(score.edges, score.proportions)]
         names = [*columns, "outlier_score"]
         max_edges = max(len(edges) for edges, _ in entries)
         packed_edges = np.full((len(entries), max(max_edges, 1)), np.inf)
@@ -152,12 +152,12 @@ class DriftReference:
             packed_edges[i, :len(edges)] = edges
             packed_proportions[i, :len(proportions)] = proportions
             n_edges[i] = len(edges)
-        center = float(quantiles["p50"])
-        spread = (float(quantiles["p99"]) - float(quantiles["p01"])) / (2 * Z99)
-        return cls(columns=columns, bins=int(block["bins"]), rows=int(block.get("rows", 0)), edges=packed_edges,
+        quantiles = score.quantiles
+        spread = (float(quantiles.p99) - float(quantiles.p01)) / (2 * Z99)
+        return cls(columns=list(columns), bins=int(reference.bins), rows=int(reference.rows), edges=packed_edges,
                    n_edges=n_edges, proportions=packed_proportions,
-                   missing_rate=np.array([float(by_column[c]["missing_rate"]) for c in columns]),
-                   expected_outlier_rate=float(score["outlier_rate"]), score_center=center,
+                   missing_rate=np.array([float(by_column[c].missing_rate) for c in columns]),
+                   expected_outlier_rate=float(score.outlier_rate), score_center=float(quantiles.p50),
                    score_scale=spread if spread > 0 else 1.0)
 
     @functools.cached_property

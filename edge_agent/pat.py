@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .package.manifest import PatLimit
 from .package.rules import pat_limits
 from .wire.score import Part
 
@@ -41,21 +42,21 @@ class PatBreak:
 class StaticPat:
     """The manifest's static PAT limits, as arrays aligned with the model's features (NaN = no limit)."""
 
-    def __init__(self, columns: list[str], limits: list[dict]):
+    def __init__(self, columns: list[str], limits: list[PatLimit]):
         self.columns = columns
         self.low = np.full(len(columns), np.nan, dtype=np.float32)
         self.high = np.full(len(columns), np.nan, dtype=np.float32)
         self.log_scale = np.zeros(len(columns), dtype=bool)   # the trainer's choice, which dynamic PAT follows
         index = {column: i for i, column in enumerate(columns)}
         for limit in limits:
-            i = index.get(limit["column"])
+            i = index.get(limit.column)
             # A zero robust sigma (a constant or discrete test) makes median +/- k*sigma a single value that
             # every other reading would break: no PAT limit is defined for such a test.
-            if i is None or not limit.get("robust_sigma"):
+            if i is None or not limit.robust_sigma:
                 continue
-            self.log_scale[i] = limit.get("scale") == "log"
-            self.low[i] = np.nan if limit["low"] is None else limit["low"]
-            self.high[i] = np.nan if limit["high"] is None else limit["high"]
+            self.log_scale[i] = limit.scale == "log"
+            self.low[i] = np.nan if limit.low is None else limit.low
+            self.high[i] = np.nan if limit.high is None else limit.high
         self.n_limited = int(np.sum(~np.isnan(self.low) | ~np.isnan(self.high)))
 
     def breaks(self, row: np.ndarray) -> list[PatBreak]:

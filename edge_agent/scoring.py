@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeError, ExportError, RegistryError
-from .package.manifest import SAMPLE_ROWS_FILE
+from .package.manifest import SAMPLE_ROWS_FILE, FidelityCheck, Manifest
 from .package.registry import PackageRef, Registry
 from .package.runtime import make_session, warm_up
 from .pat import StaticPat
@@ -40,7 +40,7 @@ class ModelRefused(EdgeError):
 class LoadedModel:
     ref: PackageRef
     checksum: str
-    manifest: dict = field(repr=False)
+    manifest: Manifest = field(repr=False)
     path: Path
     yield_variant: str
     columns: list[str]
@@ -80,55 +80,52 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
     if not result.ok:
         raise ModelRefused(ref, result.problems)
     manifest = result.manifest
-    models = manifest["models"]
-    files = models["yield"]["files"]
-    if yield_variant not in files:
+    outlier_model, yield_model = manifest.models.outlier, manifest.models.yield_model
+    if yield_variant not in yield_model.files:
         raise ModelRefused(ref, [f"yield variant {yield_variant!r} requested, the package ships "
-                                 f"{', '.join(files)} ({models['yield']['quantization']['reason']})"])
-    outlier_bytes = _verified_bytes(folder, models["outlier"]["files"]["float32"], manifest)
-    yield_bytes = _verified_bytes(folder, files[yield_variant], manifest)
+                                 f"{', '.join(yield_model.files)} ({yield_model.quantization.reason})"])
+    outlier_bytes = _verified_bytes(folder, outlier_model.files["float32"], manifest)
+    yield_bytes = _verified_bytes(folder, yield_model.files[yield_variant], manifest)
     sample_bytes = _verified_bytes(folder, SAMPLE_ROWS_FILE, manifest)
     try:
         outlier, yield_session = make_session(outlier_bytes), make_session(yield_bytes)
     except Exception as error:   # onnxruntime raises its own exception types for graphs it cannot load
         raise ModelRefused(ref, [f"onnxruntime cannot load the graphs: {error}"]) from None
-    n_features = len(manifest["features"])
-    input_name = manifest["input"]["name"]
-    outputs = (models["outlier"]["output"], models["yield"]["output"])
-    columns = [f["column"] for f in manifest["features"]]
+    columns = manifest.columns
     model = LoadedModel(
         ref=ref, checksum=result.checksum, manifest=manifest, path=folder, yield_variant=yield_variant,
-        columns=columns, parser=ReadingsParser(columns, [f["name"] for f in manifest["features"]]),
-        static_pat=StaticPat(columns, manifest["pat"]["limits"]),
-        outlier_threshold=float(models["outlier"]["threshold"]), pass_threshold=float(models["yield"]["threshold"]),
+        columns=columns, parser=ReadingsParser(columns, [f.name for f in manifest.features]),
+        static_pat=StaticPat(columns, manifest.pat.limits),
+        outlier_threshold=float(outlier_model.threshold), pass_threshold=float(yield_model.threshold),
         identity={"name": ref.name, "version": ref.version, "checksum": result.checksum},
-        smoke={}, loaded_at=time.time(), _outlier=outlier, _yield=yield_session, _input=input_name,
-        _outputs=outputs)
+        smoke={}, loaded_at=time.time(), _outlier=outlier, _yield=yield_session, _input=manifest.input.name,
+        _outputs=(outlier_model.output, yield_model.output))
     try:
         for session in (outlier, yield_session):
-            warm_up(session, n_features)
+            warm_up(session, len(columns))
     except ExportError as error:   # a graph whose input width is not the manifest's feature count
         raise ModelRefused(ref, [str(error)]) from None
     except Exception as error:      # onnxruntime's own exception types
         raise ModelRefused(ref, [f"warm-up of the graphs failed in onnxruntime: {error}"]) from None
-    model.smoke = _smoke_test(model, sample_bytes, manifest["fidelity"], yield_variant)
+    model.smoke = _smoke_test(model, sample_bytes, manifest.fidelity, yield_variant)
     return model
 
 
-def _verified_bytes(folder: Path, name: str, manifest: dict) -> bytes:
+def _verified_bytes(folder: Path, name: str, manifest: Manifest) -> bytes:
     """The file's bytes, re-hashed: what onnxruntime gets is exactly what verification accepted."""
     try:
         data = (folder / name).read_bytes()
     except OSError as error:
-        raise ModelRefused(f"{manifest['name']}/{manifest['version']}",
+        raise ModelRefused(f"{manifest.name}/{manifest.version}",
                            [f"{name}: cannot be read after verification ({error.strerror})"]) from None
-    if hashlib.sha256(data).hexdigest() != manifest["files"][name]:
-        raise ModelRefused(f"{manifest['name']}/{manifest['version']}",
+    if hashlib.sha256(data).hexdigest() != manifest.files[name]:
+        raise ModelRefused(f"{manifest.name}/{manifest.version}",
                            [f"{name}: changed on disk while the package was being loaded"])
     return data
 
 
-def _smoke_test(model: LoadedModel, sample_bytes: bytes, fidelity: dict, yield_variant: str) -> dict:
+def _smoke_test(model: LoadedModel, sample_bytes: bytes, fidelity: dict[str, FidelityCheck],
+                yield_variant: str) -> dict:
     """Score the package's sample rows and compare with the expected values, within the recorded fidelity."""
     where = f"{model.ref.name}/{model.ref.version}"
     try:
@@ -148,7 +145,7 @@ def _smoke_test(model: LoadedModel, sample_bytes: bytes, fidelity: dict, yield_v
     report, problems = {}, []
     for key, got, fidelity_key in (("score", got_score, "outlier.float32"),
                                    ("pass_probability", got_probability, f"yield.{yield_variant}")):
-        allowed = float(fidelity[fidelity_key]["max_abs_diff"]) + SMOKE_SLACK
+        allowed = float(fidelity[fidelity_key].max_abs_diff) + SMOKE_SLACK
         worst = float(np.max(np.abs(got - expected[key]))) if len(got) == len(expected[key]) else np.inf
         report[key] = {"rows": len(readings), "max_abs_diff": worst, "allowed": allowed}
         if not worst <= allowed:

@@ -29,6 +29,7 @@ from bench.e2e_latency import publish_package, synthetic_table
 from edge_agent.binning import BinPolicy, decide
 from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
 from edge_agent.config import ConfigError, load_config
+from edge_agent.package.manifest import MANIFEST_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
@@ -53,8 +54,8 @@ class Packages:
     def offline(self, version: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Scores of ``rows`` from plain onnxruntime sessions (default options) over the package's files."""
         folder = Registry(self.root).package_dir(PackageRef(MODEL, version))
-        outlier = ort.InferenceSession(str(folder / "outlier.onnx"), providers=["CPUExecutionProvider"])
-        yield_ = ort.InferenceSession(str(folder / "yield.onnx"), providers=["CPUExecutionProvider"])
+        outlier = ort.InferenceSession(str(folder / OUTLIER_FILE), providers=["CPUExecutionProvider"])
+        yield_ = ort.InferenceSession(str(folder / YIELD_FILE), providers=["CPUExecutionProvider"])
         feed = {"readings": rows.astype(np.float32)}
         return outlier.run(["score"], feed)[0].reshape(-1), yield_.run(["pass_probability"], feed)[0].reshape(-1)
 
@@ -180,8 +181,8 @@ def test_scores_equal_offline_onnxruntime_and_scikit_learn(agent, packages):
 
 def test_readings_as_array_map_and_binary_agree(agent, packages):
     manifest = Registry(packages.root).manifest(PackageRef(MODEL, "1"))
-    columns = [f["column"] for f in manifest["features"]]
-    names = [f["name"] for f in manifest["features"]]
+    columns = manifest.columns
+    names = [f.name for f in manifest.features]
     row = packages.stream[7].astype(np.float64)
     row[2] = np.nan
     raw = Raw(agent["endpoint"])
@@ -208,9 +209,9 @@ def test_batch_equals_the_same_parts_one_by_one(agent, packages):
     afresh, so both see the same PAT state; a far-off part before and after the warm-up shows it acts."""
     rows = packages.stream[200:245].copy()   # the agent here takes batches of up to 50
     manifest = Registry(packages.root).manifest(PackageRef(MODEL, "1"))
-    limit = manifest["pat"]["limits"][4]
+    limit = manifest.pat.limits[4]
     for i in (5, 40):
-        rows[i, 4] = limit["median"] + 10 * limit["robust_sigma"]
+        rows[i, 4] = limit.median + 10 * limit.robust_sigma
     with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
         singles = [client.score(row, {"lot": "S", "site": 7, "x": i}) for i, row in enumerate(rows)]
         batch = client.score_batch([({"lot": "B", "site": 7, "x": i}, row) for i, row in enumerate(rows)])
@@ -219,7 +220,7 @@ def test_batch_equals_the_same_parts_one_by_one(agent, packages):
     assert [decision(r) for r in batch] == [decision(r) for r in singles]
     assert "dynamic_pat" not in singles[5].flags and "static_pat" in singles[5].flags   # still warming up
     assert {"static_pat", "dynamic_pat"} <= set(singles[40].flags)
-    assert any(b["kind"] == "dynamic" and b["test"] == limit["column"] for b in singles[40].pat)
+    assert any(b["kind"] == "dynamic" and b["test"] == limit.column for b in singles[40].pat)
     assert singles[40].bin_name == "static_pat" and "static PAT" in singles[40].why
     # One bad part in a batch gets its own error; the others are scored.
     assert [r.decided for r in mixed] == [True, False, True]
@@ -453,14 +454,14 @@ def test_packages_that_fail_verification_are_refused_and_the_old_model_keeps_ser
     registry = Registry(root)
     # Version 3: every checksum right, but its sample rows expect other scores than its graphs give.
     source = registry.package_dir(PackageRef(MODEL, "1"))
-    files = {p.name: p.read_bytes() for p in source.iterdir() if p.name != "manifest.json"}
-    with np.load(io.BytesIO(files["sample_rows.npz"])) as sample:
+    files = {p.name: p.read_bytes() for p in source.iterdir() if p.name != MANIFEST_FILE}
+    with np.load(io.BytesIO(files[SAMPLE_ROWS_FILE])) as sample:
         arrays = dict(sample)
     arrays["score"] = arrays["score"] + 0.05
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    files["sample_rows.npz"] = buffer.getvalue()
-    ref3 = registry.publish(MODEL, files, json.loads((source / "manifest.json").read_bytes()),
+    files[SAMPLE_ROWS_FILE] = buffer.getvalue()
+    ref3 = registry.publish(MODEL, files, registry.manifest(PackageRef(MODEL, "1")),
                             reason="test: sample rows that disagree with the graphs")
     endpoint = free_tcp_endpoint()
     process = start_agent(root, MODEL, endpoint, "--watch-interval-s", "0.2", log_path=tmp_path / "agent.log")
@@ -476,7 +477,7 @@ def test_packages_that_fail_verification_are_refused_and_the_old_model_keeps_ser
             # Version 2 corrupted on disk after it was published: one byte of its outlier graph flipped.
             folder = registry.package_dir(PackageRef(MODEL, "2"))
             os.chmod(folder, 0o755)
-            graph = folder / "outlier.onnx"
+            graph = folder / OUTLIER_FILE
             os.chmod(graph, stat.S_IRUSR | stat.S_IWUSR)
             data = bytearray(graph.read_bytes())
             data[len(data) // 2] ^= 0xFF

@@ -25,17 +25,19 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from drift_feeder import make_manifest
+from drift_feeder import make_drift_model
 
 from edge_agent.collector.alerts import AlertConfig, AlertRules
 from edge_agent.collector.store import Store
-from edge_agent.drift import DriftMonitor, DriftReference
+from edge_agent.drift import DriftMonitor
+from edge_agent.package.manifest import SAMPLE_ROWS_FILE
 from edge_agent.shipping import DiskSpool, Shipper
 from edge_agent.wire.codec import decode_trusted as decode
 from edge_agent.wire.stats import parse_stats
 
 REPO = Path(__file__).resolve().parents[1]
 FEEDER = Path(__file__).with_name("drift_feeder.py")
+FEEDER_TESTS = 12   # the feeders' model: drift_feeder.make_drift_model(n_tests=12)
 SHIFTED_TEST = "1003:T3"
 STARTUP_S = 30.0
 
@@ -90,10 +92,10 @@ class Collector:
                 for line in text.splitlines() if line.startswith("edge_collector_")}
 
 
-def _feeder(tmp: Path, manifest: Path, endpoint: str, agent_id: str, windows: int, *extra: str,
+def _feeder(tmp: Path, endpoint: str, agent_id: str, windows: int, *extra: str,
             spool: Path | None = None) -> subprocess.Popen:
     spool = spool or tmp / f"spool-{agent_id}"
-    return subprocess.Popen([sys.executable, str(FEEDER), "--manifest", str(manifest), "--agent-id", agent_id,
+    return subprocess.Popen([sys.executable, str(FEEDER), "--tests", str(FEEDER_TESTS), "--agent-id", agent_id,
                              "--collector", endpoint, "--spool", str(spool), "--windows", str(windows), *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -115,13 +117,6 @@ def _windows(db: Path) -> dict[str, list[int]]:
 
 
 @pytest.fixture
-def manifest(tmp_path) -> Path:
-    path = tmp_path / "manifest.json"
-    path.write_text(json.dumps(make_manifest(n_tests=12)))
-    return path
-
-
-@pytest.fixture
 def collector(tmp_path):
     running = []
 
@@ -139,15 +134,13 @@ def collector(tmp_path):
 def drifted_fleet(tmp_path_factory):
     """Two testers x 4 sites, 2 windows each; test T3 shifted by one sigma on tester-b site 2 only."""
     tmp = tmp_path_factory.mktemp("fleet")
-    manifest_path = tmp / "manifest.json"
-    manifest_path.write_text(json.dumps(make_manifest(n_tests=12)))
     hook_log = tmp / "hook.jsonl"
     (tmp / "hook.sh").write_text('cat >> "$1"\necho >> "$1"\n')
     collector = Collector(tmp, config=f'[alerts]\nhook = "/bin/sh {tmp / "hook.sh"} {hook_log}"\n').start()
     try:
-        feeders = [_feeder(tmp, manifest_path, collector.endpoint, "agent-a", 2, "--tester", "tester-a",
+        feeders = [_feeder(tmp, collector.endpoint, "agent-a", 2, "--tester", "tester-a",
                            "--window-parts", "1200", "--seed", "1"),
-                   _feeder(tmp, manifest_path, collector.endpoint, "agent-b", 2, "--tester", "tester-b",
+                   _feeder(tmp, collector.endpoint, "agent-b", 2, "--tester", "tester-b",
                            "--window-parts", "1200", "--seed", "2", "--shift-test", SHIFTED_TEST,
                            "--shift-site", "2", "--shift", "1.0")]
         results = [_finish(f) for f in feeders]
@@ -205,9 +198,9 @@ def test_prometheus_shows_psi_per_tester_and_test_alerts_agents_and_messages(dri
 
 # ---- no loss -----------------------------------------------------------------------------------------------------
 
-def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tmp_path, manifest, collector):
+def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tmp_path, collector):
     first = collector()
-    feeder = _feeder(tmp_path, manifest, first.endpoint, "agent-1", 16, "--pace-s", "0.15", "--window-parts", "200")
+    feeder = _feeder(tmp_path, first.endpoint, "agent-1", 16, "--pace-s", "0.15", "--window-parts", "200")
     deadline = time.monotonic() + 30
     while not _windows(first.db).get("agent-1") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -225,10 +218,10 @@ def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tm
     assert _windows(first.db) == {"agent-1": list(range(1, 17))}
 
 
-def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path, manifest, collector):
+def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path, collector):
     port = _free_port()                      # nothing listens here yet: every window stays spooled
     spool = tmp_path / "spool"
-    feeder = _feeder(tmp_path, manifest, f"tcp://127.0.0.1:{port}", "agent-k", 6, "--window-parts", "200",
+    feeder = _feeder(tmp_path, f"tcp://127.0.0.1:{port}", "agent-k", 6, "--window-parts", "200",
                      spool=spool)
     deadline = time.monotonic() + 60
     while len(list(spool.glob("*.msg"))) < 6:
@@ -240,7 +233,7 @@ def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path
     assert sorted(spooled) == [1, 2, 3, 4, 5, 6]
 
     running = collector(port=port)
-    result = _finish(_feeder(tmp_path, manifest, running.endpoint, "agent-k", 2, "--window-parts", "200",
+    result = _finish(_feeder(tmp_path, running.endpoint, "agent-k", 2, "--window-parts", "200",
                              "--seed", "9", spool=spool))
     assert result["last_seq"] == 8 and result["pending"] == 0
     assert _windows(running.db) == {"agent-k": list(range(1, 9))}
@@ -249,15 +242,15 @@ def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path
     assert stored == {seq: window["start"] for seq, window in spooled.items()}   # the very windows spooled
 
 
-def test_a_full_spool_drops_the_oldest_and_the_loss_reaches_the_collector(tmp_path, manifest, collector):
+def test_a_full_spool_drops_the_oldest_and_the_loss_reaches_the_collector(tmp_path, collector):
     port = _free_port()
     spool = tmp_path / "spool"
     bounded = ("--window-parts", "200", "--spool-max-messages", "3")
-    result = _finish(_feeder(tmp_path, manifest, f"tcp://127.0.0.1:{port}", "agent-s", 7, *bounded,
+    result = _finish(_feeder(tmp_path, f"tcp://127.0.0.1:{port}", "agent-s", 7, *bounded,
                              "--wait-acked-s", "0", spool=spool))
     assert result == {**result, "last_seq": 7, "pending": 3, "dropped_total": 4}
     running = collector(port=port)
-    _finish(_feeder(tmp_path, manifest, running.endpoint, "agent-s", 1, "--window-parts", "200", spool=spool))
+    _finish(_feeder(tmp_path, running.endpoint, "agent-s", 1, "--window-parts", "200", spool=spool))
     assert _windows(running.db) == {"agent-s": [5, 6, 7, 8]}
     with sqlite3.connect(running.db) as connection:
         alerts = connection.execute("SELECT kind, value, message FROM alerts ORDER BY id").fetchall()
@@ -268,9 +261,9 @@ def test_a_full_spool_drops_the_oldest_and_the_loss_reaches_the_collector(tmp_pa
     assert "seq 1-4; 4 in total" in alerts[-1][2] and dropped == 4
 
 
-def test_twenty_agents_feed_one_collector_at_once(tmp_path, manifest, collector):
+def test_twenty_agents_feed_one_collector_at_once(tmp_path, collector):
     running = collector()
-    feeders = [_feeder(tmp_path, manifest, running.endpoint, f"agent-{i:02d}", 5, "--window-parts", "200",
+    feeders = [_feeder(tmp_path, running.endpoint, f"agent-{i:02d}", 5, "--window-parts", "200",
                        "--seed", str(i)) for i in range(20)]
     results = [_finish(f, timeout=120) for f in feeders]
     assert all(r["acked"] == 5 and r["pending"] == 0 for r in results)
@@ -348,11 +341,10 @@ def _window(seq: int, *, agent: str = "a1", score_shift_sigmas: float = 0.0, shi
             sites: tuple[int, ...] = (1,), parts: int = 600, dropped: tuple = (), stream: str = "s1") -> dict:
     """A stats message built in process by the real DriftMonitor: ``parts`` per site, standard normal readings
     (test 0 moved by one sigma on ``shifted_sites``), and half of the scores moved by ``score_shift_sigmas``."""
-    manifest = make_manifest(n_tests=4)
-    reference = DriftReference.from_manifest(manifest)
+    model = make_drift_model(n_tests=4)
+    reference, threshold = model.reference(), model.threshold
     monitor = DriftMonitor(reference, {"name": "m", "version": "1", "checksum": "abc"}, window_parts=10 ** 6)
     rng = np.random.default_rng([seq, len(agent)])
-    threshold = manifest["models"]["outlier"]["threshold"]
     for site in sites:
         for i in range(parts):
             z = rng.normal() + (score_shift_sigmas if i >= parts // 2 else 0.0)
@@ -479,7 +471,7 @@ def test_agent_drift_hook_ships_windows_of_each_served_model(tmp_path, two_versi
     assert DriftConfig(window_parts=0, collector="http://x").problems() == [
         "drift.window_parts: expected a positive number, got 0",
         "drift.collector: expected tcp://host:port or ipc:///path, got 'http://x'"]
-    with np.load(first.path / "sample_rows.npz") as sample:
+    with np.load(first.path / SAMPLE_ROWS_FILE) as sample:
         rows = sample["readings"]
     drift.start(first)
     for model, n in ((first, 250), (second, 30)):

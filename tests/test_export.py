@@ -19,6 +19,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import ExportError
+from edge_agent.package.manifest import OUTLIER_FILE, YIELD_INT8_FILE
 from edge_agent.package.runtime import make_session, warm_up
 from trainer import table
 from trainer.export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8,
@@ -187,17 +188,17 @@ def test_int8_variant_quantizes_matmuls_and_keeps_decisions(yield_models, test_r
     X32, X64 = _as_served(test_rows)
     expected = pipeline.predict_proba(X64)[:, 1]
     result = check_fidelity(int8_model.SerializeToString(), expected, X32, output="pass_probability",
-                            threshold=0.5, outlier_below=False, file="yield.int8.onnx", refuse=False)
+                            threshold=0.5, outlier_below=False, file=YIELD_INT8_FILE, refuse=False)
     # Dynamic quantization rounds weights to int8 (1/254 of a layer's largest weight) and each call's
     # activations to uint8 (1/255 of that call's range), so probabilities move by up to a few hundredths
     # (measured here: about 0.026 logistic, 0.012 MLP) and only parts that close to the threshold can flip.
     # Asserted: the difference is in that range (quantization happened and is not garbage), at least 98% of
     # 600 parts keep their decision, and no more parts flip than sit within 0.05 of the threshold. Whether
     # 99.9% hold is data-dependent: that is the package's fidelity gate, which ships int8 only when it passes.
-    assert 1e-4 < result["max_abs_diff"] < 0.05
-    assert result["decision_agreement"] >= 0.98
+    assert 1e-4 < result.max_abs_diff < 0.05
+    assert result.decision_agreement >= 0.98
     near_threshold = np.abs(expected - 0.5) < 0.05
-    assert (1 - result["decision_agreement"]) * len(X32) <= near_threshold.sum()
+    assert (1 - result.decision_agreement) * len(X32) <= near_threshold.sum()
 
 
 def test_trees_have_no_int8_variant(yield_models, train_rows):
@@ -224,21 +225,21 @@ def test_fidelity_passes_the_right_graph_and_refuses_another_forest(train_rows, 
     threshold = float(np.quantile(expected, 0.05))
     right = isolation_forest_to_onnx(pipeline).SerializeToString()
     result = check_fidelity(right, expected, X32, output="score", threshold=threshold, outlier_below=True,
-                            file="outlier.onnx")
-    assert result["passed"] and result["rows"] == len(X32) and result["max_abs_diff"] < TOLERANCE
-    assert result["decision_agreement"] == 1.0
+                            file=OUTLIER_FILE)
+    assert result.passed and result.rows == len(X32) and result.max_abs_diff < TOLERANCE
+    assert result.decision_agreement == 1.0
 
     other = isolation_forest_to_onnx(_forest_pipeline(train_rows, n_trees=25, seed=7)).SerializeToString()
     with pytest.raises(ExportError, match=r"outlier\.onnx.*agree on .*% of 600 rows"):
         check_fidelity(other, expected, X32, output="score", threshold=threshold, outlier_below=True,
-                       file="outlier.onnx")
+                       file=OUTLIER_FILE)
     report = check_fidelity(other, expected, X32, output="score", threshold=threshold, outlier_below=True,
-                            file="outlier.onnx", refuse=False)
-    assert not report["passed"] and report["decision_agreement"] < 0.999 and report["max_abs_diff"] > 1e-3
+                            file=OUTLIER_FILE, refuse=False)
+    assert not report.passed and report.decision_agreement < 0.999 and report.max_abs_diff > 1e-3
 
 
 def test_session_from_file_warms_up_and_refuses_wrong_width(train_rows, tmp_path):
-    path = tmp_path / "outlier.onnx"
+    path = tmp_path / OUTLIER_FILE
     path.write_bytes(isolation_forest_to_onnx(_forest_pipeline(train_rows, n_trees=3)).SerializeToString())
     session = make_session(path)
     options = session.get_session_options()

@@ -16,13 +16,15 @@ import stat
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_agent.errors import RegistryError
-from edge_agent.package.manifest import validate_manifest
+from edge_agent.package.manifest import (MANIFEST_FILE, MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE,
+                                         YIELD_INT8_FILE, Manifest, read_manifest)
 from edge_agent.package.registry import PackageRef, Registry, verify_dir
 from trainer.registry_cli import add_registry_commands, cli_list, cli_show, cli_verify
 
@@ -34,8 +36,8 @@ def _fidelity(file: str, agreement: float = 1.0, passed: bool = True) -> dict:
             "min_agreement": 0.999, "passed": passed}
 
 
-def build_package(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, bytes], dict]:
-    """Files and a complete schema_version 1 manifest (version and files left for the registry to fill)."""
+def build_document(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, bytes], dict]:
+    """Files and a complete schema_version 1 manifest.json document for them, as package demo/1."""
     features = [{"index": i, "column": f"{1000 + i}:T{i}", "name": f"T{i}", "number": 1000 + i, "units": "V",
                  "low": -1.0, "high": 1.0 + i, "pin": None, "impute": 0.25 * i} for i in range(n_features)]
     features[-1].update(number=None, low=None, pin="P12", units="")
@@ -43,23 +45,23 @@ def build_package(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, 
     sample = io.BytesIO()
     np.savez(sample, readings=np.zeros((8, n_features), np.float32), score=np.full(8, 0.1, np.float32),
              pass_probability=np.full(8, 0.9, np.float32))
-    files = {"outlier.onnx": b"\x08\x09\x12\x08skl2onnx outlier graph",
-             "yield.onnx": b"\x08\x09\x12\x08skl2onnx yield graph",
-             "model_card.md": b"# Model card: demo\n",
-             "sample_rows.npz": sample.getvalue()}
-    yield_files = {"float32": "yield.onnx"}
-    fidelity = {"outlier.float32": _fidelity("outlier.onnx"), "yield.float32": _fidelity("yield.onnx", 0.9995)}
+    files = {OUTLIER_FILE: b"\x08\x09\x12\x08skl2onnx outlier graph",
+             YIELD_FILE: b"\x08\x09\x12\x08skl2onnx yield graph",
+             MODEL_CARD_FILE: b"# Model card: demo\n",
+             SAMPLE_ROWS_FILE: sample.getvalue()}
+    yield_files = {"float32": YIELD_FILE}
+    fidelity = {"outlier.float32": _fidelity(OUTLIER_FILE), "yield.float32": _fidelity(YIELD_FILE, 0.9995)}
     if int8:
-        files["yield.int8.onnx"] = b"\x08\x09\x12\x08quantized yield graph"
-        yield_files["int8"] = "yield.int8.onnx"
-        fidelity["yield.int8"] = _fidelity("yield.int8.onnx", 0.9992)
-    manifest = {
-        "schema_version": 1, "name": "", "version": "", "created_at": "2025-11-23T06:00:00+00:00",
+        files[YIELD_INT8_FILE] = b"\x08\x09\x12\x08quantized yield graph"
+        yield_files["int8"] = YIELD_INT8_FILE
+        fidelity["yield.int8"] = _fidelity(YIELD_INT8_FILE, 0.9992)
+    document = {
+        "schema_version": 1, "name": "demo", "version": "1", "created_at": "2025-11-23T06:00:00+00:00",
         "features": features,
         "imputation": {"strategy": "median", "where": "inside the ONNX graphs", "values_from": "training rows"},
         "input": {"name": "readings", "dtype": "float32", "shape": [None, n_features], "missing": "NaN"},
         "models": {
-            "outlier": {"kind": "isolation_forest", "files": {"float32": "outlier.onnx"}, "output": "score",
+            "outlier": {"kind": "isolation_forest", "files": {"float32": OUTLIER_FILE}, "output": "score",
                         "score_convention": "lower = more anomalous; outlier when score < threshold",
                         "threshold": -0.031, "target_outlier_rate": 0.01, "params": {"n_estimators": 200},
                         "quantization": {"int8": False, "reason": "tree ensembles gain nothing from int8"}},
@@ -87,9 +89,22 @@ def build_package(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, 
                     "sources": ["/data/lot1.stdf", {"path": "/data/lot2.parquet", "sha256": "ab", "bytes": 3}],
                     "code_version": "0.1.0+abc1234", "parameters": {"seed": 0},
                     "trained_at": "2025-11-23T05:59:00Z", "versions": {"python": "3.11.7", "onnxruntime": "1.32.0"}},
-        "files": {},
+        "files": {name: _sha256(data) for name, data in files.items()},
     }
-    return files, manifest
+    return files, document
+
+
+def as_published_by_the_trainer(document: dict) -> Manifest:
+    """The typed manifest of a document, as the trainer hands it to publish: name, version and files are the
+    registry's to fill."""
+    manifest, problems = read_manifest(document)
+    assert problems == []
+    return replace(manifest, name="", version="", files={})
+
+
+def build_package(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, bytes], Manifest]:
+    files, document = build_document(n_features, int8=int8)
+    return files, as_published_by_the_trainer(document)
 
 
 @pytest.fixture
@@ -109,15 +124,39 @@ def _overwrite(path: Path, data: bytes) -> None:
 
 
 def _published_manifest(registry: Registry, ref: PackageRef) -> dict:
-    return json.loads((registry.package_dir(ref) / "manifest.json").read_bytes())
+    return json.loads((registry.package_dir(ref) / MANIFEST_FILE).read_bytes())
 
 
 # ---- schema ---------------------------------------------------------------------------------------------------
 
-def test_fixture_manifest_is_valid_once_version_and_files_are_filled():
+def test_fixture_manifest_reads_without_problems_and_writes_back_the_same_document():
+    _, document = build_document()
+    manifest, problems = read_manifest(json.dumps(document).encode())
+    assert problems == []
+    assert manifest.columns == [f["column"] for f in document["features"]]
+    assert manifest.models.yield_model.files == {"float32": YIELD_FILE, "int8": YIELD_INT8_FILE}
+    assert manifest.lineage.sources[1].bytes == 3
+    written = manifest.to_document()
+    # Optional fields the document leaves out (as packages written before them do) read as their defaults.
+    assert manifest.pat.limits[0].scale == written["pat"]["limits"][0]["scale"] == "linear"
+    assert manifest.drift_reference.rows == written["drift_reference"].pop("rows") == 0
+    for limit in written["pat"]["limits"]:
+        del limit["scale"]
+    assert written == document
+    assert read_manifest(manifest.to_json()) == (manifest, [])
+
+
+def test_a_manifest_built_in_code_is_written_as_json_values_and_what_it_lacks_is_named():
     files, manifest = build_package()
-    manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
-    assert validate_manifest(manifest) == []
+    manifest = replace(manifest, name="demo", version="1", files={n: _sha256(b) for n, b in files.items()},
+                       models=replace(manifest.models, outlier=replace(manifest.models.outlier,
+                                                                       threshold=np.float64(-0.031))))
+    assert type(manifest.to_document()["models"]["outlier"]["threshold"]) is float   # numpy scalars from training
+    assert json.loads(manifest.to_json())["models"]["outlier"]["threshold"] == -0.031
+    assert manifest.to_document()["features"][3]["number"] is None, "a field that takes null is written as null"
+    lacking = replace(manifest, pat=replace(manifest.pat, limits=None), validation={"seen": {1, 2}})
+    assert read_manifest(lacking.to_document())[1] == ["manifest.validation.seen: a builtins.set is not a JSON value",
+                                                       "manifest.pat.limits: missing"]
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -135,15 +174,14 @@ def test_fixture_manifest_is_valid_once_version_and_files_are_filled():
      "manifest.drift_reference.tests[2].proportions: expected 4"),
     (lambda m: m["pat"]["limits"][0].update(column="9:NOPE"), "manifest.pat.limits[0].column: '9:NOPE' is not"),
     (lambda m: m.update(created_at="2025-11-23T06:00:00+02:00"), "manifest.created_at: expected a UTC time"),
-    (lambda m: m["files"].pop("model_card.md"), "manifest.files: model_card.md missing"),
+    (lambda m: m["files"].pop(MODEL_CARD_FILE), f"manifest.files: {MODEL_CARD_FILE} missing"),
     (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), "manifest.files['../escape.onnx']: expected a plain"),
     (lambda m: m["fidelity"]["yield.int8"].pop("min_agreement"), "manifest.fidelity['yield.int8'].min_agreement"),
 ])
 def test_schema_problems_name_the_json_path(change, expected):
-    files, manifest = build_package()
-    manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
-    change(manifest)
-    problems = validate_manifest(manifest)
+    _, document = build_document()
+    change(document)
+    _, problems = read_manifest(document)
     assert any(p.startswith(expected) for p in problems), problems
 
 
@@ -154,18 +192,19 @@ def test_publish_writes_a_package_that_verifies(registry):
     ref = registry.publish("demo", files, manifest, reason="first training")
     assert ref == PackageRef("demo", "1")
     folder = registry.package_dir(ref)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*files, "manifest.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*files, MANIFEST_FILE])
     for name, data in files.items():
         assert (folder / name).read_bytes() == data
     published = _published_manifest(registry, ref)
     assert published["name"] == "demo" and published["version"] == "1"
     assert published["files"] == {name: _sha256(data) for name, data in files.items()}
-    assert manifest["version"] == "" and manifest["files"] == {}, "the caller's manifest is left alone"
-    assert registry.checksum(ref) == _sha256((folder / "manifest.json").read_bytes())
+    assert manifest.version == "" and manifest.files == {}, "the caller's manifest is left alone"
+    assert registry.checksum(ref) == _sha256((folder / MANIFEST_FILE).read_bytes())
     result = registry.verify(ref)
     assert result.ok, result.problems
     assert result.checksum == registry.checksum(ref)
-    assert result.manifest == published
+    assert result.manifest.to_document() == published
+    assert registry.manifest(ref) == result.manifest
     assert registry.stage_of("demo", 1) == "candidate"
     assert registry.models() == ["demo"]
     assert registry.resolve("demo", stage="candidate") == ref
@@ -182,19 +221,19 @@ def test_publish_accepts_file_paths(registry, tmp_path):
         (source / name).write_bytes(data)
     ref = registry.publish("demo", {name: source / name for name in files}, manifest)
     assert registry.verify(ref).ok
-    assert (registry.package_dir(ref) / "outlier.onnx").read_bytes() == files["outlier.onnx"]
+    assert (registry.package_dir(ref) / OUTLIER_FILE).read_bytes() == files[OUTLIER_FILE]
 
 
 def test_a_tampered_byte_is_named_with_both_checksums(registry):
     files, manifest = build_package()
     ref = registry.publish("demo", files, manifest)
-    target = registry.package_dir(ref) / "yield.onnx"
-    tampered = bytearray(files["yield.onnx"])
+    target = registry.package_dir(ref) / YIELD_FILE
+    tampered = bytearray(files[YIELD_FILE])
     tampered[5] ^= 0x01
     _overwrite(target, bytes(tampered))
     result = registry.verify(ref)
     assert not result.ok
-    assert result.problems == [f"yield.onnx: checksum mismatch, expected sha256 {_sha256(files['yield.onnx'])}, "
+    assert result.problems == [f"{YIELD_FILE}: checksum mismatch, expected sha256 {_sha256(files[YIELD_FILE])}, "
                                f"got {_sha256(bytes(tampered))}"]
 
 
@@ -203,10 +242,10 @@ def test_missing_and_unlisted_files_are_named(registry):
     ref = registry.publish("demo", files, manifest)
     folder = registry.package_dir(ref)
     os.chmod(folder, 0o755)
-    (folder / "model_card.md").unlink()
+    (folder / MODEL_CARD_FILE).unlink()
     (folder / "notes.txt").write_text("added later")
     problems = registry.verify(ref).problems
-    assert "model_card.md: missing (listed in manifest.files)" in problems
+    assert f"{MODEL_CARD_FILE}: missing (listed in manifest.files)" in problems
     assert "notes.txt: file in the package but not listed in manifest.files" in problems
 
 
@@ -217,27 +256,29 @@ def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry):
     edited = _published_manifest(registry, ref)
     del edited["drift_reference"]["outlier_score"]
     edited["version"] = "7"
-    _overwrite(registry.package_dir(ref) / "manifest.json", json.dumps(edited).encode())
+    _overwrite(registry.package_dir(ref) / MANIFEST_FILE, json.dumps(edited).encode())
     problems = registry.verify(ref).problems
     assert "manifest.drift_reference.outlier_score: missing" in problems
     assert any("manifest.version is '7'" in p and "demo/1" in p for p in problems)
     assert registry.checksum(ref) != before
+    with pytest.raises(RegistryError, match=r"cannot read the manifest \(manifest.drift_reference.outlier_score: "
+                                            r"missing\); run `edge-train registry verify demo 1`"):
+        registry.manifest(ref)
 
 
 def test_publish_refuses_an_invalid_manifest_and_leaves_nothing(registry):
     files, manifest = build_package()
-    del manifest["pat"]["limits"]
     with pytest.raises(RegistryError, match=r"manifest.pat.limits: missing"):
-        registry.publish("demo", files, manifest)
+        registry.publish("demo", files, replace(manifest, pat=replace(manifest.pat, limits=None)))
     assert registry.versions("demo") == []
     assert not (registry.root / "demo").exists(), "refused before anything was written"
 
 
 def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_path):
-    files, manifest = build_package()
-    manifest["fidelity"]["yield.int8"].update(passed=False, decision_agreement=0.97)
-    with pytest.raises(RegistryError, match=r"yield.int8.onnx: fidelity.yield.int8.passed is False"):
-        registry.publish("demo", files, manifest)
+    files, document = build_document()
+    document["fidelity"]["yield.int8"].update(passed=False, decision_agreement=0.97)
+    with pytest.raises(RegistryError, match=rf"{YIELD_INT8_FILE}: fidelity.yield.int8.passed is False"):
+        registry.publish("demo", files, as_published_by_the_trainer(document))
     assert registry.versions("demo") == []
 
     # A package written by hand (not through publish) is caught by verification.
@@ -245,29 +286,28 @@ def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_pa
     folder.mkdir()
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / MANIFEST_FILE).write_text(json.dumps(document))
     problems = verify_dir(folder).problems
-    assert "yield.int8.onnx: fidelity.yield.int8.passed is False, expected true" in problems
-    assert "yield.int8.onnx: fidelity.yield.int8.decision_agreement 0.97 is below min_agreement 0.999" in problems
+    assert f"{YIELD_INT8_FILE}: fidelity.yield.int8.passed is False, expected true" in problems
+    assert f"{YIELD_INT8_FILE}: fidelity.yield.int8.decision_agreement 0.97 is below min_agreement 0.999" in problems
     assert len(problems) == 2, problems
 
 
 def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registry):
-    files, manifest = build_package(int8=False)
+    files, document = build_document(int8=False)
     # The int8 variant was refused and not shipped: its failed check does not block the package.
-    manifest["fidelity"]["yield.int8"] = _fidelity("yield.int8.onnx", 0.95, passed=False)
-    ref = registry.publish("demo", files, manifest)
+    document["fidelity"]["yield.int8"] = _fidelity(YIELD_INT8_FILE, 0.95, passed=False)
+    ref = registry.publish("demo", files, as_published_by_the_trainer(document))
     assert registry.verify(ref).ok
 
-    del manifest["fidelity"]["outlier.float32"]
-    with pytest.raises(RegistryError, match=r"outlier.onnx: no fidelity entry 'fidelity.outlier.float32'"):
-        registry.publish("demo", files, manifest)
+    del document["fidelity"]["outlier.float32"]
+    with pytest.raises(RegistryError, match=rf"{OUTLIER_FILE}: no fidelity entry 'fidelity.outlier.float32'"):
+        registry.publish("demo", files, as_published_by_the_trainer(document))
 
-    files, manifest = build_package()
-    manifest["fidelity"]["yield.float32"]["decision_agreement"] = 0.998   # passed stays True: a lying entry
+    files, document = build_document()
+    document["fidelity"]["yield.float32"]["decision_agreement"] = 0.998   # passed stays True: a lying entry
     with pytest.raises(RegistryError, match=r"decision_agreement 0.998 is below min_agreement 0.999"):
-        registry.publish("demo", files, manifest)
+        registry.publish("demo", files, as_published_by_the_trainer(document))
 
 
 def test_versions_are_immutable_and_numbered(registry):
@@ -278,7 +318,7 @@ def test_versions_are_immutable_and_numbered(registry):
     for path in [folder, *folder.iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) & 0o222 == 0, f"{path} is writable"
 
-    files["model_card.md"] = b"# Model card: demo, retrained\n"
+    files[MODEL_CARD_FILE] = b"# Model card: demo, retrained\n"
     second = registry.publish("demo", files, manifest)
     assert second.version == "2"
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()} == snapshot
@@ -367,8 +407,8 @@ def test_promoting_to_the_current_stage_records_nothing(registry):
 def test_production_requires_a_package_that_verifies(registry):
     v1, v2 = _publish_versions(registry, 2)
     registry.promote("demo", 1, "production", reason="first")
-    _overwrite(registry.package_dir(v2) / "outlier.onnx", b"corrupted")
-    with pytest.raises(RegistryError, match=r"demo/2 does not verify(.|\n)*outlier.onnx: checksum mismatch"):
+    _overwrite(registry.package_dir(v2) / OUTLIER_FILE, b"corrupted")
+    with pytest.raises(RegistryError, match=rf"demo/2 does not verify(.|\n)*{OUTLIER_FILE}: checksum mismatch"):
         registry.promote("demo", 2, "production", reason="should be refused")
     assert registry.stages("demo") == {"1": "production", "2": "candidate"}
     registry.promote("demo", 2, "staging", reason="staging needs no verification")
@@ -432,12 +472,14 @@ def test_resolve_errors_say_what_exists(registry):
 # ---- crashes and concurrent writers ---------------------------------------------------------------------------
 
 WRITER = textwrap.dedent("""
-    import json, os, sys
+    import os, sys
     from pathlib import Path
     import edge_agent.package.registry as registry_module
+    from edge_agent.package.manifest import read_manifest
 
     root, source, mode, count = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    manifest = json.loads((source / "manifest-in.json").read_text())
+    manifest, problems = read_manifest((source / "manifest-in.json").read_bytes())
+    assert problems == [], problems
     files = {p.name: p for p in sorted(source.iterdir()) if p.name != "manifest-in.json"}
     real_write, written = registry_module._write_file, []
 
@@ -467,10 +509,10 @@ def _writer(tmp_path: Path, registry: Registry, mode: str, count: int) -> subpro
     source = tmp_path / "source"
     if not source.exists():
         source.mkdir()
-        files, manifest = build_package()
+        files, document = build_document()
         for name, data in files.items():
             (source / name).write_bytes(data)
-        (source / "manifest-in.json").write_text(json.dumps(manifest))
+        (source / "manifest-in.json").write_text(json.dumps(document))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-c", WRITER, str(registry.root), str(source), mode, str(count)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -581,15 +623,15 @@ def test_cli_commands(registry, capsys):
     for expected in ("package   demo/1  (stage production)", f"checksum  {registry.checksum(v1)}", "verified  ok",
                      "rows      1000 (train 800, held out 200)", "features  4: 1000:T0, 1001:T1",
                      "outlier   isolation_forest, threshold -0.031", "roc_auc 0.93",
-                     "yield.int8       yield.int8.onnx: passed, decisions agree 0.9992 (min 0.999)",
-                     "tree ensembles gain nothing from int8", "sample_rows.npz"):
+                     f"yield.int8       {YIELD_INT8_FILE}: passed, decisions agree 0.9992 (min 0.999)",
+                     "tree ensembles gain nothing from int8", SAMPLE_ROWS_FILE):
         assert expected in summary, expected
     assert cli_show(registry, "demo", "2").startswith("package   demo/2  (stage candidate)")
 
-    _overwrite(registry.package_dir(v2) / "sample_rows.npz", b"not an npz")
+    _overwrite(registry.package_dir(v2) / SAMPLE_ROWS_FILE, b"not an npz")
     assert _run(root, "registry", "verify", "demo") == 1
     report = capsys.readouterr().out
-    assert "demo/1: ok" in report and "demo/2: FAILED" in report and "sample_rows.npz: checksum mismatch" in report
+    assert "demo/1: ok" in report and "demo/2: FAILED" in report and f"{SAMPLE_ROWS_FILE}: checksum mismatch" in report
     assert "1 of 2 package(s) verified" in report
     assert _run(root, "registry", "verify", "demo", "1") == 0
 
@@ -601,3 +643,24 @@ def test_cli_commands(registry, capsys):
         _run(root, "registry", "promote", "demo", "2", "production")   # --reason is required
     with pytest.raises(RegistryError, match=r"model 'other': no such model .*models there: demo"):
         cli_list(registry, "other")
+
+
+def test_summary_and_listing_of_a_malformed_manifest_show_what_can_be_read(registry):
+    [ref] = _publish_versions(registry, 1)
+    edited = _published_manifest(registry, ref)
+    edited["lineage"] = "lost"
+    edited["features"][1] = 7
+    del edited["models"]["yield"]
+    _overwrite(registry.package_dir(ref) / MANIFEST_FILE, json.dumps(edited).encode())
+    summary = cli_show(registry, "demo", "1")
+    for expected in ("verified  FAILED, 8 problem(s), first: manifest.lineage: expected object, got str",
+                     "created   2025-11-23T06:00:00+00:00", "rows      n/a (train n/a, held out n/a)",
+                     "features  3: 1000:T0, 1002:T2, 1003:T3", "outlier   isolation_forest, threshold -0.031",
+                     "yield     n/a, threshold n/a, label n/a", "roc_auc 0.93", SAMPLE_ROWS_FILE):
+        assert expected in summary, expected
+    assert cli_list(registry).splitlines()[2].split()[:3] == ["1", "candidate", "2025-11-23T06:00:00+00:00"]
+
+    _overwrite(registry.package_dir(ref) / MANIFEST_FILE, b"{not json")
+    summary = cli_show(registry, "demo", "1")
+    assert f"first: {MANIFEST_FILE}: not valid JSON" in summary and SAMPLE_ROWS_FILE in summary
+    assert "unreadable manifest" in cli_list(registry)

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from edge_agent.client import BACKING_OFF, TIMEOUT, AgentClient
+from edge_agent.package.manifest import OUTLIER_FILE
 from edge_agent.package.registry import Registry
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from trainer import synth
@@ -83,13 +84,13 @@ def world(tmp_path_factory):
 
 def _features(world, name: str) -> list[str]:
     registry = world["registry"]
-    return [f["column"] for f in registry.manifest(registry.resolve(name))["features"]]
+    return registry.manifest(registry.resolve(name)).columns
 
 
 def _offline_scores(world, name: str, rows: np.ndarray) -> np.ndarray:
     registry = world["registry"]
     folder = registry.package_dir(registry.resolve(name))
-    session = ort.InferenceSession(str(folder / "outlier.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(folder / OUTLIER_FILE), providers=["CPUExecutionProvider"])
     return session.run(["score"], {"readings": rows.astype(np.float32)})[0].reshape(-1)
 
 
@@ -123,7 +124,7 @@ def test_a595_replayed_into_an_agent_every_part_decided_scores_as_offline(world,
     np.testing.assert_allclose(sent, _offline_scores(world, "a595", rows), atol=1e-5, rtol=0)
     sklearn = world["a595_model"].outlier.decision_function(rows.astype(np.float64))
     np.testing.assert_allclose(sent, sklearn, atol=1e-5, rtol=0)
-    threshold = world["registry"].manifest(world["registry"].resolve("a595"))["models"]["outlier"]["threshold"]
+    threshold = world["registry"].manifest(world["registry"].resolve("a595")).models.outlier.threshold
     assert [r["outlier"] for r in replies] == (sent < threshold).tolist()
     assert sum(r["outlier"] for r in replies) == report["replies"]["outliers"]
 

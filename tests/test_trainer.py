@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from edge_agent.package.manifest import MANIFEST_FILE
 from edge_agent.package.registry import Registry
 from trainer.ingest import load_tables
 from trainer.reference import static_pat_limits
@@ -71,22 +72,23 @@ def test_synth_fit_verify_through_the_command_line(tmp_path):
 
     ref = Registry(registry).resolve("lotmodel", "production")
     manifest = Registry(registry).manifest(ref)
-    features = manifest["features"]
-    assert len(features) == 40 and all(f["units"] for f in features)
+    features = manifest.features
+    assert len(features) == 40 and all(f.units for f in features)
     # Limits carried from the CSV metadata rows; leakage-style tests may be one-sided.
-    assert all(f["low"] is not None or f["high"] is not None for f in features)
+    assert all(f.low is not None or f.high is not None for f in features)
     # Static PAT limits sit inside the test limits for a normal parameter: median +/- 6 robust sigma.
-    pat = {p["column"]: p for p in manifest["pat"]["limits"]}
-    assert set(pat) == {f["column"] for f in features}
-    assert all(p["low"] < p["median"] < p["high"] for p in pat.values())
-    assert all(entry["passed"] and entry["decision_agreement"] >= 0.999 for entry in manifest["fidelity"].values())
-    assert manifest["lineage"]["rows"] == 3000 and len(manifest["lineage"]["data_sha256"]) == 64
-    assert manifest["models"]["yield"]["kind"] == "mlp"
-    assert {"roc_auc", "f1_fail_class", "calibration"} <= set(manifest["metrics"]["yield"])
-    drift = manifest["drift_reference"]
-    assert len(drift["tests"]) == 40
-    assert all(abs(sum(t["proportions"]) - 1) < 1e-6 for t in drift["tests"])
-    json.dumps(manifest)  # the manifest on disk is plain JSON
+    pat = {p.column: p for p in manifest.pat.limits}
+    assert set(pat) == set(manifest.columns)
+    assert all(p.low < p.median < p.high for p in pat.values())
+    assert all(entry.passed and entry.decision_agreement >= 0.999 for entry in manifest.fidelity.values())
+    assert manifest.lineage.rows == 3000 and len(manifest.lineage.data_sha256) == 64
+    assert manifest.models.yield_model.kind == "mlp"
+    assert {"roc_auc", "f1_fail_class", "calibration"} <= set(manifest.metrics.yield_model)
+    drift = manifest.drift_reference
+    assert len(drift.tests) == 40
+    assert all(abs(sum(t.proportions) - 1) < 1e-6 for t in drift.tests)
+    # One reader and one writer: the manifest read back writes the bytes on disk again.
+    assert manifest.to_json() == (Registry(registry).package_dir(ref) / MANIFEST_FILE).read_bytes()
 
 
 def test_bad_data_stops_fit_with_a_message_and_publishes_nothing(tmp_path):
@@ -97,7 +99,7 @@ def test_bad_data_stops_fit_with_a_message_and_publishes_nothing(tmp_path):
     assert result.returncode == 2
     assert "TOO_FEW_ROWS" in result.stderr and "bad.csv" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not registry.exists() or not any(registry.rglob("manifest.json"))
+    assert not registry.exists() or not any(registry.rglob(MANIFEST_FILE))
 
 
 def _synth_args(*extra: str) -> list[str]:
@@ -160,11 +162,11 @@ def test_fit_from_two_stdf_lots_through_the_command_line(tmp_path):
     assert fitted.returncode == 0, fitted.stderr
     reg = Registry(registry)
     manifest = reg.manifest(reg.resolve("two_lots", "candidate"))
-    lineage = manifest["lineage"]
-    assert [source["path"] for source in lineage["sources"]] == [str(lot.resolve()) for lot in lots]
-    assert all(source["bytes"] == lot.stat().st_size for source, lot in zip(lineage["sources"], lots))
-    assert lineage["rows"] == sum(parts) == 3000
-    assert len(manifest["features"]) == 30
+    lineage = manifest.lineage
+    assert [source.path for source in lineage.sources] == [str(lot.resolve()) for lot in lots]
+    assert all(source.bytes == lot.stat().st_size for source, lot in zip(lineage.sources, lots))
+    assert lineage.rows == sum(parts) == 3000
+    assert len(manifest.features) == 30
 
 
 def test_static_pat_uses_the_log_scale_only_for_skewed_positive_tests():
@@ -176,17 +178,17 @@ def test_static_pat_uses_the_log_scale_only_for_skewed_positive_tests():
     normal = rng.normal(1.2, 0.01, n)
     skewed_signed = rng.lognormal(0.0, 1.0, n) - 1.5
     limits = static_pat_limits(np.column_stack([leak, normal, skewed_signed]), ["ILEAK", "VDD", "OFFSET"])
-    assert [entry["scale"] for entry in limits] == ["log", "linear", "linear"]
+    assert [entry.scale for entry in limits] == ["log", "linear", "linear"]
 
     vdd = limits[1]
-    assert vdd["low"] == pytest.approx(vdd["median"] - 6 * vdd["robust_sigma"])
-    assert vdd["high"] == pytest.approx(vdd["median"] + 6 * vdd["robust_sigma"])
+    assert vdd.low == pytest.approx(vdd.median - 6 * vdd.robust_sigma)
+    assert vdd.high == pytest.approx(vdd.median + 6 * vdd.robust_sigma)
 
     fresh = rng.lognormal(-2.0, 1.0, 100_000)
-    outside_log = np.mean((fresh < limits[0]["low"]) | (fresh > limits[0]["high"]))
-    linear_high = limits[0]["median"] + 6 * limits[0]["robust_sigma"]
+    outside_log = np.mean((fresh < limits[0].low) | (fresh > limits[0].high))
+    linear_high = limits[0].median + 6 * limits[0].robust_sigma
     assert outside_log < 1e-3 < np.mean(fresh > linear_high)
-    assert limits[0]["low"] > 0 and limits[0]["median"] == pytest.approx(np.median(leak))
+    assert limits[0].low > 0 and limits[0].median == pytest.approx(np.median(leak))
 
 
 def test_fit_options_are_checked_before_any_data_is_read(tmp_path, capsys):

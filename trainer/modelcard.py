@@ -1,36 +1,36 @@
 """The model card: what a test engineer reads before putting a package into production."""
 from __future__ import annotations
 
+from edge_agent.package.manifest import Manifest
 
-def render_model_card(manifest: dict) -> str:
-    outlier = manifest["models"]["outlier"]
-    yield_model = manifest["models"]["yield"]
-    metrics = manifest["metrics"]
-    lineage = manifest["lineage"]
-    validation = manifest.get("validation", {})
+
+def render_model_card(manifest: Manifest) -> str:
+    outlier = manifest.models.outlier
+    yield_model = manifest.models.yield_model
+    lineage = manifest.lineage
     lines = [
-        f"# Model card: {manifest['name']}",
+        f"# Model card: {manifest.name}",
         "",
-        f"Created {manifest['created_at']} by code {lineage['code_version']} from {lineage['rows']:,} parts "
-        f"({lineage['train_rows']:,} for training, {lineage['holdout_rows']:,} held out).",
+        f"Created {manifest.created_at} by code {lineage.code_version} from {lineage.rows:,} parts "
+        f"({lineage.train_rows:,} for training, {lineage.holdout_rows:,} held out).",
         "",
         "## What it decides",
         "",
-        f"- **Outlier score** (Isolation Forest, {outlier['params'].get('n_estimators')} trees, trained on "
-        f"{outlier.get('trained_on', 'passing')} parts). A part is an outlier when its score is below "
-        f"**{outlier['threshold']:.5f}**, calibrated so that {outlier['target_outlier_rate']:.2%} of passing "
+        f"- **Outlier score** (Isolation Forest, {outlier.params.get('n_estimators')} trees, trained on "
+        f"{outlier.trained_on or 'passing'} parts). A part is an outlier when its score is below "
+        f"**{outlier.threshold:.5f}**, calibrated so that {outlier.target_outlier_rate:.2%} of passing "
         "training parts fall below it. Lower scores are more unusual.",
-        f"- **Pass probability** ({yield_model['kind'].replace('_', ' ')}, label `{yield_model['label']}`). "
-        f"Predicted fail below **{yield_model['threshold']:.2f}**.",
-        f"- **Static PAT limits** for {sum(1 for p in manifest['pat']['limits'] if p['low'] is not None)} tests: "
-        f"median +/- {manifest['pat']['k_sigma']:g} robust sigma (IQR/1.35) over passing training parts.",
+        f"- **Pass probability** ({yield_model.kind.replace('_', ' ')}, label `{yield_model.label}`). "
+        f"Predicted fail below **{yield_model.threshold:.2f}**.",
+        f"- **Static PAT limits** for {sum(1 for p in manifest.pat.limits if p.low is not None)} tests: "
+        f"median +/- {manifest.pat.k_sigma:g} robust sigma (IQR/1.35) over passing training parts.",
         "",
         "## How well it does (held-out parts)",
         "",
         "| measure | value |",
         "|---|---|",
     ]
-    om, ym = metrics["outlier"], metrics["yield"]
+    om, ym = manifest.metrics.outlier, manifest.metrics.yield_model
     rows = [
         ("outlier rate, passing parts", _pct(om.get("holdout_outlier_rate_passing"))),
         ("outlier rate, failing parts", _pct(om.get("holdout_outlier_rate_failing"))),
@@ -47,18 +47,18 @@ def render_model_card(manifest: dict) -> str:
               for c in ym.get("calibration", []) if c["parts"]]
     lines += ["", "## ONNX graphs and their fidelity to scikit-learn", "",
               "| graph | rows checked | max abs difference | decisions agreeing |", "|---|---|---|---|"]
-    lines += [f"| {f['file']} | {f['rows']:,} | {f['max_abs_diff']:.2e} | {f['decision_agreement']:.4%} |"
-              for f in manifest["fidelity"].values()]
+    lines += [f"| {f.file} | {f.rows:,} | {f.max_abs_diff:.2e} | {f.decision_agreement:.4%} |"
+              for f in manifest.fidelity.values()]
     lines += ["", "## Quantization", "",
-              f"- Outlier model: {outlier['quantization']['reason']}",
-              f"- Yield model: {yield_model['quantization']['reason']}",
+              f"- Outlier model: {outlier.quantization.reason}",
+              f"- Yield model: {yield_model.quantization.reason}",
               "", "## Inputs", "",
-              f"{len(manifest['features'])} readings in this order (missing readings are NaN; they are replaced by "
+              f"{len(manifest.features)} readings in this order (missing readings are NaN; they are replaced by "
               "the training median inside the graph). First ten:", "",
               "| # | test | units | low | high | imputed with |", "|---|---|---|---|---|---|"]
-    lines += [f"| {f['index']} | {f['column']} | {f['units']} | {_num(f['low'])} | {_num(f['high'])} | "
-              f"{_num(f['impute'])} |" for f in manifest["features"][:10]]
-    findings = validation.get("findings", [])
+    lines += [f"| {f.index} | {f.column} | {f.units} | {_num(f.low)} | {_num(f.high)} | {_num(f.impute)} |"
+              for f in manifest.features[:10]]
+    findings = manifest.validation.get("findings", [])
     lines += ["", "## Data problems found at training", ""]
     lines += [f"- {f['severity']}: {f['message']}" for f in findings[:30]] or ["- none"]
     if len(findings) > 30:

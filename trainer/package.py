@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import __version__
+from edge_agent.package.manifest import (MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE, YIELD_INT8_FILE,
+                                         Feature, FidelityCheck, Imputation, InputSpec, Lineage, Manifest, Metrics,
+                                         Models, OutlierModel, Pat, Quantization, SourceFile, YieldModel)
 from edge_agent.package.registry import PackageRef, Registry
 
 from .export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8, supports_int8,
                      yield_model_to_onnx)
 from .modelcard import render_model_card
-from .reference import drift_reference, static_pat_limits
+from .reference import PAT_MIN_PARTS, drift_reference, static_pat_limits
 from .table import ParametricTable
 from .train import TrainedModels
 
@@ -35,7 +38,7 @@ def build_and_publish(trained: TrainedModels, table: ParametricTable, validation
 
 
 def build_package(trained: TrainedModels, table: ParametricTable, validation: dict,
-                  source_files: list[str]) -> tuple[dict[str, bytes], dict]:
+                  source_files: list[str]) -> tuple[dict[str, bytes], Manifest]:
     X = table.readings()
     holdout = X[trained.holdout_index]
     holdout32 = holdout.astype(np.float32)
@@ -43,39 +46,39 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
     expected_prob = trained.yield_model.predict_proba(holdout)[:, 1]
 
     files: dict[str, bytes] = {}
-    fidelity: dict[str, dict] = {}
+    fidelity: dict[str, FidelityCheck] = {}
 
     outlier_bytes = isolation_forest_to_onnx(trained.outlier).SerializeToString()
     fidelity["outlier.float32"] = check_fidelity(
         outlier_bytes, expected_score, holdout32, output="score", threshold=trained.outlier_threshold,
-        outlier_below=True, file="outlier.onnx")
-    files["outlier.onnx"] = outlier_bytes
+        outlier_below=True, file=OUTLIER_FILE)
+    files[OUTLIER_FILE] = outlier_bytes
 
     yield_onnx = yield_model_to_onnx(trained.yield_model)
     yield_bytes = yield_onnx.SerializeToString()
     fidelity["yield.float32"] = check_fidelity(
         yield_bytes, expected_prob, holdout32, output="pass_probability", threshold=trained.yield_threshold,
-        outlier_below=False, file="yield.onnx")
-    files["yield.onnx"] = yield_bytes
-    yield_files = {"float32": "yield.onnx"}
+        outlier_below=False, file=YIELD_FILE)
+    files[YIELD_FILE] = yield_bytes
+    yield_files = {"float32": YIELD_FILE}
 
     int8_possible, int8_reason = supports_int8(trained.yield_model)
     if int8_possible:
         int8_bytes = quantize_int8(yield_onnx).SerializeToString()
         check = check_fidelity(int8_bytes, expected_prob, holdout32, output="pass_probability",
                                threshold=trained.yield_threshold, outlier_below=False,
-                               file="yield.int8.onnx", refuse=False)
-        if check["passed"]:
-            files["yield.int8.onnx"] = int8_bytes
-            yield_files["int8"] = "yield.int8.onnx"
+                               file=YIELD_INT8_FILE, refuse=False)
+        if check.passed:
+            files[YIELD_INT8_FILE] = int8_bytes
+            yield_files["int8"] = YIELD_INT8_FILE
             fidelity["yield.int8"] = check
         else:
-            int8_reason = (f"int8 variant refused: decisions agree on {check['decision_agreement']:.4%} of "
-                           f"{check['rows']} held-out rows, below {check['min_agreement']:.1%}")
+            int8_reason = (f"int8 variant refused: decisions agree on {check.decision_agreement:.4%} of "
+                           f"{check.rows} held-out rows, below {check.min_agreement:.1%}")
             int8_possible = False
 
-    files["sample_rows.npz"] = _sample_rows(holdout32[:SAMPLE_ROWS], expected_score[:SAMPLE_ROWS],
-                                            expected_prob[:SAMPLE_ROWS])
+    files[SAMPLE_ROWS_FILE] = _sample_rows(holdout32[:SAMPLE_ROWS], expected_score[:SAMPLE_ROWS],
+                                           expected_prob[:SAMPLE_ROWS])
 
     passed = _passing_mask(table)
     train_rows = trained.train_index
@@ -83,58 +86,48 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
     reference_scores = trained.outlier.decision_function(X[reference_rows])
     imputer_values = trained.outlier.named_steps["impute"].statistics_
 
-    manifest = {
-        "schema_version": 1,
-        "name": trained.config.name,
-        "version": "",  # the registry allocates it
-        "created_at": _now(),
-        "features": [
-            {"index": i, "column": t.column, "name": t.name, "number": t.number, "units": t.units or "",
-             "low": t.low, "high": t.high, "pin": t.pin, "impute": float(imputer_values[i])}
-            for i, t in enumerate(table.tests)
-        ],
-        "imputation": {"strategy": "median", "where": "inside the ONNX graphs",
-                       "values_from": "passing training parts (outlier model); the yield graph carries its own"
-                                      " medians over all training parts"},
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [None, len(table.tests)], "missing": "NaN"},
-        "models": {
-            "outlier": {
-                "kind": "isolation_forest", "files": {"float32": "outlier.onnx"}, "output": "score",
-                "score_convention": "IsolationForest.decision_function: lower = more anomalous; "
-                                    "outlier when score < threshold",
-                "threshold": trained.outlier_threshold,
-                "target_outlier_rate": trained.config.target_outlier_rate,
-                "trained_on": trained.config.train_outlier_on,
-                "params": _json_params(trained.outlier.named_steps["forest"]),
-                "quantization": {"int8": False, "reason": TREE_QUANTIZATION_NOTE},
-            },
-            "yield": {
-                "kind": trained.config.yield_model, "files": yield_files, "output": "pass_probability",
-                "threshold": trained.yield_threshold, "label": trained.yield_label,
-                "params": _json_params(trained.yield_model.named_steps["model"]),
-                "quantization": {"int8": int8_possible, "reason": int8_reason},
-            },
-        },
-        "pat": {"k_sigma": trained.config.pat_k_sigma,
-                "method": "median +/- k * IQR/1.35 over passing training parts; on log(reading) for tests marked scale log", "min_parts": 30,
-                "limits": static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma)},
-        "drift_reference": drift_reference(X[reference_rows], trained.columns, reference_scores,
-                                           trained.outlier_threshold, trained.config.drift_bins),
-        "metrics": {**trained.metrics, "timings_s": trained.timings_s},
-        "fidelity": fidelity,
-        "validation": validation,
-        "lineage": {
-            "data_sha256": _data_sha256(table),
-            "rows": len(table), "train_rows": int(len(train_rows)), "holdout_rows": int(len(trained.holdout_index)),
-            "sources": [_source_entry(path) for path in source_files],
-            "code_version": _code_version(),
-            "parameters": trained.config.to_dict(),
-            "trained_at": _now(),
-            "versions": _library_versions(),
-        },
-        "files": {},
-    }
-    files["model_card.md"] = render_model_card(manifest).encode()
+    manifest = Manifest(
+        name=trained.config.name,   # the registry allocates the version and lists the files
+        created_at=_now(),
+        features=[Feature(index=i, column=t.column, name=t.name, number=t.number, units=t.units or "", low=t.low,
+                          high=t.high, pin=t.pin, impute=float(imputer_values[i]))
+                  for i, t in enumerate(table.tests)],
+        imputation=Imputation(strategy="median", where="inside the ONNX graphs",
+                              values_from="passing training parts (outlier model); the yield graph carries its "
+                                          "own medians over all training parts"),
+        input=InputSpec(name=INPUT_NAME, dtype="float32", shape=[None, len(table.tests)], missing="NaN"),
+        models=Models(
+            outlier=OutlierModel(
+                kind="isolation_forest", files={"float32": OUTLIER_FILE}, output="score",
+                score_convention="IsolationForest.decision_function: lower = more anomalous; "
+                                 "outlier when score < threshold",
+                threshold=trained.outlier_threshold, target_outlier_rate=trained.config.target_outlier_rate,
+                trained_on=trained.config.train_outlier_on,
+                params=_json_params(trained.outlier.named_steps["forest"]),
+                quantization=Quantization(int8=False, reason=TREE_QUANTIZATION_NOTE)),
+            yield_model=YieldModel(
+                kind=trained.config.yield_model, files=yield_files, output="pass_probability",
+                threshold=trained.yield_threshold, label=trained.yield_label,
+                params=_json_params(trained.yield_model.named_steps["model"]),
+                quantization=Quantization(int8=int8_possible, reason=int8_reason))),
+        pat=Pat(k_sigma=trained.config.pat_k_sigma,
+                method="median +/- k * IQR/1.35 over passing training parts; on log(reading) for tests marked "
+                       "scale log",
+                min_parts=PAT_MIN_PARTS,
+                limits=static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma)),
+        drift_reference=drift_reference(X[reference_rows], trained.columns, reference_scores,
+                                        trained.outlier_threshold, trained.config.drift_bins),
+        metrics=Metrics(outlier=trained.metrics["outlier"], yield_model=trained.metrics["yield"],
+                        timings_s=trained.timings_s),
+        fidelity=fidelity,
+        validation=validation,
+        lineage=Lineage(
+            data_sha256=_data_sha256(table), rows=len(table), train_rows=int(len(train_rows)),
+            holdout_rows=int(len(trained.holdout_index)), sources=[_source_entry(path) for path in source_files],
+            code_version=_code_version(), parameters=trained.config.to_dict(), trained_at=_now(),
+            versions=_library_versions()),
+    )
+    files[MODEL_CARD_FILE] = render_model_card(manifest).encode()
     return files, manifest
 
 
@@ -157,12 +150,12 @@ def _data_sha256(table: ParametricTable) -> str:
     return digest.hexdigest()
 
 
-def _source_entry(path: str) -> dict:
+def _source_entry(path: str) -> SourceFile:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest(), "bytes": Path(path).stat().st_size}
+    return SourceFile(path=str(Path(path).resolve()), sha256=digest.hexdigest(), bytes=Path(path).stat().st_size)
 
 
 def _json_params(estimator) -> dict:

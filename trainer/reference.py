@@ -9,12 +9,13 @@ import warnings
 
 import numpy as np
 
+from edge_agent.package.manifest import FeatureBins, PatLimit, ReferenceBins, ScoreBins, ScoreQuantiles
 from edge_agent.package.rules import ROBUST_SIGMA_PER_IQR, bin_index, log_scale_tests, pat_limits
 
 PAT_MIN_PARTS = 30
 
 
-def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0) -> list[dict]:
+def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0) -> list[PatLimit]:
     """AEC-Q001 static PAT limits per test: median +/- k robust sigma from passing parts.
 
     ``scale`` "log" marks a skewed positive test whose limits are median(log x) +/- k robust sigma of log x
@@ -31,19 +32,11 @@ def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6
     log_scale = log_scale_tests(q1, median, q3, minimum)
     low, high = pat_limits(q1, median, q3, log_scale, k_sigma)
     sigma = (q3 - q1) / ROBUST_SIGMA_PER_IQR
-    limits = []
-    for i, column in enumerate(columns):
-        enough = counts[i] >= PAT_MIN_PARTS
-        limits.append({
-            "column": column,
-            "median": _num(median[i]),
-            "robust_sigma": _num(sigma[i]),
-            "scale": "log" if log_scale[i] else "linear",
-            "low": _num(low[i]) if enough else None,
-            "high": _num(high[i]) if enough else None,
-            "n": int(counts[i]),
-        })
-    return limits
+    enough = counts >= PAT_MIN_PARTS
+    return [PatLimit(column=column, median=_num(median[i]), robust_sigma=_num(sigma[i]),
+                     scale="log" if log_scale[i] else "linear", low=_num(low[i]) if enough[i] else None,
+                     high=_num(high[i]) if enough[i] else None, n=int(counts[i]))
+            for i, column in enumerate(columns)]
 
 
 def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
@@ -61,30 +54,22 @@ def bin_proportions(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def drift_reference(values: np.ndarray, columns: list[str], scores: np.ndarray, threshold: float,
-                    bins: int = 10) -> dict:
+                    bins: int = 10) -> ReferenceBins:
     """Per-test quantile bins with reference proportions, and the reference outlier-score distribution."""
     tests = []
     for i, column in enumerate(columns):
         edges = quantile_edges(values[:, i], bins)
-        tests.append({
-            "column": column,
-            "edges": edges.tolist(),
-            "proportions": bin_proportions(values[:, i], edges).tolist(),
-            "missing_rate": float(np.mean(np.isnan(values[:, i]))) if len(values) else 0.0,
-        })
+        tests.append(FeatureBins(column=column, edges=edges.tolist(),
+                                 proportions=bin_proportions(values[:, i], edges).tolist(),
+                                 missing_rate=float(np.mean(np.isnan(values[:, i]))) if len(values) else 0.0))
     score_edges = quantile_edges(scores, 20)
-    return {
-        "bins": bins,
-        "binning": "bin = number of inner edges <= value; missing readings are counted apart",
-        "rows": int(len(values)),
-        "tests": tests,
-        "outlier_score": {
-            "edges": score_edges.tolist(),
-            "proportions": bin_proportions(scores, score_edges).tolist(),
-            "quantiles": {f"p{q:02d}": float(np.quantile(scores, q / 100)) for q in (1, 5, 50, 95, 99)},
-            "outlier_rate": float(np.mean(scores < threshold)),
-        },
-    }
+    p01, p05, p50, p95, p99 = (float(q) for q in np.quantile(scores, [0.01, 0.05, 0.50, 0.95, 0.99]))
+    return ReferenceBins(
+        bins=bins, binning="bin = number of inner edges <= value; missing readings are counted apart",
+        rows=int(len(values)), tests=tests,
+        outlier_score=ScoreBins(edges=score_edges.tolist(), proportions=bin_proportions(scores, score_edges).tolist(),
+                                quantiles=ScoreQuantiles(p01=p01, p05=p05, p50=p50, p95=p95, p99=p99),
+                                outlier_rate=float(np.mean(scores < threshold))))
 
 
 def _num(value) -> float | None:

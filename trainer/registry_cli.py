@@ -6,10 +6,9 @@ The registry itself (store, stages, history, verification) is the package contra
 from __future__ import annotations
 
 import argparse
-import json
 
 from edge_agent.errors import RegistryError
-from edge_agent.package.manifest import MANIFEST_FILE, VERSION_PATTERN
+from edge_agent.package.manifest import MANIFEST_FILE, VERSION_PATTERN, Manifest, read_manifest
 from edge_agent.package.registry import SINGLE_HOLDER_STAGES, STAGES, STALE_STAGING_S, PackageRef, Registry
 
 
@@ -85,10 +84,14 @@ def cli_list(registry: Registry, name: str | None = None) -> str:
         for ref in registry.versions(model):
             folder = registry.package_dir(ref)
             try:
-                created = json.loads((folder / MANIFEST_FILE).read_bytes()).get("created_at")
+                manifest, _ = read_manifest((folder / MANIFEST_FILE).read_bytes())
                 checksum = registry.checksum(ref)[:12]
-            except (OSError, ValueError, AttributeError, RegistryError):
+            except (OSError, RegistryError):
+                manifest = None
+            if manifest is None:
                 created, checksum = "unreadable manifest", "-"
+            else:
+                created = manifest.created_at
             size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
             lines.append(f"  {ref.version:>7}  {stages[ref.version]:<10}  {_fmt(created):<25}  {checksum:<12}  "
                          f"{_size(size)}")
@@ -102,42 +105,45 @@ def cli_show(registry: Registry, name: str, which: str = "production") -> str:
 
 
 def package_summary(registry: Registry, ref: PackageRef) -> str:
-    """What a person needs to decide about a package, from its manifest (tolerant of a malformed one)."""
+    """What a person needs to decide about a package, from its manifest (what can be read of a malformed one)."""
     result = registry.verify(ref)
-    manifest = result.manifest or {}
-    lineage = _section(manifest, "lineage")
-    features = manifest.get("features") if isinstance(manifest.get("features"), list) else []
-    columns = [str(f.get("column")) for f in features if isinstance(f, dict)]
     lines = [
         f"package   {ref}  (stage {registry.stage_of(ref.name, ref.version)})",
         f"folder    {registry.package_dir(ref)}",
-        f"checksum  {result.checksum}  (sha256 of manifest.json)",
+        f"checksum  {result.checksum}  (sha256 of {MANIFEST_FILE})",
         f"verified  {'ok' if result.ok else f'FAILED, {len(result.problems)} problem(s), first: {result.problems[0]}'}",
-        f"created   {_fmt(manifest.get('created_at'))}",
-        f"rows      {_fmt(lineage.get('rows'))} (train {_fmt(lineage.get('train_rows'))}, held out "
-        f"{_fmt(lineage.get('holdout_rows'))}), data sha256 {str(lineage.get('data_sha256'))[:12]}",
-        f"features  {len(columns)}: {', '.join(columns[:8])}{', ...' if len(columns) > 8 else ''}",
     ]
-    for model in ("outlier", "yield"):
-        spec = _section(_section(manifest, "models"), model)
-        detail = (f"target outlier rate {_fmt(spec.get('target_outlier_rate'))}" if model == "outlier"
-                  else f"label {_fmt(spec.get('label'))}")
-        lines.append(f"{model:<9} {_fmt(spec.get('kind'))}, threshold {_fmt(spec.get('threshold'))}, {detail}")
-        metrics = _section(_section(manifest, "metrics"), model)
-        scalars = [f"{k} {_fmt(v)}" for k, v in metrics.items() if v is None or isinstance(v, (int, float))]
-        if scalars:
-            lines.append(f"  metrics       {', '.join(scalars)}")
-        lines.append(f"  quantization  {_fmt(_section(spec, 'quantization').get('reason'))}")
-    lines.append("fidelity")
-    for key, entry in _section(manifest, "fidelity").items():
-        if isinstance(entry, dict):
-            lines.append(f"  {key:<16} {entry.get('file')}: {'passed' if entry.get('passed') is True else 'FAILED'}, "
-                         f"decisions agree {_fmt(entry.get('decision_agreement'))} "
-                         f"(min {_fmt(entry.get('min_agreement'))}) over {_fmt(entry.get('rows'))} rows, "
-                         f"max abs diff {_fmt(entry.get('max_abs_diff'))}")
+    if result.manifest is not None:
+        lines += _manifest_summary(result.manifest)
     lines.append("files")
     lines += [f"  {file.name:<20} {_size(file.stat().st_size):>10}" for file in sorted(result.path.iterdir())]
     return "\n".join(lines)
+
+
+def _manifest_summary(manifest: Manifest) -> list[str]:
+    """Lines about a manifest that may be partial (None where a value could not be read)."""
+    lineage, columns = manifest.lineage, [str(column) for column in manifest.columns]
+    metrics = {"outlier": manifest.metrics.outlier, "yield": manifest.metrics.yield_model}
+    lines = [
+        f"created   {_fmt(manifest.created_at)}",
+        f"rows      {_fmt(lineage.rows)} (train {_fmt(lineage.train_rows)}, held out "
+        f"{_fmt(lineage.holdout_rows)}), data sha256 {str(lineage.data_sha256)[:12]}",
+        f"features  {len(columns)}: {', '.join(columns[:8])}{', ...' if len(columns) > 8 else ''}",
+    ]
+    for name, model in manifest.models.named():
+        detail = (f"target outlier rate {_fmt(model.target_outlier_rate)}" if name == "outlier"
+                  else f"label {_fmt(model.label)}")
+        lines.append(f"{name:<9} {_fmt(model.kind)}, threshold {_fmt(model.threshold)}, {detail}")
+        scalars = [f"{k} {_fmt(v)}" for k, v in metrics[name].items() if v is None or isinstance(v, (int, float))]
+        if scalars:
+            lines.append(f"  metrics       {', '.join(scalars)}")
+        lines.append(f"  quantization  {_fmt(model.quantization.reason)}")
+    lines.append("fidelity")
+    for key, entry in manifest.fidelity.items():
+        lines.append(f"  {key:<16} {entry.file}: {'passed' if entry.passed is True else 'FAILED'}, "
+                     f"decisions agree {_fmt(entry.decision_agreement)} (min {_fmt(entry.min_agreement)}) "
+                     f"over {_fmt(entry.rows)} rows, max abs diff {_fmt(entry.max_abs_diff)}")
+    return lines
 
 
 def cli_history(registry: Registry, name: str) -> str:
@@ -188,12 +194,6 @@ def cli_gc(registry: Registry, older_than_s: float = STALE_STAGING_S) -> str:
 
 def _stage_line(registry: Registry, name: str) -> str:
     return "stages: " + ", ".join(f"{v} {s}" for v, s in registry.stages(name).items())
-
-
-def _section(obj, key: str) -> dict:
-    """obj[key] when both are dicts, else {} (a summary must work on a malformed manifest too)."""
-    value = obj.get(key) if isinstance(obj, dict) else None
-    return value if isinstance(value, dict) else {}
 
 
 def _fmt(value) -> str:

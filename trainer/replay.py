@@ -32,6 +32,7 @@ import pandas as pd
 
 from edge_agent.client import AgentClient, AgentUnavailable, ScoreResult
 from edge_agent.errors import EdgeError, run_command
+from edge_agent.package.manifest import MANIFEST_FILE, read_manifest
 from edge_agent.summary import ReplySummary
 from edge_agent.wire.score import PROTOCOL_VERSION, SCORE
 from trainer.table import ParametricTable
@@ -178,20 +179,22 @@ def registry_features(registry_root: str, name: str, stage: str = "production",
     from edge_agent.package.registry import Registry
     registry = Registry(registry_root)
     ref = registry.resolve(name, stage, version)
-    return [f["column"] for f in registry.manifest(ref)["features"]], ref.version
+    return registry.manifest(ref).columns, ref.version
 
 
 def agent_features(client: AgentClient) -> tuple[list[str], str]:
     """The feature order of the package the agent serves, read from the package folder its health reply names
     (the agent runs on this machine, next to its registry)."""
     model = check_agent(client)
-    manifest_path = Path(str(model.get("path", ""))) / "manifest.json"
+    manifest_path = Path(str(model.get("path", ""))) / MANIFEST_FILE
     try:
-        features = json.loads(manifest_path.read_bytes())["features"]
-        return [f["column"] for f in features], str(model.get("version"))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ReplayError(f"cannot read the feature order of the agent's model from {manifest_path} ({error}); "
-                          "give --registry and --model instead") from None
+        manifest, problems = read_manifest(manifest_path.read_bytes())
+    except OSError as error:
+        manifest, problems = None, [error.strerror]
+    if problems:
+        raise ReplayError(f"cannot read the feature order of the agent's model from {manifest_path} ({problems[0]}); "
+                          "give --registry and --model instead")
+    return manifest.columns, str(model.get("version"))
 
 
 def check_agent(client: AgentClient) -> dict:

@@ -1,18 +1,36 @@
-"""The package manifest's schema (schema_version 1), checked by hand with the JSON path of every problem.
+"""The package manifest (schema_version 1) as one typed object, with one reader and one writer.
+
+``read_manifest`` turns manifest.json (its bytes or the parsed document) into a ``Manifest`` and lists every
+way it breaks the schema, each problem naming its JSON path; ``Manifest.to_json`` writes the file. The
+dataclasses below are the schema: a field's type says which JSON values it takes (``float | None``: a number
+or null), ``optional()`` marks a field a manifest may leave out, and the ``_read_*`` checks add what a type
+cannot say (ranges, patterns, references between sections).
+
+A new field is added with ``optional()`` and a default, so that every package written before it still reads;
+a new section (a field whose type is one of these classes) also gets its line in ``read_manifest``.
 
 stdlib only: the edge agent runs these checks before it loads a package.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import functools
+import json
 import math
 import re
-from typing import Any
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_CARD_FILE = "model_card.md"
 SAMPLE_ROWS_FILE = "sample_rows.npz"
+OUTLIER_FILE = "outlier.onnx"
+YIELD_FILE = "yield.onnx"
+YIELD_INT8_FILE = "yield.int8.onnx"
 REQUIRED_FILES = (MODEL_CARD_FILE, SAMPLE_ROWS_FILE)
 YIELD_KINDS = ("random_forest", "logistic", "mlp")
 VARIANTS = ("float32", "int8")
@@ -21,6 +39,313 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # model names a
 VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
+
+def optional(default: Any = None) -> Any:
+    """A field a manifest may leave out (packages written before it existed): read as ``default`` when absent,
+    not written while None."""
+    return field(default=default, metadata={"optional": True})
+
+
+def _key(name: str) -> Any:
+    """A field whose JSON key is not a Python name ("yield")."""
+    return field(metadata={"key": name})
+
+
+# ---- the schema ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Feature:
+    """One reading the models take, at its position in the ONNX input."""
+
+    index: int
+    column: str                 # "<test number>:<test name>": how requests and tables name the test
+    name: str
+    number: int | None
+    units: str
+    low: float | None           # the test program's limits
+    high: float | None
+    pin: str | None
+    impute: float               # what a missing reading becomes inside the graphs (shown on the model card)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Imputation:
+    strategy: str
+    where: str
+    values_from: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """The graphs' one input: float32 rows [n, number of features], NaN for a reading that is missing."""
+
+    name: str
+    dtype: str
+    shape: list                 # [null, <number of features>]
+    missing: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization:
+    int8: bool                  # an int8 variant ships
+    reason: str                 # why it does or does not (shown when an agent asks for a variant not shipped)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutlierModel:
+    kind: str
+    files: dict[str, str]       # variant ("float32", "int8") -> package file
+    output: str
+    score_convention: str
+    threshold: float            # outlier when score < threshold
+    target_outlier_rate: float
+    trained_on: str | None = optional()
+    params: dict
+    quantization: Quantization
+
+
+@dataclass(frozen=True, kw_only=True)
+class YieldModel:
+    kind: str
+    files: dict[str, str]       # variant ("float32", "int8") -> package file
+    output: str
+    threshold: float            # predicted fail when pass probability < threshold
+    label: str
+    params: dict
+    quantization: Quantization
+
+
+@dataclass(frozen=True, kw_only=True)
+class Models:
+    outlier: OutlierModel
+    yield_model: YieldModel = _key("yield")
+
+    def named(self) -> tuple[tuple[str, OutlierModel | YieldModel], ...]:
+        """(name as the manifest keys it, model): the fidelity keys and the summary use these names."""
+        return ("outlier", self.outlier), ("yield", self.yield_model)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatLimit:
+    """Static PAT limits of one test (None: too few parts for a limit); median and sigma in the test's units."""
+
+    column: str
+    median: float | None
+    robust_sigma: float | None
+    scale: str = optional("linear")   # "log": limits set on log(reading) (edge_agent.package.rules)
+    low: float | None
+    high: float | None
+    n: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pat:
+    k_sigma: float
+    method: str
+    min_parts: int
+    limits: list[PatLimit]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureBins:
+    """Reference distribution of one test: inner bin edges and one proportion per bin (edges + 1)."""
+
+    column: str
+    edges: list[float]
+    proportions: list[float]
+    missing_rate: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreQuantiles:
+    p01: float
+    p05: float | None = optional()
+    p50: float
+    p95: float | None = optional()
+    p99: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreBins:
+    """Reference distribution of the outlier score."""
+
+    edges: list[float]
+    proportions: list[float]
+    quantiles: ScoreQuantiles
+    outlier_rate: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferenceBins:
+    """What drift is measured against: the passing training parts' distributions (manifest.drift_reference)."""
+
+    bins: int
+    binning: str | None = optional()
+    rows: int = optional(0)    # reference parts
+    tests: list[FeatureBins]
+    outlier_score: ScoreBins
+
+
+@dataclass(frozen=True, kw_only=True)
+class Metrics:
+    """Held-out measures, free-form per model (the model card and the summary show what they know)."""
+
+    outlier: dict
+    yield_model: dict = _key("yield")
+    timings_s: dict | None = optional()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FidelityCheck:
+    """How closely one ONNX graph reproduced its scikit-learn model on held-out rows."""
+
+    file: str
+    rows: int
+    max_abs_diff: float
+    decision_agreement: float
+    min_agreement: float
+    passed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceFile:
+    """A file the training data came from, as the trainer records it."""
+
+    path: str
+    sha256: str | None = optional()
+    bytes: int | None = optional()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lineage:
+    data_sha256: str
+    rows: int
+    train_rows: int
+    holdout_rows: int
+    sources: list[str | SourceFile]   # a bare path, or the file with its sha256 and size
+    code_version: str
+    parameters: dict
+    trained_at: str
+    versions: dict
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """A package's manifest.json. The registry fills ``name``, ``version`` and ``files`` when it publishes.
+
+    A manifest ``read_manifest`` found problems in is partial: a value it could not read is None, an empty
+    list or mapping, or a section whose own fields are so. Only a manifest without problems is served.
+    """
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = ""
+    version: str = ""
+    created_at: str
+    features: list[Feature]
+    imputation: Imputation
+    input: InputSpec
+    models: Models
+    pat: Pat
+    drift_reference: ReferenceBins
+    metrics: Metrics
+    fidelity: dict[str, FidelityCheck]   # "<model>.<variant>" -> the check of that graph
+    validation: dict
+    lineage: Lineage
+    files: dict[str, str] = field(default_factory=dict)   # package file -> sha256
+
+    @property
+    def columns(self) -> list[str]:
+        """Feature columns in ONNX input order."""
+        return [feature.column for feature in self.features]
+
+    def graphs(self) -> list[tuple[str, str, str]]:
+        """(model, variant, file) of every ONNX graph the package ships."""
+        return [(name, variant, file) for name, model in self.models.named() for variant, file in model.files.items()]
+
+    def to_document(self) -> dict:
+        """The manifest as JSON values (numpy scalars from training code become plain numbers)."""
+        return _document(self)
+
+    def to_json(self) -> bytes:
+        """The bytes of manifest.json (its sha256 is the package checksum). Write only a manifest that reads
+        without problems: a non-finite number raises ValueError here."""
+        return (json.dumps(self.to_document(), indent=2, allow_nan=False) + "\n").encode()
+
+
+# ---- the reader -----------------------------------------------------------------------------------------------
+
+def read_manifest(document: bytes | dict) -> tuple[Manifest | None, list[str]]:
+    """The manifest in manifest.json's bytes (or their parsed document), and every way it breaks schema_version 1,
+    each naming its JSON path. The manifest is partial when there are problems (see ``Manifest``), None when
+    the document is not a JSON object."""
+    if isinstance(document, (bytes, bytearray, memoryview)):
+        try:
+            document = json.loads(document)
+        except ValueError as error:   # JSONDecodeError and UnicodeDecodeError
+            return None, [f"{MANIFEST_FILE}: not valid JSON ({error})"]
+    check = _Checker()
+    if check.typed(document, "manifest", "object") is _INVALID:
+        return None, check.problems
+    _check_json_values(check, document, "manifest")
+    top = check.fields(document, "manifest", Manifest)
+    if "schema_version" in top and top["schema_version"] != SCHEMA_VERSION:
+        check.fail("manifest.schema_version", f"expected {SCHEMA_VERSION}, got {top['schema_version']}")
+    if "name" in top:
+        check.matches(top["name"], "manifest.name", NAME_PATTERN, "a model name (letters, digits, . _ -)")
+    if "version" in top:
+        check.matches(top["version"], "manifest.version", VERSION_PATTERN, "a positive integer as a string")
+    if "created_at" in top:
+        check.iso_utc(top["created_at"], "manifest.created_at")
+    features, columns = _read_features(check, top.get("features"))
+    files = _read_files(check, top.get("files"))
+    sections = {"features": features, "files": files}
+    if "imputation" in top:
+        sections["imputation"] = check.section(top["imputation"], "manifest.imputation", Imputation)
+    if "input" in top:
+        sections["input"] = _read_input(check, top["input"], None if columns is None else len(columns))
+    if "models" in top:
+        sections["models"] = _read_models(check, top["models"], set(files))
+    if "pat" in top:
+        sections["pat"] = _read_pat(check, top["pat"], columns)
+    if "drift_reference" in top:
+        sections["drift_reference"] = _read_drift_reference(check, top["drift_reference"], columns)
+    if "metrics" in top:
+        sections["metrics"] = check.section(top["metrics"], "manifest.metrics", Metrics)
+    if "fidelity" in top:
+        sections["fidelity"] = {key: entry for key, value in top["fidelity"].items()
+                                if (entry := _read_fidelity_entry(check, key, value)) is not None}
+    if "lineage" in top:
+        sections["lineage"] = _read_lineage(check, top["lineage"])
+    return _partial(Manifest, {**top, **sections}), check.problems
+
+
+def fidelity_problems(manifest: Manifest) -> list[str]:
+    """The quality gate: every shipped ONNX graph has a fidelity entry, and every entry for a shipped file passed.
+
+    Reads a partial manifest too (``read_manifest`` reports the malformation itself).
+    """
+    problems = []
+    for model, variant, file in manifest.graphs():
+        entry = manifest.fidelity.get(f"{model}.{variant}")
+        if entry is None or entry.file != file:
+            problems.append(f"{file}: no fidelity entry 'fidelity.{model}.{variant}' for this graph "
+                            "(every shipped ONNX graph must be checked against its scikit-learn model)")
+    for key, entry in manifest.fidelity.items():
+        if entry.file not in manifest.files:
+            continue
+        where = f"{entry.file}: fidelity.{key}"
+        if entry.passed is not True:
+            problems.append(f"{where}.passed is {entry.passed!r}, expected true")
+        agreement, minimum = entry.decision_agreement, entry.min_agreement
+        if agreement is not None and minimum is not None and not agreement >= minimum:
+            problems.append(f"{where}.decision_agreement {agreement:.6g} is below min_agreement {minimum:.6g}")
+    return problems
+
+
+# ---- fields of a schema class -----------------------------------------------------------------------------------
+
+_KIND_OF_TYPE = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array",
+                 type(None): "null"}
 _KINDS = {
     "null": lambda v: v is None,
     "boolean": lambda v: isinstance(v, bool),
@@ -33,77 +358,64 @@ _KINDS = {
 _INVALID = object()   # what a field check returns for a missing or mistyped value
 
 
-def validate_manifest(manifest: Any) -> list[str]:
-    """Every way ``manifest`` breaks schema_version 1, each naming its JSON path; empty when it is valid."""
-    check = _Checker()
-    if check.typed(manifest, "manifest", "object") is _INVALID:
-        return check.problems
-    _check_json_values(check, manifest, "manifest")
-    top = check.fields(manifest, "manifest", {
-        "schema_version": "integer", "name": "string", "version": "string", "created_at": "string",
-        "features": "array", "imputation": "object", "input": "object", "models": "object", "pat": "object",
-        "drift_reference": "object", "metrics": "object", "fidelity": "object", "validation": "object",
-        "lineage": "object", "files": "object"})
-    if "schema_version" in top and top["schema_version"] != SCHEMA_VERSION:
-        check.fail("manifest.schema_version", f"expected {SCHEMA_VERSION}, got {top['schema_version']}")
-    if "name" in top:
-        check.matches(top["name"], "manifest.name", NAME_PATTERN, "a model name (letters, digits, . _ -)")
-    if "version" in top:
-        check.matches(top["version"], "manifest.version", VERSION_PATTERN, "a positive integer as a string")
-    if "created_at" in top:
-        check.iso_utc(top["created_at"], "manifest.created_at")
-    columns = _check_features(check, top.get("features"))
-    if "imputation" in top:
-        check.fields(top["imputation"], "manifest.imputation",
-                     {"strategy": "string", "where": "string", "values_from": "string"})
-    if "input" in top:
-        _check_input(check, top["input"], None if columns is None else len(columns))
-    files = _check_files(check, top.get("files"))
-    if "models" in top:
-        _check_models(check, top["models"], files)
-    if "pat" in top:
-        _check_pat(check, top["pat"], columns)
-    if "drift_reference" in top:
-        _check_drift_reference(check, top["drift_reference"], columns)
-    if "metrics" in top:
-        check.fields(top["metrics"], "manifest.metrics", {"outlier": "object", "yield": "object"})
-    if "fidelity" in top:
-        for key, entry in top["fidelity"].items():
-            _check_fidelity_entry(check, key, entry)
-    if "lineage" in top:
-        _check_lineage(check, top["lineage"])
-    return check.problems
+@dataclass(frozen=True)
+class _Field:
+    name: str                       # attribute
+    key: str                        # JSON key
+    kinds: str                      # JSON kinds it takes, "number|null"
+    optional: bool                  # may be absent from the document
+    blank: Callable[[], Any]        # its value when absent or unreadable
 
 
-def fidelity_problems(manifest: dict) -> list[str]:
-    """The quality gate: every shipped ONNX graph has a fidelity entry, and every entry for a shipped file passed.
+@functools.cache
+def _fields(cls: type) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(_Field(f.name, f.metadata.get("key", f.name), _kinds(hints[f.name]), f.metadata.get("optional", False),
+                        _blank(f, hints[f.name])) for f in dataclasses.fields(cls))
 
-    Tolerates a malformed manifest (``validate_manifest`` reports the malformation itself).
-    """
-    files = manifest.get("files")
-    shipped = set(files) if isinstance(files, dict) else set()
-    fidelity = manifest.get("fidelity")
-    fidelity = fidelity if isinstance(fidelity, dict) else {}
-    problems = []
-    models = manifest.get("models")
-    for model, spec in (models.items() if isinstance(models, dict) else ()):
-        variants = spec.get("files") if isinstance(spec, dict) else None
-        for variant, file in (variants.items() if isinstance(variants, dict) else ()):
-            entry = fidelity.get(f"{model}.{variant}")
-            if not isinstance(entry, dict) or entry.get("file") != file:
-                problems.append(f"{file}: no fidelity entry 'fidelity.{model}.{variant}' for this graph "
-                                "(every shipped ONNX graph must be checked against its scikit-learn model)")
-    for key, entry in fidelity.items():
-        if not isinstance(entry, dict) or entry.get("file") not in shipped:
-            continue
-        where = f"{entry['file']}: fidelity.{key}"
-        if entry.get("passed") is not True:
-            problems.append(f"{where}.passed is {entry.get('passed')!r}, expected true")
-        agreement, minimum = entry.get("decision_agreement"), entry.get("min_agreement")
-        if _KINDS["number"](agreement) and _KINDS["number"](minimum) and not agreement >= minimum:
-            problems.append(f"{where}.decision_agreement {agreement:.6g} is below min_agreement {minimum:.6g}")
-    return problems
 
+def _kinds(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return "|".join(_kinds(arg) for arg in typing.get_args(hint))
+    if dataclasses.is_dataclass(hint):
+        return "object"
+    return _KIND_OF_TYPE[typing.get_origin(hint) or hint]
+
+
+def _blank(f: dataclasses.Field, hint: Any) -> Callable[[], Any]:
+    if f.metadata.get("optional"):
+        return lambda: f.default
+    if dataclasses.is_dataclass(hint):
+        return lambda: _partial(hint, {})
+    container = typing.get_origin(hint) or hint
+    return container if container in (list, dict) else lambda: None
+
+
+def _partial(cls: type, values: dict) -> Any:
+    """``cls`` from the values read by attribute name; a value that is absent (or None) takes its blank."""
+    return cls(**{f.name: values[f.name] if values.get(f.name) is not None else f.blank() for f in _fields(cls)})
+
+
+def _document(value: Any) -> Any:
+    """JSON values of a schema object. None is written as null only where the field's type takes null; else
+    the key is left out (an optional field not set, or a required one missing: the reader names it)."""
+    if dataclasses.is_dataclass(value):
+        document = {}
+        for f in _fields(type(value)):
+            item = getattr(value, f.name)
+            if item is not None or (not f.optional and "null" in f.kinds.split("|")):
+                document[f.key] = _document(item)
+        return document
+    if isinstance(value, dict):
+        return {key: _document(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_document(item) for item in value]
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value   # anything else that is not JSON is named by the reader
+
+
+# ---- checks ---------------------------------------------------------------------------------------------------
 
 class _Checker:
     def __init__(self) -> None:
@@ -120,18 +432,22 @@ class _Checker:
         self.fail(path, f"expected {' or '.join(names)}, got {_type_name(value)}")
         return _INVALID
 
-    def fields(self, obj: dict, path: str, spec: dict[str, str], optional: tuple[str, ...] = ()) -> dict:
-        """The fields of ``obj`` named in ``spec`` that are present and well typed; records the others."""
+    def fields(self, obj: dict, path: str, cls: type) -> dict:
+        """The fields of ``cls`` that ``obj`` holds well typed, by attribute name; records the others."""
         valid = {}
-        for key, kinds in spec.items():
-            if key not in obj:
-                if key not in optional:
-                    self.fail(f"{path}.{key}", "missing")
+        for f in _fields(cls):
+            if f.key not in obj:
+                if not f.optional:
+                    self.fail(f"{path}.{f.key}", "missing")
                 continue
-            value = self.typed(obj[key], f"{path}.{key}", kinds)
+            value = self.typed(obj[f.key], f"{path}.{f.key}", f.kinds)
             if value is not _INVALID:
-                valid[key] = value
+                valid[f.name] = value
         return valid
+
+    def section(self, obj: dict, path: str, cls: type) -> Any:
+        """A ``cls`` whose fields need no check beyond their types."""
+        return _partial(cls, self.fields(obj, path, cls))
 
     def objects(self, items: Any, path: str) -> list[tuple[str, dict]]:
         """(path, item) of every element of an array that is an object; records the others."""
@@ -181,15 +497,13 @@ def _check_json_values(check: _Checker, value: Any, path: str) -> None:
         check.fail(path, f"a {type(value).__module__}.{type(value).__name__} is not a JSON value")
 
 
-def _check_features(check: _Checker, features: Any) -> list[str] | None:
-    """Feature columns in input order, or None when the feature list itself is unusable."""
+def _read_features(check: _Checker, features: Any) -> tuple[list[Feature], list[str | None] | None]:
+    """The features, and their columns in input order (None when the feature list itself is unusable)."""
     if features is None:
-        return None
-    columns = []
+        return [], None
+    read, columns = [], []
     for path, feature in check.objects(features, "manifest.features"):
-        valid = check.fields(feature, path, {
-            "index": "integer", "column": "string", "name": "string", "number": "integer|null", "units": "string",
-            "low": "number|null", "high": "number|null", "pin": "string|null", "impute": "number"})
+        valid = check.fields(feature, path, Feature)
         position = len(columns)
         if "index" in valid and valid["index"] != position:
             check.fail(f"{path}.index", f"expected {position} (feature order is the ONNX input column order), "
@@ -198,31 +512,31 @@ def _check_features(check: _Checker, features: Any) -> list[str] | None:
         if column is not None and column in columns:
             check.fail(f"{path}.column", f"{column!r} appears twice in manifest.features")
         columns.append(column)
+        read.append(_partial(Feature, valid))
     if not columns:
         check.fail("manifest.features", "expected at least one feature, got none")
-    return columns
+    return read, columns
 
 
-def _check_input(check: _Checker, spec: dict, n_features: int | None) -> None:
-    valid = check.fields(spec, "manifest.input",
-                         {"name": "string", "dtype": "string", "shape": "array", "missing": "string"})
+def _read_input(check: _Checker, spec: dict, n_features: int | None) -> InputSpec:
+    valid = check.fields(spec, "manifest.input", InputSpec)
     if "dtype" in valid:
         check.one_of(valid["dtype"], "manifest.input.dtype", ("float32",))
     if "missing" in valid:
         check.one_of(valid["missing"], "manifest.input.missing", ("NaN",))
     shape = valid.get("shape")
-    if shape is None:
-        return
-    if len(shape) != 2 or shape[0] is not None or not _KINDS["integer"](shape[1]):
-        check.fail("manifest.input.shape", f"expected [null, <number of features>], got {list(shape)!r}")
-    elif n_features is not None and shape[1] != n_features:
-        check.fail("manifest.input.shape[1]", f"expected {n_features} (the number of manifest.features), "
-                                              f"got {shape[1]}")
+    if shape is not None:
+        if len(shape) != 2 or shape[0] is not None or not _KINDS["integer"](shape[1]):
+            check.fail("manifest.input.shape", f"expected [null, <number of features>], got {list(shape)!r}")
+        elif n_features is not None and shape[1] != n_features:
+            check.fail("manifest.input.shape[1]", f"expected {n_features} (the number of manifest.features), "
+                                                  f"got {shape[1]}")
+    return _partial(InputSpec, valid)
 
 
-def _check_files(check: _Checker, files: Any) -> set[str]:
+def _read_files(check: _Checker, files: Any) -> dict:
     if files is None:
-        return set()
+        return {}
     for name, digest in files.items():
         path = f"manifest.files[{name!r}]"
         if name == MANIFEST_FILE:
@@ -234,38 +548,38 @@ def _check_files(check: _Checker, files: Any) -> set[str]:
     for required in REQUIRED_FILES:
         if required not in files:
             check.fail("manifest.files", f"{required} missing (every package ships it)")
-    return set(files)
+    return files
 
 
-def _check_models(check: _Checker, models: dict, shipped: set[str]) -> None:
-    common = {"kind": "string", "files": "object", "output": "string", "threshold": "number", "params": "object",
-              "quantization": "object"}
-    outlier = check.fields(models, "manifest.models", {"outlier": "object"}).get("outlier")
-    if outlier is not None:
-        valid = check.fields(outlier, "manifest.models.outlier",
-                             {**common, "score_convention": "string", "target_outlier_rate": "number"})
-        if "kind" in valid:
-            check.one_of(valid["kind"], "manifest.models.outlier.kind", ("isolation_forest",))
-        if "output" in valid:
-            check.one_of(valid["output"], "manifest.models.outlier.output", ("score",))
-        if "target_outlier_rate" in valid:
-            check.fraction(valid["target_outlier_rate"], "manifest.models.outlier.target_outlier_rate")
-        _check_model_files(check, "outlier", valid, shipped)
-    yield_model = check.fields(models, "manifest.models", {"yield": "object"}).get("yield")
-    if yield_model is not None:
-        valid = check.fields(yield_model, "manifest.models.yield", {**common, "label": "string"})
-        if "kind" in valid:
-            check.one_of(valid["kind"], "manifest.models.yield.kind", YIELD_KINDS)
-        if "output" in valid:
-            check.one_of(valid["output"], "manifest.models.yield.output", ("pass_probability",))
-        if "threshold" in valid:
-            check.fraction(valid["threshold"], "manifest.models.yield.threshold")
-        _check_model_files(check, "yield", valid, shipped)
+def _read_models(check: _Checker, models: dict, shipped: set[str]) -> Models:
+    valid = check.fields(models, "manifest.models", Models)
+    read = {}
+    if "outlier" in valid:
+        path = "manifest.models.outlier"
+        spec = check.fields(valid["outlier"], path, OutlierModel)
+        if "kind" in spec:
+            check.one_of(spec["kind"], f"{path}.kind", ("isolation_forest",))
+        if "output" in spec:
+            check.one_of(spec["output"], f"{path}.output", ("score",))
+        if "target_outlier_rate" in spec:
+            check.fraction(spec["target_outlier_rate"], f"{path}.target_outlier_rate")
+        read["outlier"] = _read_model(check, OutlierModel, path, spec, shipped)
+    if "yield_model" in valid:
+        path = "manifest.models.yield"
+        spec = check.fields(valid["yield_model"], path, YieldModel)
+        if "kind" in spec:
+            check.one_of(spec["kind"], f"{path}.kind", YIELD_KINDS)
+        if "output" in spec:
+            check.one_of(spec["output"], f"{path}.output", ("pass_probability",))
+        if "threshold" in spec:
+            check.fraction(spec["threshold"], f"{path}.threshold")
+        read["yield_model"] = _read_model(check, YieldModel, path, spec, shipped)
+    return _partial(Models, read)
 
 
-def _check_model_files(check: _Checker, model: str, valid: dict, shipped: set[str]) -> None:
-    path = f"manifest.models.{model}"
-    files = valid.get("files")
+def _read_model(check: _Checker, cls: type, path: str, spec: dict, shipped: set[str]) -> Any:
+    """The model's graph files (each shipped) and quantization (int8 exactly when an int8 graph ships)."""
+    files = spec.get("files")
     if files is not None:
         if "float32" not in files:
             check.fail(f"{path}.files.float32", "missing (every model ships a float32 graph)")
@@ -273,50 +587,54 @@ def _check_model_files(check: _Checker, model: str, valid: dict, shipped: set[st
             check.one_of(variant, f"{path}.files", VARIANTS)
             if check.typed(file, f"{path}.files.{variant}", "string") is not _INVALID and file not in shipped:
                 check.fail(f"{path}.files.{variant}", f"{file!r} is not listed in manifest.files")
-    quantization = valid.get("quantization")
-    if quantization is not None:
-        q = check.fields(quantization, f"{path}.quantization", {"int8": "boolean", "reason": "string"})
+    quantization = None
+    if "quantization" in spec:
+        q = check.fields(spec["quantization"], f"{path}.quantization", Quantization)
         if files is not None and "int8" in q and q["int8"] != ("int8" in files):
             check.fail(f"{path}.quantization.int8", f"is {str(q['int8']).lower()} but {path}.files "
                                                      f"{'has' if 'int8' in files else 'has no'} int8 variant")
+        quantization = _partial(Quantization, q)
+    return _partial(cls, {**spec, "quantization": quantization})
 
 
-def _check_pat(check: _Checker, pat: dict, columns: list[str] | None) -> None:
-    valid = check.fields(pat, "manifest.pat",
-                         {"k_sigma": "number", "method": "string", "min_parts": "integer", "limits": "array"})
+def _read_pat(check: _Checker, pat: dict, columns: list[str | None] | None) -> Pat:
+    valid = check.fields(pat, "manifest.pat", Pat)
+    limits = []
     for path, limit in check.objects(valid.get("limits", ()), "manifest.pat.limits"):
-        entry = check.fields(limit, path, {"column": "string", "median": "number|null", "robust_sigma": "number|null",
-                                           "scale": "string", "low": "number|null", "high": "number|null",
-                                           "n": "integer"}, optional=("scale",))
+        entry = check.fields(limit, path, PatLimit)
         if "scale" in entry:
             check.one_of(entry["scale"], f"{path}.scale", ("linear", "log"))
         _known_column(check, entry, path, columns)
         low, high = entry.get("low"), entry.get("high")
         if low is not None and high is not None and low > high:
             check.fail(path, f"low {low} is above high {high}")
+        limits.append(_partial(PatLimit, entry))
+    return _partial(Pat, {**valid, "limits": limits})
 
 
-def _check_drift_reference(check: _Checker, reference: dict, columns: list[str] | None) -> None:
-    valid = check.fields(reference, "manifest.drift_reference",
-                         {"bins": "integer", "tests": "array", "outlier_score": "object"})
+def _read_drift_reference(check: _Checker, reference: dict, columns: list[str | None] | None) -> ReferenceBins:
+    valid = check.fields(reference, "manifest.drift_reference", ReferenceBins)
     bins = valid.get("bins")
+    tests = []
     for path, test in check.objects(valid.get("tests", ()), "manifest.drift_reference.tests"):
-        entry = check.fields(test, path, {"column": "string", "edges": "array", "proportions": "array",
-                                          "missing_rate": "number"})
+        entry = check.fields(test, path, FeatureBins)
         _known_column(check, entry, path, columns)
         _check_bins(check, entry, path, bins)
         if "missing_rate" in entry:
             check.fraction(entry["missing_rate"], f"{path}.missing_rate")
-    score = valid.get("outlier_score")
-    if score is not None:
+        tests.append(_partial(FeatureBins, entry))
+    score = None
+    if "outlier_score" in valid:
         path = "manifest.drift_reference.outlier_score"
-        entry = check.fields(score, path, {"edges": "array", "proportions": "array", "quantiles": "object",
-                                           "outlier_rate": "number"})
+        entry = check.fields(valid["outlier_score"], path, ScoreBins)
         _check_bins(check, entry, path, None)
+        quantiles = None
         if "quantiles" in entry:
-            check.fields(entry["quantiles"], f"{path}.quantiles", {"p01": "number", "p50": "number", "p99": "number"})
+            quantiles = check.section(entry["quantiles"], f"{path}.quantiles", ScoreQuantiles)
         if "outlier_rate" in entry:
             check.fraction(entry["outlier_rate"], f"{path}.outlier_rate")
+        score = _partial(ScoreBins, {**entry, "quantiles": quantiles})
+    return _partial(ReferenceBins, {**valid, "tests": tests, "outlier_score": score})
 
 
 def _check_bins(check: _Checker, entry: dict, path: str, bins: int | None) -> None:
@@ -337,44 +655,41 @@ def _check_bins(check: _Checker, entry: dict, path: str, bins: int | None) -> No
                                           f"got {len(proportions)}")
 
 
-def _known_column(check: _Checker, entry: dict, path: str, columns: list[str] | None) -> None:
+def _known_column(check: _Checker, entry: dict, path: str, columns: list[str | None] | None) -> None:
     if columns is not None and "column" in entry and entry["column"] not in columns:
         check.fail(f"{path}.column", f"{entry['column']!r} is not one of manifest.features")
 
 
-def _check_fidelity_entry(check: _Checker, key: str, entry: Any) -> None:
+def _read_fidelity_entry(check: _Checker, key: str, entry: Any) -> FidelityCheck | None:
     path = f"manifest.fidelity[{key!r}]"
     model, _, variant = key.partition(".")
     if model not in ("outlier", "yield") or variant not in VARIANTS:
         check.fail(path, "expected a key '<model>.<variant>' with model outlier|yield and variant float32|int8")
     if check.typed(entry, path, "object") is _INVALID:
-        return
-    valid = check.fields(entry, path, {"file": "string", "rows": "integer", "max_abs_diff": "number",
-                                       "decision_agreement": "number", "min_agreement": "number",
-                                       "passed": "boolean"})
+        return None
+    valid = check.fields(entry, path, FidelityCheck)
     if "rows" in valid and valid["rows"] < 1:
         check.fail(f"{path}.rows", f"expected at least 1 checked row, got {valid['rows']}")
     for name in ("decision_agreement", "min_agreement"):
         if name in valid:
             check.fraction(valid[name], f"{path}.{name}")
+    return _partial(FidelityCheck, valid)
 
 
-def _check_lineage(check: _Checker, lineage: dict) -> None:
-    valid = check.fields(lineage, "manifest.lineage", {
-        "data_sha256": "string", "rows": "integer", "train_rows": "integer", "holdout_rows": "integer",
-        "sources": "array", "code_version": "string", "parameters": "object", "trained_at": "string",
-        "versions": "object"})
+def _read_lineage(check: _Checker, lineage: dict) -> Lineage:
+    valid = check.fields(lineage, "manifest.lineage", Lineage)
     if "data_sha256" in valid and not SHA256_PATTERN.fullmatch(valid["data_sha256"]):
         check.fail("manifest.lineage.data_sha256", f"expected 64 lower-case hex digits, got {valid['data_sha256']!r}")
     for name in ("rows", "train_rows", "holdout_rows"):
         if valid.get(name, 0) < 0:
             check.fail(f"manifest.lineage.{name}", f"expected a count >= 0, got {valid[name]}")
+    sources = []
     for i, source in enumerate(valid.get("sources", ())):
-        # A bare path, or {"path", "sha256", "bytes"} as the trainer records it.
         path = f"manifest.lineage.sources[{i}]"
         if isinstance(source, dict):
-            check.fields(source, path, {"path": "string"})
-        else:
-            check.typed(source, path, "string|object")
+            sources.append(check.section(source, path, SourceFile))
+        elif check.typed(source, path, "string|object") is not _INVALID:
+            sources.append(source)
     if "trained_at" in valid:
         check.iso_utc(valid["trained_at"], "manifest.lineage.trained_at")
+    return _partial(Lineage, {**valid, "sources": sources})

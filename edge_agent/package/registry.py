@@ -24,14 +24,14 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import RegistryError
 from .files import (BLOCK, READ_ONLY_DIR, READ_ONLY_FILE, WRITABLE_DIR, abandoned, append_lines, atomic_write,
                     fsync_dir, remove_tree, rename_no_replace, sha256_file)
-from .manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN, fidelity_problems, validate_manifest
+from .manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN, Manifest, fidelity_problems, read_manifest
 
 STAGES = ("candidate", "staging", "production", "archived")
 SINGLE_HOLDER_STAGES = ("staging", "production")   # at most one version of a model holds each
@@ -58,14 +58,14 @@ class PackageRef:
 class VerifyResult:
     """Outcome of verifying a package folder.
 
-    ``checksum`` is the sha256 of its manifest.json and ``manifest`` the parsed bytes that were checked
-    (None when unreadable), so a loader uses exactly what was verified.
+    ``checksum`` is the sha256 of its manifest.json and ``manifest`` what was read from exactly the bytes that
+    were checked (partial when there are problems, None when unreadable), so a loader uses what was verified.
     """
 
     path: Path
     problems: list[str] = field(default_factory=list)
     checksum: str | None = None
-    manifest: dict | None = field(default=None, repr=False)
+    manifest: Manifest | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -90,25 +90,18 @@ def verify_dir(path: str | Path) -> VerifyResult:
         result.problems.append(f"{MANIFEST_FILE}: cannot be read ({error.strerror})")
         return result
     result.checksum = hashlib.sha256(raw).hexdigest()
-    try:
-        manifest = json.loads(raw)
-    except ValueError as error:   # JSONDecodeError and UnicodeDecodeError
-        result.problems.append(f"{MANIFEST_FILE}: not valid JSON ({error})")
-        return result
-    result.problems += validate_manifest(manifest)
-    if isinstance(manifest, dict):
-        result.manifest = manifest
-        result.problems += fidelity_problems(manifest)
-        listed = manifest.get("files")
-        result.problems += _file_problems(path, listed if isinstance(listed, dict) else {})
+    result.manifest, result.problems = read_manifest(raw)
+    if result.manifest is not None:
+        result.problems += fidelity_problems(result.manifest)
+        result.problems += _file_problems(path, result.manifest.files)
     return result
 
 
 def _file_problems(path: Path, listed: dict) -> list[str]:
     problems = []
     for name, expected in listed.items():
-        if not (isinstance(name, str) and NAME_PATTERN.fullmatch(name)) or name == MANIFEST_FILE:
-            continue   # validate_manifest names it; never follow such a name out of the package
+        if not NAME_PATTERN.fullmatch(name) or name == MANIFEST_FILE:
+            continue   # read_manifest names it; never follow such a name out of the package
         file = path / name
         if not file.is_file():
             problems.append(f"{name}: missing (listed in manifest.files)")
@@ -166,13 +159,18 @@ class Registry:
     def package_dir(self, ref: PackageRef) -> Path:
         return self._model_dir(ref.name) / _version_text(ref.version)
 
-    def manifest(self, ref: PackageRef) -> dict:
+    def manifest(self, ref: PackageRef) -> Manifest:
+        """The package's manifest (not its files' checksums: ``verify`` checks those)."""
         path = self.package_dir(self._existing(ref.name, ref.version)) / MANIFEST_FILE
         try:
-            return json.loads(path.read_bytes())
-        except (OSError, ValueError) as error:
-            raise RegistryError(f"{path}: cannot read the manifest ({error}); run `edge-train registry verify "
-                                f"{ref.name} {ref.version}`") from error
+            manifest, problems = read_manifest(path.read_bytes())
+        except OSError as error:
+            raise RegistryError(f"{path}: cannot be read ({error.strerror})") from error
+        if problems:
+            more = f" and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+            raise RegistryError(f"{path}: cannot read the manifest ({problems[0]}{more}); run `edge-train registry "
+                                f"verify {ref.name} {ref.version}`")
+        return manifest
 
     def checksum(self, ref: PackageRef) -> str:
         """sha256 of the package's manifest.json: the identity an agent reports for "which model decided"."""
@@ -187,9 +185,10 @@ class Registry:
         ref = self._existing(ref.name, ref.version)
         result = verify_dir(self.package_dir(ref))
         for key, expected in (("name", ref.name), ("version", ref.version)):
-            if result.manifest is not None and result.manifest.get(key) != expected:
-                result.problems.append(f"{MANIFEST_FILE}: manifest.{key} is {result.manifest.get(key)!r} but the "
-                                       f"package sits at {ref}, expected {expected!r}")
+            found = getattr(result.manifest, key, expected)   # no manifest: verify_dir said why
+            if found != expected:
+                result.problems.append(f"{MANIFEST_FILE}: manifest.{key} is {found!r} but the package sits at "
+                                       f"{ref}, expected {expected!r}")
         return result
 
     def history(self, name: str) -> list[dict]:
@@ -212,21 +211,20 @@ class Registry:
 
     # ---- writing ---------------------------------------------------------------------------------------------
 
-    def publish(self, name: str, files: dict[str, bytes | Path], manifest: dict, *,
+    def publish(self, name: str, files: dict[str, bytes | Path], manifest: Manifest, *,
                 reason: str = "trained") -> PackageRef:
         """Write a new immutable version of ``name`` and make it a candidate.
 
-        ``manifest`` is not modified: the published copy gets name, version and the sha256 of every file.
+        The published manifest is ``manifest`` with name, version and the sha256 of every file filled in.
         """
         _check_name(name)
         sources = _check_files(files)
-        if not isinstance(manifest, dict):
-            raise RegistryError(f"manifest: expected a dict, got {type(manifest).__name__}")
-        package = _json_copy(manifest)
-        package["name"] = name
+        if not isinstance(manifest, Manifest):
+            raise RegistryError(f"manifest: expected a Manifest, got {type(manifest).__name__}")
         # Refuse a bad manifest before writing anything; the digests and the version come later.
-        problems = (validate_manifest({**package, "version": "1", "files": {n: "0" * 64 for n in sources}})
-                    + fidelity_problems({**package, "files": dict.fromkeys(sources, "")}))
+        draft, problems = read_manifest(
+            replace(manifest, name=name, version="1", files=dict.fromkeys(sources, "0" * 64)).to_document())
+        problems += fidelity_problems(draft)
         if problems:
             raise RegistryError(f"refusing to publish {name}: the manifest is not valid:\n"
                                 + "\n".join(f"  - {p}" for p in problems))
@@ -240,13 +238,11 @@ class Registry:
         published = False
         try:
             fcntl.flock(staging_fd, fcntl.LOCK_EX)
-            package["files"] = {file_name: _write_file(staging / file_name, data)
-                                for file_name, data in sources.items()}
+            digests = {file_name: _write_file(staging / file_name, data) for file_name, data in sources.items()}
             with self._locked(name):
                 version = self._next_version(name)
                 while True:
-                    package["version"] = version
-                    _write_manifest(staging, package)
+                    _write_manifest(staging, replace(manifest, name=name, version=version, files=digests))
                     result = verify_dir(staging)
                     if not result.ok:
                         raise RegistryError(f"refusing to publish {name}: the package does not verify:\n"
@@ -441,8 +437,8 @@ def _write_file(path: Path, data: bytes | Path) -> str:
     return digest.hexdigest()
 
 
-def _write_manifest(staging: Path, manifest: dict) -> None:
-    atomic_write(staging / MANIFEST_FILE, (json.dumps(manifest, indent=2, allow_nan=False) + "\n").encode())
+def _write_manifest(staging: Path, manifest: Manifest) -> None:
+    atomic_write(staging / MANIFEST_FILE, manifest.to_json())
     os.chmod(staging / MANIFEST_FILE, READ_ONLY_FILE)
     fsync_dir(staging)
 
@@ -486,22 +482,6 @@ def _check_files(files: dict[str, bytes | Path]) -> dict[str, bytes | Path]:
             raise RegistryError(f"package file {name!r}: expected bytes or the path of an existing file, "
                                 f"got {data!r:.80}")
     return sources
-
-
-def _json_copy(manifest: dict) -> dict:
-    """A deep copy holding only JSON values, so what is validated is exactly what manifest.json will hold."""
-    try:
-        return json.loads(json.dumps(manifest, default=_json_default))
-    except TypeError as error:   # e.g. a tuple used as a key
-        raise RegistryError(f"manifest is not JSON: {error}") from error
-
-
-def _json_default(value):
-    """numpy scalars (from training code) become plain numbers; anything else is named."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
-        return value.item()
-    raise RegistryError(f"manifest holds a {type(value).__module__}.{type(value).__name__}, which is not a JSON "
-                        f"value: {value!r:.80}")
 
 
 def _user() -> str:

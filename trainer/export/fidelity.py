@@ -8,11 +8,13 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent.errors import ExportError
+from edge_agent.package.manifest import FidelityCheck
 from edge_agent.package.runtime import make_session
 
 
 def check_fidelity(model_bytes: bytes, expected: np.ndarray, X32: np.ndarray, *, output: str, threshold: float,
-                   outlier_below: bool, file: str, refuse: bool = True, min_agreement: float = 0.999) -> dict:
+                   outlier_below: bool, file: str, refuse: bool = True,
+                   min_agreement: float = 0.999) -> FidelityCheck:
     """Compare the graph's ``output`` on ``X32`` with scikit-learn's ``expected`` values.
 
     decision = value < threshold (``outlier_below``) or value >= threshold; passed when every value is
@@ -42,10 +44,10 @@ def check_fidelity(model_bytes: bytes, expected: np.ndarray, X32: np.ndarray, *,
     wanted = decide(expected)
     max_abs_diff = max(_max_abs_diff(got, expected) for got in (batch, single))
     agreement = min(float(np.mean(decide(got) == wanted)) for got in (batch, single))
-    result = {"file": file, "rows": int(len(X32)), "max_abs_diff": max_abs_diff,
-              "decision_agreement": agreement, "min_agreement": float(min_agreement),
-              "passed": bool(np.isfinite(max_abs_diff) and agreement >= min_agreement)}
-    if refuse and not result["passed"]:
+    result = FidelityCheck(file=file, rows=int(len(X32)), max_abs_diff=max_abs_diff, decision_agreement=agreement,
+                           min_agreement=float(min_agreement),
+                           passed=bool(np.isfinite(max_abs_diff) and agreement >= min_agreement))
+    if refuse and not result.passed:
         raise ExportError(f"{file} does not reproduce its scikit-learn model: decisions agree on {agreement:.4%} "
                           f"of {len(X32)} rows (need {min_agreement:.2%}), max abs difference {max_abs_diff:.3g}")
     return result
