@@ -122,6 +122,15 @@ class DriftReference:
         try:
             columns = [feature["column"] for feature in manifest["features"]]
             block = manifest["drift_reference"]
+        except (KeyError, TypeError) as error:
+            raise DataError(f"{where}: drift_reference is incomplete (missing {error})") from None
+        return cls.from_block(block, columns, where)
+
+    @classmethod
+    def from_block(cls, block: dict, columns: list[str], where: str = "drift reference") -> DriftReference:
+        """Build from a ``drift_reference`` block (``trainer.reference.drift_reference``) for the tests ``columns``,
+        in that order; DataError naming ``where`` if unusable."""
+        try:
             by_column = {test["column"]: test for test in block["tests"]}
             score = block["outlier_score"]
             quantiles = score["quantiles"]

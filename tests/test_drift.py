@@ -2,15 +2,16 @@
 
 Bin counts are checked against numpy's histogram over the trainer's own reference edges (the reference is
 built by ``trainer.reference.drift_reference``, the code that writes real manifests), with NaN readings and
-readings exactly on edges. The distance values are worked out by hand in the comments.
+readings exactly on edges. The other tests read the manifest of a real package (tests/conftest.py,
+``drift_floor``). The distance values are worked out by hand in the comments.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
-from drift_feeder import make_manifest
 from scipy.spatial.distance import jensenshannon
 
 from edge_agent.drift import ChangeParams, DriftMonitor, DriftReference, PageHinkley
@@ -19,12 +20,6 @@ from edge_agent.wire.distances import js_distance, ks_statistic, psi
 from trainer.reference import drift_reference
 
 MODEL = {"name": "m", "version": "1", "checksum": "c0ffee"}
-
-
-def _manifest(values: np.ndarray, scores: np.ndarray, threshold: float = 0.0, bins: int = 10) -> dict:
-    columns = [f"{100 + i}:T{i}" for i in range(values.shape[1])]
-    return {"name": "m", "version": "1", "features": [{"column": c} for c in columns],
-            "drift_reference": drift_reference(values, columns, scores, threshold, bins=bins)}
 
 
 def _numpy_counts(values: np.ndarray, edges: list[float]) -> np.ndarray:
@@ -39,12 +34,13 @@ def test_kernel_counts_match_numpy_histogram_with_nan_and_values_on_edges(dtype)
     rng = np.random.default_rng(5)
     reference_values = rng.normal(size=(3000, 6))
     reference_values[:, 5] = 2.5                      # a constant test: its quantile edges collapse to one
-    manifest = _manifest(reference_values, rng.normal(size=3000))
+    columns = [f"{100 + i}:T{i}" for i in range(6)]
+    block = drift_reference(reference_values, columns, rng.normal(size=3000), 0.0)
     if dtype is np.float32:   # quantile edges fall between readings; round them so a float32 reading can sit on one
-        for test in manifest["drift_reference"]["tests"]:
+        for test in block["tests"]:
             test["edges"] = np.float32(test["edges"]).astype(np.float64).tolist()
-    reference = DriftReference.from_manifest(manifest)
-    edges = [test["edges"] for test in manifest["drift_reference"]["tests"]]
+    reference = DriftReference.from_block(block, columns)
+    edges = [test["edges"] for test in block["tests"]]
     assert len(edges[0]) == 9 and edges[5] == [2.5]    # 10 bins, and 2 for the constant test
 
     rows = rng.normal(size=(2000, 6))
@@ -66,10 +62,10 @@ def test_kernel_counts_match_numpy_histogram_with_nan_and_values_on_edges(dtype)
     assert np.isin(on_edge, edges[0]).sum() >= 8     # the edge readings survived (a few may be NaN)
 
 
-def test_counts_are_kept_per_site_and_sites_beyond_the_limit_are_counted_apart():
-    manifest = make_manifest(n_tests=3)
-    monitor = DriftMonitor(DriftReference.from_manifest(manifest), MODEL, window_parts=100, max_sites=2)
-    row = np.zeros(3, np.float32)
+def test_counts_are_kept_per_site_and_sites_beyond_the_limit_are_counted_apart(drift_floor):
+    reference = DriftReference.from_manifest(drift_floor.manifest)
+    monitor = DriftMonitor(reference, MODEL, window_parts=100, max_sites=2)
+    row = np.zeros(reference.n_tests, np.float32)
     for head, site, n in ((0, 1, 5), (0, 2, 7), (1, 1, 2)):
         for _ in range(n):
             monitor.update(head, site, row, 0.1, site == 2)
@@ -118,12 +114,11 @@ def test_page_hinkley_fires_on_a_mean_shift_and_not_on_stationary_noise():
         assert fired and 1000 <= fired[0] < 1150, (shift, fired[:3])
 
 
-def test_change_detector_in_the_kernel_reports_fires_per_window_and_keeps_its_state():
-    manifest = make_manifest(n_tests=2)
-    reference = DriftReference.from_manifest(manifest)
+def test_change_detector_in_the_kernel_reports_fires_per_window_and_keeps_its_state(drift_floor):
+    reference = DriftReference.from_manifest(drift_floor.manifest)
     monitor = DriftMonitor(reference, MODEL, window_parts=400)
     rng = np.random.default_rng(3)
-    row = np.zeros(2, np.float32)
+    row = np.zeros(reference.n_tests, np.float32)
     sigma = reference.score_scale
     changes = []
     for mean in (0.0, -1.5):                           # the second window: scores 1.5 reference sigmas lower
@@ -134,9 +129,9 @@ def test_change_detector_in_the_kernel_reports_fires_per_window_and_keeps_its_st
     assert changes[1]["fired"] and changes[1]["fires"] >= 1 and 0 < changes[1]["parts_since_fire"] < 400
 
 
-def test_windows_close_by_part_count_and_by_time_whichever_first():
-    reference = DriftReference.from_manifest(make_manifest(n_tests=2))
-    row = np.zeros(2, np.float32)
+def test_windows_close_by_part_count_and_by_time_whichever_first(drift_floor):
+    reference = DriftReference.from_manifest(drift_floor.manifest)
+    row = np.zeros(reference.n_tests, np.float32)
     monitor = DriftMonitor(reference, MODEL, window_parts=10, window_seconds=5.0, now=100.0)
     for _ in range(9):
         monitor.update(0, 0, row, 0.1, False)
@@ -156,12 +151,13 @@ def test_windows_close_by_part_count_and_by_time_whichever_first():
     assert idle.closed_by == "time" and idle.parts == 0 and idle.to_payload()["sites"] == []
 
 
-def test_a_manifest_without_a_reference_for_every_feature_is_refused_by_name():
-    manifest = make_manifest(n_tests=3)
+def test_a_manifest_without_a_reference_for_every_feature_is_refused_by_name(drift_floor):
+    columns = drift_floor.columns
+    manifest = drift_floor.manifest
     manifest["drift_reference"]["tests"].pop(1)
-    with pytest.raises(DataError, match="1001:T1"):
+    with pytest.raises(DataError, match=re.escape(columns[1])):
         DriftReference.from_manifest(manifest)
-    manifest = make_manifest(n_tests=3)
+    manifest = drift_floor.manifest
     manifest["drift_reference"]["tests"][0]["proportions"].pop()
-    with pytest.raises(DataError, match="1000:T0"):
+    with pytest.raises(DataError, match=re.escape(columns[0])):
         DriftReference.from_manifest(manifest)

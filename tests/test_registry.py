@@ -1,14 +1,13 @@
 """Model registry: publish, verify, stages, rollback, crash safety and concurrent writers.
 
-Packages here hold stand-in graph bytes (the registry only hashes them) but a complete manifest, so the
-schema and fidelity checks run on exactly what the trainer writes.
+Packages here are real ones that the trainer built and did not publish (tests/conftest.py, ``unpublished``),
+so the schema and fidelity checks run on exactly what the trainer writes.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import hashlib
-import io
 import json
 import os
 import signal
@@ -18,7 +17,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edge_agent.errors import RegistryError
@@ -32,64 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 def _fidelity(file: str, agreement: float = 1.0, passed: bool = True) -> dict:
     return {"file": file, "rows": 500, "max_abs_diff": 3e-7, "decision_agreement": agreement,
             "min_agreement": 0.999, "passed": passed}
-
-
-def build_package(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, bytes], dict]:
-    """Files and a complete schema_version 1 manifest (version and files left for the registry to fill)."""
-    features = [{"index": i, "column": f"{1000 + i}:T{i}", "name": f"T{i}", "number": 1000 + i, "units": "V",
-                 "low": -1.0, "high": 1.0 + i, "pin": None, "impute": 0.25 * i} for i in range(n_features)]
-    features[-1].update(number=None, low=None, pin="P12", units="")
-    columns = [f["column"] for f in features]
-    sample = io.BytesIO()
-    np.savez(sample, readings=np.zeros((8, n_features), np.float32), score=np.full(8, 0.1, np.float32),
-             pass_probability=np.full(8, 0.9, np.float32))
-    files = {"outlier.onnx": b"\x08\x09\x12\x08skl2onnx outlier graph",
-             "yield.onnx": b"\x08\x09\x12\x08skl2onnx yield graph",
-             "model_card.md": b"# Model card: demo\n",
-             "sample_rows.npz": sample.getvalue()}
-    yield_files = {"float32": "yield.onnx"}
-    fidelity = {"outlier.float32": _fidelity("outlier.onnx"), "yield.float32": _fidelity("yield.onnx", 0.9995)}
-    if int8:
-        files["yield.int8.onnx"] = b"\x08\x09\x12\x08quantized yield graph"
-        yield_files["int8"] = "yield.int8.onnx"
-        fidelity["yield.int8"] = _fidelity("yield.int8.onnx", 0.9992)
-    manifest = {
-        "schema_version": 1, "name": "", "version": "", "created_at": "2025-11-23T06:00:00+00:00",
-        "features": features,
-        "imputation": {"strategy": "median", "where": "inside the ONNX graphs", "values_from": "training rows"},
-        "input": {"name": "readings", "dtype": "float32", "shape": [None, n_features], "missing": "NaN"},
-        "models": {
-            "outlier": {"kind": "isolation_forest", "files": {"float32": "outlier.onnx"}, "output": "score",
-                        "score_convention": "lower = more anomalous; outlier when score < threshold",
-                        "threshold": -0.031, "target_outlier_rate": 0.01, "params": {"n_estimators": 200},
-                        "quantization": {"int8": False, "reason": "tree ensembles gain nothing from int8"}},
-            "yield": {"kind": "logistic", "files": yield_files, "output": "pass_probability", "threshold": 0.5,
-                      "label": "final_pass", "params": {"C": 1.0},
-                      "quantization": {"int8": int8, "reason": "dynamic int8 of the linear layer"}},
-        },
-        "pat": {"k_sigma": 6.0, "method": "median +/- k * IQR/1.35 over passing training parts", "min_parts": 30,
-                "limits": [{"column": c, "median": 0.5, "robust_sigma": 0.1, "low": -0.1, "high": 1.1, "n": 900}
-                           for c in columns]},
-        "drift_reference": {
-            "bins": 4,
-            "tests": [{"column": c, "edges": [0.2, 0.5, 0.8], "proportions": [0.25] * 4, "missing_rate": 0.0}
-                      for c in columns],
-            "outlier_score": {"edges": [0.0, 0.05], "proportions": [0.1, 0.4, 0.5],
-                              "quantiles": {"p01": -0.03, "p50": 0.08, "p99": 0.15}, "outlier_rate": 0.01}},
-        "metrics": {"outlier": {"holdout_outlier_rate_passing": 0.011, "latent_outlier_recall": None},
-                    "yield": {"roc_auc": 0.93, "f1_fail_class": 0.71, "brier": 0.05,
-                              "calibration": [{"bin": "0.0-0.1", "parts": 3, "mean_predicted": 0.06,
-                                                               "observed_pass_rate": 0.0}]}},
-        "fidelity": fidelity,
-        "validation": {"rows": 1000, "findings": []},
-        "lineage": {"data_sha256": hashlib.sha256(b"training data").hexdigest(), "rows": 1000, "train_rows": 800,
-                    "holdout_rows": 200,
-                    "sources": ["/data/lot1.stdf", {"path": "/data/lot2.parquet", "sha256": "ab", "bytes": 3}],
-                    "code_version": "0.1.0+abc1234", "parameters": {"seed": 0},
-                    "trained_at": "2025-11-23T05:59:00Z", "versions": {"python": "3.11.7", "onnxruntime": "1.32.0"}},
-        "files": {},
-    }
-    return files, manifest
 
 
 @pytest.fixture
@@ -114,8 +54,8 @@ def _published_manifest(registry: Registry, ref: PackageRef) -> dict:
 
 # ---- schema ---------------------------------------------------------------------------------------------------
 
-def test_fixture_manifest_is_valid_once_version_and_files_are_filled():
-    files, manifest = build_package()
+def test_fixture_manifest_is_valid_once_version_and_files_are_filled(unpublished):
+    files, manifest = unpublished.package()
     manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
     assert validate_manifest(manifest) == []
 
@@ -125,23 +65,25 @@ def test_fixture_manifest_is_valid_once_version_and_files_are_filled():
     (lambda m: m.pop("lineage"), "manifest.lineage: missing"),
     (lambda m: m["features"][3].update(low="0.1"), "manifest.features[3].low: expected number or null, got str"),
     (lambda m: m["features"][1].update(index=5), "manifest.features[1].index: expected 1"),
-    (lambda m: m["input"].update(shape=[None, 3]), "manifest.input.shape[1]: expected 4"),
+    (lambda m: m["input"].update(shape=[None, 3]), "manifest.input.shape[1]: expected {features}"),
     (lambda m: m["models"]["yield"].update(threshold=float("nan")), "manifest.models.yield.threshold: nan is not"),
     (lambda m: m["models"]["yield"].update(kind="svm"), "manifest.models.yield.kind: expected one of"),
     (lambda m: m["models"]["yield"]["files"].update(int8="missing.onnx"),
      "manifest.models.yield.files.int8: 'missing.onnx' is not listed in manifest.files"),
     (lambda m: m["models"]["yield"]["quantization"].update(int8=False), "manifest.models.yield.quantization.int8"),
     (lambda m: m["drift_reference"]["tests"][2].update(proportions=[0.5, 0.5]),
-     "manifest.drift_reference.tests[2].proportions: expected 4"),
+     "manifest.drift_reference.tests[2].proportions: expected {test_2_bins}"),
     (lambda m: m["pat"]["limits"][0].update(column="9:NOPE"), "manifest.pat.limits[0].column: '9:NOPE' is not"),
     (lambda m: m.update(created_at="2025-11-23T06:00:00+02:00"), "manifest.created_at: expected a UTC time"),
     (lambda m: m["files"].pop("model_card.md"), "manifest.files: model_card.md missing"),
     (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), "manifest.files['../escape.onnx']: expected a plain"),
     (lambda m: m["fidelity"]["yield.int8"].pop("min_agreement"), "manifest.fidelity['yield.int8'].min_agreement"),
 ])
-def test_schema_problems_name_the_json_path(change, expected):
-    files, manifest = build_package()
+def test_schema_problems_name_the_json_path(unpublished, change, expected):
+    files, manifest = unpublished.package()
     manifest.update(name="demo", version="1", files={n: _sha256(b) for n, b in files.items()})
+    expected = expected.format(features=len(manifest["features"]),
+                               test_2_bins=len(manifest["drift_reference"]["tests"][2]["edges"]) + 1)
     change(manifest)
     problems = validate_manifest(manifest)
     assert any(p.startswith(expected) for p in problems), problems
@@ -149,8 +91,8 @@ def test_schema_problems_name_the_json_path(change, expected):
 
 # ---- publish and verify ---------------------------------------------------------------------------------------
 
-def test_publish_writes_a_package_that_verifies(registry):
-    files, manifest = build_package()
+def test_publish_writes_a_package_that_verifies(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest, reason="first training")
     assert ref == PackageRef("demo", "1")
     folder = registry.package_dir(ref)
@@ -174,8 +116,8 @@ def test_publish_writes_a_package_that_verifies(registry):
         ("publish", "1", None, "candidate", "first training")
 
 
-def test_publish_accepts_file_paths(registry, tmp_path):
-    files, manifest = build_package(int8=False)
+def test_publish_accepts_file_paths(registry, tmp_path, unpublished):
+    files, manifest = unpublished.package(int8=False)
     source = tmp_path / "export"
     source.mkdir()
     for name, data in files.items():
@@ -185,8 +127,8 @@ def test_publish_accepts_file_paths(registry, tmp_path):
     assert (registry.package_dir(ref) / "outlier.onnx").read_bytes() == files["outlier.onnx"]
 
 
-def test_a_tampered_byte_is_named_with_both_checksums(registry):
-    files, manifest = build_package()
+def test_a_tampered_byte_is_named_with_both_checksums(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     target = registry.package_dir(ref) / "yield.onnx"
     tampered = bytearray(files["yield.onnx"])
@@ -198,8 +140,8 @@ def test_a_tampered_byte_is_named_with_both_checksums(registry):
                                f"got {_sha256(bytes(tampered))}"]
 
 
-def test_missing_and_unlisted_files_are_named(registry):
-    files, manifest = build_package()
+def test_missing_and_unlisted_files_are_named(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     folder = registry.package_dir(ref)
     os.chmod(folder, 0o755)
@@ -210,8 +152,8 @@ def test_missing_and_unlisted_files_are_named(registry):
     assert "notes.txt: file in the package but not listed in manifest.files" in problems
 
 
-def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry):
-    files, manifest = build_package()
+def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     before = registry.checksum(ref)
     edited = _published_manifest(registry, ref)
@@ -224,8 +166,8 @@ def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry):
     assert registry.checksum(ref) != before
 
 
-def test_publish_refuses_an_invalid_manifest_and_leaves_nothing(registry):
-    files, manifest = build_package()
+def test_publish_refuses_an_invalid_manifest_and_leaves_nothing(registry, unpublished):
+    files, manifest = unpublished.package()
     del manifest["pat"]["limits"]
     with pytest.raises(RegistryError, match=r"manifest.pat.limits: missing"):
         registry.publish("demo", files, manifest)
@@ -233,8 +175,8 @@ def test_publish_refuses_an_invalid_manifest_and_leaves_nothing(registry):
     assert not (registry.root / "demo").exists(), "refused before anything was written"
 
 
-def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_path):
-    files, manifest = build_package()
+def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_path, unpublished):
+    files, manifest = unpublished.package()
     manifest["fidelity"]["yield.int8"].update(passed=False, decision_agreement=0.97)
     with pytest.raises(RegistryError, match=r"yield.int8.onnx: fidelity.yield.int8.passed is False"):
         registry.publish("demo", files, manifest)
@@ -253,8 +195,8 @@ def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_pa
     assert len(problems) == 2, problems
 
 
-def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registry):
-    files, manifest = build_package(int8=False)
+def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registry, unpublished):
+    files, manifest = unpublished.package(int8=False)
     # The int8 variant was refused and not shipped: its failed check does not block the package.
     manifest["fidelity"]["yield.int8"] = _fidelity("yield.int8.onnx", 0.95, passed=False)
     ref = registry.publish("demo", files, manifest)
@@ -264,14 +206,14 @@ def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registr
     with pytest.raises(RegistryError, match=r"outlier.onnx: no fidelity entry 'fidelity.outlier.float32'"):
         registry.publish("demo", files, manifest)
 
-    files, manifest = build_package()
+    files, manifest = unpublished.package()
     manifest["fidelity"]["yield.float32"]["decision_agreement"] = 0.998   # passed stays True: a lying entry
     with pytest.raises(RegistryError, match=r"decision_agreement 0.998 is below min_agreement 0.999"):
         registry.publish("demo", files, manifest)
 
 
-def test_versions_are_immutable_and_numbered(registry):
-    files, manifest = build_package()
+def test_versions_are_immutable_and_numbered(registry, unpublished):
+    files, manifest = unpublished.package()
     first = registry.publish("demo", files, manifest)
     folder = registry.package_dir(first)
     snapshot = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
@@ -287,9 +229,9 @@ def test_versions_are_immutable_and_numbered(registry):
     assert registry.checksum(first) != registry.checksum(second)
 
 
-def test_version_numbers_taken_behind_the_lock_are_skipped(registry, monkeypatch):
+def test_version_numbers_taken_behind_the_lock_are_skipped(registry, monkeypatch, unpublished):
     """Writers that ignore the lock took the numbers this publish allocated: the next free number is used."""
-    files, manifest = build_package()
+    files, manifest = unpublished.package()
     first = registry.publish("demo", files, manifest)
     before = {p.name: p.read_bytes() for p in registry.package_dir(first).iterdir()}
     (registry.root / "demo" / "2").mkdir()   # another writer's folder, still empty: rename(2) would replace it
@@ -302,8 +244,8 @@ def test_version_numbers_taken_behind_the_lock_are_skipped(registry, monkeypatch
     assert registry.verify(first).ok and registry.verify(third).ok
 
 
-def test_numbers_of_deleted_versions_are_not_reused(registry):
-    files, manifest = build_package()
+def test_numbers_of_deleted_versions_are_not_reused(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     folder = registry.package_dir(ref)
     for path in [folder, *folder.iterdir()]:
@@ -316,13 +258,13 @@ def test_numbers_of_deleted_versions_are_not_reused(registry):
 
 # ---- stages, history, rollback ----------------------------------------------------------------------------------
 
-def _publish_versions(registry: Registry, count: int) -> list[PackageRef]:
-    files, manifest = build_package()
+def _publish_versions(registry: Registry, unpublished, count: int) -> list[PackageRef]:
+    files, manifest = unpublished.package()
     return [registry.publish("demo", files, manifest) for _ in range(count)]
 
 
-def test_promotion_path_and_history(registry):
-    v1, v2 = _publish_versions(registry, 2)
+def test_promotion_path_and_history(registry, unpublished):
+    v1, v2 = _publish_versions(registry, unpublished, 2)
     start = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)   # history times are in milliseconds
     registry.promote("demo", "1", "staging", reason="passed offline review")
     registry.promote("demo", "1", "production", reason="shadow run on tester T7 ok")
@@ -349,23 +291,23 @@ def test_promotion_path_and_history(registry):
         assert event["user"]
 
 
-def test_a_new_staging_version_sends_the_previous_one_back_to_candidate(registry):
-    _publish_versions(registry, 2)
+def test_a_new_staging_version_sends_the_previous_one_back_to_candidate(registry, unpublished):
+    _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 1, "staging", reason="review")
     registry.promote("demo", 2, "staging", reason="newer")
     assert registry.stages("demo") == {"1": "candidate", "2": "staging"}
 
 
-def test_promoting_to_the_current_stage_records_nothing(registry):
-    _publish_versions(registry, 1)
+def test_promoting_to_the_current_stage_records_nothing(registry, unpublished):
+    _publish_versions(registry, unpublished, 1)
     registry.promote("demo", 1, "production", reason="go")
     events = len(registry.history("demo"))
     registry.promote("demo", 1, "production", reason="again")
     assert len(registry.history("demo")) == events
 
 
-def test_production_requires_a_package_that_verifies(registry):
-    v1, v2 = _publish_versions(registry, 2)
+def test_production_requires_a_package_that_verifies(registry, unpublished):
+    v1, v2 = _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 1, "production", reason="first")
     _overwrite(registry.package_dir(v2) / "outlier.onnx", b"corrupted")
     with pytest.raises(RegistryError, match=r"demo/2 does not verify(.|\n)*outlier.onnx: checksum mismatch"):
@@ -374,8 +316,8 @@ def test_production_requires_a_package_that_verifies(registry):
     registry.promote("demo", 2, "staging", reason="staging needs no verification")
 
 
-def test_rollback_walks_back_through_production_holders(registry):
-    _publish_versions(registry, 3)
+def test_rollback_walks_back_through_production_holders(registry, unpublished):
+    _publish_versions(registry, unpublished, 3)
     for version in ("1", "2", "3"):
         registry.promote("demo", version, "production", reason=f"release {version}")
     assert registry.rollback("demo", reason="v3 flags too many parts").version == "2"
@@ -390,8 +332,8 @@ def test_rollback_walks_back_through_production_holders(registry):
                         ("rollback", "1", "archived", "production", "v2 drifts on site 3")]
 
 
-def test_rollback_after_a_re_promotion_restores_the_version_it_replaced(registry):
-    _publish_versions(registry, 2)
+def test_rollback_after_a_re_promotion_restores_the_version_it_replaced(registry, unpublished):
+    _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 1, "production", reason="a")
     registry.promote("demo", 2, "production", reason="b")
     registry.rollback("demo", reason="b was bad")
@@ -399,8 +341,8 @@ def test_rollback_after_a_re_promotion_restores_the_version_it_replaced(registry
     assert registry.rollback("demo", reason="still bad").version == "1"
 
 
-def test_rollback_with_nothing_before_is_an_error(registry):
-    _publish_versions(registry, 2)
+def test_rollback_with_nothing_before_is_an_error(registry, unpublished):
+    _publish_versions(registry, unpublished, 2)
     with pytest.raises(RegistryError, match=r"no version in production to roll back"):
         registry.rollback("demo", reason="nothing there")
     registry.promote("demo", 1, "production", reason="only one")
@@ -411,10 +353,10 @@ def test_rollback_with_nothing_before_is_an_error(registry):
         registry.promote("demo", 2, "production", reason=" ")
 
 
-def test_resolve_errors_say_what_exists(registry):
+def test_resolve_errors_say_what_exists(registry, unpublished):
     with pytest.raises(RegistryError, match=r"does not exist"):
         registry.resolve("demo")
-    _publish_versions(registry, 2)
+    _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 2, "staging", reason="r")
     with pytest.raises(RegistryError, match=r"model 'demo' has no version in production; "
                                             r"versions: 1 \(candidate\), 2 \(staging\)"):
@@ -463,11 +405,11 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _writer(tmp_path: Path, registry: Registry, mode: str, count: int) -> subprocess.Popen:
+def _writer(tmp_path: Path, registry: Registry, unpublished, mode: str, count: int) -> subprocess.Popen:
     source = tmp_path / "source"
     if not source.exists():
         source.mkdir()
-        files, manifest = build_package()
+        files, manifest = unpublished.package()
         for name, data in files.items():
             (source / name).write_bytes(data)
         (source / "manifest-in.json").write_text(json.dumps(manifest))
@@ -489,8 +431,8 @@ def _assert_nothing_loadable(registry: Registry) -> None:
     assert cli_verify(registry) == (True, f"no packages in {registry.root}")
 
 
-def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path):
-    writer = _writer(tmp_path, registry, "kill_after_files", 2)
+def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path, unpublished):
+    writer = _writer(tmp_path, registry, unpublished, "kill_after_files", 2)
     assert writer.stdout.readline().split()[0] == "wrote"   # the writer now blocks after two files
     [staging] = _staging_dirs(registry)
     assert len(list(staging.iterdir())) == 2, "the crash must hit a half-written package"
@@ -500,7 +442,7 @@ def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path):
     assert writer.returncode == -signal.SIGKILL
     _assert_nothing_loadable(registry)
 
-    files, manifest = build_package()
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest, reason="after the crash")
     assert ref.version == "1"
     assert registry.verify(ref).ok
@@ -510,8 +452,8 @@ def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path):
     assert [e["action"] for e in registry.history("demo")] == ["publish"]
 
 
-def test_writer_dying_just_before_the_rename_leaves_nothing_loadable(registry, tmp_path):
-    writer = _writer(tmp_path, registry, "exit_before_rename", 1)
+def test_writer_dying_just_before_the_rename_leaves_nothing_loadable(registry, tmp_path, unpublished):
+    writer = _writer(tmp_path, registry, unpublished, "exit_before_rename", 1)
     _, stderr = writer.communicate()
     assert writer.returncode == 1, stderr
     [staging] = _staging_dirs(registry)
@@ -519,13 +461,13 @@ def test_writer_dying_just_before_the_rename_leaves_nothing_loadable(registry, t
     _assert_nothing_loadable(registry)
     assert registry.history("demo") == []
 
-    files, manifest = build_package()
+    files, manifest = unpublished.package()
     assert registry.publish("demo", files, manifest).version == "1"
     assert registry.gc(older_than_s=0) == [staging]
 
 
-def test_concurrent_writers_get_distinct_versions(registry, tmp_path):
-    writers = [_writer(tmp_path, registry, "publish_on_go", 3) for _ in range(2)]
+def test_concurrent_writers_get_distinct_versions(registry, tmp_path, unpublished):
+    writers = [_writer(tmp_path, registry, unpublished, "publish_on_go", 3) for _ in range(2)]
     for writer in writers:
         assert writer.stdout.readline().strip() == "ready"
     for writer in writers:
@@ -545,8 +487,8 @@ def test_concurrent_writers_get_distinct_versions(registry, tmp_path):
     assert _staging_dirs(registry) == []
 
 
-def test_a_torn_history_line_is_ignored_and_repaired(registry):
-    _publish_versions(registry, 1)
+def test_a_torn_history_line_is_ignored_and_repaired(registry, unpublished):
+    _publish_versions(registry, unpublished, 1)
     history = registry.root / "demo" / "history.jsonl"
     with open(history, "ab") as log:
         log.write(b'{"time": "2025-11-23T06:00:00')   # an append cut short by a crash
@@ -565,8 +507,8 @@ def _run(root: Path, *argv: str) -> int:
     return args.handler(args)
 
 
-def test_cli_commands(registry, capsys):
-    v1, v2 = _publish_versions(registry, 2)
+def test_cli_commands(registry, capsys, unpublished):
+    v1, v2 = _publish_versions(registry, unpublished, 2)
     root = registry.root
     assert _run(root, "registry", "promote", "demo", "1", "production", "--reason", "first release") == 0
     assert "demo/1: candidate -> production" in capsys.readouterr().out
@@ -574,15 +516,20 @@ def test_cli_commands(registry, capsys):
     assert _run(root, "registry", "list") == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0] == "demo"
-    assert listing[2].split()[:4] == ["1", "production", "2025-11-23T06:00:00+00:00", registry.checksum(v1)[:12]]
+    manifest = _published_manifest(registry, v1)
+    assert listing[2].split()[:4] == ["1", "production", manifest["created_at"], registry.checksum(v1)[:12]]
     assert listing[3].split()[:2] == ["2", "candidate"]
 
     summary = cli_show(registry, "demo")
+    lineage, columns = manifest["lineage"], [f["column"] for f in manifest["features"]]
+    models, int8 = manifest["models"], manifest["fidelity"]["yield.int8"]
     for expected in ("package   demo/1  (stage production)", f"checksum  {registry.checksum(v1)}", "verified  ok",
-                     "rows      1000 (train 800, held out 200)", "features  4: 1000:T0, 1001:T1",
-                     "outlier   isolation_forest, threshold -0.031", "roc_auc 0.93",
-                     "yield.int8       yield.int8.onnx: passed, decisions agree 0.9992 (min 0.999)",
-                     "tree ensembles gain nothing from int8", "sample_rows.npz"):
+                     f"rows      {lineage['rows']} (train {lineage['train_rows']}, held out {lineage['holdout_rows']})",
+                     f"features  {len(columns)}: {columns[0]}, {columns[1]}",
+                     f"outlier   isolation_forest, threshold {models['outlier']['threshold']:.4g}",
+                     f"roc_auc {manifest['metrics']['yield']['roc_auc']:.4g}",
+                     f"yield.int8       yield.int8.onnx: passed, decisions agree {int8['decision_agreement']:.4g} "
+                     f"(min 0.999)", models["outlier"]["quantization"]["reason"], "sample_rows.npz"):
         assert expected in summary, expected
     assert cli_show(registry, "demo", "2").startswith("package   demo/2  (stage candidate)")
 

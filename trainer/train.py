@@ -20,10 +20,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import DataError
+from edge_agent.package.manifest import YIELD_KINDS
 
 from .table import ParametricTable
 
-YIELD_KINDS = ("random_forest", "logistic", "mlp")
 TREES_PER_PROGRESS_STEP = 20
 
 
