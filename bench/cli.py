@@ -13,34 +13,46 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 from bench import machine, report
-from edge_agent.errors import EdgeError
+from edge_agent.errors import run_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("e2e", "throughput", "agent", "inproc", "scaling", "stdf", "training", "drift")
 AGENT_SECTIONS = ("e2e", "throughput", "agent")
 QUICK_YIELD_KINDS = ("random_forest", "logistic")   # logistic has an int8 variant; the MLP takes long to fit
+# Every section trains or reads data with the trainer's libraries, and the plots need matplotlib: a role that is
+# not installed is named before the first section runs, not after minutes of measuring.
+NEEDED_MODULES = ("sklearn", "skl2onnx", "onnx", "pandas", "pyarrow", "numba", "matplotlib")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.readme_table:
-            print(report.readme_table(load_results(args.readme_table)))
-            return 0
-        figures, latencies, curves = run(args.quick, args.only or list(SECTIONS))
-        write_outputs(figures, latencies, curves, Path(args.json), Path(args.markdown), Path(args.plots))
-    except EdgeError as error:
-        print(f"edge-bench: error: {error}", file=sys.stderr)
-        return 2
+    return run_command("edge-bench", lambda: bench_command(args))
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if args.readme_table:
+        print(report.readme_table(load_results(args.readme_table)))
+        return 0
+    check_installed(NEEDED_MODULES)
+    figures, latencies, curves = run(args.quick, args.only or list(SECTIONS))
+    write_outputs(figures, latencies, curves, Path(args.json), Path(args.markdown), Path(args.plots))
     print(report.readme_table(figures))
     print(f"\nwrote {args.json}, {args.markdown} and plots in {args.plots} ({figures['run.seconds']} s)")
     return 0
+
+
+def check_installed(modules: tuple[str, ...]) -> None:
+    """ModuleNotFoundError for the first of ``modules`` that is not installed (run_command names its extra)."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,68 +1,40 @@
-"""A stand-in agent process for the collector tests: the real DriftMonitor, DiskSpool and Shipper, fed with
-synthetic parts instead of score requests (the agent's request path is not needed to prove shipping).
+"""A stand-in agent process for the collector tests: the real DriftMonitor, DiskSpool and Shipper over a real
+model package, fed with parts of the package's product instead of score requests (the agent's request path is
+not needed to prove shipping).
 
-    python tests/drift_feeder.py --tests 12 --agent-id A --collector tcp://127.0.0.1:5560 --spool DIR
-        --windows 5 --window-parts 400 [--sites 4] [--shift-test COLUMN --shift-site 2 --shift 1.5]
-        [--wait-acked-s 30] [--pace-s 0.1]
+    python tests/drift_feeder.py --registry DIR --model NAME --feed FEED.npz --agent-id A
+        --collector tcp://127.0.0.1:5560 --spool DIR --windows 5 --window-parts 400 [--sites 4]
+        [--shift-test COLUMN --shift-site 2 --shift 1.5] [--score-shift -3] [--wait-acked-s 30] [--pace-s 0.1]
 
-The model is ``make_drift_model(n_tests=TESTS)``, built again in each feeder (same arguments, same model and
-checksum). Readings are standard normal (as the reference's), scores normal(SCORE_MEAN, SCORE_SD).
-After the last window it spools every window and sends until the spool is empty or ``--wait-acked-s`` passed,
-then prints one JSON line {"agent_id", "last_seq", "pending", "acked", "dropped_total"} and exits.
+The package is the production version of ``--model``. ``--feed`` holds parts of its product that training held
+out (``readings`` in the package's feature order and the outlier model's ``scores``, as tests/conftest.py writes
+them); each window draws its parts from them at random. Shifts are in the shifted test's robust sigma from the
+package's PAT limits, score shifts in the drift reference's score sigma. After the last window it spools every
+window and sends until the spool is empty or ``--wait-acked-s`` passed, then prints one JSON line
+{"agent_id", "last_seq", "pending", "acked", "resends", "dropped_total"} and exits.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script from a checkout, installed or not
 
 from edge_agent.drift import DriftMonitor, DriftReference  # noqa: E402
-from edge_agent.package.manifest import ReferenceBins  # noqa: E402
+from edge_agent.package.registry import Registry  # noqa: E402
 from edge_agent.shipping import DiskSpool, Shipper  # noqa: E402
-from trainer.reference import drift_reference  # noqa: E402
-
-SCORE_MEAN, SCORE_SD = 0.10, 0.03
-REFERENCE_OUTLIER_RATE = 0.01
-
-
-@dataclass(frozen=True)
-class DriftModel:
-    """What the drift side reads of a model package: feature order, drift reference bins, outlier threshold."""
-
-    columns: list[str]
-    bins: ReferenceBins
-    threshold: float
-    identity: dict   # {"name", "version", "checksum"}, as an agent reports its model
-
-    def reference(self) -> DriftReference:
-        return DriftReference.from_bins(self.columns, self.bins, f"{self.identity['name']}/{self.identity['version']}")
-
-
-def make_drift_model(n_tests: int = 12, rows: int = 4000, seed: int = 1) -> DriftModel:
-    """The trainer's own drift reference built from standard normal readings (0.5 % missing) and normal scores,
-    with the outlier threshold at their 1 % quantile; the same arguments give the same model and checksum."""
-    rng = np.random.default_rng(seed)
-    values = rng.normal(size=(rows, n_tests))
-    values[rng.random(values.shape) < 0.005] = np.nan
-    scores = rng.normal(SCORE_MEAN, SCORE_SD, rows)
-    threshold = float(np.quantile(scores, REFERENCE_OUTLIER_RATE))
-    columns = [f"{1000 + i}:T{i}" for i in range(n_tests)]
-    checksum = hashlib.sha256(f"drift-demo tests={n_tests} rows={rows} seed={seed}".encode()).hexdigest()
-    return DriftModel(columns, drift_reference(values, columns, scores, threshold), threshold,
-                      {"name": "drift-demo", "version": "1", "checksum": checksum})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tests", type=int, required=True, help="the model: make_drift_model(n_tests=TESTS)")
+    parser.add_argument("--registry", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--feed", required=True)
     parser.add_argument("--agent-id", required=True)
     parser.add_argument("--tester", default=None)
     parser.add_argument("--collector", required=True)
@@ -75,28 +47,36 @@ def main() -> int:
     parser.add_argument("--shift-test", default=None)
     parser.add_argument("--shift-site", type=int, default=None)
     parser.add_argument("--shift", type=float, default=0.0, help="added to the shifted test's readings (sigmas)")
-    parser.add_argument("--score-shift", type=float, default=0.0, help="added to every score (outlier bursts)")
+    parser.add_argument("--score-shift", type=float, default=0.0, help="added to every score (sigmas)")
     parser.add_argument("--ack-timeout-s", type=float, default=1.0)
     parser.add_argument("--wait-acked-s", type=float, default=60.0)
     parser.add_argument("--pace-s", type=float, default=0.0, help="pause after each window")
     args = parser.parse_args()
 
-    model = make_drift_model(n_tests=args.tests)
-    reference, threshold = model.reference(), model.threshold
-    monitor = DriftMonitor(reference, model.identity, window_parts=args.window_parts, window_seconds=3600.0)
+    registry = Registry(args.registry)
+    ref = registry.resolve(args.model, "production")
+    manifest = registry.manifest(ref)
+    reference = DriftReference.from_manifest(manifest)
+    threshold = manifest.models.outlier.threshold
+    identity = {"name": ref.name, "version": ref.version, "checksum": registry.checksum(ref)}
+    monitor = DriftMonitor(reference, identity, window_parts=args.window_parts, window_seconds=3600.0)
     shipper = Shipper(args.collector, DiskSpool(args.spool, max_messages=args.spool_max_messages),
                       agent_id=args.agent_id, tester=args.tester or args.agent_id, ack_timeout_s=args.ack_timeout_s)
     shipper.start()
     shifted = reference.columns.index(args.shift_test) if args.shift_test else None
+    shift = 0.0 if shifted is None else args.shift * manifest.pat.limits[shifted].robust_sigma
+    with np.load(args.feed) as feed:
+        readings, scores = feed["readings"], feed["scores"] + args.score_shift * reference.score_scale
     rng = np.random.default_rng(args.seed)
     for _ in range(args.windows):
-        rows = rng.normal(size=(args.window_parts, reference.n_tests)).astype(np.float32)
-        scores = rng.normal(SCORE_MEAN, SCORE_SD, args.window_parts) + args.score_shift
-        for i in range(args.window_parts):
+        drawn = rng.integers(len(readings), size=args.window_parts)
+        for i, part in enumerate(drawn):
             site = 1 + i % args.sites
+            row = readings[part].copy()
             if shifted is not None and site == args.shift_site:
-                rows[i, shifted] += args.shift
-            monitor.update(1, site, rows[i], float(scores[i]), bool(scores[i] < threshold))
+                row[shifted] += shift
+            score = float(scores[part])
+            monitor.update(1, site, row, score, score < threshold)
             window = monitor.maybe_close()
             if window is not None:
                 shipper.submit(window)

@@ -1,7 +1,8 @@
 """Edge agent: a real agent process, real sockets, real packages, real onnxruntime and scikit-learn.
 
-Packages are trained once per session (1,500 parts x 20 correlated tests, 50-tree forest): version 1 in
-production, version 2 (other parts, other seed) a candidate. Tests that change the registry work on a copy.
+Packages are trained once per session (tests/conftest.py, ``packages``: 1,500 synthetic parts x 20 tests, 50-tree
+forest): version 1 in production, version 2 (another lot) a candidate. Tests that change the registry work on a
+copy.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -21,15 +21,13 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-import onnxruntime as ort
 import pytest
 import zmq
 
-from bench.e2e_latency import publish_package, synthetic_table
 from edge_agent.binning import BinPolicy, decide
 from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
 from edge_agent.config import ConfigError, load_config
-from edge_agent.package.manifest import MANIFEST_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE
+from edge_agent.package.manifest import MANIFEST_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
@@ -38,44 +36,9 @@ from edge_agent.wire.score import Code, Part
 from trainer.replay import feature_columns, stream_lot
 from trainer.table import ParametricTable
 
-MODEL = "m"
-N_TESTS = 20
 REPO = Path(__file__).resolve().parents[1]
 REPLY_S = 10.0          # generous: a reply that does not come at all fails the test, a slow one does not
 OUTCOME_WAIT_S = 60.0   # bound on waiting for a background reload to finish
-
-
-@dataclasses.dataclass
-class Packages:
-    root: Path
-    trained: dict        # version -> TrainedModels (the scikit-learn pipelines)
-    stream: np.ndarray   # float32 readings of a further lot of the same product, for scoring
-
-    def offline(self, version: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of ``rows`` from plain onnxruntime sessions (default options) over the package's files."""
-        folder = Registry(self.root).package_dir(PackageRef(MODEL, version))
-        outlier = ort.InferenceSession(str(folder / OUTLIER_FILE), providers=["CPUExecutionProvider"])
-        yield_ = ort.InferenceSession(str(folder / YIELD_FILE), providers=["CPUExecutionProvider"])
-        feed = {"readings": rows.astype(np.float32)}
-        return outlier.run(["score"], feed)[0].reshape(-1), yield_.run(["pass_probability"], feed)[0].reshape(-1)
-
-    def copy(self, target: Path) -> Path:
-        shutil.copytree(self.root, target)
-        return target
-
-
-@pytest.fixture(scope="session")
-def packages(tmp_path_factory) -> Packages:
-    root = tmp_path_factory.mktemp("registry") / "models"
-    registry = Registry(root)
-    trained = {}
-    for version, seed in (("1", 11), ("2", 12)):
-        ref, trained[version] = publish_package(registry, MODEL, synthetic_table(1500, N_TESTS, seed=seed),
-                                                n_trees=50, yield_trees=30, seed=seed)
-        assert ref.version == version
-    registry.promote(MODEL, "1", "production", "test fixture")
-    stream = synthetic_table(400, N_TESTS, seed=13, lot="L9").readings().astype(np.float32)
-    return Packages(root, trained, stream)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +56,7 @@ max_batch = 50
 port = {metrics_port}
 """)
     endpoint = free_tcp_endpoint()
-    process = start_agent(packages.root, MODEL, endpoint, "--config", str(config), "--metrics-port",
+    process = start_agent(packages.root, packages.model, endpoint, "--config", str(config), "--metrics-port",
                           str(metrics_port), "--log-format", "json", log_path=folder / "agent.log")
     yield {"endpoint": endpoint, "metrics_port": metrics_port, "log": folder / "agent.log"}
     assert stop(process) == 0
@@ -155,7 +118,7 @@ def test_scores_equal_offline_onnxruntime_and_scikit_learn(agent, packages):
     rows[3, [0, 5]] = np.nan                  # tests not run: imputed inside the graphs
     rows[4, :] = np.nan
     score, probability = packages.offline("1", rows)
-    checksum = Registry(packages.root).checksum(PackageRef(MODEL, "1"))
+    checksum = Registry(packages.root).checksum(PackageRef(packages.model, "1"))
     with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
         results = [client.score(row, {"lot": "offline", "site": 3}) for row in rows]
     assert all(r.decided for r in results), [r.error_message for r in results if not r.decided][:3]
@@ -171,7 +134,7 @@ def test_scores_equal_offline_onnxruntime_and_scikit_learn(agent, packages):
     np.testing.assert_allclose(got_probability, sk_probability, rtol=0, atol=1e-5)
 
     for r, s in zip(results, sk_score):
-        assert r.model == {"name": MODEL, "version": "1", "checksum": checksum}
+        assert r.model == {"name": packages.model, "version": "1", "checksum": checksum}
         assert r.outlier == (r.outlier_score < trained.outlier_threshold)
         assert r.predicted_fail == (r.pass_probability < trained.yield_threshold)
         assert r.agent_us > 0
@@ -180,7 +143,7 @@ def test_scores_equal_offline_onnxruntime_and_scikit_learn(agent, packages):
 
 
 def test_readings_as_array_map_and_binary_agree(agent, packages):
-    manifest = Registry(packages.root).manifest(PackageRef(MODEL, "1"))
+    manifest = packages.manifest("1")
     columns = manifest.columns
     names = [f.name for f in manifest.features]
     row = packages.stream[7].astype(np.float64)
@@ -191,7 +154,9 @@ def test_readings_as_array_map_and_binary_agree(agent, packages):
             "array": row.tolist(),
             "binary": row.astype("<f4").tobytes(),
             "map by column": {c: v for c, v in zip(columns, row.tolist())},
-            "map by name, test not run left out": {n: v for i, (n, v) in enumerate(zip(names, row.tolist())) if i != 2},
+            # By name where the name is unique (the tests of a multi-pin test share one), else by column.
+            "map by name, test not run left out": {n if names.count(n) == 1 else c: v for i, (c, n, v)
+                                                   in enumerate(zip(columns, names, row.tolist())) if i != 2},
         }
         replies = {form: raw.ask(score_request(i, readings)) for i, (form, readings) in enumerate(forms.items())}
     finally:
@@ -208,7 +173,7 @@ def test_batch_equals_the_same_parts_one_by_one(agent, packages):
     """Singles on lot S and the batch on lot B of the same site: each starts that site's dynamic PAT window
     afresh, so both see the same PAT state; a far-off part before and after the warm-up shows it acts."""
     rows = packages.stream[200:245].copy()   # the agent here takes batches of up to 50
-    manifest = Registry(packages.root).manifest(PackageRef(MODEL, "1"))
+    manifest = packages.manifest("1")
     limit = manifest.pat.limits[4]
     for i in (5, 40):
         rows[i, 4] = limit.median + 10 * limit.robust_sigma
@@ -230,8 +195,9 @@ def test_batch_equals_the_same_parts_one_by_one(agent, packages):
 
 # ---- bad input --------------------------------------------------------------------------------------------------
 
-def _bad_requests(row: list[float]) -> list[tuple[str, object, str, str]]:
+def _bad_requests(row: list[float], columns: list[str], names: list[str]) -> list[tuple[str, object, str, str]]:
     """(what, request frames, expected code, a word the message must contain)."""
+    unique = next(i for i, name in enumerate(names) if names.count(name) == 1)   # a test known by its name
     inf_row, huge_row = list(row), list(row)
     inf_row[3], huge_row[4] = float("inf"), 1e39
     return [
@@ -249,14 +215,15 @@ def _bad_requests(row: list[float]) -> list[tuple[str, object, str, str]]:
         ("a reading a string", score_request(1, row[:2] + ["x"] + row[3:]), Code.WRONG_TYPE, "readings[2]"),
         ("a reading true", score_request(1, [True] + row[1:]), Code.WRONG_TYPE, "readings[0]"),
         ("no readings", {"v": 1, "type": "score", "id": 1}, Code.MISSING_FIELD, "readings"),
-        ("too few readings", score_request(1, row[:-1]), Code.WRONG_READING_COUNT, f"{N_TESTS - 1}"),
-        ("too many readings", score_request(1, row + [1.0]), Code.WRONG_READING_COUNT, f"{N_TESTS + 1}"),
+        ("too few readings", score_request(1, row[:-1]), Code.WRONG_READING_COUNT, f"{len(row) - 1}"),
+        ("too many readings", score_request(1, row + [1.0]), Code.WRONG_READING_COUNT, f"{len(row) + 1}"),
         ("binary readings of the wrong size", score_request(1, b"\x00" * 12), Code.WRONG_READING_COUNT, "12 bytes"),
-        ("unknown test name", score_request(1, {"1000:T0": 1.0, "NO_SUCH_TEST": 2.0}), Code.UNKNOWN_TEST,
+        ("unknown test name", score_request(1, {columns[0]: 1.0, "NO_SUCH_TEST": 2.0}), Code.UNKNOWN_TEST,
          "NO_SUCH_TEST"),
-        ("a test twice", score_request(1, {"1000:T0": 1.0, "T0": 1.0}), Code.DUPLICATE_TEST, "T0"),
-        ("infinity", score_request(1, inf_row), Code.NON_FINITE_READING, "1003:T3"),
-        ("beyond float32", score_request(1, huge_row), Code.NON_FINITE_READING, "1004:T4"),
+        ("a test twice", score_request(1, {columns[unique]: 1.0, names[unique]: 1.0}), Code.DUPLICATE_TEST,
+         names[unique]),
+        ("infinity", score_request(1, inf_row), Code.NON_FINITE_READING, columns[3]),
+        ("beyond float32", score_request(1, huge_row), Code.NON_FINITE_READING, columns[4]),
         ("part not a map", score_request(1, row, part="L1-3-10-4"), Code.WRONG_TYPE, "part"),
         ("part site a string", score_request(1, row, part={"site": "2"}), Code.WRONG_TYPE, "part.site"),
         ("part unknown field", score_request(1, row, part={"socket": 2}), Code.UNKNOWN_FIELD, "socket"),
@@ -274,7 +241,8 @@ def _bad_requests(row: list[float]) -> list[tuple[str, object, str, str]]:
 def test_each_bad_input_gets_its_error_code_and_the_next_request_is_answered(agent, packages):
     good_row = packages.stream[11]
     expected_score = float(packages.offline("1", good_row[None, :])[0][0])
-    cases = _bad_requests(good_row.astype(np.float64).tolist())
+    manifest = packages.manifest("1")
+    cases = _bad_requests(good_row.astype(np.float64).tolist(), manifest.columns, [f.name for f in manifest.features])
     raw = Raw(agent["endpoint"])
     try:
         before = raw.ask({"v": 1, "type": "health", "id": "before"})
@@ -287,7 +255,7 @@ def test_each_bad_input_gets_its_error_code_and_the_next_request_is_answered(age
             assert good["type"] == "score_result" and good["id"] == f"good-{n}", what
             assert good["outlier_score"] == pytest.approx(expected_score, abs=1e-6), what
         # NaN is a test that did not run, not an error.
-        nan_reply = raw.ask(score_request("nan", [float("nan")] * N_TESTS))
+        nan_reply = raw.ask(score_request("nan", [float("nan")] * packages.n_tests))
         assert nan_reply["type"] == "score_result"
         after = raw.ask({"v": 1, "type": "health", "id": "after"})
     finally:
@@ -317,8 +285,8 @@ def test_health_and_prometheus_endpoint(agent, packages):
             assert client.score(row).decided
         health = client.health(timeout_ms=REPLY_S * 1000)
     assert health["status"] == "serving"
-    assert health["model"]["version"] == "1" and health["model"]["features"] == N_TESTS
-    assert health["model"]["checksum"] == Registry(packages.root).checksum(PackageRef(MODEL, "1"))
+    assert health["model"]["version"] == "1" and health["model"]["features"] == packages.n_tests
+    assert health["model"]["checksum"] == Registry(packages.root).checksum(PackageRef(packages.model, "1"))
     assert health["parts_scored"] >= 10 and health["requests"]["score"] >= 10
     latency = health["latency_us"]
     assert latency["count"] >= 10 and 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
@@ -328,12 +296,13 @@ def test_health_and_prometheus_endpoint(agent, packages):
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
     assert samples["edge_agent_parts_scored_total"] >= health["parts_scored"]
-    assert samples[f'edge_agent_model_info{{checksum="{health["model"]["checksum"]}",name="{MODEL}",version="1"}}'] == 1
+    info = f'edge_agent_model_info{{checksum="{health["model"]["checksum"]}",name="{packages.model}",version="1"}}'
+    assert samples[info] == 1
     assert samples['edge_agent_request_seconds_bucket{le="+Inf"}'] >= latency["count"]
     assert samples['edge_agent_requests_total{type="score"}'] >= 10
 
     entries = [json.loads(line) for line in agent["log"].read_text().splitlines() if line.startswith("{")]
-    assert any(e["logger"] == "edge_agent.server" and e["message"].startswith(f"serving {MODEL}/1")
+    assert any(e["logger"] == "edge_agent.server" and e["message"].startswith(f"serving {packages.model}/1")
                for e in entries)
     assert {"time", "level", "logger", "message", "pid"} <= set(entries[0])
 
@@ -351,7 +320,7 @@ def test_a_req_socket_is_served_too(agent):
     assert reply["type"] == "health_result" and reply["id"] == "req"
 
 
-def test_cli_health_and_reload_talk_to_a_running_agent(agent):
+def test_cli_health_and_reload_talk_to_a_running_agent(agent, packages):
     health = subprocess.run([sys.executable, "-m", "edge_agent.cli", "health", "--connect", agent["endpoint"]],
                             capture_output=True, text=True, timeout=60)
     assert health.returncode == 0, health.stderr
@@ -360,12 +329,12 @@ def test_cli_health_and_reload_talk_to_a_running_agent(agent):
                             capture_output=True, text=True, timeout=120)
     assert reload.returncode == 0, reload.stderr
     outcome = json.loads(reload.stdout)["last_reload"]
-    assert outcome["outcome"] == "unchanged" and outcome["ref"] == f"{MODEL}/1"   # verified again, same package
+    assert outcome["outcome"] == "unchanged" and outcome["ref"] == f"{packages.model}/1"   # verified again, same one
 
 
 def test_demo_streams_a_lot_and_summarises_it(agent, packages):
-    full = synthetic_table(80, N_TESTS, seed=14, lot="DEMO")
-    columns = feature_columns(str(packages.root), MODEL)
+    full = packages.lot(14, 80, "DEMO")
+    columns = feature_columns(str(packages.root), packages.model)
     dropped = columns[-1]   # a test this lot did not run
     table = ParametricTable(full.frame.drop(columns=[dropped]), [t for t in full.tests if t.column != dropped])
     with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
@@ -376,14 +345,14 @@ def test_demo_streams_a_lot_and_summarises_it(agent, packages):
     ml_flags = summary["flags"].get("ml_outlier", 0)
     assert ml_flags == summary["pat_and_ml_outlier"] + len(summary["ml_outlier_only"])
     scores = [p["outlier_score"] for p in summary["most_anomalous"]]
-    assert scores == sorted(scores) and summary["most_anomalous"][0]["lot"] == "DEMO"
+    assert scores == sorted(scores) and summary["most_anomalous"][0]["lot"] == "DEMO0001"
     assert 0 < summary["round_trip_us"]["p50"] <= summary["round_trip_us"]["p99"]
 
 
 def test_client_turns_unusable_readings_into_a_counted_no_decision(agent, packages):
     row = packages.stream[21].astype(np.float64)
     with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
-        letters = client.score(["x"] * N_TESTS)
+        letters = client.score(["x"] * packages.n_tests)
         short = client.score(row[:5])
         not_run = client.score([None] + row[1:].tolist())
     assert (letters.decided, letters.error_code) == (False, ENCODE_FAILED)
@@ -401,7 +370,8 @@ def test_client_turns_unusable_readings_into_a_counted_no_decision(agent, packag
 def test_hot_reload_under_a_steady_stream_loses_no_request(packages, tmp_path):
     root = packages.copy(tmp_path / "models")
     endpoint = free_tcp_endpoint()
-    process = start_agent(root, MODEL, endpoint, "--watch-interval-s", "0.2", log_path=tmp_path / "agent.log")
+    process = start_agent(root, packages.model, endpoint, "--watch-interval-s", "0.2",
+                          log_path=tmp_path / "agent.log")
     rows = packages.stream
     streams: dict[int, list] = {k: [] for k in range(3)}
     finished = threading.Event()
@@ -418,7 +388,7 @@ def test_hot_reload_under_a_steady_stream_loses_no_request(packages, tmp_path):
         for thread in threads:
             thread.start()
         wait_for(lambda: all(len(s) >= 30 for s in streams.values()), "the streams to start")
-        Registry(root).promote(MODEL, "2", "production", "test: hot reload under load")
+        Registry(root).promote(packages.model, "2", "production", "test: hot reload under load")
         wait_for(lambda: all(sum(r.decided and r.model["version"] == "2" for _, r in s[-30:]) == 30
                              for s in streams.values()), "every stream to see version 2")
     finally:
@@ -453,7 +423,7 @@ def test_packages_that_fail_verification_are_refused_and_the_old_model_keeps_ser
     root = packages.copy(tmp_path / "models")
     registry = Registry(root)
     # Version 3: every checksum right, but its sample rows expect other scores than its graphs give.
-    source = registry.package_dir(PackageRef(MODEL, "1"))
+    source = registry.package_dir(PackageRef(packages.model, "1"))
     files = {p.name: p.read_bytes() for p in source.iterdir() if p.name != MANIFEST_FILE}
     with np.load(io.BytesIO(files[SAMPLE_ROWS_FILE])) as sample:
         arrays = dict(sample)
@@ -461,21 +431,22 @@ def test_packages_that_fail_verification_are_refused_and_the_old_model_keeps_ser
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     files[SAMPLE_ROWS_FILE] = buffer.getvalue()
-    ref3 = registry.publish(MODEL, files, registry.manifest(PackageRef(MODEL, "1")),
+    ref3 = registry.publish(packages.model, files, registry.manifest(PackageRef(packages.model, "1")),
                             reason="test: sample rows that disagree with the graphs")
     endpoint = free_tcp_endpoint()
-    process = start_agent(root, MODEL, endpoint, "--watch-interval-s", "0.2", log_path=tmp_path / "agent.log")
+    process = start_agent(root, packages.model, endpoint, "--watch-interval-s", "0.2",
+                          log_path=tmp_path / "agent.log")
     row = packages.stream[:1]
     expected = float(packages.offline("1", row)[0][0])
     try:
         with AgentClient(endpoint, timeout_ms=REPLY_S * 1000) as client:
-            registry.promote(MODEL, ref3.version, "production", "test: the stage moves to a bad package")
+            registry.promote(packages.model, ref3.version, "production", "test: the stage moves to a bad package")
             first = wait_for(lambda: client.health()["last_reload"], "the stage reload's outcome")
-            assert first["outcome"] == "refused" and first["ref"] == f"{MODEL}/{ref3.version}"
+            assert first["outcome"] == "refused" and first["ref"] == f"{packages.model}/{ref3.version}"
             assert any("smoke score" in p for p in first["problems"]), first["problems"]
 
             # Version 2 corrupted on disk after it was published: one byte of its outlier graph flipped.
-            folder = registry.package_dir(PackageRef(MODEL, "2"))
+            folder = registry.package_dir(PackageRef(packages.model, "2"))
             os.chmod(folder, 0o755)
             graph = folder / OUTLIER_FILE
             os.chmod(graph, stat.S_IRUSR | stat.S_IWUSR)
@@ -505,7 +476,7 @@ def test_client_fails_open_while_the_agent_is_gone_and_recovers_when_it_returns(
     endpoint = free_tcp_endpoint()
     log = tmp_path / "agent.log"
     row = packages.stream[0]
-    process = start_agent(packages.root, MODEL, endpoint, log_path=log)
+    process = start_agent(packages.root, packages.model, endpoint, log_path=log)
     client = AgentClient(endpoint, timeout_ms=300, failures_before_backoff=2, backoff_s=0.5)
     try:
         assert client.score(row).decided
@@ -516,7 +487,7 @@ def test_client_fails_open_while_the_agent_is_gone_and_recovers_when_it_returns(
         assert client.no_decision[TIMEOUT] >= 2 and sum(client.no_decision.values()) == 4
         assert client.decided == 1
 
-        process = start_agent(packages.root, MODEL, endpoint, log_path=log)
+        process = start_agent(packages.root, packages.model, endpoint, log_path=log)
         back = wait_for(lambda: (r := client.score(row)).decided and r, "the client to reconnect")
         assert back.outlier_score == pytest.approx(float(packages.offline("1", row[None, :])[0][0]), abs=1e-6)
         assert client.decided == 2
@@ -528,7 +499,7 @@ def test_client_fails_open_while_the_agent_is_gone_and_recovers_when_it_returns(
 def test_sigterm_answers_every_request_already_sent(packages, tmp_path):
     endpoint = free_tcp_endpoint()
     log = tmp_path / "agent.log"
-    process = start_agent(packages.root, MODEL, endpoint, log_path=log)
+    process = start_agent(packages.root, packages.model, endpoint, log_path=log)
     raw = Raw(endpoint)
     try:
         n = 300
@@ -552,7 +523,7 @@ def test_cli_refuses_unusable_configuration(packages, tmp_path):
         return subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(packages.root),
                                "--metrics-port", "0", *args], capture_output=True, text=True, timeout=120)
 
-    everywhere = run("--model", MODEL, "--bind", "tcp://0.0.0.0:5555")
+    everywhere = run("--model", packages.model, "--bind", "tcp://0.0.0.0:5555")
     assert everywhere.returncode == 2 and "bind_all_interfaces" in everywhere.stderr
     unknown = run("--model", "no-such-model", "--bind", free_tcp_endpoint())
     assert unknown.returncode == 2 and "no-such-model" in unknown.stderr
@@ -560,14 +531,14 @@ def test_cli_refuses_unusable_configuration(packages, tmp_path):
 
 def test_loaded_sessions_are_tuned_for_one_row_and_a_missing_variant_is_refused(packages):
     registry = Registry(packages.root)
-    model = load_package(registry, PackageRef(MODEL, "1"))
+    model = load_package(registry, PackageRef(packages.model, "1"))
     for session in (model._outlier, model._yield):
         options = session.get_session_options()
         assert options.intra_op_num_threads == 1
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert model.smoke["score"]["rows"] > 0 and model.smoke["score"]["max_abs_diff"] <= model.smoke["score"]["allowed"]
     with pytest.raises(ModelRefused, match="int8"):
-        load_package(registry, PackageRef(MODEL, "1"), yield_variant="int8")   # a forest has no int8 graph
+        load_package(registry, PackageRef(packages.model, "1"), yield_variant="int8")   # a forest has no int8 graph
 
 
 # ---- components ---------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The collector with real processes: agents (tests/drift_feeder.py: the real DriftMonitor, DiskSpool and
-Shipper), `edge-collector run` in its own process, its SQLite file, its Prometheus endpoint, and the report
-opened in headless Chromium.
+Shipper over a real package), `edge-collector run` in its own process, its SQLite file, its Prometheus endpoint,
+and the report opened in headless Chromium.
 
-Sample sizes: windows carry 300 parts per site, so a test's PSI without drift is about chi2(9)/300 (mean
-0.03; above 0.2 with probability ~1e-9), while a one-sigma shift over decile bins gives PSI near 1.
+The package and the parts fed come from tests/conftest.py's ``drift_floor``: parts of the training lot that
+training held out, so without an injected shift they follow the drift reference. Sample sizes: windows carry
+300 parts per site, so a test's PSI without drift is about chi2(9)/300 (mean 0.03; above 0.2 with probability
+~1e-9), while a one-sigma shift over decile bins gives PSI near 1.
 """
 from __future__ import annotations
 
@@ -25,11 +27,10 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from drift_feeder import make_drift_model
 
 from edge_agent.collector.alerts import AlertConfig, AlertRules
 from edge_agent.collector.store import Store
-from edge_agent.drift import DriftMonitor
+from edge_agent.drift import DriftMonitor, DriftReference
 from edge_agent.package.manifest import SAMPLE_ROWS_FILE
 from edge_agent.shipping import DiskSpool, Shipper
 from edge_agent.wire.codec import decode_trusted as decode
@@ -37,8 +38,7 @@ from edge_agent.wire.stats import parse_stats
 
 REPO = Path(__file__).resolve().parents[1]
 FEEDER = Path(__file__).with_name("drift_feeder.py")
-FEEDER_TESTS = 12   # the feeders' model: drift_feeder.make_drift_model(n_tests=12)
-SHIFTED_TEST = "1003:T3"
+SHIFTED_TEST = "2200:VOS"   # normally distributed, in the drift floor's 12-test program
 STARTUP_S = 30.0
 
 
@@ -92,11 +92,12 @@ class Collector:
                 for line in text.splitlines() if line.startswith("edge_collector_")}
 
 
-def _feeder(tmp: Path, endpoint: str, agent_id: str, windows: int, *extra: str,
+def _feeder(tmp: Path, floor, endpoint: str, agent_id: str, windows: int, *extra: str,
             spool: Path | None = None) -> subprocess.Popen:
     spool = spool or tmp / f"spool-{agent_id}"
-    return subprocess.Popen([sys.executable, str(FEEDER), "--tests", str(FEEDER_TESTS), "--agent-id", agent_id,
-                             "--collector", endpoint, "--spool", str(spool), "--windows", str(windows), *extra],
+    return subprocess.Popen([sys.executable, str(FEEDER), "--registry", str(floor.registry.root), "--model",
+                             floor.ref.name, "--feed", str(floor.feed), "--agent-id", agent_id, "--collector", endpoint,
+                             "--spool", str(spool), "--windows", str(windows), *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -131,16 +132,16 @@ def collector(tmp_path):
 # ---- one shifted test on one site ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def drifted_fleet(tmp_path_factory):
-    """Two testers x 4 sites, 2 windows each; test T3 shifted by one sigma on tester-b site 2 only."""
+def drifted_fleet(tmp_path_factory, drift_floor):
+    """Two testers x 4 sites, 2 windows each; SHIFTED_TEST shifted by one sigma on tester-b site 2 only."""
     tmp = tmp_path_factory.mktemp("fleet")
     hook_log = tmp / "hook.jsonl"
     (tmp / "hook.sh").write_text('cat >> "$1"\necho >> "$1"\n')
     collector = Collector(tmp, config=f'[alerts]\nhook = "/bin/sh {tmp / "hook.sh"} {hook_log}"\n').start()
     try:
-        feeders = [_feeder(tmp, collector.endpoint, "agent-a", 2, "--tester", "tester-a",
+        feeders = [_feeder(tmp, drift_floor, collector.endpoint, "agent-a", 2, "--tester", "tester-a",
                            "--window-parts", "1200", "--seed", "1"),
-                   _feeder(tmp, collector.endpoint, "agent-b", 2, "--tester", "tester-b",
+                   _feeder(tmp, drift_floor, collector.endpoint, "agent-b", 2, "--tester", "tester-b",
                            "--window-parts", "1200", "--seed", "2", "--shift-test", SHIFTED_TEST,
                            "--shift-site", "2", "--shift", "1.0")]
         results = [_finish(f) for f in feeders]
@@ -198,9 +199,9 @@ def test_prometheus_shows_psi_per_tester_and_test_alerts_agents_and_messages(dri
 
 # ---- no loss -----------------------------------------------------------------------------------------------------
 
-def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tmp_path, collector):
+def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tmp_path, drift_floor, collector):
     first = collector()
-    feeder = _feeder(tmp_path, first.endpoint, "agent-1", 16, "--pace-s", "0.15", "--window-parts", "200")
+    feeder = _feeder(tmp_path, drift_floor, first.endpoint, "agent-1", 16, "--pace-s", "0.15", "--window-parts", "200")
     deadline = time.monotonic() + 30
     while not _windows(first.db).get("agent-1") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -218,10 +219,10 @@ def test_collector_stopped_and_restarted_ends_with_every_window_once_in_order(tm
     assert _windows(first.db) == {"agent-1": list(range(1, 17))}
 
 
-def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path, collector):
+def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path, drift_floor, collector):
     port = _free_port()                      # nothing listens here yet: every window stays spooled
     spool = tmp_path / "spool"
-    feeder = _feeder(tmp_path, f"tcp://127.0.0.1:{port}", "agent-k", 6, "--window-parts", "200",
+    feeder = _feeder(tmp_path, drift_floor, f"tcp://127.0.0.1:{port}", "agent-k", 6, "--window-parts", "200",
                      spool=spool)
     deadline = time.monotonic() + 60
     while len(list(spool.glob("*.msg"))) < 6:
@@ -233,7 +234,7 @@ def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path
     assert sorted(spooled) == [1, 2, 3, 4, 5, 6]
 
     running = collector(port=port)
-    result = _finish(_feeder(tmp_path, running.endpoint, "agent-k", 2, "--window-parts", "200",
+    result = _finish(_feeder(tmp_path, drift_floor, running.endpoint, "agent-k", 2, "--window-parts", "200",
                              "--seed", "9", spool=spool))
     assert result["last_seq"] == 8 and result["pending"] == 0
     assert _windows(running.db) == {"agent-k": list(range(1, 9))}
@@ -242,15 +243,15 @@ def test_agent_killed_and_restarted_resends_its_spool_with_nothing_lost(tmp_path
     assert stored == {seq: window["start"] for seq, window in spooled.items()}   # the very windows spooled
 
 
-def test_a_full_spool_drops_the_oldest_and_the_loss_reaches_the_collector(tmp_path, collector):
+def test_a_full_spool_drops_the_oldest_and_the_loss_reaches_the_collector(tmp_path, drift_floor, collector):
     port = _free_port()
     spool = tmp_path / "spool"
     bounded = ("--window-parts", "200", "--spool-max-messages", "3")
-    result = _finish(_feeder(tmp_path, f"tcp://127.0.0.1:{port}", "agent-s", 7, *bounded,
+    result = _finish(_feeder(tmp_path, drift_floor, f"tcp://127.0.0.1:{port}", "agent-s", 7, *bounded,
                              "--wait-acked-s", "0", spool=spool))
     assert result == {**result, "last_seq": 7, "pending": 3, "dropped_total": 4}
     running = collector(port=port)
-    _finish(_feeder(tmp_path, running.endpoint, "agent-s", 1, "--window-parts", "200", spool=spool))
+    _finish(_feeder(tmp_path, drift_floor, running.endpoint, "agent-s", 1, "--window-parts", "200", spool=spool))
     assert _windows(running.db) == {"agent-s": [5, 6, 7, 8]}
     with sqlite3.connect(running.db) as connection:
         alerts = connection.execute("SELECT kind, value, message FROM alerts ORDER BY id").fetchall()
@@ -261,9 +262,9 @@ def test_a_full_spool_drops_the_oldest_and_the_loss_reaches_the_collector(tmp_pa
     assert "seq 1-4; 4 in total" in alerts[-1][2] and dropped == 4
 
 
-def test_twenty_agents_feed_one_collector_at_once(tmp_path, collector):
+def test_twenty_agents_feed_one_collector_at_once(tmp_path, drift_floor, collector):
     running = collector()
-    feeders = [_feeder(tmp_path, running.endpoint, f"agent-{i:02d}", 5, "--window-parts", "200",
+    feeders = [_feeder(tmp_path, drift_floor, running.endpoint, f"agent-{i:02d}", 5, "--window-parts", "200",
                        "--seed", str(i)) for i in range(20)]
     results = [_finish(f, timeout=120) for f in feeders]
     assert all(r["acked"] == 5 and r["pending"] == 0 for r in results)
@@ -337,20 +338,24 @@ def test_a_window_lost_before_spooling_is_counted_persisted_and_reported(tmp_pat
 
 # ---- alert rules on the real store ---------------------------------------------------------------------------------
 
-def _window(seq: int, *, agent: str = "a1", score_shift_sigmas: float = 0.0, shifted_sites: tuple[int, ...] = (),
-            sites: tuple[int, ...] = (1,), parts: int = 600, dropped: tuple = (), stream: str = "s1") -> dict:
-    """A stats message built in process by the real DriftMonitor: ``parts`` per site, standard normal readings
-    (test 0 moved by one sigma on ``shifted_sites``), and half of the scores moved by ``score_shift_sigmas``."""
-    model = make_drift_model(n_tests=4)
-    reference, threshold = model.reference(), model.threshold
-    monitor = DriftMonitor(reference, {"name": "m", "version": "1", "checksum": "abc"}, window_parts=10 ** 6)
+def _window(floor, seq: int, *, agent: str = "a1", score_shift_sigmas: float = 0.0,
+            shifted_sites: tuple[int, ...] = (), sites: tuple[int, ...] = (1,), parts: int = 600, dropped: tuple = (),
+            stream: str = "s1") -> dict:
+    """A stats message built in process by the real DriftMonitor over the drift floor's package: ``parts`` per
+    site drawn from its held-out parts (the first test moved by one robust sigma on ``shifted_sites``), and half
+    of the scores moved by ``score_shift_sigmas`` reference sigmas."""
+    manifest = floor.manifest
+    reference = DriftReference.from_manifest(manifest)
+    model = {"name": floor.ref.name, "version": floor.ref.version, "checksum": floor.registry.checksum(floor.ref)}
+    monitor = DriftMonitor(reference, model, window_parts=10 ** 6)
     rng = np.random.default_rng([seq, len(agent)])
+    threshold = manifest.models.outlier.threshold
+    sigma = manifest.pat.limits[0].robust_sigma
     for site in sites:
-        for i in range(parts):
-            z = rng.normal() + (score_shift_sigmas if i >= parts // 2 else 0.0)
-            score = reference.score_center + reference.score_scale * z
-            row = rng.normal(size=4).astype(np.float32)
-            row[0] += 1.0 if site in shifted_sites else 0.0
+        for i, part in enumerate(rng.integers(len(floor.readings), size=parts)):
+            score = float(floor.scores[part]) + (score_shift_sigmas * reference.score_scale if i >= parts // 2 else 0.0)
+            row = floor.readings[part].copy()
+            row[0] += sigma if site in shifted_sites else 0.0
             monitor.update(1, site, row, score, score < threshold)
     body = monitor.close("parts").to_payload()
     return {"type": "stats", "v": 1, "agent_id": agent, "tester": f"tester-{agent}", "seq": seq, **body,
@@ -369,27 +374,29 @@ def _ingest(store: Store, rules: AlertRules, message: dict, now: float) -> list[
     return [a["kind"] for a in alerts]
 
 
-def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_path):
+def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_path, drift_floor):
+    first_test = drift_floor.columns[0]
     store = Store(tmp_path / "a.sqlite")
     rules = AlertRules(AlertConfig(silent_after_s=60.0, repeat_after_s=3600.0))
 
     def ingest(message: dict, now: float) -> list[str]:
         return _ingest(store, rules, message, now)
 
-    assert ingest(_window(1), 1000.0) == []                                   # reference-like: quiet
-    assert ingest(_window(1), 1001.0) == []                                   # a duplicate: not stored again
-    shifted = ingest(_window(2, score_shift_sigmas=-3.0), 1002.0)             # half the scores 3 sigma lower
+    floor = drift_floor
+    assert ingest(_window(floor, 1), 1000.0) == []                             # reference-like: quiet
+    assert ingest(_window(floor, 1), 1001.0) == []                             # a duplicate: not stored again
+    shifted = ingest(_window(floor, 2, score_shift_sigmas=-3.0), 1002.0)       # half the scores 3 sigma lower
     assert "outlier_rate" in shifted and "change" in shifted
-    again = ingest(_window(3, score_shift_sigmas=-3.0), 1003.0)
+    again = ingest(_window(floor, 3, score_shift_sigmas=-3.0), 1003.0)
     assert "outlier_rate" not in again and "change" not in again              # suppressed for repeat_after_s
-    assert ingest(_window(6, dropped=((4, 4),)), 1004.0) == ["spool_loss", "sequence_gap"]   # 5: unexplained
-    assert ingest(_window(1, stream="s2"), 1005.0) == []                      # a new spool restarts the sequence
+    assert ingest(_window(floor, 6, dropped=((4, 4),)), 1004.0) == ["spool_loss", "sequence_gap"]   # 5: unexplained
+    assert ingest(_window(floor, 1, stream="s2"), 1005.0) == []                # a new spool restarts the sequence
     # PSI is judged on at least psi_min_parts (200) readings: two windows of 100 parts are summed first.
-    assert ingest(_window(2, stream="s2", parts=100, shifted_sites=(1,)), 1006.0) == []
-    assert ingest(_window(3, stream="s2", parts=100, shifted_sites=(1,)), 1007.0) == ["psi"]
+    assert ingest(_window(floor, 2, stream="s2", parts=100, shifted_sites=(1,)), 1006.0) == []
+    assert ingest(_window(floor, 3, stream="s2", parts=100, shifted_sites=(1,)), 1007.0) == ["psi"]
     with sqlite3.connect(tmp_path / "a.sqlite") as connection:
         message = connection.execute("SELECT message FROM alerts WHERE kind = 'psi'").fetchone()[0]
-    assert "1000:T0" in message and "n = 200 readings" in message and "windows seq 2-3" in message
+    assert first_test in message and "n = 200 readings" in message and "windows seq 2-3" in message
     assert rules.for_silence(store.agents(), 1060.0) == []
     silent = rules.for_silence(store.agents(), 1068.0)                       # last message at 1007
     assert [a["kind"] for a in silent] == ["silent"] and "a1" in silent[0]["message"]
@@ -397,20 +404,22 @@ def test_alert_rules_outlier_rate_change_gap_silence_and_repeat_suppression(tmp_
         assert connection.execute("SELECT count(*) FROM windows").fetchone()[0] == 7
 
 
-def test_a_whole_tester_shift_raises_psi_but_no_site_alert_and_one_site_raises_both(tmp_path):
+def test_a_whole_tester_shift_raises_psi_but_no_site_alert_and_one_site_raises_both(tmp_path, drift_floor):
     """A new lot moves every site together: PSI against the training reference fires on every site, the
     site-against-siblings comparison stays quiet. One moved site of four fires both, at that site only."""
+    first_test = drift_floor.columns[0]
     store = Store(tmp_path / "s.sqlite")
     rules = AlertRules(AlertConfig())
-    _ingest(store, rules, _window(1, sites=(1, 2, 3, 4), shifted_sites=(1, 2, 3, 4), parts=400), 1000.0)
+    _ingest(store, rules, _window(drift_floor, 1, sites=(1, 2, 3, 4), shifted_sites=(1, 2, 3, 4), parts=400), 1000.0)
     with sqlite3.connect(tmp_path / "s.sqlite") as connection:
         raised = connection.execute("SELECT kind, site, test FROM alerts").fetchall()
-    assert sorted(raised) == [("psi", site, "1000:T0") for site in (1, 2, 3, 4)]
+    assert sorted(raised) == [("psi", site, first_test) for site in (1, 2, 3, 4)]
 
-    _ingest(store, rules, _window(1, agent="b2", sites=(1, 2, 3, 4), shifted_sites=(3,), parts=400), 1001.0)
+    _ingest(store, rules, _window(drift_floor, 1, agent="b2", sites=(1, 2, 3, 4), shifted_sites=(3,), parts=400),
+            1001.0)
     with sqlite3.connect(tmp_path / "s.sqlite") as connection:
         raised = connection.execute("SELECT kind, site, test FROM alerts WHERE agent_id = 'b2'").fetchall()
-    assert sorted(raised) == [("psi", 3, "1000:T0"), ("site_psi", 3, "1000:T0")]
+    assert sorted(raised) == [("psi", 3, first_test), ("site_psi", 3, first_test)]
 
 
 @pytest.mark.parametrize("drifting_sites, verdict", [
@@ -418,21 +427,21 @@ def test_a_whole_tester_shift_raises_psi_but_no_site_alert_and_one_site_raises_b
     ({"a": (1, 2), "b": (1, 2)}, "retrain"),            # the whole fleet moved: the process changed
     ({"b": (2,)}, "do not retrain; investigate"),       # one site of one tester: a tester problem
 ])
-def test_retrain_recommendation_follows_where_the_drift_is(tmp_path, drifting_sites, verdict):
+def test_retrain_recommendation_follows_where_the_drift_is(tmp_path, drift_floor, drifting_sites, verdict):
     from edge_agent.collector.report import write_report
     store = Store(tmp_path / "r.sqlite")
     rules = AlertRules(AlertConfig())
     for seq in (1, 2):
         for agent in ("a", "b"):
-            _ingest(store, rules, _window(seq, agent=agent, sites=(1, 2), shifted_sites=drifting_sites.get(agent, ()),
-                                          parts=400), 1000.0 + seq)
+            _ingest(store, rules, _window(drift_floor, seq, agent=agent, sites=(1, 2), parts=400,
+                                          shifted_sites=drifting_sites.get(agent, ())), 1000.0 + seq)
     store.close()
     write_report(tmp_path / "r.sqlite", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     recommendation = page[page.index("Retrain recommendation"):page.index("Agents and their model versions")]
     assert f"<td>{verdict}</td>" in recommendation
     if drifting_sites:
-        assert "1000:T0" in recommendation
+        assert drift_floor.columns[0] in recommendation
 
 
 # ---- the agent's drift hook with a real model package --------------------------------------------------------------
@@ -585,30 +594,25 @@ def test_report_renders_in_headless_chromium_with_its_plots(drifted_fleet):
 
 # ---- the real agent process in the fleet ------------------------------------------------------------------------
 
-def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tmp_path, collector):
+def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tmp_path, drift_floor, collector):
     """The whole path with real processes: client -> `edge-agent run` (scoring + drift) -> `edge-collector run`.
 
-    A second lot of the trained product streams through the agent on sites 1 and 2 with test T3 moved by
-    2 sigma on site 2 only; 300 parts per site per window keep undrifted PSI far below 0.2 (module docstring)."""
-    from bench.e2e_latency import publish_package, synthetic_table
+    Parts of the training lot that training held out stream through the agent on sites 1 and 2 with
+    SHIFTED_TEST moved by 2 sigma on site 2 only; 300 parts per site per window keep undrifted PSI far below 0.2
+    (module docstring)."""
     from edge_agent.client import AgentClient
-    from edge_agent.package.registry import Registry
     from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 
-    registry = Registry(tmp_path / "models")
-    ref, _ = publish_package(registry, "fleet", synthetic_table(2000, 12, seed=1), n_trees=30, yield_trees=10)
-    registry.promote(ref.name, ref.version, "production", reason="fleet test")
     running = collector()
     config = tmp_path / "agent.toml"
     config.write_text(f'[drift]\nagent_id = "agent-7"\ntester = "tester-7"\ncollector = "{running.endpoint}"\n'
                       f'window_parts = 600\nspool_dir = "{tmp_path / "spool"}"\n')
     endpoint = free_tcp_endpoint()
-    agent = start_agent(registry.root, "fleet", endpoint, "--config", str(config), log_path=tmp_path / "agent.log")
+    agent = start_agent(drift_floor.registry.root, drift_floor.ref.name, endpoint, "--config", str(config),
+                        log_path=tmp_path / "agent.log")
 
-    lot = synthetic_table(1200, 12, seed=2, lot="L2")
-    columns = lot.test_columns
-    readings = lot.readings().astype(np.float32)
-    shifted = columns.index(SHIFTED_TEST)
+    readings = drift_floor.readings[:1200].copy()
+    shifted = drift_floor.columns.index(SHIFTED_TEST)
     sites = 1 + np.arange(len(readings)) % 2
     sigma = np.nanstd(readings[:, shifted])
     readings[sites == 2, shifted] += 2.0 * sigma

@@ -2,16 +2,17 @@
 
 Bin counts are checked against numpy's histogram over the trainer's own reference edges (the reference is
 built by ``trainer.reference.drift_reference``, the code that writes real manifests), with NaN readings and
-readings exactly on edges. The distance values are worked out by hand in the comments.
+readings exactly on edges. The other tests read the manifest of a real package (tests/conftest.py,
+``drift_floor``). The distance values are worked out by hand in the comments.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from drift_feeder import make_drift_model
 from scipy.spatial.distance import jensenshannon
 
 from edge_agent.drift import ChangeParams, DriftMonitor, DriftReference, PageHinkley
@@ -62,9 +63,10 @@ def test_kernel_counts_match_numpy_histogram_with_nan_and_values_on_edges(dtype)
     assert np.isin(on_edge, edges[0]).sum() >= 8     # the edge readings survived (a few may be NaN)
 
 
-def test_counts_are_kept_per_site_and_sites_beyond_the_limit_are_counted_apart():
-    monitor = DriftMonitor(make_drift_model(n_tests=3).reference(), MODEL, window_parts=100, max_sites=2)
-    row = np.zeros(3, np.float32)
+def test_counts_are_kept_per_site_and_sites_beyond_the_limit_are_counted_apart(drift_floor):
+    reference = DriftReference.from_manifest(drift_floor.manifest)
+    monitor = DriftMonitor(reference, MODEL, window_parts=100, max_sites=2)
+    row = np.zeros(reference.n_tests, np.float32)
     for head, site, n in ((0, 1, 5), (0, 2, 7), (1, 1, 2)):
         for _ in range(n):
             monitor.update(head, site, row, 0.1, site == 2)
@@ -113,11 +115,11 @@ def test_page_hinkley_fires_on_a_mean_shift_and_not_on_stationary_noise():
         assert fired and 1000 <= fired[0] < 1150, (shift, fired[:3])
 
 
-def test_change_detector_in_the_kernel_reports_fires_per_window_and_keeps_its_state():
-    reference = make_drift_model(n_tests=2).reference()
+def test_change_detector_in_the_kernel_reports_fires_per_window_and_keeps_its_state(drift_floor):
+    reference = DriftReference.from_manifest(drift_floor.manifest)
     monitor = DriftMonitor(reference, MODEL, window_parts=400)
     rng = np.random.default_rng(3)
-    row = np.zeros(2, np.float32)
+    row = np.zeros(reference.n_tests, np.float32)
     sigma = reference.score_scale
     changes = []
     for mean in (0.0, -1.5):                           # the second window: scores 1.5 reference sigmas lower
@@ -128,9 +130,9 @@ def test_change_detector_in_the_kernel_reports_fires_per_window_and_keeps_its_st
     assert changes[1]["fired"] and changes[1]["fires"] >= 1 and 0 < changes[1]["parts_since_fire"] < 400
 
 
-def test_windows_close_by_part_count_and_by_time_whichever_first():
-    reference = make_drift_model(n_tests=2).reference()
-    row = np.zeros(2, np.float32)
+def test_windows_close_by_part_count_and_by_time_whichever_first(drift_floor):
+    reference = DriftReference.from_manifest(drift_floor.manifest)
+    row = np.zeros(reference.n_tests, np.float32)
     monitor = DriftMonitor(reference, MODEL, window_parts=10, window_seconds=5.0, now=100.0)
     for _ in range(9):
         monitor.update(0, 0, row, 0.1, False)
@@ -150,11 +152,13 @@ def test_windows_close_by_part_count_and_by_time_whichever_first():
     assert idle.closed_by == "time" and idle.parts == 0 and idle.to_payload()["sites"] == []
 
 
-def test_a_reference_without_bins_for_every_feature_is_refused_by_name():
-    model = make_drift_model(n_tests=3)
-    tests = model.bins.tests
-    with pytest.raises(DataError, match="1001:T1"):
-        DriftReference.from_bins(model.columns, replace(model.bins, tests=[tests[0], tests[2]]))
+def test_a_manifest_without_a_reference_for_every_feature_is_refused_by_name(drift_floor):
+    columns, manifest = drift_floor.columns, drift_floor.manifest
+    reference = manifest.drift_reference
+    tests = reference.tests
+    without = replace(manifest, drift_reference=replace(reference, tests=[tests[0], *tests[2:]]))
+    with pytest.raises(DataError, match=re.escape(columns[1])):
+        DriftReference.from_manifest(without)
     short = replace(tests[0], proportions=tests[0].proportions[:-1])
-    with pytest.raises(DataError, match="1000:T0"):
-        DriftReference.from_bins(model.columns, replace(model.bins, tests=[short, *tests[1:]]))
+    with pytest.raises(DataError, match=re.escape(columns[0])):
+        DriftReference.from_manifest(replace(manifest, drift_reference=replace(reference, tests=[short, *tests[1:]])))

@@ -1,14 +1,14 @@
 """Model registry: publish, verify, stages, rollback, crash safety and concurrent writers.
 
-Packages here hold stand-in graph bytes (the registry only hashes them) but a complete manifest, so the
-schema and fidelity checks run on exactly what the trainer writes.
+Packages here are real ones that the trainer built and did not publish (tests/conftest.py, ``unpublished``),
+so the schema and fidelity checks run on exactly what the trainer writes.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import hashlib
-import io
 import json
 import os
 import signal
@@ -36,62 +36,9 @@ def _fidelity(file: str, agreement: float = 1.0, passed: bool = True) -> dict:
             "min_agreement": 0.999, "passed": passed}
 
 
-def build_document(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, bytes], dict]:
-    """Files and a complete schema_version 1 manifest.json document for them, as package demo/1."""
-    features = [{"index": i, "column": f"{1000 + i}:T{i}", "name": f"T{i}", "number": 1000 + i, "units": "V",
-                 "low": -1.0, "high": 1.0 + i, "pin": None, "impute": 0.25 * i} for i in range(n_features)]
-    features[-1].update(number=None, low=None, pin="P12", units="")
-    columns = [f["column"] for f in features]
-    sample = io.BytesIO()
-    np.savez(sample, readings=np.zeros((8, n_features), np.float32), score=np.full(8, 0.1, np.float32),
-             pass_probability=np.full(8, 0.9, np.float32))
-    files = {OUTLIER_FILE: b"\x08\x09\x12\x08skl2onnx outlier graph",
-             YIELD_FILE: b"\x08\x09\x12\x08skl2onnx yield graph",
-             MODEL_CARD_FILE: b"# Model card: demo\n",
-             SAMPLE_ROWS_FILE: sample.getvalue()}
-    yield_files = {"float32": YIELD_FILE}
-    fidelity = {"outlier.float32": _fidelity(OUTLIER_FILE), "yield.float32": _fidelity(YIELD_FILE, 0.9995)}
-    if int8:
-        files[YIELD_INT8_FILE] = b"\x08\x09\x12\x08quantized yield graph"
-        yield_files["int8"] = YIELD_INT8_FILE
-        fidelity["yield.int8"] = _fidelity(YIELD_INT8_FILE, 0.9992)
-    document = {
-        "schema_version": 1, "name": "demo", "version": "1", "created_at": "2025-11-23T06:00:00+00:00",
-        "features": features,
-        "imputation": {"strategy": "median", "where": "inside the ONNX graphs", "values_from": "training rows"},
-        "input": {"name": "readings", "dtype": "float32", "shape": [None, n_features], "missing": "NaN"},
-        "models": {
-            "outlier": {"kind": "isolation_forest", "files": {"float32": OUTLIER_FILE}, "output": "score",
-                        "score_convention": "lower = more anomalous; outlier when score < threshold",
-                        "threshold": -0.031, "target_outlier_rate": 0.01, "params": {"n_estimators": 200},
-                        "quantization": {"int8": False, "reason": "tree ensembles gain nothing from int8"}},
-            "yield": {"kind": "logistic", "files": yield_files, "output": "pass_probability", "threshold": 0.5,
-                      "label": "final_pass", "params": {"C": 1.0},
-                      "quantization": {"int8": int8, "reason": "dynamic int8 of the linear layer"}},
-        },
-        "pat": {"k_sigma": 6.0, "method": "median +/- k * IQR/1.35 over passing training parts", "min_parts": 30,
-                "limits": [{"column": c, "median": 0.5, "robust_sigma": 0.1, "low": -0.1, "high": 1.1, "n": 900}
-                           for c in columns]},
-        "drift_reference": {
-            "bins": 4,
-            "tests": [{"column": c, "edges": [0.2, 0.5, 0.8], "proportions": [0.25] * 4, "missing_rate": 0.0}
-                      for c in columns],
-            "outlier_score": {"edges": [0.0, 0.05], "proportions": [0.1, 0.4, 0.5],
-                              "quantiles": {"p01": -0.03, "p50": 0.08, "p99": 0.15}, "outlier_rate": 0.01}},
-        "metrics": {"outlier": {"holdout_outlier_rate_passing": 0.011, "latent_outlier_recall": None},
-                    "yield": {"roc_auc": 0.93, "f1_fail_class": 0.71, "brier": 0.05,
-                              "calibration": [{"bin": "0.0-0.1", "parts": 3, "mean_predicted": 0.06,
-                                                               "observed_pass_rate": 0.0}]}},
-        "fidelity": fidelity,
-        "validation": {"rows": 1000, "findings": []},
-        "lineage": {"data_sha256": hashlib.sha256(b"training data").hexdigest(), "rows": 1000, "train_rows": 800,
-                    "holdout_rows": 200,
-                    "sources": ["/data/lot1.stdf", {"path": "/data/lot2.parquet", "sha256": "ab", "bytes": 3}],
-                    "code_version": "0.1.0+abc1234", "parameters": {"seed": 0},
-                    "trained_at": "2025-11-23T05:59:00Z", "versions": {"python": "3.11.7", "onnxruntime": "1.32.0"}},
-        "files": {name: _sha256(data) for name, data in files.items()},
-    }
-    return files, document
+def as_document(files: dict[str, bytes], manifest: Manifest) -> dict:
+    """The manifest.json document of an unpublished package, as the registry would publish it as demo/1."""
+    return replace(manifest, name="demo", version="1", files={n: _sha256(b) for n, b in files.items()}).to_document()
 
 
 def as_published_by_the_trainer(document: dict) -> Manifest:
@@ -100,11 +47,6 @@ def as_published_by_the_trainer(document: dict) -> Manifest:
     manifest, problems = read_manifest(document)
     assert problems == []
     return replace(manifest, name="", version="", files={})
-
-
-def build_package(n_features: int = 4, *, int8: bool = True) -> tuple[dict[str, bytes], Manifest]:
-    files, document = build_document(n_features, int8=int8)
-    return files, as_published_by_the_trainer(document)
 
 
 @pytest.fixture
@@ -129,28 +71,38 @@ def _published_manifest(registry: Registry, ref: PackageRef) -> dict:
 
 # ---- schema ---------------------------------------------------------------------------------------------------
 
-def test_fixture_manifest_reads_without_problems_and_writes_back_the_same_document():
-    _, document = build_document()
+def test_fixture_manifest_reads_without_problems_and_writes_back_the_same_document(unpublished):
+    document = as_document(*unpublished.package())
     manifest, problems = read_manifest(json.dumps(document).encode())
     assert problems == []
     assert manifest.columns == [f["column"] for f in document["features"]]
     assert manifest.models.yield_model.files == {"float32": YIELD_FILE, "int8": YIELD_INT8_FILE}
+    assert manifest.to_document() == document
+    assert read_manifest(manifest.to_json()) == (manifest, [])
+    # A document as packages written before the optional fields were: they read as their defaults.
+    older = copy.deepcopy(document)
+    for limit in older["pat"]["limits"]:
+        del limit["scale"]
+    del older["drift_reference"]["rows"]
+    older["lineage"]["sources"] = ["/data/lot1.stdf", {"path": "/data/lot2.parquet", "sha256": "ab", "bytes": 3}]
+    manifest, problems = read_manifest(json.dumps(older).encode())
+    assert problems == []
     assert manifest.lineage.sources[1].bytes == 3
     written = manifest.to_document()
-    # Optional fields the document leaves out (as packages written before them do) read as their defaults.
     assert manifest.pat.limits[0].scale == written["pat"]["limits"][0]["scale"] == "linear"
     assert manifest.drift_reference.rows == written["drift_reference"].pop("rows") == 0
     for limit in written["pat"]["limits"]:
         del limit["scale"]
-    assert written == document
-    assert read_manifest(manifest.to_json()) == (manifest, [])
+    assert written == older
 
 
-def test_a_manifest_built_in_code_is_written_as_json_values_and_what_it_lacks_is_named():
-    files, manifest = build_package()
+def test_a_manifest_built_in_code_is_written_as_json_values_and_what_it_lacks_is_named(unpublished):
+    files, manifest = unpublished.package()
+    features = [*manifest.features]
+    features[3] = replace(features[3], number=None)
+    outlier = replace(manifest.models.outlier, threshold=np.float64(-0.031))
     manifest = replace(manifest, name="demo", version="1", files={n: _sha256(b) for n, b in files.items()},
-                       models=replace(manifest.models, outlier=replace(manifest.models.outlier,
-                                                                       threshold=np.float64(-0.031))))
+                       features=features, models=replace(manifest.models, outlier=outlier))
     assert type(manifest.to_document()["models"]["outlier"]["threshold"]) is float   # numpy scalars from training
     assert json.loads(manifest.to_json())["models"]["outlier"]["threshold"] == -0.031
     assert manifest.to_document()["features"][3]["number"] is None, "a field that takes null is written as null"
@@ -164,22 +116,24 @@ def test_a_manifest_built_in_code_is_written_as_json_values_and_what_it_lacks_is
     (lambda m: m.pop("lineage"), "manifest.lineage: missing"),
     (lambda m: m["features"][3].update(low="0.1"), "manifest.features[3].low: expected number or null, got str"),
     (lambda m: m["features"][1].update(index=5), "manifest.features[1].index: expected 1"),
-    (lambda m: m["input"].update(shape=[None, 3]), "manifest.input.shape[1]: expected 4"),
+    (lambda m: m["input"].update(shape=[None, 3]), "manifest.input.shape[1]: expected {features}"),
     (lambda m: m["models"]["yield"].update(threshold=float("nan")), "manifest.models.yield.threshold: nan is not"),
     (lambda m: m["models"]["yield"].update(kind="svm"), "manifest.models.yield.kind: expected one of"),
     (lambda m: m["models"]["yield"]["files"].update(int8="missing.onnx"),
      "manifest.models.yield.files.int8: 'missing.onnx' is not listed in manifest.files"),
     (lambda m: m["models"]["yield"]["quantization"].update(int8=False), "manifest.models.yield.quantization.int8"),
     (lambda m: m["drift_reference"]["tests"][2].update(proportions=[0.5, 0.5]),
-     "manifest.drift_reference.tests[2].proportions: expected 4"),
+     "manifest.drift_reference.tests[2].proportions: expected {test_2_bins}"),
     (lambda m: m["pat"]["limits"][0].update(column="9:NOPE"), "manifest.pat.limits[0].column: '9:NOPE' is not"),
     (lambda m: m.update(created_at="2025-11-23T06:00:00+02:00"), "manifest.created_at: expected a UTC time"),
     (lambda m: m["files"].pop(MODEL_CARD_FILE), f"manifest.files: {MODEL_CARD_FILE} missing"),
     (lambda m: m["files"].update({"../escape.onnx": "0" * 64}), "manifest.files['../escape.onnx']: expected a plain"),
     (lambda m: m["fidelity"]["yield.int8"].pop("min_agreement"), "manifest.fidelity['yield.int8'].min_agreement"),
 ])
-def test_schema_problems_name_the_json_path(change, expected):
-    _, document = build_document()
+def test_schema_problems_name_the_json_path(unpublished, change, expected):
+    document = as_document(*unpublished.package())
+    expected = expected.format(features=len(document["features"]),
+                               test_2_bins=len(document["drift_reference"]["tests"][2]["edges"]) + 1)
     change(document)
     _, problems = read_manifest(document)
     assert any(p.startswith(expected) for p in problems), problems
@@ -187,8 +141,8 @@ def test_schema_problems_name_the_json_path(change, expected):
 
 # ---- publish and verify ---------------------------------------------------------------------------------------
 
-def test_publish_writes_a_package_that_verifies(registry):
-    files, manifest = build_package()
+def test_publish_writes_a_package_that_verifies(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest, reason="first training")
     assert ref == PackageRef("demo", "1")
     folder = registry.package_dir(ref)
@@ -213,8 +167,8 @@ def test_publish_writes_a_package_that_verifies(registry):
         ("publish", "1", None, "candidate", "first training")
 
 
-def test_publish_accepts_file_paths(registry, tmp_path):
-    files, manifest = build_package(int8=False)
+def test_publish_accepts_file_paths(registry, tmp_path, unpublished):
+    files, manifest = unpublished.package(int8=False)
     source = tmp_path / "export"
     source.mkdir()
     for name, data in files.items():
@@ -224,8 +178,8 @@ def test_publish_accepts_file_paths(registry, tmp_path):
     assert (registry.package_dir(ref) / OUTLIER_FILE).read_bytes() == files[OUTLIER_FILE]
 
 
-def test_a_tampered_byte_is_named_with_both_checksums(registry):
-    files, manifest = build_package()
+def test_a_tampered_byte_is_named_with_both_checksums(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     target = registry.package_dir(ref) / YIELD_FILE
     tampered = bytearray(files[YIELD_FILE])
@@ -237,8 +191,8 @@ def test_a_tampered_byte_is_named_with_both_checksums(registry):
                                f"got {_sha256(bytes(tampered))}"]
 
 
-def test_missing_and_unlisted_files_are_named(registry):
-    files, manifest = build_package()
+def test_missing_and_unlisted_files_are_named(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     folder = registry.package_dir(ref)
     os.chmod(folder, 0o755)
@@ -249,8 +203,8 @@ def test_missing_and_unlisted_files_are_named(registry):
     assert "notes.txt: file in the package but not listed in manifest.files" in problems
 
 
-def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry):
-    files, manifest = build_package()
+def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     before = registry.checksum(ref)
     edited = _published_manifest(registry, ref)
@@ -266,16 +220,17 @@ def test_an_edited_manifest_fails_on_schema_and_changes_the_checksum(registry):
         registry.manifest(ref)
 
 
-def test_publish_refuses_an_invalid_manifest_and_leaves_nothing(registry):
-    files, manifest = build_package()
+def test_publish_refuses_an_invalid_manifest_and_leaves_nothing(registry, unpublished):
+    files, manifest = unpublished.package()
     with pytest.raises(RegistryError, match=r"manifest.pat.limits: missing"):
         registry.publish("demo", files, replace(manifest, pat=replace(manifest.pat, limits=None)))
     assert registry.versions("demo") == []
     assert not (registry.root / "demo").exists(), "refused before anything was written"
 
 
-def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_path):
-    files, document = build_document()
+def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_path, unpublished):
+    files, manifest = unpublished.package()
+    document = as_document(files, manifest)
     document["fidelity"]["yield.int8"].update(passed=False, decision_agreement=0.97)
     with pytest.raises(RegistryError, match=rf"{YIELD_INT8_FILE}: fidelity.yield.int8.passed is False"):
         registry.publish("demo", files, as_published_by_the_trainer(document))
@@ -293,8 +248,9 @@ def test_failed_fidelity_refuses_publish_and_fails_verification(registry, tmp_pa
     assert len(problems) == 2, problems
 
 
-def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registry):
-    files, document = build_document(int8=False)
+def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registry, unpublished):
+    files, manifest = unpublished.package(int8=False)
+    document = as_document(files, manifest)
     # The int8 variant was refused and not shipped: its failed check does not block the package.
     document["fidelity"]["yield.int8"] = _fidelity(YIELD_INT8_FILE, 0.95, passed=False)
     ref = registry.publish("demo", files, as_published_by_the_trainer(document))
@@ -304,14 +260,15 @@ def test_fidelity_gate_covers_every_shipped_graph_and_only_shipped_files(registr
     with pytest.raises(RegistryError, match=rf"{OUTLIER_FILE}: no fidelity entry 'fidelity.outlier.float32'"):
         registry.publish("demo", files, as_published_by_the_trainer(document))
 
-    files, document = build_document()
+    files, manifest = unpublished.package()
+    document = as_document(files, manifest)
     document["fidelity"]["yield.float32"]["decision_agreement"] = 0.998   # passed stays True: a lying entry
     with pytest.raises(RegistryError, match=r"decision_agreement 0.998 is below min_agreement 0.999"):
         registry.publish("demo", files, as_published_by_the_trainer(document))
 
 
-def test_versions_are_immutable_and_numbered(registry):
-    files, manifest = build_package()
+def test_versions_are_immutable_and_numbered(registry, unpublished):
+    files, manifest = unpublished.package()
     first = registry.publish("demo", files, manifest)
     folder = registry.package_dir(first)
     snapshot = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
@@ -327,9 +284,9 @@ def test_versions_are_immutable_and_numbered(registry):
     assert registry.checksum(first) != registry.checksum(second)
 
 
-def test_version_numbers_taken_behind_the_lock_are_skipped(registry, monkeypatch):
+def test_version_numbers_taken_behind_the_lock_are_skipped(registry, monkeypatch, unpublished):
     """Writers that ignore the lock took the numbers this publish allocated: the next free number is used."""
-    files, manifest = build_package()
+    files, manifest = unpublished.package()
     first = registry.publish("demo", files, manifest)
     before = {p.name: p.read_bytes() for p in registry.package_dir(first).iterdir()}
     (registry.root / "demo" / "2").mkdir()   # another writer's folder, still empty: rename(2) would replace it
@@ -342,8 +299,8 @@ def test_version_numbers_taken_behind_the_lock_are_skipped(registry, monkeypatch
     assert registry.verify(first).ok and registry.verify(third).ok
 
 
-def test_numbers_of_deleted_versions_are_not_reused(registry):
-    files, manifest = build_package()
+def test_numbers_of_deleted_versions_are_not_reused(registry, unpublished):
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest)
     folder = registry.package_dir(ref)
     for path in [folder, *folder.iterdir()]:
@@ -356,13 +313,13 @@ def test_numbers_of_deleted_versions_are_not_reused(registry):
 
 # ---- stages, history, rollback ----------------------------------------------------------------------------------
 
-def _publish_versions(registry: Registry, count: int) -> list[PackageRef]:
-    files, manifest = build_package()
+def _publish_versions(registry: Registry, unpublished, count: int) -> list[PackageRef]:
+    files, manifest = unpublished.package()
     return [registry.publish("demo", files, manifest) for _ in range(count)]
 
 
-def test_promotion_path_and_history(registry):
-    v1, v2 = _publish_versions(registry, 2)
+def test_promotion_path_and_history(registry, unpublished):
+    v1, v2 = _publish_versions(registry, unpublished, 2)
     start = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)   # history times are in milliseconds
     registry.promote("demo", "1", "staging", reason="passed offline review")
     registry.promote("demo", "1", "production", reason="shadow run on tester T7 ok")
@@ -389,23 +346,23 @@ def test_promotion_path_and_history(registry):
         assert event["user"]
 
 
-def test_a_new_staging_version_sends_the_previous_one_back_to_candidate(registry):
-    _publish_versions(registry, 2)
+def test_a_new_staging_version_sends_the_previous_one_back_to_candidate(registry, unpublished):
+    _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 1, "staging", reason="review")
     registry.promote("demo", 2, "staging", reason="newer")
     assert registry.stages("demo") == {"1": "candidate", "2": "staging"}
 
 
-def test_promoting_to_the_current_stage_records_nothing(registry):
-    _publish_versions(registry, 1)
+def test_promoting_to_the_current_stage_records_nothing(registry, unpublished):
+    _publish_versions(registry, unpublished, 1)
     registry.promote("demo", 1, "production", reason="go")
     events = len(registry.history("demo"))
     registry.promote("demo", 1, "production", reason="again")
     assert len(registry.history("demo")) == events
 
 
-def test_production_requires_a_package_that_verifies(registry):
-    v1, v2 = _publish_versions(registry, 2)
+def test_production_requires_a_package_that_verifies(registry, unpublished):
+    v1, v2 = _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 1, "production", reason="first")
     _overwrite(registry.package_dir(v2) / OUTLIER_FILE, b"corrupted")
     with pytest.raises(RegistryError, match=rf"demo/2 does not verify(.|\n)*{OUTLIER_FILE}: checksum mismatch"):
@@ -414,8 +371,8 @@ def test_production_requires_a_package_that_verifies(registry):
     registry.promote("demo", 2, "staging", reason="staging needs no verification")
 
 
-def test_rollback_walks_back_through_production_holders(registry):
-    _publish_versions(registry, 3)
+def test_rollback_walks_back_through_production_holders(registry, unpublished):
+    _publish_versions(registry, unpublished, 3)
     for version in ("1", "2", "3"):
         registry.promote("demo", version, "production", reason=f"release {version}")
     assert registry.rollback("demo", reason="v3 flags too many parts").version == "2"
@@ -430,8 +387,8 @@ def test_rollback_walks_back_through_production_holders(registry):
                         ("rollback", "1", "archived", "production", "v2 drifts on site 3")]
 
 
-def test_rollback_after_a_re_promotion_restores_the_version_it_replaced(registry):
-    _publish_versions(registry, 2)
+def test_rollback_after_a_re_promotion_restores_the_version_it_replaced(registry, unpublished):
+    _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 1, "production", reason="a")
     registry.promote("demo", 2, "production", reason="b")
     registry.rollback("demo", reason="b was bad")
@@ -439,8 +396,8 @@ def test_rollback_after_a_re_promotion_restores_the_version_it_replaced(registry
     assert registry.rollback("demo", reason="still bad").version == "1"
 
 
-def test_rollback_with_nothing_before_is_an_error(registry):
-    _publish_versions(registry, 2)
+def test_rollback_with_nothing_before_is_an_error(registry, unpublished):
+    _publish_versions(registry, unpublished, 2)
     with pytest.raises(RegistryError, match=r"no version in production to roll back"):
         registry.rollback("demo", reason="nothing there")
     registry.promote("demo", 1, "production", reason="only one")
@@ -451,10 +408,10 @@ def test_rollback_with_nothing_before_is_an_error(registry):
         registry.promote("demo", 2, "production", reason=" ")
 
 
-def test_resolve_errors_say_what_exists(registry):
+def test_resolve_errors_say_what_exists(registry, unpublished):
     with pytest.raises(RegistryError, match=r"does not exist"):
         registry.resolve("demo")
-    _publish_versions(registry, 2)
+    _publish_versions(registry, unpublished, 2)
     registry.promote("demo", 2, "staging", reason="r")
     with pytest.raises(RegistryError, match=r"model 'demo' has no version in production; "
                                             r"versions: 1 \(candidate\), 2 \(staging\)"):
@@ -505,14 +462,14 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _writer(tmp_path: Path, registry: Registry, mode: str, count: int) -> subprocess.Popen:
+def _writer(tmp_path: Path, registry: Registry, unpublished, mode: str, count: int) -> subprocess.Popen:
     source = tmp_path / "source"
     if not source.exists():
         source.mkdir()
-        files, document = build_document()
+        files, manifest = unpublished.package()
         for name, data in files.items():
             (source / name).write_bytes(data)
-        (source / "manifest-in.json").write_text(json.dumps(document))
+        (source / "manifest-in.json").write_text(json.dumps(as_document(files, manifest)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-c", WRITER, str(registry.root), str(source), mode, str(count)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -531,8 +488,8 @@ def _assert_nothing_loadable(registry: Registry) -> None:
     assert cli_verify(registry) == (True, f"no packages in {registry.root}")
 
 
-def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path):
-    writer = _writer(tmp_path, registry, "kill_after_files", 2)
+def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path, unpublished):
+    writer = _writer(tmp_path, registry, unpublished, "kill_after_files", 2)
     assert writer.stdout.readline().split()[0] == "wrote"   # the writer now blocks after two files
     [staging] = _staging_dirs(registry)
     assert len(list(staging.iterdir())) == 2, "the crash must hit a half-written package"
@@ -542,7 +499,7 @@ def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path):
     assert writer.returncode == -signal.SIGKILL
     _assert_nothing_loadable(registry)
 
-    files, manifest = build_package()
+    files, manifest = unpublished.package()
     ref = registry.publish("demo", files, manifest, reason="after the crash")
     assert ref.version == "1"
     assert registry.verify(ref).ok
@@ -552,8 +509,8 @@ def test_writer_killed_mid_publish_leaves_nothing_loadable(registry, tmp_path):
     assert [e["action"] for e in registry.history("demo")] == ["publish"]
 
 
-def test_writer_dying_just_before_the_rename_leaves_nothing_loadable(registry, tmp_path):
-    writer = _writer(tmp_path, registry, "exit_before_rename", 1)
+def test_writer_dying_just_before_the_rename_leaves_nothing_loadable(registry, tmp_path, unpublished):
+    writer = _writer(tmp_path, registry, unpublished, "exit_before_rename", 1)
     _, stderr = writer.communicate()
     assert writer.returncode == 1, stderr
     [staging] = _staging_dirs(registry)
@@ -561,13 +518,13 @@ def test_writer_dying_just_before_the_rename_leaves_nothing_loadable(registry, t
     _assert_nothing_loadable(registry)
     assert registry.history("demo") == []
 
-    files, manifest = build_package()
+    files, manifest = unpublished.package()
     assert registry.publish("demo", files, manifest).version == "1"
     assert registry.gc(older_than_s=0) == [staging]
 
 
-def test_concurrent_writers_get_distinct_versions(registry, tmp_path):
-    writers = [_writer(tmp_path, registry, "publish_on_go", 3) for _ in range(2)]
+def test_concurrent_writers_get_distinct_versions(registry, tmp_path, unpublished):
+    writers = [_writer(tmp_path, registry, unpublished, "publish_on_go", 3) for _ in range(2)]
     for writer in writers:
         assert writer.stdout.readline().strip() == "ready"
     for writer in writers:
@@ -587,8 +544,8 @@ def test_concurrent_writers_get_distinct_versions(registry, tmp_path):
     assert _staging_dirs(registry) == []
 
 
-def test_a_torn_history_line_is_ignored_and_repaired(registry):
-    _publish_versions(registry, 1)
+def test_a_torn_history_line_is_ignored_and_repaired(registry, unpublished):
+    _publish_versions(registry, unpublished, 1)
     history = registry.root / "demo" / "history.jsonl"
     with open(history, "ab") as log:
         log.write(b'{"time": "2025-11-23T06:00:00')   # an append cut short by a crash
@@ -607,8 +564,8 @@ def _run(root: Path, *argv: str) -> int:
     return args.handler(args)
 
 
-def test_cli_commands(registry, capsys):
-    v1, v2 = _publish_versions(registry, 2)
+def test_cli_commands(registry, capsys, unpublished):
+    v1, v2 = _publish_versions(registry, unpublished, 2)
     root = registry.root
     assert _run(root, "registry", "promote", "demo", "1", "production", "--reason", "first release") == 0
     assert "demo/1: candidate -> production" in capsys.readouterr().out
@@ -616,15 +573,20 @@ def test_cli_commands(registry, capsys):
     assert _run(root, "registry", "list") == 0
     listing = capsys.readouterr().out.splitlines()
     assert listing[0] == "demo"
-    assert listing[2].split()[:4] == ["1", "production", "2025-11-23T06:00:00+00:00", registry.checksum(v1)[:12]]
+    manifest = registry.manifest(v1)
+    assert listing[2].split()[:4] == ["1", "production", manifest.created_at, registry.checksum(v1)[:12]]
     assert listing[3].split()[:2] == ["2", "candidate"]
 
     summary = cli_show(registry, "demo")
+    lineage, columns = manifest.lineage, manifest.columns
+    outlier, int8 = manifest.models.outlier, manifest.fidelity["yield.int8"]
     for expected in ("package   demo/1  (stage production)", f"checksum  {registry.checksum(v1)}", "verified  ok",
-                     "rows      1000 (train 800, held out 200)", "features  4: 1000:T0, 1001:T1",
-                     "outlier   isolation_forest, threshold -0.031", "roc_auc 0.93",
-                     f"yield.int8       {YIELD_INT8_FILE}: passed, decisions agree 0.9992 (min 0.999)",
-                     "tree ensembles gain nothing from int8", SAMPLE_ROWS_FILE):
+                     f"rows      {lineage.rows} (train {lineage.train_rows}, held out {lineage.holdout_rows})",
+                     f"features  {len(columns)}: {columns[0]}, {columns[1]}",
+                     f"outlier   isolation_forest, threshold {outlier.threshold:.4g}",
+                     f"roc_auc {manifest.metrics.yield_model['roc_auc']:.4g}",
+                     f"yield.int8       {YIELD_INT8_FILE}: passed, decisions agree {int8.decision_agreement:.4g} "
+                     f"(min 0.999)", outlier.quantization.reason, SAMPLE_ROWS_FILE):
         assert expected in summary, expected
     assert cli_show(registry, "demo", "2").startswith("package   demo/2  (stage candidate)")
 
@@ -645,20 +607,27 @@ def test_cli_commands(registry, capsys):
         cli_list(registry, "other")
 
 
-def test_summary_and_listing_of_a_malformed_manifest_show_what_can_be_read(registry):
-    [ref] = _publish_versions(registry, 1)
+def test_summary_and_listing_of_a_malformed_manifest_show_what_can_be_read(registry, unpublished):
+    [ref] = _publish_versions(registry, unpublished, 1)
+    manifest = registry.manifest(ref)
+    columns, outlier = manifest.columns, manifest.models.outlier
     edited = _published_manifest(registry, ref)
     edited["lineage"] = "lost"
     edited["features"][1] = 7
     del edited["models"]["yield"]
     _overwrite(registry.package_dir(ref) / MANIFEST_FILE, json.dumps(edited).encode())
     summary = cli_show(registry, "demo", "1")
-    for expected in ("verified  FAILED, 8 problem(s), first: manifest.lineage: expected object, got str",
-                     "created   2025-11-23T06:00:00+00:00", "rows      n/a (train n/a, held out n/a)",
-                     "features  3: 1000:T0, 1002:T2, 1003:T3", "outlier   isolation_forest, threshold -0.031",
-                     "yield     n/a, threshold n/a, label n/a", "roc_auc 0.93", SAMPLE_ROWS_FILE):
+    # Problems: lineage, features[1], the index of each later feature, input.shape, models.yield, and the PAT
+    # limit and drift bins of the lost feature's column.
+    problems = 2 + (len(columns) - 2) + 4
+    for expected in (f"verified  FAILED, {problems} problem(s), first: manifest.lineage: expected object, got str",
+                     f"created   {manifest.created_at}", "rows      n/a (train n/a, held out n/a)",
+                     f"features  {len(columns) - 1}: {columns[0]}, {columns[2]}, {columns[3]}",
+                     f"outlier   isolation_forest, threshold {outlier.threshold:.4g}",
+                     "yield     n/a, threshold n/a, label n/a",
+                     f"roc_auc {manifest.metrics.yield_model['roc_auc']:.4g}", SAMPLE_ROWS_FILE):
         assert expected in summary, expected
-    assert cli_list(registry).splitlines()[2].split()[:3] == ["1", "candidate", "2025-11-23T06:00:00+00:00"]
+    assert cli_list(registry).splitlines()[2].split()[:3] == ["1", "candidate", manifest.created_at]
 
     _overwrite(registry.package_dir(ref) / MANIFEST_FILE, b"{not json")
     summary = cli_show(registry, "demo", "1")

@@ -6,6 +6,7 @@ import sys
 import time
 
 from edge_agent.errors import run_command
+from edge_agent.package.manifest import YIELD_KINDS
 
 DEFAULT_REGISTRY = "models"
 
@@ -62,7 +63,6 @@ def _add_synth_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_fit_options(parser: argparse.ArgumentParser) -> None:
-    from .train import YIELD_KINDS
     parser.add_argument("--name", default="demo", help="model name in the registry")
     parser.add_argument("--registry", default=DEFAULT_REGISTRY, help="registry root folder")
     parser.add_argument("--trees", type=int, default=200, help="Isolation Forest trees")

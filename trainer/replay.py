@@ -25,17 +25,22 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
 import numpy as np
-import pandas as pd
 
 from edge_agent.client import AgentClient, AgentUnavailable, ScoreResult
 from edge_agent.errors import EdgeError, run_command
 from edge_agent.package.manifest import MANIFEST_FILE, read_manifest
 from edge_agent.summary import ReplySummary
 from edge_agent.wire.score import PROTOCOL_VERSION, SCORE
-from trainer.table import ParametricTable
+
+if TYPE_CHECKING:
+    # Annotations only: pandas (the trainer role) is imported where a table is read, so that without the trainer
+    # role `edge-replay` still reaches its error handler, which names the extra to install.
+    import pandas as pd
+
+    from trainer.table import ParametricTable
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 PART_IDENTITY = ("lot", "wafer", "x", "y", "head", "site", "part_id")
@@ -108,6 +113,7 @@ def plan_from_table(table: ParametricTable, features: list[str], source: str = "
 
 def part_identities(frame: pd.DataFrame) -> list[dict]:
     """Part identity maps with plain Python values (msgpack does not pack numpy scalars); unknowns left out."""
+    import pandas as pd
     fields = [f for f in PART_IDENTITY if f in frame.columns]
     records = frame[fields].to_dict("records")
     return [{k: _plain(v) for k, v in record.items() if not pd.isna(v)} for record in records]

@@ -20,12 +20,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import DataError, EdgeError
-from edge_agent.package.manifest import NAME_PATTERN
+from edge_agent.package.manifest import NAME_PATTERN, YIELD_KINDS
 from edge_agent.settings import Checked, Interval, OneOf, Satisfies
 
 from .table import ParametricTable
 
-YIELD_KINDS = ("random_forest", "logistic", "mlp")
 TREES_PER_PROGRESS_STEP = 20
 FRACTION = Interval(float, 0, 1, closed="neither")
 MAX_SEED = 2 ** 32 - 1          # scikit-learn's random_state

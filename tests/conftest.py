@@ -1,0 +1,152 @@
+"""The floors and model packages the tests share, made by the product itself: lots from the synthetic floor
+generator (``trainer.synth``), models from the trainer (``trainer.train.fit``), packages from the package writer
+(``trainer.package``). No test writes a manifest by hand, so every test reads what the trainer really writes.
+
+Session-scoped: each is built once per run (a few seconds in all). Tests that change a registry work on a copy.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+
+from edge_agent.package.manifest import OUTLIER_FILE, YIELD_FILE, YIELD_INT8_FILE, Manifest
+from edge_agent.package.registry import PackageRef, Registry
+from trainer.package import build_and_publish, build_package
+from trainer.synth import SynthConfig, generate, test_catalog
+from trainer.table import ParametricTable
+from trainer.train import TrainConfig, TrainedModels, fit
+
+
+def synth_lot(seed: int, parts: int, tests: int, *, lot_prefix: str = "SYN") -> ParametricTable:
+    """One lot of the synthetic product, without injected excursions. The test program depends on ``tests``
+    only, so lots with the same ``tests`` are lots of one product whatever their seeds."""
+    config = SynthConfig(seed=seed, parts=parts, tests=tests, lots=1, lot_prefix=lot_prefix, excursions=())
+    return ParametricTable(pd.concat(generate(config), ignore_index=True), test_catalog(config),
+                           [f"trainer.synth seed {seed}"])
+
+
+def train(table: ParametricTable, name: str, *, n_trees: int, yield_trees: int, seed: int,
+          yield_model: str = "random_forest") -> TrainedModels:
+    config = TrainConfig(name=name, n_trees=n_trees, yield_trees=yield_trees, yield_model=yield_model, seed=seed)
+    return fit(table, config, progress=lambda message: None)
+
+
+# ---- the agent's packages ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Packages:
+    """Model ``model``: version 1 (production) and version 2 (candidate), trained on two lots of one product."""
+
+    root: Path
+    model: str
+    n_tests: int
+    trained: dict        # version -> TrainedModels (the scikit-learn pipelines)
+    stream: np.ndarray   # float32 readings of a further lot of the same product, for scoring
+
+    def manifest(self, version: str) -> Manifest:
+        return Registry(self.root).manifest(PackageRef(self.model, version))
+
+    def offline(self, version: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of ``rows`` from plain onnxruntime sessions (default options) over the package's files."""
+        folder = Registry(self.root).package_dir(PackageRef(self.model, version))
+        outlier = ort.InferenceSession(str(folder / OUTLIER_FILE), providers=["CPUExecutionProvider"])
+        yield_ = ort.InferenceSession(str(folder / YIELD_FILE), providers=["CPUExecutionProvider"])
+        feed = {"readings": rows.astype(np.float32)}
+        return outlier.run(["score"], feed)[0].reshape(-1), yield_.run(["pass_probability"], feed)[0].reshape(-1)
+
+    def copy(self, target: Path) -> Path:
+        shutil.copytree(self.root, target)
+        return target
+
+    def lot(self, seed: int, parts: int, lot_prefix: str) -> ParametricTable:
+        """Another lot of the product the packages were trained on."""
+        return synth_lot(seed, parts, self.n_tests, lot_prefix=lot_prefix)
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory) -> Packages:
+    """Two lots of 1,500 parts x 20 tests, 50-tree forests; a third lot of 400 parts to score."""
+    model, n_tests = "m", 20
+    root = tmp_path_factory.mktemp("registry") / "models"
+    registry = Registry(root)
+    trained = {}
+    for version, seed in (("1", 11), ("2", 12)):
+        table = synth_lot(seed, 1500, n_tests)
+        trained[version] = train(table, model, n_trees=50, yield_trees=30, seed=seed)
+        assert build_and_publish(trained[version], table, {}, registry, []).version == version
+    registry.promote(model, "1", "production", "test fixture")
+    stream = synth_lot(13, 400, n_tests, lot_prefix="L").readings().astype(np.float32)
+    return Packages(root, model, n_tests, trained, stream)
+
+
+# ---- drift: a package and further parts of its floor ----------------------------------------------------------------
+
+@dataclasses.dataclass
+class DriftFloor:
+    """Package ``drift-demo`` (production) trained on a synthetic lot, and the lot's parts that training held out,
+    that passed (the drift reference is built from passing parts too) and that ran every test (so a window of n
+    parts holds n readings of each test), with the outlier model's scores: what an agent serving the package sees
+    while the product does not drift."""
+
+    registry: Registry
+    ref: PackageRef
+    readings: np.ndarray   # float32 [parts, tests], the package's feature order
+    scores: np.ndarray     # the outlier model's scores of those parts
+    feed: Path             # readings and scores in one .npz, for tests/drift_feeder.py
+
+    @property
+    def manifest(self) -> Manifest:
+        """The published manifest."""
+        return self.registry.manifest(self.ref)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.manifest.columns
+
+
+@pytest.fixture(scope="session")
+def drift_floor(tmp_path_factory) -> DriftFloor:
+    """8,000 parts x 12 tests, a 30-tree forest; about 1,500 held-out parts to feed."""
+    folder = tmp_path_factory.mktemp("drift")
+    table = synth_lot(1, 8000, 12)
+    trained = train(table, "drift-demo", n_trees=30, yield_trees=10, seed=1)
+    registry = Registry(folder / "models")
+    ref = build_and_publish(trained, table, {}, registry, [])
+    registry.promote(ref.name, ref.version, "production", "test fixture")
+    readings = table.readings()[trained.holdout_index]
+    readings = readings[table.frame["passed"].to_numpy(bool)[trained.holdout_index] & ~np.isnan(readings).any(axis=1)]
+    scores = trained.outlier.decision_function(readings)
+    feed = folder / "feed.npz"
+    np.savez(feed, readings=readings.astype(np.float32), scores=scores)
+    return DriftFloor(registry, ref, readings.astype(np.float32), scores, feed)
+
+
+# ---- packages built but not published -----------------------------------------------------------------------------
+
+class Unpublished:
+    """Files and manifest of real packages that are not published yet (the registry tests publish them)."""
+
+    def __init__(self, with_int8: tuple[dict, Manifest], without_int8: tuple[dict, Manifest]):
+        self._built = {True: with_int8, False: without_int8}
+
+    def package(self, int8: bool = True) -> tuple[dict[str, bytes], Manifest]:
+        """A fresh copy: logistic yield model with its int8 variant, or a random forest (no int8 variant)."""
+        files, manifest = self._built[int8]
+        return dict(files), copy.deepcopy(manifest)
+
+
+@pytest.fixture(scope="session")
+def unpublished() -> Unpublished:
+    """Model ``demo`` on one lot of 1,000 parts x 8 tests, 20-tree forest."""
+    table = synth_lot(5, 1000, 8)
+    built = [build_package(train(table, "demo", n_trees=20, yield_trees=10, seed=5, yield_model=kind), table, {}, [])
+             for kind in ("logistic", "random_forest")]
+    assert YIELD_INT8_FILE in built[0][0], "the logistic yield model's int8 variant was refused"
+    return Unpublished(*built)
