@@ -145,13 +145,15 @@ def _smoke_test(model: LoadedModel, sample_bytes: bytes, fidelity: dict[str, Fid
     report, problems = {}, []
     for key, got, fidelity_key in (("score", got_score, "outlier.float32"),
                                    ("pass_probability", got_probability, f"yield.{yield_variant}")):
-        allowed = float(fidelity[fidelity_key].max_abs_diff) + SMOKE_SLACK
+        entry = fidelity[fidelity_key]
+        allowed = float(entry.max_abs_diff) + SMOKE_SLACK
         worst = float(np.max(np.abs(got - expected[key]))) if len(got) == len(expected[key]) else np.inf
         report[key] = {"rows": len(readings), "max_abs_diff": worst, "allowed": allowed}
         if not worst <= allowed:
-            problems.append(f"smoke score: {key} of the {len(readings)} sample rows differs from the expected values "
-                            f"by up to {worst:.3g}, more than the fidelity recorded in the manifest allows "
-                            f"({allowed:.3g})")
+            problems.append(f"smoke score: {fidelity_key} ({entry.file}) on this CPU: {key} of the {len(readings)} "
+                            f"sample rows differs from the expected values by up to {worst:.3g}, more than "
+                            f"fidelity.{fidelity_key}.max_abs_diff {float(entry.max_abs_diff):.3g} recorded in "
+                            f"the manifest allows (+ {SMOKE_SLACK:g})")
     if problems:
         raise ModelRefused(where, problems)
     return report

@@ -27,6 +27,8 @@ from .reference import PAT_MIN_PARTS, drift_reference, static_pat_limits
 from .table import ParametricTable
 from .train import TrainedModels
 
+# The agent's load-time smoke test scores these first held-out rows as one call; every fidelity check scores
+# that call too, so the difference the manifest records covers what the smoke test will see.
 SAMPLE_ROWS = 256
 INPUT_NAME = "readings"
 
@@ -51,14 +53,14 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
     outlier_bytes = isolation_forest_to_onnx(trained.outlier).SerializeToString()
     fidelity["outlier.float32"] = check_fidelity(
         outlier_bytes, expected_score, holdout32, output="score", threshold=trained.outlier_threshold,
-        outlier_below=True, file=OUTLIER_FILE)
+        outlier_below=True, file=OUTLIER_FILE, batch_rows=SAMPLE_ROWS)
     files[OUTLIER_FILE] = outlier_bytes
 
     yield_onnx = yield_model_to_onnx(trained.yield_model)
     yield_bytes = yield_onnx.SerializeToString()
     fidelity["yield.float32"] = check_fidelity(
         yield_bytes, expected_prob, holdout32, output="pass_probability", threshold=trained.yield_threshold,
-        outlier_below=False, file=YIELD_FILE)
+        outlier_below=False, file=YIELD_FILE, batch_rows=SAMPLE_ROWS)
     files[YIELD_FILE] = yield_bytes
     yield_files = {"float32": YIELD_FILE}
 
@@ -67,7 +69,7 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
         int8_bytes = quantize_int8(yield_onnx).SerializeToString()
         check = check_fidelity(int8_bytes, expected_prob, holdout32, output="pass_probability",
                                threshold=trained.yield_threshold, outlier_below=False,
-                               file=YIELD_INT8_FILE, refuse=False)
+                               file=YIELD_INT8_FILE, refuse=False, batch_rows=SAMPLE_ROWS)
         if check.passed:
             files[YIELD_INT8_FILE] = int8_bytes
             yield_files["int8"] = YIELD_INT8_FILE

@@ -1,7 +1,8 @@
 """Does an ONNX graph reproduce its scikit-learn model? Scored in a real onnxruntime session, as served.
 
-Rows are scored one at a time (how the agent serves) and as one batch (how a multi-site request arrives);
-the worse of the two is reported, because an int8 graph quantizes activations per call.
+Rows are scored one at a time (how the agent serves) and as one batch (how a multi-site request arrives),
+and optionally in batches of a given size (how the agent's load-time smoke test scores a package's sample
+rows); the worst is reported, because an int8 graph quantizes activations per call.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from edge_agent.package.runtime import make_session
 
 
 def check_fidelity(model_bytes: bytes, expected: np.ndarray, X32: np.ndarray, *, output: str, threshold: float,
-                   outlier_below: bool, file: str, refuse: bool = True,
-                   min_agreement: float = 0.999) -> FidelityCheck:
+                   outlier_below: bool, file: str, refuse: bool = True, min_agreement: float = 0.999,
+                   batch_rows: int | None = None) -> FidelityCheck:
     """Compare the graph's ``output`` on ``X32`` with scikit-learn's ``expected`` values.
 
     decision = value < threshold (``outlier_below``) or value >= threshold; passed when every value is
     finite and decisions agree on at least ``min_agreement`` of the rows. With ``refuse`` a failed check
-    raises ExportError.
+    raises ExportError. ``batch_rows``: also score consecutive batches of that many rows, so that the
+    recorded difference covers a later call on the first ``batch_rows`` rows (the package's sample rows).
     """
     X32 = np.ascontiguousarray(X32, dtype=np.float32)
     expected = np.asarray(expected, dtype=np.float64).reshape(-1)
@@ -35,15 +37,18 @@ def check_fidelity(model_bytes: bytes, expected: np.ndarray, X32: np.ndarray, *,
     if len(batch) != len(X32):
         raise ExportError(f"{file}: output {output!r} has {len(batch)} values for {len(X32)} rows, "
                           "expected one per row")
-    single = np.concatenate([session.run([output], {input_name: X32[i:i + 1]})[0].reshape(-1)
-                             for i in range(len(X32))])
+
+    def in_batches(rows: int) -> np.ndarray:
+        return np.concatenate([session.run([output], {input_name: X32[i:i + rows]})[0].reshape(-1)
+                               for i in range(0, len(X32), rows)])
 
     def decide(values: np.ndarray) -> np.ndarray:
         return values < threshold if outlier_below else values >= threshold
 
+    scored = [batch, in_batches(1)] + ([in_batches(batch_rows)] if batch_rows else [])
     wanted = decide(expected)
-    max_abs_diff = max(_max_abs_diff(got, expected) for got in (batch, single))
-    agreement = min(float(np.mean(decide(got) == wanted)) for got in (batch, single))
+    max_abs_diff = max(_max_abs_diff(got, expected) for got in scored)
+    agreement = min(float(np.mean(decide(got) == wanted)) for got in scored)
     result = FidelityCheck(file=file, rows=int(len(X32)), max_abs_diff=max_abs_diff, decision_agreement=agreement,
                            min_agreement=float(min_agreement),
                            passed=bool(np.isfinite(max_abs_diff) and agreement >= min_agreement))
