@@ -96,7 +96,7 @@ def summary(figures: dict) -> str:
         out += ["", "## In process, same rows", "", inproc_markdown(as_measured)]
     for section, title in (("scaling.", "Scaling (compact outlier graph, in process, single row)"),
                            ("agent.", "Agent footprint"), ("stdf.", "STDF read"), ("training.", "Training time"),
-                           ("drift.", "Drift kernel")):
+                           ("drift.", "Drift kernel"), ("explain.", "Explanations and judging, in process")):
         keys = [k for k in figures if k.startswith(section)]
         if keys:
             out += ["", f"## {title}", "", "| key | value |", "|---|---|"]

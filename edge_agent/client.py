@@ -55,6 +55,9 @@ class ScoreResult:
     why: str = ""
     flags: list[str] = field(default_factory=list)
     pat: list[dict] = field(default_factory=list)
+    drivers: list[dict] = field(default_factory=list)   # tests behind an ML outlier: test, value, z, typical range
+    insufficient_readings: bool = False  # too few readings: scores are None, the bin is insufficient_readings
+    tests_present: int | None = None    # how many of the model's tests the part had readings for
     model: dict | None = None           # name, version, checksum of the model that decided
     agent_us: float | None = None       # the agent's own processing time
     round_trip_us: float | None = None  # measured here, send to reply
@@ -234,7 +237,10 @@ class AgentClient:
                            outlier=item.get("outlier"), pass_probability=item.get("pass_probability"),
                            predicted_fail=item.get("predicted_fail"), bin=item.get("bin"),
                            bin_name=item.get("bin_name"), why=item.get("why", ""), flags=item.get("flags", []),
-                           pat=item.get("pat", []), model=model, agent_us=agent_us, round_trip_us=round_trip_us)
+                           pat=item.get("pat", []), drivers=item.get("drivers", []),
+                           insufficient_readings=bool(item.get("insufficient_readings", False)),
+                           tests_present=item.get("tests_present"), model=model, agent_us=agent_us,
+                           round_trip_us=round_trip_us)
 
 
 def _wire_readings(readings):

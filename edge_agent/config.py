@@ -30,20 +30,23 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     [pat]
     dynamic = true
     window = 100                     # parts per (head, site) rolling window
-    min_parts = 30                   # warm-up baseline before dynamic PAT acts
-    k_sigma = 6.0
+    min_parts = 30                   # warm-up baseline: after a restart, a site has no dynamic limits for this many parts
+    k_sigma = 6.0                    # each test's rule (shape, resolution floor, widening) is the manifest's
     refresh_parts = 25               # every test's dynamic limits are at most this many parts old
-    reset_on = "lot"                 # "lot", "wafer" or "never": a new one restarts a site's window
+    reset_on = "wafer"               # what restarts a site's window: "lot", "sublot" (lot or sublot), "wafer"
+                                     # (lot, sublot or wafer changed) or "never"
     max_sites = 512
 
     [binning]
     order = ["static_pat", "dynamic_pat", "ml_outlier", "predicted_fail"]
+    min_readings_share = 0.5         # a part with readings for fewer of the model's tests: insufficient_readings
     [binning.bins]
     pass = 1
     static_pat = 21
     dynamic_pat = 22
     ml_outlier = 23
     predicted_fail = 24
+    insufficient_readings = 25
 
     [drift]                          # streaming drift statistics, shipped to the fleet collector
     enabled = true
@@ -64,11 +67,12 @@ from typing import Any
 
 from .binning import CONDITIONS, BinPolicy, check_policy
 from .errors import EdgeError
+from .pat import GROUPS
 from .settings import NON_EMPTY, Checked, Instance, Interval, OneOf, Rule, load
 
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-RESET_ON = ("lot", "wafer", "never")
+RESET_ON = tuple(GROUPS)   # ("lot", "sublot", "wafer", "never")
 YIELD_VARIANTS = ("float32", "int8")
 ENDPOINT_SCHEMES = ("tcp", "ipc")
 _ALL_INTERFACES = ("*", "0.0.0.0", "[::]", "::")
@@ -123,21 +127,23 @@ class PatConfig(_AgentSection):
     min_parts: int = 30
     k_sigma: float = 6.0
     refresh_parts: int = 25
-    reset_on: str = "lot"
+    reset_on: str = "wafer"
     max_sites: int = 512
 
 
 @dataclass
 class BinningConfig(_AgentSection):
     SCOPE = "binning"
-    CONSTRAINTS = {"order": [Instance(list)], "bins": [Instance(dict)]}
+    CONSTRAINTS = {"order": [Instance(list)], "bins": [Instance(dict)],
+                   "min_readings_share": [Interval(float, 0, 1, closed="right")]}
     RULES = (Rule(("order", "bins"), lambda binning: check_policy(binning.order, binning.bins)),)
 
     order: list[str] = field(default_factory=lambda: list(CONDITIONS))
     bins: dict[str, int] = field(default_factory=lambda: dict(BinPolicy().bins))
+    min_readings_share: float = 0.5
 
     def policy(self) -> BinPolicy:
-        return BinPolicy(tuple(self.order), dict(self.bins))
+        return BinPolicy(tuple(self.order), dict(self.bins), self.min_readings_share)
 
 
 def _endpoint_problems(name: str, endpoint: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""A loaded model package: verified files, onnxruntime sessions tuned for one row, thresholds and PAT limits.
+"""A loaded model package: verified files, onnxruntime sessions tuned for one row, thresholds, PAT limits and the
+per-test statistics explanations use.
 
 Loading refuses a package (``ModelRefused``, naming every problem) unless it verifies (manifest schema,
 fidelity gate, sha256 of every file), the ONNX bytes handed to onnxruntime are the verified ones, and a
@@ -19,6 +20,7 @@ from .errors import EdgeError, ExportError, RegistryError
 from .package.manifest import SAMPLE_ROWS_FILE, FidelityCheck, Manifest
 from .package.registry import PackageRef, Registry
 from .package.runtime import make_session, warm_up
+from .explain import Explainer
 from .pat import StaticPat
 from .wire.score import ReadingsParser
 
@@ -46,6 +48,7 @@ class LoadedModel:
     columns: list[str]
     parser: ReadingsParser = field(repr=False)
     static_pat: StaticPat = field(repr=False)
+    explainer: Explainer = field(repr=False)
     outlier_threshold: float
     pass_threshold: float
     identity: dict                 # {"name", "version", "checksum"}: sent with every decision
@@ -95,7 +98,9 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
     model = LoadedModel(
         ref=ref, checksum=result.checksum, manifest=manifest, path=folder, yield_variant=yield_variant,
         columns=columns, parser=ReadingsParser(columns, [f.name for f in manifest.features]),
-        static_pat=StaticPat(columns, manifest.pat.limits),
+        static_pat=StaticPat(columns, manifest.pat.limits, k_sigma=manifest.pat.k_sigma,
+                             resolution_floor=manifest.pat.resolution_floor),
+        explainer=Explainer(columns, manifest.pat.limits),
         outlier_threshold=float(outlier_model.threshold), pass_threshold=float(yield_model.threshold),
         identity={"name": ref.name, "version": ref.version, "checksum": result.checksum},
         smoke={}, loaded_at=time.time(), _outlier=outlier, _yield=yield_session, _input=manifest.input.name,

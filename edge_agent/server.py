@@ -18,7 +18,7 @@ import numpy as np
 import zmq
 
 from . import __version__
-from .binning import decide
+from .binning import Decision, decide, decide_insufficient
 from .config import AgentConfig
 from .errors import EdgeError
 from .metrics import Metrics, start_prometheus
@@ -236,22 +236,41 @@ class Agent:
                 "model": model.identity}
 
     def _judge(self, model: LoadedModel, part: Part, row: np.ndarray, score: float, probability: float) -> dict:
-        """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window."""
+        """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window.
+
+        A part with too few readings (``BinPolicy.min_readings_share``) gets its own bin, null scores, static PAT
+        on what it has, and stays out of the dynamic PAT window and the drift statistics (its scores describe the
+        imputed medians, and its empty readings would take a window slot from a real part).
+        """
+        present = int(np.count_nonzero(row == row))   # NaN != NaN: readings present
         static = model.static_pat.breaks(row)
+        if present < self.policy.needed_readings(len(row)):
+            decision = decide_insufficient(self.policy, present=present, tests=len(row), static=static)
+            self._count(decision)
+            return {"outlier_score": None, "outlier": None, "pass_probability": None, "predicted_fail": None,
+                    "bin": decision.bin, "bin_name": decision.name, "why": decision.why, "flags": decision.flags,
+                    "pat": [b.to_wire() for b in static], "drivers": [], "insufficient_readings": True,
+                    "tests_present": present}
         dynamic = self.dynamic.check_and_add(part, row) if self.dynamic is not None else []
         if self.drift is not None:
             self.drift.update(model, part, row, score)
+        outlier = score < model.outlier_threshold
+        drivers = model.explainer.drivers(row) if outlier or static or dynamic else []
         decision = decide(self.policy, static=static, dynamic=dynamic, score=score,
                           score_threshold=model.outlier_threshold, pass_probability=probability,
-                          pass_threshold=model.pass_threshold)
+                          pass_threshold=model.pass_threshold, drivers=drivers)
+        self._count(decision)
+        return {"outlier_score": score, "outlier": outlier, "pass_probability": probability,
+                "predicted_fail": probability < model.pass_threshold, "bin": decision.bin,
+                "bin_name": decision.name, "why": decision.why, "flags": decision.flags,
+                "pat": [b.to_wire() for b in static] + [b.to_wire() for b in dynamic],
+                "drivers": [d.to_wire() for d in drivers], "insufficient_readings": False, "tests_present": present}
+
+    def _count(self, decision: Decision) -> None:
         self.metrics.parts_scored += 1
         self.metrics.bins[decision.name] += 1
         for flag in decision.flags:
             self.metrics.flags[flag] += 1
-        return {"outlier_score": score, "outlier": score < model.outlier_threshold, "pass_probability": probability,
-                "predicted_fail": probability < model.pass_threshold, "bin": decision.bin,
-                "bin_name": decision.name, "why": decision.why, "flags": decision.flags,
-                "pat": [b.to_wire() for b in static] + [b.to_wire() for b in dynamic]}
 
     def _health(self, message: dict, rid) -> dict:
         watcher = self._watcher
@@ -330,6 +349,9 @@ class Agent:
         _freeze_heap()
         if self.dynamic is not None and self.dynamic.columns != model.columns:
             self.dynamic = self._dynamic_pat(model)   # other tests: the site windows no longer apply
+        elif self.dynamic is not None:
+            static = model.static_pat
+            self.dynamic.set_rules(static.shape, static.min_sigma, static.k_factor)
         log.info("serving %s (checksum %s) in place of %s: %s", model.ref, model.checksum[:12], self.previous.ref,
                  reason)
 
@@ -337,9 +359,10 @@ class Agent:
         pat = self.config.pat
         if not pat.dynamic:
             return None
+        static = model.static_pat
         return DynamicPat(model.columns, window=pat.window, min_parts=pat.min_parts, k_sigma=pat.k_sigma,
                           refresh_parts=pat.refresh_parts, reset_on=pat.reset_on, max_sites=pat.max_sites,
-                          log_scale=model.static_pat.log_scale)
+                          shape=static.shape, min_sigma=static.min_sigma, k_factor=static.k_factor)
 
 
 def _freeze_heap() -> None:

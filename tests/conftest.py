@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import pytest
 
 from edge_agent.package.manifest import OUTLIER_FILE, YIELD_FILE, YIELD_INT8_FILE, Manifest
 from edge_agent.package.registry import PackageRef, Registry
+from edge_agent.processes import free_tcp_endpoint, start_agent, stop
+from trainer.ingest import load_tables
 from trainer.package import build_and_publish, build_package
-from trainer.synth import SynthConfig, generate, test_catalog
+from trainer.synth import DATALOG_PATHOLOGIES, SynthConfig, generate, test_catalog, write
 from trainer.table import ParametricTable
 from trainer.train import TrainConfig, TrainedModels, fit
 
@@ -126,6 +129,59 @@ def drift_floor(tmp_path_factory) -> DriftFloor:
     feed = folder / "feed.npz"
     np.savez(feed, readings=readings.astype(np.float32), scores=scores)
     return DriftFloor(registry, ref, readings.astype(np.float32), scores, feed)
+
+
+# ---- a floor with real datalogs' pathologies -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PathologicalFloor:
+    """Package ``floor`` (production), trained on four lots of the synthetic product with every datalog pathology
+    on (``trainer.synth.DATALOG_PATHOLOGIES``: quantized tests, stop-on-fail, every other part without readings,
+    tests 3-5x wider in every other lot, two sublots per lot) and latent outliers in its first lot; and the next
+    lot off the line, with the same pathologies and 2 % latent outliers."""
+
+    registry: Registry
+    ref: PackageRef
+    trained: TrainedModels
+    training: ParametricTable     # after validation: the parts without enough readings are left out
+    report: dict                  # the validation report
+    next_lot: ParametricTable     # every part, as the tester logged it
+    truth: dict                   # the next lot's ground truth (trainer.synth)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.registry.manifest(self.ref)
+
+
+@pytest.fixture(scope="session")
+def pathological_floor(tmp_path_factory) -> PathologicalFloor:
+    """12,000 parts x 200 tests in four lots (about 6,000 left to train on), 50-tree forest; a next lot of 4,000."""
+    folder = tmp_path_factory.mktemp("floor")
+    lots = {}
+    for name, config in (("training", dict(parts=12_000, lots=4, excursions=("latent_outliers",))),
+                         ("next", dict(parts=4_000, lots=1, first_lot_index=5, excursions=("latent_outliers",),
+                                       latent_outlier_fraction=0.02))):
+        lots[name] = write(SynthConfig(seed=11, tests=200, **DATALOG_PATHOLOGIES, **config),
+                           folder / f"{name}.parquet")
+    table, report = load_tables([lots["training"].path])
+    trained = train(table, "floor", n_trees=50, yield_trees=20, seed=11)
+    registry = Registry(folder / "models")
+    ref = build_and_publish(trained, table, report.to_dict(), registry, [lots["training"].path])
+    registry.promote(ref.name, ref.version, "production", "test fixture")
+    next_lot, _ = load_tables([lots["next"].path], keep_sparse_parts=True)
+    return PathologicalFloor(registry, ref, trained, table, report.to_dict(), next_lot,
+                             json.loads(Path(lots["next"].truth_path).read_text()))
+
+
+@pytest.fixture(scope="session")
+def floor_agent(pathological_floor, tmp_path_factory):
+    """The endpoint of a real agent serving the pathological floor's package (drift off)."""
+    folder = tmp_path_factory.mktemp("floor-agent")
+    endpoint = free_tcp_endpoint()
+    process = start_agent(pathological_floor.registry.root, pathological_floor.ref.name, endpoint, "--no-drift",
+                          "--metrics-port", "0", log_path=folder / "agent.log")
+    yield endpoint
+    assert stop(process) == 0
 
 
 # ---- packages built but not published -----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import zmq
 from edge_agent.binning import BinPolicy, decide
 from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
 from edge_agent.config import ConfigError, load_config
+from edge_agent.package import rules
 from edge_agent.package.manifest import MANIFEST_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_INT8_FILE
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
@@ -118,12 +119,15 @@ def wait_for(condition, what: str, timeout_s: float = OUTCOME_WAIT_S):
 def test_scores_equal_offline_onnxruntime_and_scikit_learn(agent, packages):
     rows = packages.stream[:120].copy()
     rows[3, [0, 5]] = np.nan                  # tests not run: imputed inside the graphs
-    rows[4, :] = np.nan
-    score, probability = packages.offline("1", rows)
+    rows[4, :] = np.nan                       # no readings at all: no scores (tests/test_coverage.py)
     checksum = Registry(packages.root).checksum(PackageRef(packages.model, "1"))
     with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000) as client:
         results = [client.score(row, {"lot": "offline", "site": 3}) for row in rows]
     assert all(r.decided for r in results), [r.error_message for r in results if not r.decided][:3]
+    empty = results.pop(4)
+    assert empty.insufficient_readings and empty.outlier_score is None and empty.pass_probability is None
+    rows = np.delete(rows, 4, axis=0)
+    score, probability = packages.offline("1", rows)
     got_score = np.array([r.outlier_score for r in results])
     got_probability = np.array([r.pass_probability for r in results])
     np.testing.assert_allclose(got_score, score, rtol=0, atol=1e-6)
@@ -640,8 +644,8 @@ def test_dynamic_pat_sets_limits_on_the_log_scale_for_log_scale_tests():
     baseline = rng.lognormal(0.0, 1.0, (100, 1)).astype(np.float32)
     fresh = rng.lognormal(0.0, 1.0, 20_000).astype(np.float32)
     flagged = {}
-    for name, log_scale in (("linear", [False]), ("log", [True])):
-        pat = DynamicPat(["ILEAK"], window=100, min_parts=30, k_sigma=6.0, refresh_parts=1, log_scale=log_scale)
+    for name, shape in (("linear", [rules.NORMAL]), ("log", [rules.LOGNORMAL])):
+        pat = DynamicPat(["ILEAK"], window=100, min_parts=30, k_sigma=6.0, refresh_parts=1, shape=shape)
         for row in baseline:
             pat.check_and_add(Part(lot="A", site=1), row)
         state = pat._sites[(1, 1)]

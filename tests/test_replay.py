@@ -121,6 +121,14 @@ def test_a595_replayed_into_an_agent_every_part_decided_scores_as_offline(world,
     assert all(r["decided"] and r["model_version"] == "1" and r["bin"] is not None for r in replies)
 
     rows = table.readings(_features(world, "a595")).astype(np.float32)
+    # Parts with readings for fewer than half the model's tests (14 without any) get no scores.
+    scored = np.count_nonzero(~np.isnan(rows), axis=1) >= 53
+    assert [r["insufficient_readings"] for r in replies] == (~scored).tolist()
+    assert report["replies"]["insufficient_readings"] == 26 and report["replay"]["parts_without_readings"] == 14
+    assert all(r["outlier_score"] is None and r["bin_name"] == "insufficient_readings"
+               for r in replies if r["insufficient_readings"])
+    replies = [r for r in replies if not r["insufficient_readings"]]
+    rows = rows[scored]
     sent = np.array([r["outlier_score"] for r in replies])
     np.testing.assert_allclose(sent, _offline_scores(world, "a595", rows), atol=1e-5, rtol=0)
     sklearn = world["a595_model"].outlier.decision_function(rows.astype(np.float64))

@@ -105,7 +105,7 @@ def test_a_file_with_several_problems_lists_every_one_once(tmp_path):
         "  - agent.max_batch: expected a positive number, got 0",
         "  - agent.watch_interval_s: expected a positive number, got 0.0",
         "  - agent.model: a model name is required (--model or [agent] model)",
-        "  - pat.reset_on: expected one of ('lot', 'wafer', 'never'), got 'shift'",
+        "  - pat.reset_on: expected one of ('lot', 'sublot', 'wafer', 'never'), got 'shift'",
         "  - drift.change_delta: expected a positive number, got 0.0"]
 
 

@@ -76,8 +76,18 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yield-label", default=None, help="label column (default: final_pass if present, else passed)")
     parser.add_argument("--holdout-fraction", type=float, default=0.2,
                         help="share of the parts held out to evaluate both models")
+    parser.add_argument("--pat-max-flag-rate", type=float, default=0.001,
+                        help="static PAT self-check: a test whose limits flag more than this share of passing "
+                             "training parts is widened to it or disabled (default 0.001)")
+    parser.add_argument("--pat-on-excess", choices=["widen", "disable"], default="widen",
+                        help="what the self-check does to such a test (default widen)")
     parser.add_argument("--retest-policy", choices=["last", "first", "all"], default="last")
     parser.add_argument("--min-rows", type=int, default=200)
+    parser.add_argument("--min-readings-share", type=float, default=0.5,
+                        help="parts with readings for fewer than this share of the tests are reported by file and "
+                             "left out of training (default 0.5)")
+    parser.add_argument("--keep-sparse-parts", action="store_true",
+                        help="train on those parts too (their missing readings are imputed with medians)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--promote", choices=["staging", "production"], default=None,
                         help="promote the new version straight away")
@@ -87,7 +97,8 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
 FIT_OPTIONS = {"name": "name", "trees": "n_trees", "max_samples": "max_samples", "max_features": "max_features",
                "target_outlier_rate": "target_outlier_rate", "train_outlier_on": "train_outlier_on",
                "yield_model": "yield_model", "yield_trees": "yield_trees", "yield_label": "yield_label",
-               "holdout_fraction": "holdout_fraction", "seed": "seed"}
+               "holdout_fraction": "holdout_fraction", "seed": "seed", "pat_max_flag_rate": "pat_max_flag_rate",
+               "pat_on_excess": "pat_on_excess"}
 
 
 def _max_samples(text: str) -> int | float | str:
@@ -124,7 +135,8 @@ def cmd_fit(args) -> int:
     config.check("edge-train fit options", names={field: f"--{option.replace('_', '-')}"
                                                   for option, field in FIT_OPTIONS.items()})
     print(f"reading {len(args.data)} file(s)", file=sys.stderr)
-    table, report = load_tables(args.data, retest_policy=args.retest_policy, min_rows=args.min_rows)
+    table, report = load_tables(args.data, retest_policy=args.retest_policy, min_rows=args.min_rows,
+                                min_readings_share=args.min_readings_share, keep_sparse_parts=args.keep_sparse_parts)
     print(report.summary(), file=sys.stderr)
     trained = fit(table, config)
     print("exporting ONNX graphs and checking them against scikit-learn", file=sys.stderr)

@@ -20,7 +20,7 @@ from trainer.ingest import load_tables
 from trainer.package import build_and_publish
 from trainer.registry_cli import package_summary
 from trainer.replay import feature_columns, stream_lot
-from trainer.synth import SynthConfig, write
+from trainer.synth import DATALOG_PATHOLOGIES, SynthConfig, write
 from trainer.train import TrainConfig, fit
 
 WINDOW_PARTS = 1000       # small windows so a demo lot of a few thousand parts yields several per site
@@ -32,10 +32,13 @@ TRAINING_LOTS = 3
 def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, seed: int, registry_root: str,
              name: str) -> int:
     # Every configuration first: a bad --stream-parts must not wait for the training to fail.
-    training = SynthConfig(seed=seed, parts=parts, tests=tests, lots=TRAINING_LOTS, excursions=("latent_outliers",))
+    # Real datalogs' pathologies on (quantized tests, stop-on-fail, sampled datalogs, lot-to-lot spread, sublots):
+    # what static PAT, the coverage rules and the explanations are for.
+    training = SynthConfig(seed=seed, parts=parts, tests=tests, lots=TRAINING_LOTS, excursions=("latent_outliers",),
+                           **DATALOG_PATHOLOGIES)
     # Same product and floor (seed), the next lot off the line: what the model sees after training.
     streamed = SynthConfig(seed=seed, parts=stream_parts, tests=tests, lots=1, first_lot_index=TRAINING_LOTS + 1,
-                           excursions=("drifting_site", "latent_outliers"))
+                           excursions=("drifting_site", "latent_outliers"), **DATALOG_PATHOLOGIES)
     train = TrainConfig(name=name, seed=seed).check()
     work = Path(workdir or tempfile.mkdtemp(prefix="edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -53,7 +56,8 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     _step(f"2/4 second lot ({stream_parts:,} parts, drifting site + latent outliers); collector and agent start")
     stream_path = work / "stream_lot.parquet"
     print(write(streamed, str(stream_path)).describe())
-    stream_table, _ = load_tables([str(stream_path)])
+    # Every part goes to the agent, those without readings too: the agent, not the trainer, must handle them here.
+    stream_table, _ = load_tables([str(stream_path)], keep_sparse_parts=True)
     db = work / "fleet.sqlite"
     collector_endpoint, agent_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
     agent_config = work / "agent.toml"
@@ -71,7 +75,8 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
                 agent_side = client.health(timeout_ms=2000)["latency_us"]
         finally:
             stop(agent)
-        _wait_for_windows(db, expected=-(-len(stream_table) // WINDOW_PARTS))
+        # parts with too few readings stay out of the drift statistics
+        _wait_for_windows(db, expected=-(-(summary["decided"] - summary["insufficient_readings"]) // WINDOW_PARTS))
     finally:
         stop(collector)
 
@@ -92,14 +97,17 @@ def _print_findings(summary: dict, agent_side: dict, table) -> None:
     decided = summary["decided"]
     print(f"parts scored: {decided:,} of {summary['parts']:,}; no decision: {summary['no_decision'] or 'none'}")
     print(f"bins recommended: {summary['bins']}")
+    print(f"parts with readings for too few of the model's tests (sampled datalog, stop-on-fail): "
+          f"{summary['insufficient_readings']:,}, binned insufficient_readings, never scored as a median part")
     frame = table.frame
     if "truth_excursion" in frame.columns:
         truth = frame["truth_excursion"].to_numpy(str)
-        latent = frame["part_id"].astype(str).to_numpy()[truth == "latent_outliers"]
+        logged = frame[table.test_columns].notna().any(axis=1).to_numpy()
+        latent = frame["part_id"].astype(str).to_numpy()[(truth == "latent_outliers") & logged]
         flagged_ids = {p["part_id"] for p in summary["ml_outlier_parts"]}
         found = sum(pid in flagged_ids for pid in latent)
-        print(f"ground truth: {len(latent)} latent outliers (inside every limit), {found} flagged by the ML "
-              f"outlier model ({found / max(len(latent), 1):.0%})")
+        print(f"ground truth: {len(latent)} latent outliers with readings (inside every limit), {found} flagged by "
+              f"the ML outlier model ({found / max(len(latent), 1):.0%})")
         drifting = frame.loc[truth == "drifting_site", ["head", "site"]].drop_duplicates().to_numpy()
         for head, site in drifting:
             print(f"ground truth: head {head} site {site} drifts late in the lot (the collector should point at it)")
@@ -111,6 +119,8 @@ def _print_findings(summary: dict, agent_side: dict, table) -> None:
           f"{len(summary['ml_outlier_only'])} (inside every PAT limit), PAT only {len(summary['pat_only'])}")
     for part in summary["pat_only"][:SHOWN]:
         print(f"  PAT only: part {part.get('part_id')} site {part.get('site')} broke {', '.join(part['tests'][:4])}")
+    for part in summary["ml_outlier_only"][:SHOWN]:
+        print(f"  ML only: part {part.get('part_id')}: {part['why']}")
     rt = summary["round_trip_us"]
     print(f"latency per part, test program's view (round trip): p50 {rt['p50']:.0f} us, p99 {rt['p99']:.0f} us, "
           f"max {rt['max']:.0f} us; agent's own processing: p50 {agent_side['p50']:.0f} us, "

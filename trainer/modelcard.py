@@ -1,7 +1,11 @@
 """The model card: what a test engineer reads before putting a package into production."""
 from __future__ import annotations
 
+from collections import Counter
+
 from edge_agent.package.manifest import Manifest
+
+MAX_PAT_ROWS = 30
 
 
 def render_model_card(manifest: Manifest) -> str:
@@ -23,7 +27,8 @@ def render_model_card(manifest: Manifest) -> str:
         f"- **Pass probability** ({yield_model.kind.replace('_', ' ')}, label `{yield_model.label}`). "
         f"Predicted fail below **{yield_model.threshold:.2f}**.",
         f"- **Static PAT limits** for {sum(1 for p in manifest.pat.limits if p.low is not None)} tests: "
-        f"median +/- {manifest.pat.k_sigma:g} robust sigma (IQR/1.35) over passing training parts.",
+        f"median +/- {manifest.pat.k_sigma:g} robust sigma (IQR/1.35) over passing training parts, by each test's "
+        "shape (below).",
         "",
         "## How well it does (held-out parts)",
         "",
@@ -45,6 +50,7 @@ def render_model_card(manifest: Manifest) -> str:
               "| predicted | parts | mean predicted | observed pass rate |", "|---|---|---|---|"]
     lines += [f"| {c['bin']} | {c['parts']} | {_num(c['mean_predicted'])} | {_num(c['observed_pass_rate'])} |"
               for c in ym.get("calibration", []) if c["parts"]]
+    lines += _static_pat(manifest)
     lines += ["", "## ONNX graphs and their fidelity to scikit-learn", "",
               "| graph | rows checked | max abs difference | decisions agreeing |", "|---|---|---|---|"]
     lines += [f"| {f.file} | {f.rows:,} | {f.max_abs_diff:.2e} | {f.decision_agreement:.4%} |"
@@ -70,6 +76,35 @@ def render_model_card(manifest: Manifest) -> str:
               "with PAT and with failure analysis before binning parts out.",
               ""]
     return "\n".join(lines)
+
+
+def _static_pat(manifest: Manifest) -> list[str]:
+    """Shapes, the resolution floor, and every test the self-check widened or disabled or whose spread differs
+    between training lots, with why."""
+    pat, limits = manifest.pat, manifest.pat.limits
+    shapes = Counter(limit.shape or limit.scale for limit in limits)
+    lines = ["", "## Static PAT: rules and self-check", "",
+             "Rule per test by the shape of its passing training readings: "
+             + ", ".join(f"{shape} {count}" for shape, count in shapes.most_common()) + "."]
+    if pat.max_flag_rate is None:
+        return lines   # a package written before the self-check
+    actions = Counter(limit.self_check for limit in limits)
+    excess = "widened to that rate" if pat.on_excess == "widen" else "disabled"
+    lines += [f"Every robust sigma is at least {pat.resolution_floor:g} x the test's measurement resolution (its "
+              "smallest step between distinct readings); a test whose robust sigma differs between training lots "
+              "takes its widest lot's. Self-check: a test whose limits flag more than "
+              f"{pat.max_flag_rate:.2%} of the passing training parts is {excess} (disabled when widening needs "
+              f"more than 3 x k). Widened: {actions['widened']}, disabled: {actions['disabled']}.", ""]
+    listed = [limit for limit in limits if limit.self_check in ("widened", "disabled")
+              or (limit.reason and "between training lots" in limit.reason)]
+    if not listed:
+        return lines + ["No test needed widening or disabling."]
+    lines += ["| test | shape | resolution | action | flagged before -> after | why |", "|---|---|---|---|---|---|"]
+    lines += [f"| {limit.column} | {limit.shape} | {_num(limit.resolution)} | {limit.self_check} | "
+              f"{_pct(limit.flag_rate_before)} -> {_pct(limit.flag_rate)} | {limit.reason} |"
+              for limit in listed[:MAX_PAT_ROWS]]
+    return lines + (["", f"... and {len(listed) - MAX_PAT_ROWS} more in manifest.pat.limits"]
+                    if len(listed) > MAX_PAT_ROWS else [])
 
 
 def _pct(value) -> str:

@@ -8,10 +8,15 @@ patterns (bowl, tilt, edge ring), site offsets, slow tester drift, gross defects
 and the injected excursions whose ground truth goes into the ``truth_excursion`` column and the
 ``<output>.truth.json`` file.
 
+What real datalogs do to a table can be turned on (off by default, all on in ``DATALOG_PATHOLOGIES`` and the
+demo): tests read in coarse instrument steps (a few distinct values), stop-on-fail programs (a failing part's
+later tests missing), sampled datalogs (parts with a part record and bins but no readings), tests whose
+spread is 3-5x wider in every other lot, and sublots sharing a lot id (wafer numbers restart in each).
+
 Random numbers come from streams keyed by (seed, lot number, wafer), and the table is built a
 wafer at a time, so the same config gives the same data whatever ``chunk_parts`` is. The test
-program (catalog: names, numbers, units, limits) depends on ``tests`` only, never on the seed,
-so lots synthesized with different seeds share one test program like lots of one product do.
+program (catalog: names, numbers, units, limits) depends on ``tests`` (and which pathologies are on) only,
+never on the seed, so lots synthesized with different seeds share one test program like lots of one product do.
 """
 from __future__ import annotations
 
@@ -30,14 +35,15 @@ import numpy as np
 import pandas as pd
 
 from edge_agent.errors import DataError, EdgeError
-from edge_agent.settings import Checked, DistinctNames, Interval, Rule, Satisfies, unusable
+from edge_agent.settings import Checked, DistinctNames, Instance, Interval, Rule, Satisfies, unusable
 
 from .table import LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta, test_column_name
 
 EXCURSIONS = ("drifting_site", "shifted_lot", "latent_outliers")
 
-# The identity columns written, in trainer.table.IDENTITY_COLUMNS order, then the label columns.
-IDENTITY = ("lot", "wafer", "x", "y", "head", "site", "part_id", "test_time_ms", "timestamp",
+# The identity columns written (sublot only when lots are split), in trainer.table.IDENTITY_COLUMNS order, then the
+# label columns.
+IDENTITY = ("lot", "sublot", "wafer", "x", "y", "head", "site", "part_id", "test_time_ms", "timestamp",
             "hard_bin", "soft_bin", "passed", "tester", "job", "probe_card")
 
 PASS_BIN = 1
@@ -56,6 +62,14 @@ LATENT_SHIFT_SIGMA = (3.5, 5.0)  # each latent outlier moves its signature tests
 LATENT_TEST_SHARE = 0.35
 LATENT_LIMIT_MARGIN = 0.5        # latent outliers stay at least this far inside every limit
 LATENT_MAX_WAFER_SHARE = 0.1     # a latent cluster covers at most this share of a wafer's eligible dies
+
+# Pathologies of real datalogs (SynthConfig fields; DATALOG_PATHOLOGIES turns them all on, as the demo does).
+QUANTUM_SIGMA = (0.8, 1.6)       # a quantized test's instrument step, in its own sigma: 4-9 distinct passing values
+SPREAD_FACTOR = (3.0, 5.0)       # a spread-changing test's sigma in its wide lots
+SUBLOT_NAMES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+SUBLOT_OFFSET_SIGMA = 0.5        # per-test offsets between the sublots of one lot (z units)
+DATALOG_PATHOLOGIES = {"quantized_share": 0.1, "stop_on_fail": True, "datalog_every": 2,
+                       "spread_change_share": 0.03, "sublots": 2}
 
 TOUCHDOWN_INDEX_S = 0.35         # prober step between touchdowns
 WAFER_LOAD_S = 90.0
@@ -105,6 +119,11 @@ class SynthConfig(Checked):
         "defect_fraction": [Interval(float, 0, 0.5)],
         "missing_fraction": [Interval(float, 0, 0.05)],
         "start_time": [Interval(float, None, None)],       # unix seconds
+        "quantized_share": [Interval(float, 0, 1)],
+        "stop_on_fail": [Instance(bool)],
+        "datalog_every": [Interval(int, 1, 1000)],
+        "spread_change_share": [Interval(float, 0, 1)],
+        "sublots": [Interval(int, 1, len(SUBLOT_NAMES))],
     }
     RULES = (Rule(("parts", "lots"), _every_lot_has_a_part),
              Rule(("excursions", "lots", "heads", "sites"), _excursions_fit_the_floor))
@@ -124,11 +143,18 @@ class SynthConfig(Checked):
     defect_fraction: float = 0.02          # parts with a gross defect that fails a limit (x2 at the wafer edge)
     missing_fraction: float = 0.001        # readings left NaN (test did not run)
     start_time: float = 1_704_700_800.0    # tester clock of the first touchdown (unix seconds)
+    # What real datalogs do to the table (``FLOOR_PATHOLOGIES``); off by default, the demo turns them on.
+    quantized_share: float = 0.0           # share of the tests read in coarse instrument steps (few distinct values)
+    stop_on_fail: bool = False             # a failing part's tests after its first failing one did not run
+    datalog_every: int = 1                 # only every n-th part of a lot has readings; the others only bins
+    spread_change_share: float = 0.0       # share of the tests whose spread is 3-5x wider in every other lot
+    sublots: int = 1                       # sublots per lot, sharing its lot id; wafer numbers restart in each
 
     def __post_init__(self) -> None:
         if isinstance(self.excursions, (list, tuple)):
             object.__setattr__(self, "excursions", tuple(self.excursions))
-        for name in ("seed", "parts", "tests", "lots", "wafers_per_lot", "heads", "sites", "first_lot_index"):
+        for name in ("seed", "parts", "tests", "lots", "wafers_per_lot", "heads", "sites", "first_lot_index",
+                     "datalog_every", "sublots"):
             if isinstance(getattr(self, name), np.integer):   # numpy integers would not survive json.dumps
                 object.__setattr__(self, name, int(getattr(self, name)))
         self.check()
@@ -214,10 +240,19 @@ class _Program:
     hard_bin: np.ndarray
     soft_bin: np.ndarray
     defect_sign: np.ndarray
+    quantum: np.ndarray       # instrument step in units (0: read finely)
+    spread_change: np.ndarray  # bool: spread 3-5x wider in every other lot
 
     @property
     def columns(self) -> list[str]:
         return [m.column for m in self.meta]
+
+    def quantize(self, readings: np.ndarray) -> None:
+        """Readings of quantized tests become whole instrument steps, as the instrument reports them."""
+        cols = np.flatnonzero(self.quantum)
+        if cols.size:
+            step = self.quantum[cols].astype(readings.dtype)
+            readings[:, cols] = np.round(readings[:, cols] / step) * step
 
     def to_physical(self, z: np.ndarray) -> np.ndarray:
         """Standardized values -> readings in units, in the dtype of ``z``."""
@@ -257,7 +292,7 @@ def _family_counts(tests: int) -> list[int]:
     return counts.tolist()
 
 
-def _program(tests: int) -> _Program:
+def _program(tests: int, quantized_share: float = 0.0, spread_change_share: float = 0.0) -> _Program:
     rng = np.random.default_rng(CATALOG_SEED)
     index, centers, spreads, low_z, high_z, meta = [], [], [], [], [], []
     for family_index, (family, count) in enumerate(zip(FAMILIES, _family_counts(tests))):
@@ -288,11 +323,37 @@ def _program(tests: int) -> _Program:
         hard_bin=np.array([f.hard_bin for f in members], np.int32),
         soft_bin=np.array([f.soft_bin for f in members], np.int32),
         defect_sign=np.array([f.defect_sign for f in members]),
+        quantum=np.zeros(len(members)), spread_change=np.zeros(len(members), bool),
     )
+    _instrument_pathologies(prog, quantized_share, spread_change_share)
     prog.low = _round_limit(prog.physical_limit(prog.low_z))
     prog.high = _round_limit(prog.physical_limit(prog.high_z))
     prog.meta = [replace(m, low=_finite(lo), high=_finite(hi)) for m, lo, hi in zip(meta, prog.low, prog.high)]
     return prog
+
+
+def _instrument_pathologies(prog: _Program, quantized_share: float, spread_change_share: float) -> None:
+    """Choose the quantized and the spread-changing tests (a property of the test program, like the catalog).
+
+    Their own random stream, so a floor without them has exactly the catalog it had before they existed. A
+    spread-changing test gets limits wide enough for its wide lots: its limits hold its widest lots' parts as the
+    other tests' limits hold theirs.
+    """
+    rng = np.random.default_rng([CATALOG_SEED, 1])
+    fine = np.flatnonzero(prog.kind != CODE)
+    count = min(len(fine), round(quantized_share * len(prog.kind)))
+    if count:
+        chosen = np.sort(rng.choice(fine, count, replace=False))
+        sigma_units = np.where(prog.kind[chosen] == LOGNORMAL, prog.center[chosen] * prog.spread[chosen],
+                               prog.spread[chosen])
+        prog.quantum[chosen] = [float(f"{v:.2g}") for v in sigma_units * rng.uniform(*QUANTUM_SIGMA, count)]
+    normal = np.flatnonzero(prog.kind == NORMAL)
+    count = min(len(normal), round(spread_change_share * len(prog.kind)))
+    if count:
+        chosen = np.sort(rng.choice(normal, count, replace=False))
+        prog.spread_change[chosen] = True
+        prog.low_z[chosen] *= SPREAD_FACTOR[1]
+        prog.high_z[chosen] *= SPREAD_FACTOR[1]
 
 
 def _finite(value: float) -> float | None:
@@ -306,7 +367,7 @@ def _round_limit(values: np.ndarray) -> np.ndarray:
 
 def test_catalog(config: SynthConfig) -> list[TestMeta]:
     """The test program of ``config``: names, numbers, units and limits, in column order."""
-    return list(_program(config.tests).meta)
+    return list(_program(config.tests, config.quantized_share, config.spread_change_share).meta)
 
 
 test_catalog.__test__ = False   # its name starts with "test": keep pytest from collecting it where imported
@@ -374,7 +435,7 @@ def _stream(seed: int, tag: int, a: int = 0, b: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, tag, a, b]))
 
 
-FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN = range(6)
+FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, LOT_SPREAD, SUBLOT = range(8)
 
 
 @dataclass
@@ -420,7 +481,7 @@ class _Block:
                       np.concatenate([b.readings for b in blocks]))
 
     def frame(self, test_columns: list[str]) -> pd.DataFrame:
-        head = pd.DataFrame({name: self.columns[name] for name in IDENTITY + LABEL_COLUMNS})
+        head = pd.DataFrame({name: self.columns[name] for name in IDENTITY + LABEL_COLUMNS if name in self.columns})
         tests = pd.DataFrame(self.readings, columns=test_columns, copy=False)
         return pd.concat([head, tests], axis=1)
 
@@ -434,14 +495,25 @@ class _Lot:
     offset: np.ndarray        # small per-test lot-to-lot offsets (z units)
     tester: str
     probe_card: str
+    spread: np.ndarray        # per-test spread factor (1 except spread-changing tests in their wide lots)
+    sublot_offset: np.ndarray  # (sublots, tests) per-test offsets of each sublot (z units)
 
     @classmethod
-    def draw(cls, config: SynthConfig, position: int, name: str) -> "_Lot":
+    def draw(cls, config: SynthConfig, program: _Program, position: int, name: str) -> "_Lot":
         number = config.first_lot_index + position
         rng = _stream(config.seed, LOT, number)
-        return cls(name, position, number, float(rng.normal(0.0, 0.3)),
-                   rng.normal(0.0, 0.1, config.tests).astype(np.float32),
-                   f"93K-{int(rng.integers(1, 40)):02d}", f"PC-{int(rng.integers(100, 999)):03d}")
+        speed, offset = float(rng.normal(0.0, 0.3)), rng.normal(0.0, 0.1, config.tests).astype(np.float32)
+        tester, probe_card = f"93K-{int(rng.integers(1, 40)):02d}", f"PC-{int(rng.integers(100, 999)):03d}"
+        # Every other lot is wide on half the spread-changing tests and narrow on the others, so any two
+        # consecutive lots show each of them both ways.
+        spread = np.ones(config.tests, np.float32)
+        changing = np.flatnonzero(program.spread_change)
+        wide = changing[(number + np.arange(len(changing))) % 2 == 1]
+        spread[wide] = _stream(config.seed, LOT_SPREAD, number).uniform(*SPREAD_FACTOR, len(wide))
+        sublot_offset = np.zeros((config.sublots, config.tests), np.float32)
+        if config.sublots > 1:
+            sublot_offset[:] = _stream(config.seed, SUBLOT, number).normal(0.0, SUBLOT_OFFSET_SIGMA, sublot_offset.shape)
+        return cls(name, position, number, speed, offset, tester, probe_card, spread, sublot_offset)
 
 
 class _Floor:
@@ -449,7 +521,7 @@ class _Floor:
 
     def __init__(self, config: SynthConfig):
         self.config = config
-        self.program = _program(config.tests)
+        self.program = _program(config.tests, config.quantized_share, config.spread_change_share)
         self.layout = _layout(config)
         self.lots = config.lot_names()
         tests = config.tests
@@ -460,7 +532,19 @@ class _Floor:
         self.touchdown = np.arange(self.layout.dies) // config.sites
         self.head = (1 + self.touchdown % config.heads).astype(np.int32)
         self.site = (np.arange(self.layout.dies) % config.sites).astype(np.int32)
+        fewest = min(len(wafers) for wafers in self.layout.wafer_parts)
+        if config.sublots > fewest:
+            raise _unusable(f"sublots: {config.sublots} sublots need at least as many wafers per lot, the smallest "
+                            f"lot has {fewest}; lower sublots or add parts")
         self.plan = self._plan()
+
+    def wafer_name(self, position: int, wafer: int) -> tuple[str, str]:
+        """(sublot, wafer) names of the ``wafer``-th wafer of the lot at ``position``: contiguous groups of wafers
+        form the sublots, and wafer numbers restart in each ("" sublot when the lot is not split)."""
+        count, sublots = len(self.layout.wafer_parts[position]), self.config.sublots
+        sublot = wafer * sublots // count
+        first = -(-sublot * count // sublots)   # the first wafer w with w * sublots // count == sublot
+        return (SUBLOT_NAMES[sublot] if sublots > 1 else ""), f"W{wafer - first + 1:02d}"
 
     def _plan(self) -> _Plan:
         c, prog, plan = self.config, self.program, _Plan()
@@ -523,7 +607,7 @@ class _Floor:
     def blocks(self) -> Iterator[_Block]:
         clock = float(self.config.start_time)
         for position, name in enumerate(self.lots):
-            lot = _Lot.draw(self.config, position, name)
+            lot = _Lot.draw(self.config, self.program, position, name)
             first_part = 0
             for wafer, n in enumerate(self.layout.wafer_parts[position]):
                 block, clock = self._wafer(lot, wafer, n, first_part, clock + WAFER_LOAD_S)
@@ -564,6 +648,11 @@ class _Floor:
         z += self.site_offset[(head - 1) * c.sites + site]
         z += lot.offset
         z += np.outer(_tester_drift(hours), self.drift_coef).astype(np.float32)
+        sublot, wafer_name = self.wafer_name(lot.position, wafer)
+        if c.sublots > 1:
+            z += lot.sublot_offset[SUBLOT_NAMES.index(sublot)]
+        if prog.spread_change.any():
+            z *= lot.spread
 
         truth = np.full(n, "", dtype=object)
         plan = self.plan
@@ -592,6 +681,7 @@ class _Floor:
 
         readings = prog.to_physical(z)
         del z
+        prog.quantize(readings)
         if c.missing_fraction:
             cells = rng.integers(0, n * c.tests, rng.binomial(n * c.tests, c.missing_fraction))
             cells = cells[~latent[cells // c.tests]]
@@ -602,10 +692,15 @@ class _Floor:
         hard_bin = np.where(passed, PASS_BIN, prog.hard_bin[first_fail]).astype(np.int32)
         soft_bin = np.where(passed, PASS_BIN, prog.soft_bin[first_fail]).astype(np.int32)
         final_pass = passed & (rng.random(n) >= _downstream_fail_probability(speed, leakage, latent))
+        if c.stop_on_fail:   # the program stops at the first failing test: the later ones did not run
+            readings[(~passed)[:, None] & (np.arange(c.tests)[None, :] > first_fail[:, None])] = np.nan
+        if c.datalog_every > 1:   # a sampled datalog: the other parts keep their part record and bins only
+            readings[(first_part + np.arange(n)) % c.datalog_every != 0] = np.nan
 
         columns = {
             "lot": np.full(n, lot.name, dtype=object),
-            "wafer": np.full(n, f"W{wafer + 1:02d}", dtype=object),
+            **({"sublot": np.full(n, sublot, dtype=object)} if c.sublots > 1 else {}),
+            "wafer": np.full(n, wafer_name, dtype=object),
             "x": x, "y": y, "head": head, "site": site,
             "part_id": np.array([f"{lot.name}-{first_part + i + 1:07d}" for i in range(n)], dtype=object),
             "test_time_ms": test_time,
@@ -660,13 +755,21 @@ class _Floor:
                 "tests": [cols[j] for j in plan.latent_tests],
                 "direction": [float(s) for s in plan.latent_sign],
                 "shift_sigma_range": list(LATENT_SHIFT_SIGMA), "limit_margin_sigma": LATENT_LIMIT_MARGIN,
-                "clusters": [{"wafer": f"W{cl.wafer + 1:02d}", "center_xy": [round(v, 2) for v in cl.center],
+                "clusters": [{**dict(zip(("sublot", "wafer"), self.wafer_name(0, cl.wafer))), "center_xy": [round(v, 2) for v in cl.center],
                               "parts": int(cl.rows.size)} for cl in plan.latent_clusters],
                 "parts": counts.get("latent_outliers", 0), "part_ids": latent_ids})
         return {"generator": "trainer.synth", "seed": c.seed, "config": asdict(c),
                 "derived": {"die_radius": self.layout.radius, "dies_per_wafer": self.layout.dies,
                             "wafers_per_lot": [len(w) for w in self.layout.wafer_parts]},
-                "lots": self.lots, "excursions": excursions}
+                "lots": self.lots, "excursions": excursions, "pathologies": self._pathologies()}
+
+    def _pathologies(self) -> dict:
+        c, prog, cols = self.config, self.program, self.program.columns
+        return {"quantized_tests": {cols[j]: float(prog.quantum[j]) for j in np.flatnonzero(prog.quantum)},
+                "spread_change_tests": {cols[j]: {lot: float(_Lot.draw(c, prog, i, lot).spread[j])
+                                                  for i, lot in enumerate(self.lots)}
+                                        for j in np.flatnonzero(prog.spread_change)},
+                "stop_on_fail": c.stop_on_fail, "datalog_every": c.datalog_every, "sublots": c.sublots}
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -752,8 +855,8 @@ def write(config: SynthConfig, path: str | os.PathLike, chunk_parts: int = 100_0
     """Write the floor to ``path`` and its ground truth to ``<path>.truth.json``, streamed chunk by chunk.
 
     Parquet or CSV: one file. STDF V4 (``.stdf``/``.std``, optionally ``.gz``/``.bz2``/``.xz``): one file per
-    lot, as an STDF file holds one lot; with several lots ``path`` names them with ``{lot}`` (inserted before
-    the suffix when absent). STDF has no place for the label columns, so each STDF file's truth JSON (the
+    lot (per sublot when lots are split), as an STDF file holds one; with several ``path`` names them with
+    ``{lot}`` (inserted before the suffix when absent). STDF has no place for the label columns, so each STDF file's truth JSON (the
     whole floor's) is where they live.
     """
     from .ingest import STDF_SUFFIXES
@@ -795,7 +898,7 @@ def _write_table(frames: Iterator[pd.DataFrame], floor: _Floor, name: str) -> st
 def _write_stdf(frames: Iterator[pd.DataFrame], floor: _Floor, name: str, suffixes: tuple[str, ...]) -> list[str]:
     from .stdf_writer import write_stdf, write_stdf_lots
 
-    if len(floor.lots) > 1 and "{lot}" not in name:
+    if (len(floor.lots) > 1 or floor.config.sublots > 1) and "{lot}" not in name:
         suffix = max((s for s in suffixes if name.lower().endswith(s)), key=len)
         name = f"{name[:len(name) - len(suffix)]}_{{lot}}{name[len(name) - len(suffix):]}"
     options = {"sites_per_touchdown": floor.config.heads * floor.config.sites}

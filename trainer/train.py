@@ -21,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import DataError, EdgeError
 from edge_agent.package.manifest import NAME_PATTERN, YIELD_KINDS
+from edge_agent.package.rules import ON_EXCESS
 from edge_agent.settings import Checked, Interval, OneOf, Satisfies
 
 from .table import ParametricTable
@@ -55,6 +56,8 @@ class TrainConfig(Checked):
         "yield_label": [None, Satisfies(str, bool, "a column name")],
         "holdout_fraction": [FRACTION],
         "pat_k_sigma": [Interval(float, 0, None, closed="neither")],
+        "pat_max_flag_rate": [Interval(float, 0, 0.5)],
+        "pat_on_excess": [OneOf(*ON_EXCESS)],
         "drift_bins": [Interval(int, 2, None)],
         "seed": [Interval(int, 0, MAX_SEED)],
     }
@@ -73,6 +76,8 @@ class TrainConfig(Checked):
     yield_label: str | None = None             # default: final_pass if present, else passed
     holdout_fraction: float = 0.2
     pat_k_sigma: float = 6.0
+    pat_max_flag_rate: float = 0.001           # static PAT self-check: a test flagging more passing parts is ...
+    pat_on_excess: str = "widen"               # ... widened to that rate, or "disable"d
     drift_bins: int = 10
     seed: int = 0
 

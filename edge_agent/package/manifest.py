@@ -34,6 +34,10 @@ YIELD_INT8_FILE = "yield.int8.onnx"
 REQUIRED_FILES = (MODEL_CARD_FILE, SAMPLE_ROWS_FILE)
 YIELD_KINDS = ("random_forest", "logistic", "mlp")
 VARIANTS = ("float32", "int8")
+# PAT rules by the shape of a test's readings, and what the self-check does to a test whose limits flag too many
+# passing training parts (edge_agent.package.rules applies them).
+PAT_SHAPES = ("normal", "lognormal", "skewed", "discrete", "bimodal", "constant")
+PAT_ON_EXCESS = ("widen", "disable")
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # model names and package file names
 VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
@@ -127,15 +131,28 @@ class Models:
 
 @dataclass(frozen=True, kw_only=True)
 class PatLimit:
-    """Static PAT limits of one test (None: too few parts for a limit); median and sigma in the test's units."""
+    """Static PAT limits of one test (None: no limit, see ``self_check``); median and sigma in the test's units.
+
+    The fields from ``shape`` on are the rule the limits follow (``edge_agent.package.rules``); packages written
+    before them read as a linear test without a resolution floor whose limits were kept as computed.
+    """
 
     column: str
     median: float | None
-    robust_sigma: float | None
+    robust_sigma: float | None        # IQR/1.35, never below the resolution floor
     scale: str = optional("linear")   # "log": limits set on log(reading) (edge_agent.package.rules)
     low: float | None
     high: float | None
     n: int
+    shape: str | None = optional()          # one of rules.SHAPES
+    resolution: float | None = optional()   # smallest step between distinct readings (None: fewer than 2 values)
+    k_sigma: float | None = optional()      # this test's k: the package's, or wider after the self-check
+    typical_low: float | None = optional()  # the rule's limits at k = 3: the typical range explanations quote
+    typical_high: float | None = optional()
+    self_check: str | None = optional()     # "kept", "widened" or "disabled" (then low and high are None)
+    flag_rate: float | None = optional()    # share of passing training parts outside low..high
+    flag_rate_before: float | None = optional()   # the same for the rule's limits before the self-check
+    reason: str | None = optional()         # what the self-check found, in words
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +161,9 @@ class Pat:
     method: str
     min_parts: int
     limits: list[PatLimit]
+    resolution_floor: float | None = optional()   # robust sigma >= this many resolution steps
+    max_flag_rate: float | None = optional()      # the self-check's bound on flagged passing training parts
+    on_excess: str | None = optional()            # "widen" or "disable": what the self-check does above it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -599,11 +619,22 @@ def _read_model(check: _Checker, cls: type, path: str, spec: dict, shipped: set[
 
 def _read_pat(check: _Checker, pat: dict, columns: list[str | None] | None) -> Pat:
     valid = check.fields(pat, "manifest.pat", Pat)
+    if "on_excess" in valid:
+        check.one_of(valid["on_excess"], "manifest.pat.on_excess", PAT_ON_EXCESS)
+    if "max_flag_rate" in valid:
+        check.fraction(valid["max_flag_rate"], "manifest.pat.max_flag_rate")
     limits = []
     for path, limit in check.objects(valid.get("limits", ()), "manifest.pat.limits"):
         entry = check.fields(limit, path, PatLimit)
         if "scale" in entry:
             check.one_of(entry["scale"], f"{path}.scale", ("linear", "log"))
+        if "shape" in entry:
+            check.one_of(entry["shape"], f"{path}.shape", PAT_SHAPES)
+        if "self_check" in entry:
+            check.one_of(entry["self_check"], f"{path}.self_check", ("kept", "widened", "disabled"))
+        for name in ("flag_rate", "flag_rate_before"):
+            if name in entry:
+                check.fraction(entry[name], f"{path}.{name}")
         _known_column(check, entry, path, columns)
         low, high = entry.get("low"), entry.get("high")
         if low is not None and high is not None and low > high:

@@ -29,7 +29,7 @@ BATCH_ITEM_FIELDS = {"part", "readings"}
 
 # Part identity: field -> accepted Python types after msgpack decoding.
 PART_FIELDS: dict[str, tuple[type, ...]] = {
-    "lot": (str,), "wafer": (str, int), "x": (int,), "y": (int,), "head": (int,), "site": (int,),
+    "lot": (str,), "sublot": (str, int), "wafer": (str, int), "x": (int,), "y": (int,), "head": (int,), "site": (int,),
     "part_id": (str, int),
 }
 DEFAULT_HEAD, DEFAULT_SITE = 1, 1
@@ -69,9 +69,10 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Part:
-    """Identity of one device. Only head, site and lot steer the agent (dynamic PAT windows)."""
+    """Identity of one device. Only head, site, lot, sublot and wafer steer the agent (dynamic PAT windows)."""
 
     lot: str | None = None
+    sublot: str | int | None = None
     wafer: str | int | None = None
     x: int | None = None
     y: int | None = None

@@ -6,7 +6,7 @@ from pathlib import Path
 from edge_agent.errors import DataError
 
 from ..table import ParametricTable
-from ..validate import Finding, ValidationReport, check_retest_policy, clean_tests, validate
+from ..validate import Finding, ValidationReport, check_readings_share, check_retest_policy, clean_tests, validate
 
 CSV_SUFFIXES = (".csv", ".csv.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -31,12 +31,17 @@ def read_table(path: str) -> tuple[ParametricTable, list[Finding]]:
     return _read_stdf(path)
 
 
-def load_tables(paths: list[str], retest_policy: str = "last",
-                min_rows: int = 200) -> tuple[ParametricTable, ValidationReport]:
-    """Read, combine and validate ``paths``; DataError lists every fatal problem (unreadable files included)."""
+def load_tables(paths: list[str], retest_policy: str = "last", min_rows: int = 200, *,
+                min_readings_share: float = 0.5, keep_sparse_parts: bool = False
+                ) -> tuple[ParametricTable, ValidationReport]:
+    """Read, combine and validate ``paths``; DataError lists every fatal problem (unreadable files included).
+
+    Parts with readings for fewer than ``min_readings_share`` of the tests are left out unless
+    ``keep_sparse_parts`` (``trainer.validate``)."""
     if not paths:
         raise DataError("no input files given")
     check_retest_policy(retest_policy)
+    check_readings_share(min_readings_share)
     labels = [str(p) for p in paths]
     tables, readable, findings = [], [], []
     for label in labels:
@@ -48,7 +53,8 @@ def load_tables(paths: list[str], retest_policy: str = "last",
         tables.append(table)
         readable.append(label)
         findings += file_findings
-    table, report = validate(tables, readable, retest_policy, min_rows, findings)
+    table, report = validate(tables, readable, retest_policy, min_rows, findings, min_readings_share,
+                             keep_sparse_parts)
     report.files = labels
     report.raise_if_fatal()
     return table, report
