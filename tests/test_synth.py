@@ -374,7 +374,7 @@ def test_explicit_wafer_count_sizes_the_die_grid(tmp_path):
 def test_cli_synth_command_writes_a_lot(tmp_path, capsys):
     out = tmp_path / "cli.parquet"
     args = argparse.Namespace(out=str(out), parts=1500, tests=16, lots=1, sites=2, heads=2, seed=9,
-                              first_lot=7, excursion=None)
+                              first_lot=7, excursion=None, final_test=None)
     assert cmd_synth(args) == 0
     printed = capsys.readouterr().out
     assert "1,500 parts x 16 tests" in printed and "latent_outliers" in printed

@@ -6,7 +6,7 @@ import sys
 import time
 
 from edge_agent.errors import run_command
-from edge_agent.package.manifest import YIELD_KINDS
+from edge_agent.package.manifest import HELD_OUT_SPLITS, THRESHOLD_OBJECTIVES, YIELD_KINDS
 
 DEFAULT_REGISTRY = "models"
 
@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output file: .parquet, .csv, or .stdf/.std (+ .gz/.bz2/.xz); STDF holds one lot per "
                             "file, so with several lots name them with {lot}, e.g. 'out/{lot}.stdf.gz' "
                             "(else _{lot} goes before the suffix)")
+    synth.add_argument("--final-test", default=None, metavar="FILE",
+                       help="also write the final-test lot of these dies (same formats; STDF: one file per lot): the "
+                            "downstream result, joined by `edge-train fit --outcomes`; the wafer-sort file then has "
+                            "no final_pass column")
     _add_synth_options(synth)
     synth.set_defaults(handler=cmd_synth)
 
@@ -73,9 +77,36 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-outlier-on", choices=["passing", "all"], default="passing")
     parser.add_argument("--yield-model", choices=YIELD_KINDS, default="random_forest")
     parser.add_argument("--yield-trees", type=int, default=100)
-    parser.add_argument("--yield-label", default=None, help="label column (default: final_pass if present, else passed)")
+    parser.add_argument("--yield-label", default=None,
+                        help="label column (default: final_pass if present, else passed, this step's own pass flag); "
+                             "never a feature")
+    parser.add_argument("--label-pass-value", default=None,
+                        help="the label value that means pass, for labels not coded 0/1 or true/false (e.g. 1 for "
+                             "-1/1, PASS for PASS/FAIL); every other value must be one fail value")
+    parser.add_argument("--outcomes", action="append", metavar="FILE",
+                        help="a later test step's results (final-test STDF, or CSV/Parquet of part identity and "
+                             "result), joined to the training parts: the yield model learns them; repeatable")
+    parser.add_argument("--join-on", type=_column_list, default=None, metavar="COLUMNS",
+                        help="columns that identify a part on both sides, e.g. lot,wafer,x,y (default: lot,wafer,x,y, "
+                             "else lot,part_id, else part_id); never features")
+    parser.add_argument("--outcome-column", default=None,
+                        help="the result column of CSV/Parquet outcome files (default: final_pass, passed, result or "
+                             "outcome)")
+    parser.add_argument("--split", choices=("auto", *HELD_OUT_SPLITS), default="auto",
+                        help="held-out parts: the latest lot(s) when there are several lots, else the latest time "
+                             "slice, else random (auto)")
     parser.add_argument("--holdout-fraction", type=float, default=0.2,
-                        help="share of the parts held out to evaluate both models")
+                        help="share of the parts held out to evaluate both models (a lot split takes whole lots)")
+    parser.add_argument("--threshold-objective", choices=THRESHOLD_OBJECTIVES, default="fail_f1",
+                        help="what the yield threshold is chosen for on held-out parts: the best F1 of the fail "
+                             "class, the most fails at --target-precision, or --yield-threshold as given")
+    parser.add_argument("--target-precision", type=float, default=0.5,
+                        help="fail precision to reach with --threshold-objective fail_precision")
+    parser.add_argument("--yield-threshold", type=float, default=0.5,
+                        help="threshold of --threshold-objective fixed (and when held-out parts cannot choose one)")
+    parser.add_argument("--min-auc", type=float, default=0.6,
+                        help="below this held-out ROC AUC the yield model is no better than chance: published as a "
+                             "candidate that is promoted only with --force")
     parser.add_argument("--pat-max-flag-rate", type=float, default=0.001,
                         help="static PAT self-check: a test whose limits flag more than this share of passing "
                              "training parts is widened to it or disabled (default 0.001)")
@@ -91,14 +122,39 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--promote", choices=["staging", "production"], default=None,
                         help="promote the new version straight away")
+    parser.add_argument("--force", action="store_true",
+                        help="with --promote: promote even a yield model below --min-auc (needs --reason; recorded)")
+    parser.add_argument("--reason", default=None, help="why, for the registry history (required with --force)")
 
 
 # `edge-train fit` option -> the TrainConfig field it sets (messages name the option the user typed).
 FIT_OPTIONS = {"name": "name", "trees": "n_trees", "max_samples": "max_samples", "max_features": "max_features",
                "target_outlier_rate": "target_outlier_rate", "train_outlier_on": "train_outlier_on",
                "yield_model": "yield_model", "yield_trees": "yield_trees", "yield_label": "yield_label",
-               "holdout_fraction": "holdout_fraction", "seed": "seed", "pat_max_flag_rate": "pat_max_flag_rate",
-               "pat_on_excess": "pat_on_excess"}
+               "label_pass_value": "label_pass_value", "holdout_fraction": "holdout_fraction", "split": "split",
+               "threshold_objective": "threshold_objective", "target_precision": "target_precision",
+               "yield_threshold": "yield_threshold", "min_auc": "min_auc", "seed": "seed",
+               "pat_max_flag_rate": "pat_max_flag_rate", "pat_on_excess": "pat_on_excess"}
+
+
+def _column_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _fit_option_problems(args) -> list[str]:
+    """Problems of option combinations (each option alone is checked by TrainConfig)."""
+    problems = []
+    if args.outcomes and args.yield_label:
+        problems.append("--yield-label: the label is the joined outcome when --outcomes is given; give one of them")
+    if (args.join_on is not None or args.outcome_column) and not args.outcomes:
+        problems.append("--join-on/--outcome-column: they apply to --outcomes, which is not given")
+    if args.join_on is not None and not args.join_on:
+        problems.append("--join-on: expected column names separated by commas, got none")
+    if args.force and not args.promote:
+        problems.append("--force: it forces --promote past the gate against chance; --promote is not given")
+    if args.force and not (args.reason or "").strip():
+        problems.append("--force: needs --reason (the registry history records why the gate was overridden)")
+    return problems
 
 
 def _max_samples(text: str) -> int | float | str:
@@ -117,7 +173,7 @@ def cmd_synth(args) -> int:
                          heads=args.heads, first_lot_index=args.first_lot,
                          excursions=tuple(args.excursion or ("latent_outliers",)))
     start = time.perf_counter()
-    summary = write(config, args.out)
+    summary = write(config, args.out, final_test=args.final_test)
     print(summary)
     print(f"written in {time.perf_counter() - start:.1f} s")
     return 0
@@ -125,29 +181,57 @@ def cmd_synth(args) -> int:
 
 def cmd_fit(args) -> int:
     from edge_agent.package.registry import Registry
+    from edge_agent.settings import unusable
 
     from .ingest import load_tables
     from .package import build_and_publish
-    from .train import TrainConfig, fit
+    from .train import TrainConfig, TrainConfigError, fit
 
     start = time.perf_counter()
     config = TrainConfig(**{field: getattr(args, option) for option, field in FIT_OPTIONS.items()})
-    config.check("edge-train fit options", names={field: f"--{option.replace('_', '-')}"
-                                                  for option, field in FIT_OPTIONS.items()})
+    problems = config.problems({field: f"--{option.replace('_', '-')}" for option, field in FIT_OPTIONS.items()})
+    problems += _fit_option_problems(args)
+    if problems:
+        raise unusable(TrainConfigError, "edge-train fit options", problems)
     print(f"reading {len(args.data)} file(s)", file=sys.stderr)
+    set_aside = [column for column in (args.yield_label, *(args.join_on or ())) if column]
     table, report = load_tables(args.data, retest_policy=args.retest_policy, min_rows=args.min_rows,
-                                min_readings_share=args.min_readings_share, keep_sparse_parts=args.keep_sparse_parts)
+                                set_aside=set_aside, min_readings_share=args.min_readings_share,
+                                keep_sparse_parts=args.keep_sparse_parts)
     print(report.summary(), file=sys.stderr)
-    trained = fit(table, config)
+    outcomes = None
+    if args.outcomes:
+        from .outcomes import join_outcomes
+        print(f"joining {len(args.outcomes)} outcome file(s)", file=sys.stderr)
+        table, outcomes = join_outcomes(table, args.outcomes, join_on=args.join_on,
+                                        outcome_column=args.outcome_column, pass_value=args.label_pass_value)
+        print(outcomes.summary(), file=sys.stderr)
+    trained = fit(table, config, outcomes=outcomes)
+    print(_evaluation_summary(trained), file=sys.stderr)
     print("exporting ONNX graphs and checking them against scikit-learn", file=sys.stderr)
     registry = Registry(args.registry)
     ref = build_and_publish(trained, table, report.to_dict(), registry, args.data)
+    if not trained.gate.passed:
+        print(f"warning: {trained.gate.reason}; {ref} is published as a candidate and is promoted only with --force "
+              "and a reason", file=sys.stderr)
     if args.promote:
-        registry.promote(ref.name, ref.version, args.promote, reason=f"--promote {args.promote} at fit")
+        registry.promote(ref.name, ref.version, args.promote, force=args.force,
+                         reason=args.reason or f"--promote {args.promote} at fit")
     from .registry_cli import package_summary
     print(package_summary(registry, ref))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _evaluation_summary(trained) -> str:
+    metrics = trained.metrics["yield"]
+    auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}"
+    return "\n".join([
+        f"yield label: {trained.label.source} ({trained.label.column}): {trained.label.meaning}",
+        f"held out ({trained.split.kind}): {trained.split.reason}",
+        f"yield model: held-out ROC AUC {auc} on {metrics['holdout_parts']:,} parts; threshold "
+        f"{trained.yield_threshold:.4g} ({trained.threshold.objective}: {trained.threshold.note})",
+    ])
 
 
 def cmd_demo(args) -> int:

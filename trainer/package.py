@@ -16,8 +16,9 @@ import numpy as np
 
 from edge_agent import __version__
 from edge_agent.package.manifest import (MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE, YIELD_INT8_FILE,
-                                         Feature, FidelityCheck, Imputation, InputSpec, Lineage, Manifest, Metrics,
-                                         Models, OutlierModel, Pat, Quantization, SourceFile, YieldModel)
+                                         Feature, FidelityCheck, HeldOut, Imputation, InputSpec, Lineage, Manifest,
+                                         Metrics, Models, OutlierModel, Pat, Quantization, QualityGate, SourceFile,
+                                         YieldLabel, YieldModel, YieldThreshold)
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.package.rules import RESOLUTION_FLOOR
 
@@ -47,7 +48,8 @@ def build_and_publish(trained: TrainedModels, table: ParametricTable, validation
 
 def build_package(trained: TrainedModels, table: ParametricTable, validation: dict,
                   source_files: list[str]) -> tuple[dict[str, bytes], Manifest]:
-    X = table.readings()
+    X = table.readings(trained.columns)      # the features: never the label or a join key (trainer.train.fit)
+    features = [t for t in table.tests if t.column in set(trained.columns)]
     holdout = X[trained.holdout_index]
     holdout32 = holdout.astype(np.float32)
     expected_score = trained.outlier.decision_function(holdout)
@@ -99,11 +101,11 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
         created_at=_now(),
         features=[Feature(index=i, column=t.column, name=t.name, number=t.number, units=t.units or "", low=t.low,
                           high=t.high, pin=t.pin, impute=float(imputer_values[i]))
-                  for i, t in enumerate(table.tests)],
+                  for i, t in enumerate(features)],
         imputation=Imputation(strategy="median", where="inside the ONNX graphs",
                               values_from="passing training parts (outlier model); the yield graph carries its "
                                           "own medians over all training parts"),
-        input=InputSpec(name=INPUT_NAME, dtype="float32", shape=[None, len(table.tests)], missing="NaN"),
+        input=InputSpec(name=INPUT_NAME, dtype="float32", shape=[None, len(features)], missing="NaN"),
         models=Models(
             outlier=OutlierModel(
                 kind="isolation_forest", files={"float32": OUTLIER_FILE}, output="score",
@@ -117,7 +119,7 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
                 kind=trained.config.yield_model, files=yield_files, output="pass_probability",
                 threshold=trained.yield_threshold, label=trained.yield_label,
                 params=_json_params(trained.yield_model.named_steps["model"]),
-                quantization=Quantization(int8=int8_possible, reason=int8_reason))),
+                quantization=Quantization(int8=int8_possible, reason=int8_reason), **_yield_evaluation(trained))),
         pat=Pat(k_sigma=trained.config.pat_k_sigma, method=PAT_METHOD, min_parts=PAT_MIN_PARTS,
                 limits=static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma,
                                          max_flag_rate=trained.config.pat_max_flag_rate,
@@ -132,10 +134,11 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
         fidelity=fidelity,
         validation=validation,
         lineage=Lineage(
-            data_sha256=_data_sha256(table), rows=len(table), train_rows=int(len(train_rows)),
+            data_sha256=_data_sha256(table, trained.columns), rows=len(table), train_rows=int(len(train_rows)),
             holdout_rows=int(len(trained.holdout_index)), sources=[_source_entry(path) for path in source_files],
             code_version=_code_version(), parameters=trained.config.to_dict(), trained_at=_now(),
             versions=_library_versions()),
+        held_out=_held_out(trained),
     )
     files[MODEL_CARD_FILE] = render_model_card(manifest).encode()
     return files, manifest
@@ -160,11 +163,33 @@ def _sample_rows(readings: np.ndarray, score: np.ndarray, prob: np.ndarray) -> b
     return buffer.getvalue()
 
 
-def _data_sha256(table: ParametricTable) -> str:
+def _data_sha256(table: ParametricTable, columns: list[str]) -> str:
     """Hash of exactly what was trained on: column names and readings after validation."""
-    digest = hashlib.sha256("\x1f".join(table.test_columns).encode())
-    digest.update(np.ascontiguousarray(table.readings()).tobytes())
+    digest = hashlib.sha256("\x1f".join(columns).encode())
+    digest.update(np.ascontiguousarray(table.readings(columns)).tobytes())
     return digest.hexdigest()
+
+
+def _yield_evaluation(trained: TrainedModels) -> dict:
+    """The yield model's label, threshold choice and gate against chance, as the manifest records them."""
+    label, threshold, gate, config = trained.label, trained.threshold, trained.gate, trained.config
+    metrics = trained.metrics["yield"]
+    return {
+        "label_source": YieldLabel(column=label.column, source=label.source, meaning=label.meaning,
+                                   pass_value=label.pass_value,
+                                   outcomes=trained.outcomes.to_dict() if trained.outcomes else None),
+        "threshold_choice": YieldThreshold(
+            objective=threshold.objective, note=threshold.note, tuning_parts=metrics["tuning_parts"],
+            evaluation_parts=metrics["evaluation_parts"],
+            target_precision=config.target_precision if threshold.objective == "fail_precision" else None),
+        "gate": QualityGate(min_auc=gate.min_auc, roc_auc=gate.roc_auc, passed=gate.passed, reason=gate.reason),
+    }
+
+
+def _held_out(trained: TrainedModels) -> HeldOut:
+    split = trained.split
+    return HeldOut(split=split.kind, reason=split.reason, parts=int(len(split.holdout)),
+                   held_out_lots=split.held_out_lots, training_lots=split.training_lots, time_from=split.time_from)
 
 
 def _source_entry(path: str) -> SourceFile:

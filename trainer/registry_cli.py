@@ -41,8 +41,10 @@ def add_registry_commands(commands: argparse._SubParsersAction, default_root: st
     promote.add_argument("version")
     promote.add_argument("stage", choices=STAGES)
     promote.add_argument("--reason", required=True)
+    promote.add_argument("--force", action="store_true",
+                         help="promote a package whose yield model failed the gate against chance (recorded)")
     promote.set_defaults(handler=lambda a: _print(cli_promote(Registry(a.registry), a.name, a.version, a.stage,
-                                                              a.reason)))
+                                                              a.reason, force=a.force)))
 
     rollback = actions.add_parser("rollback", parents=[root], help="give a stage back to its previous version")
     rollback.add_argument("name")
@@ -134,6 +136,8 @@ def _manifest_summary(manifest: Manifest) -> list[str]:
         detail = (f"target outlier rate {_fmt(model.target_outlier_rate)}" if name == "outlier"
                   else f"label {_fmt(model.label)}")
         lines.append(f"{name:<9} {_fmt(model.kind)}, threshold {_fmt(model.threshold)}, {detail}")
+        if name == "yield":
+            lines += _yield_lines(manifest)
         scalars = [f"{k} {_fmt(v)}" for k, v in metrics[name].items() if v is None or isinstance(v, (int, float))]
         if scalars:
             lines.append(f"  metrics       {', '.join(scalars)}")
@@ -146,20 +150,44 @@ def _manifest_summary(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _yield_lines(manifest: Manifest) -> list[str]:
+    """The yield label's meaning, the held-out split and the gate (absent from packages written before them)."""
+    model, held_out, lines = manifest.models.yield_model, manifest.held_out, []
+    if model.label_source is not None:
+        lines.append(f"  label         {model.label_source.source}: {model.label_source.meaning}")
+        join = model.label_source.outcomes
+        if join:
+            lines.append(f"  outcomes      matched {join['matched']:,} of {join['training_parts']:,} training parts on "
+                         f"{', '.join(join['join_on'])}; {join['training_without_outcome']:,} without outcome, "
+                         f"{join['outcomes_without_part']:,} outcomes without part, {join['duplicate_outcomes']:,} "
+                         "duplicates")
+    if held_out is not None:
+        lines.append(f"  held out      {held_out.split}: {held_out.reason}")
+    if model.threshold_choice is not None:
+        lines.append(f"  threshold     {model.threshold_choice.objective}: {model.threshold_choice.note}")
+    if model.gate is not None:
+        lines.append(f"  gate          {'passed' if model.gate.passed else 'NOT PASSED (promotion needs --force)'}: "
+                     f"{model.gate.reason}")
+    return lines
+
+
 def cli_history(registry: Registry, name: str) -> str:
     events = registry.history(name)
     if not events:
         raise RegistryError(f"model {name!r} has no history; {registry._what_exists(name)}")
     return "\n".join(f"{e['time']}  {e['user']:<10}  v{e['version']:<5} {e['action']:<10} "
-                     f"{e['from_stage'] or '-'} -> {e['to_stage']}: {e['reason']}" for e in events)
+                     f"{e['from_stage'] or '-'} -> {e['to_stage']}: {e['reason']}"
+                     + (f" [FORCED past: {e['forced']}]" if e.get("forced") else "") for e in events)
 
 
-def cli_promote(registry: Registry, name: str, version: str, stage: str, reason: str) -> str:
+def cli_promote(registry: Registry, name: str, version: str, stage: str, reason: str, *, force: bool = False) -> str:
     before = registry.stage_of(name, version)
-    ref = registry.promote(name, version, stage, reason)
+    ref = registry.promote(name, version, stage, reason, force=force)
     if before == stage:
         return f"{ref} is already in {stage}; nothing changed"
-    return f"{ref}: {before} -> {stage}\n" + _stage_line(registry, name)
+    forced = [e["forced"] for e in registry.history(name)[-1:] if e.get("forced") and e["version"] == ref.version]
+    note = f" (forced past the quality gate: {forced[0]})" if forced else ""
+    return f"{ref}: {before} -> {stage}{note}\n" + _stage_line(registry, name)
 
 
 def cli_rollback(registry: Registry, name: str, stage: str = "production", reason: str = "") -> str:

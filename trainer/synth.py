@@ -71,6 +71,14 @@ SUBLOT_OFFSET_SIGMA = 0.5        # per-test offsets between the sublots of one l
 DATALOG_PATHOLOGIES = {"quantized_share": 0.1, "stop_on_fail": True, "datalog_every": 2,
                        "spread_change_share": 0.03, "sublots": 2}
 
+# The final-test lot of a floor (``write(..., final_test=...)``): the dies that passed wafer sort, packaged.
+ASSEMBLY_LOSS = 0.004            # passing dies lost between sort and final test (saw, pick, assembly): no record
+FINAL_RETEST_RATE = 0.02         # units final test runs twice: a contact failure first, then the result that counts
+FINAL_FAIL_BINS = (9, 901)       # hard, soft bin of a final-test failure
+FINAL_CONTACT_BINS = (8, 801)    # hard, soft bin of a contact failure (the unit is retested)
+FINAL_TEST_DELAY_S = 3 * 86400.0 # final test runs days after wafer sort
+FINAL_TEST_SITES = 4             # handler sites
+
 TOUCHDOWN_INDEX_S = 0.35         # prober step between touchdowns
 WAFER_LOAD_S = 90.0
 LOT_CHANGE_S = 1800.0
@@ -435,7 +443,7 @@ def _stream(seed: int, tag: int, a: int = 0, b: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, tag, a, b]))
 
 
-FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, LOT_SPREAD, SUBLOT = range(8)
+FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, FINAL_TEST, LOT_SPREAD, SUBLOT = range(9)
 
 
 @dataclass
@@ -824,6 +832,57 @@ def _frames(floor: _Floor, chunk_parts: int) -> Iterator[pd.DataFrame]:
         yield block.frame(columns)
 
 
+def final_test_frames(config: SynthConfig, chunk_parts: int = 100_000) -> Iterator[pd.DataFrame]:
+    """The final-test lot of the floor ``config`` describes: its wafer-sort dies after packaging.
+
+    Only dies that passed wafer sort go on (a failing die is inked out), less a few lost in assembly
+    (``ASSEMBLY_LOSS``). A unit keeps its die identity (lot, wafer, x, y, part_id: traceability by ECID), and its
+    result is the floor's ``final_pass``: latent defects and the tails of the speed and leakage factors fail, which
+    the sort readings show only in part (the factors reach each test through its own noise). About
+    ``FINAL_RETEST_RATE`` of the units fail contact first and are retested, so they have two records (``retest``
+    0 then 1) and the last one counts. No parametric readings: a final-test outcome is a result per unit.
+    """
+    _check_chunk_parts(chunk_parts)
+    floor = _Floor(config)
+    pending, rows = [], 0
+    for index, block in enumerate(floor.blocks()):    # one wafer per block: streams keyed by wafer, not chunk
+        pending.append(_final_test_frame(block, _stream(config.seed, FINAL_TEST, index), config))
+        rows += len(pending[-1])
+        if rows >= chunk_parts:
+            yield pd.concat(pending, ignore_index=True)
+            pending, rows = [], 0
+    if pending:
+        yield pd.concat(pending, ignore_index=True)
+
+
+def _final_test_frame(block: _Block, rng: np.random.Generator, config: SynthConfig) -> pd.DataFrame:
+    c = block.columns
+    shipped = np.flatnonzero(c["passed"] & (rng.random(len(block)) >= ASSEMBLY_LOSS))
+    retested = rng.random(shipped.size) < FINAL_RETEST_RATE
+    records = 1 + retested.astype(int)
+    rows = np.repeat(shipped, records)
+    first = np.cumsum(records) - records                  # each unit's first record
+    contact = np.zeros(rows.size, bool)
+    contact[first[retested]] = True
+    retest = np.zeros(rows.size, np.int32)
+    retest[first[retested] + 1] = 1
+    passed = c["final_pass"][rows].astype(bool) & ~contact
+    bins = np.where(contact[:, None], FINAL_CONTACT_BINS, np.where(passed[:, None], PASS_BIN, FINAL_FAIL_BINS))
+    n = rows.size
+    return pd.DataFrame({
+        "lot": c["lot"][rows], **({"sublot": c["sublot"][rows]} if "sublot" in c else {}),
+        "wafer": c["wafer"][rows], "x": c["x"][rows], "y": c["y"][rows],
+        "head": np.ones(n, np.int32), "site": (np.arange(n) % FINAL_TEST_SITES).astype(np.int32),
+        "part_id": c["part_id"][rows],
+        "test_time_ms": np.round(rng.normal(850.0, 25.0, n), 2),
+        "timestamp": c["timestamp"][rows] + FINAL_TEST_DELAY_S,
+        "hard_bin": bins[:, 0].astype(np.int32), "soft_bin": bins[:, 1].astype(np.int32), "passed": passed,
+        "retest": retest,
+        "tester": np.full(n, "FT-HND-01", dtype=object),
+        "job": np.full(n, f"{config.lot_prefix}_FT1_REV1", dtype=object),
+    })
+
+
 @dataclass
 class SynthSummary:
     """What ``write`` produced; ``str()`` gives the human-readable ``describe()``."""
@@ -838,64 +897,96 @@ class SynthSummary:
     excursion_parts: dict[str, int]
     seconds: float
     bytes: int
+    final_test: _FinalTally | None = None
 
     def describe(self) -> str:
         excursions = ", ".join(f"{k} {v:,} parts" for k, v in self.excursion_parts.items()) or "none"
-        return (f"{self.path}: {self.parts:,} parts x {self.tests} tests in {len(self.lots)} lot(s) "
+        text = (f"{self.path}: {self.parts:,} parts x {self.tests} tests in {len(self.lots)} lot(s) "
                 f"({', '.join(self.lots)}), {self.bytes / 1e6:,.1f} MB in {self.seconds:.1f} s\n"
                 f"  fail rate {self.fail_rate:.2%} (limits), {self.final_fail_rate:.2%} (final test label)\n"
                 f"  excursions: {excursions}\n"
                 f"  ground truth: {self.truth_path}")
+        if self.final_test is not None:
+            text += "\n" + self.final_test.describe()
+        return text
 
     def __str__(self) -> str:
         return self.describe()
 
 
-def write(config: SynthConfig, path: str | os.PathLike, chunk_parts: int = 100_000) -> SynthSummary:
+def write(config: SynthConfig, path: str | os.PathLike, chunk_parts: int = 100_000,
+          final_test: str | os.PathLike | None = None) -> SynthSummary:
     """Write the floor to ``path`` and its ground truth to ``<path>.truth.json``, streamed chunk by chunk.
 
     Parquet or CSV: one file. STDF V4 (``.stdf``/``.std``, optionally ``.gz``/``.bz2``/``.xz``): one file per
     lot (per sublot when lots are split), as an STDF file holds one; with several ``path`` names them with
-    ``{lot}`` (inserted before the suffix when absent). STDF has no place for the label columns, so each STDF file's truth JSON (the
-    whole floor's) is where they live.
-    """
-    from .ingest import STDF_SUFFIXES
+    ``{lot}`` (inserted before the suffix when absent). STDF has no place for the label columns, so each STDF
+    file's truth JSON (the whole floor's) is where they live.
 
+    ``final_test``: also write the floor's final-test lot there (``final_test_frames``; same formats). The
+    downstream result then lives in that file only, as on a real floor: the wafer-sort file has no
+    ``final_pass`` column, and ``edge-train fit --outcomes`` joins the two by die identity.
+    """
     start = time.perf_counter()
     _check_chunk_parts(chunk_parts)
     name = str(path)
-    is_stdf = name.lower().endswith(STDF_SUFFIXES)
-    if not is_stdf and Path(name).suffix.lower() not in (".parquet", ".csv"):
-        raise DataError("cannot write a synthetic table in this format", file=name,
-                        expected=".parquet, .csv or .stdf (+ .gz/.bz2/.xz)", got=Path(name).suffix or "no suffix")
+    for target in (name, *([str(final_test)] if final_test is not None else [])):
+        _check_suffix(target)
     floor = _Floor(config)
     tally = _Tally()
     frames = (tally.add(frame) for frame in _frames(floor, chunk_parts))
-    written = _write_stdf(frames, floor, name, STDF_SUFFIXES) if is_stdf else [_write_table(frames, floor, name)]
-    truth = json.dumps(floor.truth(tally.excursions, tally.latent_ids), indent=1)
+    if final_test is not None:
+        frames = (frame.drop(columns="final_pass") for frame in frames)
+    written = _write_frames(frames, floor.program.meta, name, floor)
+    finals = None
+    if final_test is not None:
+        finals = _FinalTally()
+        finals.files = _write_frames((finals.add(frame) for frame in final_test_frames(config, chunk_parts)), [],
+                                     str(final_test), floor)
+    truth = floor.truth(tally.excursions, tally.latent_ids)
+    if finals is not None:
+        truth["final_test"] = {"files": finals.files, "assembly_loss": ASSEMBLY_LOSS,
+                               "retest_rate": FINAL_RETEST_RATE,
+                               "result": "the final-test files' pass flag (the last record of a unit counts) is the "
+                                         "floor's final_pass; the wafer-sort files leave final_pass out"}
     for file in written:
-        Path(f"{file}.truth.json").write_text(truth)
+        Path(f"{file}.truth.json").write_text(json.dumps(truth, indent=1))
     return SynthSummary(path=", ".join(written), truth_path=", ".join(f"{p}.truth.json" for p in written),
                         parts=tally.parts, tests=config.tests, lots=floor.lots,
                         fail_rate=tally.failed / max(1, tally.parts),
                         final_fail_rate=tally.final_failed / max(1, tally.parts),
                         excursion_parts=dict(tally.excursions), seconds=time.perf_counter() - start,
-                        bytes=sum(Path(p).stat().st_size for p in written))
+                        bytes=sum(Path(p).stat().st_size for p in written), final_test=finals)
 
 
-def _write_table(frames: Iterator[pd.DataFrame], floor: _Floor, name: str) -> str:
+def _check_suffix(name: str) -> None:
+    from .ingest import STDF_SUFFIXES
+    if not name.lower().endswith(STDF_SUFFIXES) and Path(name).suffix.lower() not in (".parquet", ".csv"):
+        raise DataError("cannot write a synthetic table in this format", file=name,
+                        expected=".parquet, .csv or .stdf (+ .gz/.bz2/.xz)", got=Path(name).suffix or "no suffix")
+
+
+def _write_frames(frames: Iterator[pd.DataFrame], tests: list[TestMeta], name: str, floor: _Floor) -> list[str]:
+    from .ingest import STDF_SUFFIXES
+    if name.lower().endswith(STDF_SUFFIXES):
+        return _write_stdf(frames, tests, name, floor, STDF_SUFFIXES)
+    return [_write_table(frames, tests, name)]
+
+
+def _write_table(frames: Iterator[pd.DataFrame], tests: list[TestMeta], name: str) -> str:
     out = Path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        (_write_parquet if out.suffix.lower() == ".parquet" else _write_csv)(frames, floor.program.meta, partial)
+        (_write_parquet if out.suffix.lower() == ".parquet" else _write_csv)(frames, tests, partial)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     return name
 
 
-def _write_stdf(frames: Iterator[pd.DataFrame], floor: _Floor, name: str, suffixes: tuple[str, ...]) -> list[str]:
+def _write_stdf(frames: Iterator[pd.DataFrame], tests: list[TestMeta], name: str, floor: _Floor,
+                suffixes: tuple[str, ...]) -> list[str]:
     from .stdf_writer import write_stdf, write_stdf_lots
 
     if (len(floor.lots) > 1 or floor.config.sublots > 1) and "{lot}" not in name:
@@ -906,9 +997,9 @@ def _write_stdf(frames: Iterator[pd.DataFrame], floor: _Floor, name: str, suffix
         if "{lot}" not in str(Path(name).parent):
             Path(name).parent.mkdir(parents=True, exist_ok=True)
         if "{lot}" in name:
-            written = write_stdf_lots(name, frames, floor.program.meta, **options)
+            written = write_stdf_lots(name, frames, tests, **options)
         else:
-            written = [write_stdf(name, frames, floor.program.meta, **options)]
+            written = [write_stdf(name, frames, tests, **options)]
     except OSError as error:
         raise DataError(f"cannot write: {error.strerror or error}", file=error.filename or name) from None
     return [str(file.path) for file in written]
@@ -931,6 +1022,30 @@ class _Tally:
             self.excursions[kind] = self.excursions.get(kind, 0) + int(count)
         self.latent_ids.extend(frame.loc[truth == "latent_outliers", "part_id"].tolist())
         return frame
+
+
+@dataclass
+class _FinalTally:
+    """What the final-test lot holds: units, records (retests included), failures by the last record."""
+
+    files: list[str] = field(default_factory=list)
+    units: int = 0
+    records: int = 0
+    retested: int = 0
+    failed: int = 0
+
+    def add(self, frame: pd.DataFrame) -> pd.DataFrame:
+        retest = frame["retest"].to_numpy() > 0
+        self.records += len(frame)
+        self.retested += int(retest.sum())
+        self.units += len(frame) - int(retest.sum())
+        last = np.r_[retest[1:], False] == 0          # a record not followed by its retest is the one that counts
+        self.failed += int((~frame["passed"].to_numpy(bool) & last).sum())
+        return frame
+
+    def describe(self) -> str:
+        return (f"  final test: {', '.join(self.files)}: {self.units:,} units ({self.records:,} records, "
+                f"{self.retested:,} retests), final-test fail rate {self.failed / max(1, self.units):.2%}")
 
 
 def _write_parquet(frames: Iterator[pd.DataFrame], tests: list[TestMeta], path: Path) -> None:
@@ -978,6 +1093,8 @@ def _write_csv_header(handle, columns: list[str], tests: list[TestMeta]) -> None
     by_column = {t.column: t for t in tests}
     writer = csv.writer(handle, lineterminator="\n")
     writer.writerow(columns)
+    if not tests:   # a file of results only (the final-test lot): no test metadata to carry
+        return
     for tag, value in (("#test_number", lambda t: t.number), ("#units", lambda t: t.units),
                        ("#low_limit", lambda t: t.low), ("#high_limit", lambda t: t.high)):
         row = ["" if c not in by_column or value(by_column[c]) is None else value(by_column[c]) for c in columns]

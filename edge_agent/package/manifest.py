@@ -33,6 +33,8 @@ YIELD_FILE = "yield.onnx"
 YIELD_INT8_FILE = "yield.int8.onnx"
 REQUIRED_FILES = (MODEL_CARD_FILE, SAMPLE_ROWS_FILE)
 YIELD_KINDS = ("random_forest", "logistic", "mlp")
+HELD_OUT_SPLITS = ("lot", "time", "random")          # how the held-out parts were chosen (trainer.evaluation)
+THRESHOLD_OBJECTIVES = ("fail_f1", "fail_precision", "fixed")   # what the yield threshold was chosen for
 VARIANTS = ("float32", "int8")
 # PAT rules by the shape of a test's readings, and what the self-check does to a test whose limits flag too many
 # passing training parts (edge_agent.package.rules applies them).
@@ -109,6 +111,40 @@ class OutlierModel:
 
 
 @dataclass(frozen=True, kw_only=True)
+class YieldLabel:
+    """What the yield model learned to predict, and what that is worth (trainer.labels, trainer.outcomes)."""
+
+    column: str
+    source: str                 # "outcomes": a later step's result joined by part identity; "pass_flag": this
+                                # step's own pass flag (the model relearns the test limits); "column": as given
+    meaning: str                # the sentence the model card shows
+    pass_value: str | None = optional()   # the label value that means pass (--label-pass-value)
+    outcomes: dict | None = optional()    # the join: files, keys, match counts
+
+
+@dataclass(frozen=True, kw_only=True)
+class YieldThreshold:
+    """How the threshold was chosen: for an objective, on held-out parts the reported measures do not use."""
+
+    objective: str              # "fail_f1", "fail_precision" or "fixed"
+    target_precision: float | None = optional()
+    tuning_parts: int
+    evaluation_parts: int
+    note: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityGate:
+    """The yield model against chance on held-out parts. A package that did not pass is published as a candidate
+    and the registry promotes it to staging or production only when forced, with a reason."""
+
+    min_auc: float
+    roc_auc: float | None
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class YieldModel:
     kind: str
     files: dict[str, str]       # variant ("float32", "int8") -> package file
@@ -117,6 +153,9 @@ class YieldModel:
     label: str
     params: dict
     quantization: Quantization
+    label_source: YieldLabel | None = optional()
+    threshold_choice: YieldThreshold | None = optional()
+    gate: QualityGate | None = optional()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +246,18 @@ class ReferenceBins:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HeldOut:
+    """Which parts the models were evaluated on, and why those (trainer.evaluation)."""
+
+    split: str                  # "lot": the latest lot(s); "time": the latest time slice; "random"
+    reason: str
+    parts: int
+    held_out_lots: list[str]
+    training_lots: list[str]
+    time_from: float | None = optional()   # split "time": the first held-out timestamp (unix seconds)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Metrics:
     """Held-out measures, free-form per model (the model card and the summary show what they know)."""
 
@@ -271,6 +322,7 @@ class Manifest:
     fidelity: dict[str, FidelityCheck]   # "<model>.<variant>" -> the check of that graph
     validation: dict
     lineage: Lineage
+    held_out: HeldOut | None = optional()
     files: dict[str, str] = field(default_factory=dict)   # package file -> sha256
 
     @property
@@ -336,6 +388,11 @@ def read_manifest(document: bytes | dict) -> tuple[Manifest | None, list[str]]:
                                 if (entry := _read_fidelity_entry(check, key, value)) is not None}
     if "lineage" in top:
         sections["lineage"] = _read_lineage(check, top["lineage"])
+    if top.get("held_out") is not None:
+        held_out = check.fields(top["held_out"], "manifest.held_out", HeldOut)
+        if "split" in held_out:
+            check.one_of(held_out["split"], "manifest.held_out.split", HELD_OUT_SPLITS)
+        sections["held_out"] = _partial(HeldOut, held_out)
     return _partial(Manifest, {**top, **sections}), check.problems
 
 
@@ -593,6 +650,13 @@ def _read_models(check: _Checker, models: dict, shipped: set[str]) -> Models:
             check.one_of(spec["output"], f"{path}.output", ("pass_probability",))
         if "threshold" in spec:
             check.fraction(spec["threshold"], f"{path}.threshold")
+        for key, section in (("label_source", YieldLabel), ("threshold_choice", YieldThreshold),
+                             ("gate", QualityGate)):
+            if spec.get(key) is not None:
+                spec[key] = check.section(spec[key], f"{path}.{key}", section)
+        if spec.get("threshold_choice") is not None and spec["threshold_choice"].objective is not None:
+            check.one_of(spec["threshold_choice"].objective, f"{path}.threshold_choice.objective",
+                         THRESHOLD_OBJECTIVES)
         read["yield_model"] = _read_model(check, YieldModel, path, spec, shipped)
     return _partial(Models, read)
 

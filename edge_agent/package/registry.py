@@ -264,11 +264,13 @@ class Registry:
                 remove_tree(staging)
         return PackageRef(name, version)
 
-    def promote(self, name: str, version: str | int, stage: str, reason: str) -> PackageRef:
+    def promote(self, name: str, version: str | int, stage: str, reason: str, *, force: bool = False) -> PackageRef:
         """Move a version to ``stage``; the previous holder of staging/production steps down.
 
-        Promotion to production requires the package to verify. Promoting to the stage a version already
-        holds changes nothing and records nothing.
+        Promotion to production requires the package to verify. A package whose manifest says its yield model did
+        not pass the gate against chance goes to staging or production only with ``force``; the history line then
+        records what was overridden. Promoting to the stage a version already holds changes nothing and records
+        nothing.
         """
         _check_stage(stage)
         _check_reason(reason)
@@ -279,12 +281,17 @@ class Registry:
                 return ref
             if stage == "production":
                 self._require_verified(ref)
+            held = self._quality_hold(ref) if stage in SINGLE_HOLDER_STAGES else None
+            if held is not None and not force:
+                raise RegistryError(f"{ref} cannot go to {stage}: {held}. It stays {stages[ref.version]}; to promote "
+                                    "it anyway, force it with a reason (edge-train registry promote ... --force "
+                                    "--reason '...'), which the history records")
             changes = [(ref.version, stage, "promote", reason)]
-            for holder, held in stages.items():
-                if stage in SINGLE_HOLDER_STAGES and held == stage and holder != ref.version:
+            for holder, held_stage in stages.items():
+                if stage in SINGLE_HOLDER_STAGES and held_stage == stage and holder != ref.version:
                     changes.insert(0, (holder, DISPLACED_TO[stage], "superseded",
                                        f"version {ref.version} promoted to {stage}: {reason}"))
-            self._apply(name, changes)
+            self._apply(name, changes, forced=held)
         return ref
 
     def rollback(self, name: str, stage: str = "production", reason: str = "") -> PackageRef:
@@ -379,6 +386,16 @@ class Registry:
             raise RegistryError(f"{ref} does not verify, it cannot go to production:\n"
                                 + "\n".join(f"  - {p}" for p in result.problems))
 
+    def _quality_hold(self, ref: PackageRef) -> str | None:
+        """Why the package must not be promoted unforced (its yield model failed the gate against chance), else
+        None. A manifest that cannot be read holds nothing here: verification is what judges it."""
+        try:
+            manifest, _ = read_manifest((self.package_dir(ref) / MANIFEST_FILE).read_bytes())
+        except OSError:
+            return None
+        gate = manifest.models.yield_model.gate if manifest is not None else None
+        return None if gate is None or gate.passed is not False else gate.reason
+
     def _read_state(self, name: str) -> dict[str, str]:
         path = self._model_dir(name) / STATE_FILE
         try:
@@ -400,8 +417,9 @@ class Registry:
         finally:
             os.close(fd)   # closing drops the lock
 
-    def _apply(self, name: str, changes: list[tuple[str, str, str, str]]) -> None:
-        """Record (version, to_stage, action, reason) changes: history first, so no change goes unrecorded."""
+    def _apply(self, name: str, changes: list[tuple[str, str, str, str]], forced: str | None = None) -> None:
+        """Record (version, to_stage, action, reason) changes: history first, so no change goes unrecorded.
+        ``forced``: the gate a forced promotion overrode, written on the promotion's line."""
         model_dir = self._model_dir(name)
         stages = self._read_state(name)
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -409,8 +427,11 @@ class Registry:
         lines = []
         for version, to_stage, action, reason in changes:
             from_stage = stages.get(version, None if action == "publish" else "candidate")
-            lines.append(json.dumps({"time": now, "action": action, "version": version, "from_stage": from_stage,
-                                     "to_stage": to_stage, "reason": reason, "user": user}))
+            entry = {"time": now, "action": action, "version": version, "from_stage": from_stage,
+                     "to_stage": to_stage, "reason": reason, "user": user}
+            if forced is not None and action == "promote":
+                entry["forced"] = forced
+            lines.append(json.dumps(entry))
             stages[version] = to_stage
         append_lines(model_dir / HISTORY_FILE, lines)
         state = {"name": name, "updated_at": now, "stages": dict(sorted(stages.items(), key=lambda i: int(i[0])))}
