@@ -2,8 +2,8 @@
 objects (a loaded benchmark package, ``Agent._judge`` with dynamic PAT on and drift off).
 
 ``explain.us_per_explained_part``: what the agent adds for a part whose ML-outlier or PAT flag fired:
-``Explainer.drivers`` (robust z of every test, the furthest three) and the drivers' wire form and words in ``why``.
-Timed on every part of the stream, flagged or not (the work does not depend on it). ``explain.judge_us_per_part``: ``Agent._judge`` per
+``Explainer.drivers`` (robust z of every test, the furthest three) and the drivers' wire form and words in
+``why``. Timed on every part of the stream, flagged or not (the work does not depend on it). ``explain.judge_us_per_part``: ``Agent._judge`` per
 part (coverage check, static and dynamic PAT, the explanation where a flag fired, bin and why), the agent's own
 time after the models; ``explain.explained_share``: how many of those parts needed an explanation.
 

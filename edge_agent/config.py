@@ -30,7 +30,7 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     [pat]
     dynamic = true
     window = 100                     # parts per (head, site) rolling window
-    min_parts = 30                   # warm-up baseline: after a restart, a site has no dynamic limits for this many parts
+    min_parts = 30                   # warm-up: after a restart a site has no dynamic limits for this many parts
     k_sigma = 6.0                    # each test's rule (shape, resolution floor, widening) is the manifest's
     refresh_parts = 25               # every test's dynamic limits are at most this many parts old
     reset_on = "wafer"               # what restarts a site's window: "lot", "sublot" (lot or sublot), "wafer"

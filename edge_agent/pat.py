@@ -66,7 +66,8 @@ class StaticPat:
             i = index.get(limit.column)
             if i is None:
                 continue
-            self.shape[i] = SHAPES.index(limit.shape) if limit.shape else (LOGNORMAL if limit.scale == "log" else NORMAL)
+            self.shape[i] = (SHAPES.index(limit.shape) if limit.shape
+                             else LOGNORMAL if limit.scale == "log" else NORMAL)   # written before shapes
             self.min_sigma[i] = (resolution_floor or 0.0) * (limit.resolution or 0.0)
             if limit.self_check == "disabled":
                 self.k_factor[i] = np.nan

@@ -51,8 +51,8 @@ def _test_limits(values: np.ndarray, column: str, k_sigma: float, max_flag_rate:
                  scale="log" if rule.log_scale else "linear", n=n, shape=SHAPES[rule.shape],
                  resolution=rule.resolution, typical_low=_num(typical_low), typical_high=_num(typical_high))
     if n < PAT_MIN_PARTS:
-        return PatLimit(**entry, low=None, high=None,
-                        reason="; ".join(notes + [f"{n} readings, fewer than the {PAT_MIN_PARTS} PAT needs: no limits"]))
+        too_few = f"{n} readings, fewer than the {PAT_MIN_PARTS} PAT needs: no limits"
+        return PatLimit(**entry, low=None, high=None, reason="; ".join(notes + [too_few]))
     check = self_check(rule, present, k_sigma, max_flag_rate, on_excess)
     low, high = (None, None) if check.k_sigma is None else (_num(v) for v in rule.limits(check.k_sigma))
     return PatLimit(**entry, low=low, high=high, k_sigma=check.k_sigma, self_check=check.action,

@@ -520,7 +520,8 @@ class _Lot:
         spread[wide] = _stream(config.seed, LOT_SPREAD, number).uniform(*SPREAD_FACTOR, len(wide))
         sublot_offset = np.zeros((config.sublots, config.tests), np.float32)
         if config.sublots > 1:
-            sublot_offset[:] = _stream(config.seed, SUBLOT, number).normal(0.0, SUBLOT_OFFSET_SIGMA, sublot_offset.shape)
+            sublot_offset[:] = _stream(config.seed, SUBLOT, number).normal(0.0, SUBLOT_OFFSET_SIGMA,
+                                                                           sublot_offset.shape)
         return cls(name, position, number, speed, offset, tester, probe_card, spread, sublot_offset)
 
 
@@ -763,13 +764,17 @@ class _Floor:
                 "tests": [cols[j] for j in plan.latent_tests],
                 "direction": [float(s) for s in plan.latent_sign],
                 "shift_sigma_range": list(LATENT_SHIFT_SIGMA), "limit_margin_sigma": LATENT_LIMIT_MARGIN,
-                "clusters": [{**dict(zip(("sublot", "wafer"), self.wafer_name(0, cl.wafer))), "center_xy": [round(v, 2) for v in cl.center],
-                              "parts": int(cl.rows.size)} for cl in plan.latent_clusters],
+                "clusters": [self._cluster_truth(cl) for cl in plan.latent_clusters],
                 "parts": counts.get("latent_outliers", 0), "part_ids": latent_ids})
         return {"generator": "trainer.synth", "seed": c.seed, "config": asdict(c),
                 "derived": {"die_radius": self.layout.radius, "dies_per_wafer": self.layout.dies,
                             "wafers_per_lot": [len(w) for w in self.layout.wafer_parts]},
                 "lots": self.lots, "excursions": excursions, "pathologies": self._pathologies()}
+
+    def _cluster_truth(self, cluster: _LatentCluster) -> dict:
+        sublot, wafer = self.wafer_name(0, cluster.wafer)
+        return {**({"sublot": sublot} if sublot else {}), "wafer": wafer,
+                "center_xy": [round(v, 2) for v in cluster.center], "parts": int(cluster.rows.size)}
 
     def _pathologies(self) -> dict:
         c, prog, cols = self.config, self.program, self.program.columns

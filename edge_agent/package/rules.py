@@ -20,7 +20,7 @@ constant       one value among passing parts: no limits
 
 Every sigma is at least ``RESOLUTION_FLOOR`` times the test's measurement resolution (``resolution``: the smallest
 step between its distinct readings). Without the floor a test read in 0.78 uA steps with IQR/1.35 of one step
-gets limits a few steps from the median and flags a large share of good parts (the issue measured 22 %).
+gets limits a few steps from the median and flags a large share of good parts (22 % in a real production file).
 
 ``self_check`` then measures, on the passing training parts, the share each test's limits would flag; a test
 above ``max_rate`` is widened (its k raised until at most that share is outside) or disabled.
@@ -63,7 +63,7 @@ BIMODAL_MIN_SHARE = 0.05
 BIMODAL_SEPARATION = 2.0
 RESOLUTION_FLOOR = 1.0        # a robust sigma is never below one measurement step
 # Training lots whose robust sigmas of one test differ by more than this factor: the test's spread changes from
-# lot to lot (the issue measured 3-5x), and limits from the pooled sigma would not hold for the next lot.
+# lot to lot (3-5x in real production lots), and limits from the pooled sigma would not hold for the next lot.
 LOT_SPREAD_RATIO = 2.0
 MIN_LOT_PARTS = 30            # a lot's sigma counts with at least this many readings (AEC-Q001's minimum)
 TYPICAL_SIGMA = 3.0           # the typical range an explanation quotes: the rule's limits at k = 3
