@@ -21,8 +21,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import DataError, EdgeError
-from edge_agent.package.manifest import NAME_PATTERN, YIELD_KINDS
-from edge_agent.package.rules import ON_EXCESS
+from edge_agent.package.manifest import NAME_PATTERN, PAT_ON_EXCESS, YIELD_KINDS
 from edge_agent.settings import Checked, Interval, OneOf, Satisfies
 
 from .evaluation import SPLITS, THRESHOLD_OBJECTIVES, Gate, Split, Threshold, chance_gate, choose_threshold, split_rows
@@ -66,7 +65,7 @@ class TrainConfig(Checked):
         "min_auc": [Interval(float, 0, 1)],
         "pat_k_sigma": [Interval(float, 0, None, closed="neither")],
         "pat_max_flag_rate": [Interval(float, 0, 0.5)],
-        "pat_on_excess": [OneOf(*ON_EXCESS)],
+        "pat_on_excess": [OneOf(*PAT_ON_EXCESS)],
         "drift_bins": [Interval(int, 2, None)],
         "seed": [Interval(int, 0, MAX_SEED)],
     }

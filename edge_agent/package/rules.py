@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .manifest import PAT_ON_EXCESS as ON_EXCESS
 from .manifest import PAT_SHAPES as SHAPES
 
 ROBUST_SIGMA_PER_IQR = 1.35   # IQR of a normal distribution is 1.349 sigma (AEC-Q001)
