@@ -45,7 +45,7 @@ def _test_limits(values: np.ndarray, column: str, k_sigma: float, max_flag_rate:
     if lots is not None:
         rule, ratio = widest_lot(rule, values, lots)
         if ratio is not None and ratio > LOT_SPREAD_RATIO:
-            notes.append(f"robust sigma differs {ratio:.3g}x between training lots: the widest lot's sigma is used")
+            notes.append(f"robust sigma differs {ratio:.2f}x between training lots: the widest lot's sigma is used")
     typical_low, typical_high = rule.limits(TYPICAL_SIGMA)
     entry = dict(column=column, median=rule.median, robust_sigma=rule.robust_sigma,
                  scale="log" if rule.log_scale else "linear", n=n, shape=SHAPES[rule.shape],
