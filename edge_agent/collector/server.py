@@ -154,8 +154,8 @@ class CollectorServer:
     def _refuse_forged(self, router: zmq.Socket, forged: list[tuple[bytes, str, StatsWindow]]) -> None:
         """Windows that claim another agent's id than their sender's key: refused for good, counted, alerted."""
         now = time.time()
-        alerts = [alert for _, sender, window in forged for alert in self.rules.for_agent_id_mismatch(sender, window,
-                                                                                                       now)]
+        alerts = [alert for _, sender, window in forged
+                  for alert in self.rules.for_agent_id_mismatch(sender, window, now)]
         try:
             with self.store.transaction():
                 for alert in alerts:
