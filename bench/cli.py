@@ -4,7 +4,8 @@
     edge-bench --readme-table results.json
 
 Sections: e2e (latency from a client process to real agents, tcp and ipc, 100/1,000/5,000 parts/s, drift on
-and off), throughput (score_batch on one and two cores), agent (start-up time, memory), inproc (scikit-learn
+and off), throughput (score_batch on one and two cores), agent (start-up time, memory), curve (the score round
+trip with and without CURVE), inproc (scikit-learn
 vs skl2onnx vs compact vs int8 on the same rows), scaling (latency vs trees, tests, depth), stdf (read
 speed), training (fit time), drift (the drift kernel's cost per part), explain (the cost of explaining a flagged
 part, and of the agent's judging step). Every figure is in the JSON under the
@@ -24,8 +25,8 @@ from bench import machine, report
 from edge_agent.errors import run_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("e2e", "throughput", "agent", "inproc", "scaling", "stdf", "training", "drift", "explain")
-AGENT_SECTIONS = ("e2e", "throughput", "agent")
+SECTIONS = ("e2e", "throughput", "agent", "curve", "inproc", "scaling", "stdf", "training", "drift", "explain")
+AGENT_SECTIONS = ("e2e", "throughput", "agent", "curve")
 QUICK_YIELD_KINDS = ("random_forest", "logistic")   # logistic has an int8 variant; the MLP takes long to fit
 # Every section trains or reads data with the trainer's libraries, and the plots need matplotlib: a role that is
 # not installed is named before the first section runs, not after minutes of measuring.
@@ -80,7 +81,7 @@ def run(quick: bool, sections: list[str]) -> tuple[dict, dict, dict]:
     latencies, curves = {}, {}
     clock = _SectionClock(figures)
     if any(s in sections for s in AGENT_SECTIONS):
-        from bench import agent_footprint, latency_suite, throughput
+        from bench import agent_footprint, curve_cost, latency_suite, throughput
         from bench.site import AgentSite
         with AgentSite(quick, latency_suite.stream_parts(quick)) as site:
             figures.update({f"package.{k}": v for k, v in site.package.items()})
@@ -95,6 +96,9 @@ def run(quick: bool, sections: list[str]) -> tuple[dict, dict, dict]:
             if "throughput" in sections:
                 figures.update(throughput.run(site, quick))
                 clock.lap("throughput")
+            if "curve" in sections:
+                figures.update(curve_cost.run(site, quick))
+                clock.lap("curve")
         clock.lap("agent_site")
     if "inproc" in sections:
         from bench import export_compare

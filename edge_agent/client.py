@@ -12,7 +12,9 @@ blocks the test program beyond that. After a timeout the socket is thrown away a
     if result.decided:
         bin_number = result.bin
 
-One client per thread (ZeroMQ sockets are not thread-safe).
+An agent whose score socket listens beyond loopback is a CURVE server: pass ``curve=CurveClient(pair,
+agent_public)`` (edge_agent.keys loads both from certificate files). One client per thread (ZeroMQ sockets are
+not thread-safe).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from .wire.links import CurveClient, connect_curve
 from .wire.score import ERROR, PROTOCOL_VERSION, REPLY_TYPES, SCORE, SCORE_BATCH
 
 # Reasons a call ends without a decision, besides the agent's own error codes (protocol.Code).
@@ -67,8 +70,10 @@ class ScoreResult:
 
 class AgentClient:
     def __init__(self, endpoint: str, *, timeout_ms: float = 20.0, failures_before_backoff: int = 3,
-                 backoff_s: float = 1.0, max_message_bytes: int = 4 << 20, context: zmq.Context | None = None):
+                 backoff_s: float = 1.0, max_message_bytes: int = 4 << 20, context: zmq.Context | None = None,
+                 curve: CurveClient | None = None):
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout_ms = timeout_ms
         self.failures_before_backoff = failures_before_backoff
         self.backoff_s = backoff_s
@@ -218,6 +223,8 @@ class AgentClient:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 100)
+        if self.curve is not None:
+            connect_curve(socket, self.curve)
         socket.connect(self.endpoint)
         return socket
 

@@ -1,4 +1,5 @@
-"""The serving loop: one thread, one ROUTER socket, requests answered in arrival order.
+"""The serving loop: one thread, one ROUTER socket (and the CURVE control socket, if any), requests answered in
+arrival order.
 
 The hot path is ``Agent._handle``: decode -> validate -> score -> PAT -> drift hook -> bin -> reply.
 Answering each request before reading the next one gives per-client reply order for free, and swapping
@@ -26,6 +27,7 @@ from .package.registry import Registry
 from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
+from .security import AgentSecurity
 from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, Code, Part,
                          ProtocolError, check_envelope, decode, error_reply, parse_batch, parse_batch_item, parse_part,
@@ -55,7 +57,7 @@ class Agent:
     """The daemon: serves one model (and keeps the previous one) on one ROUTER socket until asked to stop."""
 
     def __init__(self, config: AgentConfig, registry: Registry, model: LoadedModel, *,
-                 drift: DriftHook | None = None):
+                 drift: DriftHook | None = None, security: AgentSecurity | None = None):
         self.config = config
         self.registry = registry
         self.model = model
@@ -68,8 +70,11 @@ class Agent:
         self.draining = False
         self._stop_requested = False
         self._error_log = _ThrottledLog(ERROR_LOG_INTERVAL_S)
-        self._handlers = {SCORE: self._score, SCORE_BATCH: self._score_batch, HEALTH: self._health,
-                          RELOAD: self._reload, ROLLBACK: self._rollback}
+        self.security = security or AgentSecurity.load(config.security)
+        # Control messages are served on the authenticated control socket only (edge_agent/security.py).
+        self._control_handlers = {SCORE: self._score, SCORE_BATCH: self._score_batch, HEALTH: self._health,
+                                  RELOAD: self._reload, ROLLBACK: self._rollback}
+        self._handlers = {**self._control_handlers, RELOAD: self._refuse_control, ROLLBACK: self._refuse_control}
         self._watcher: ReloadWatcher | None = None
 
     def request_stop(self, *_signal_args) -> None:
@@ -95,6 +100,7 @@ class Agent:
         wake.bind(wake_address)
         prometheus = None
         try:
+            control = self.security.open(context, router, self.config.transport_max_message_bytes)
             try:
                 router.bind(self.config.bind)
             except zmq.ZMQError as error:
@@ -115,7 +121,7 @@ class Agent:
             log.info("serving %s (checksum %s) on %s%s", self.model.ref, self.model.checksum[:12], self.config.bind,
                      f", metrics on http://{self.config.metrics.host}:{self.config.metrics.port}/metrics"
                      if prometheus else "")
-            self._loop(router, wake)
+            self._loop(router, wake, control)
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
@@ -125,15 +131,18 @@ class Agent:
                 prometheus[0].server_close()
             router.close()        # lingers up to shutdown_timeout_s so the last replies leave
             wake.close(linger=0)
+            self.security.close()
             context.term()
             log.info("stopped after %d parts scored", self.metrics.parts_scored)
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
-    def _loop(self, router: zmq.Socket, wake: zmq.Socket) -> None:
+    def _loop(self, router: zmq.Socket, wake: zmq.Socket, control: zmq.Socket | None = None) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if control is not None:
+            poller.register(control, zmq.POLLIN)
         deadline = None
         while True:
             if self._stop_requested and deadline is None:
@@ -143,6 +152,8 @@ class Agent:
             events = dict(poller.poll(POLL_MS if deadline is None else self.config.drain_quiet_ms))
             if wake in events:
                 self._take_reload_outcomes(wake)
+            if control in events:
+                self._serve_control(control)
             if router in events:
                 self._serve_ready(router)
             elif self.drift is not None:
@@ -160,7 +171,13 @@ class Agent:
                 return
             self._handle(router, router.recv_multipart())
 
-    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
+    def _serve_control(self, control: zmq.Socket) -> None:
+        for _ in range(BURST):
+            if not control.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            self._handle(control, control.recv_multipart(), self._control_handlers)
+
+    def _handle(self, router: zmq.Socket, frames: list[bytes], handlers: dict | None = None) -> None:
         start = time.perf_counter()
         envelope, payload = _split_frames(frames)
         rid = kind = None
@@ -176,7 +193,7 @@ class Agent:
             rid = request_id(message)
             kind = check_envelope(message)
             self.metrics.requests[kind] += 1
-            reply = self._handlers[kind](message, rid)
+            reply = (handlers or self._handlers)[kind](message, rid)
         except ProtocolError as error:
             if kind is None:
                 self.metrics.requests["invalid"] += 1
@@ -290,6 +307,7 @@ class Agent:
             "agent": {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
                       "bind": self.config.bind},
             "drift": None if self.drift is None else self.drift.status(),
+            "security": self.security.status(),
             **self.metrics.snapshot(),
         }
 
@@ -309,6 +327,9 @@ class Agent:
         return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[RELOAD], "id": rid, "accepted": True,
                 "message": f"loading {what} of {self.model.ref.name} in the background; the health reply's "
                            f"last_reload and model tell the outcome"}
+
+    def _refuse_control(self, message: dict, rid) -> dict:
+        raise ProtocolError(Code.NOT_AUTHORIZED, self.security.control_refusal(message["type"]))
 
     def _rollback(self, message: dict, rid) -> dict:
         if self.previous is None:

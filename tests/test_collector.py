@@ -55,8 +55,9 @@ class Collector:
     """`edge-collector run` as a child process (python -m, so no installed console script is needed)."""
 
     def __init__(self, tmp: Path, *, config: str | None = None, port: int | None = None,
-                 metrics_port: int | None = None, db: Path | None = None):
+                 metrics_port: int | None = None, db: Path | None = None, extra: tuple[str, ...] = ()):
         self.tmp = tmp
+        self.extra = extra   # more `edge-collector run` options (CURVE keys)
         self.endpoint = f"tcp://127.0.0.1:{port or _free_port()}"
         self.metrics_port = metrics_port or _free_port()
         self.db = db or tmp / "stats.sqlite"
@@ -74,6 +75,7 @@ class Collector:
                 "--metrics-port", str(self.metrics_port)]
         if self.config:
             argv += ["--config", str(self.config)]
+        argv += self.extra
         self.process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
         deadline = time.monotonic() + STARTUP_S
         while "collecting on" not in self.log.read_text():
@@ -273,6 +275,44 @@ def test_twenty_agents_feed_one_collector_at_once(tmp_path, drift_floor, collect
     metrics = running.metrics()
     assert metrics["edge_collector_agents_alive"] == 20
     assert metrics["edge_collector_messages_received_total"] >= 100
+
+
+# ---- CURVE: agents known by their keys ------------------------------------------------------------------------------
+
+def test_a_window_sent_with_agent_a_key_claiming_agent_b_is_refused_and_alerted_and_b_loses_nothing(
+        tmp_path, drift_floor, keys, collector):
+    """The issue's attack: forged windows with the victim's id made its real windows look like duplicates. With
+    CURVE the collector knows each sender by its key, refuses the forgery for good, and, after a restart, stores
+    every real window of the victim as new."""
+    allowed = ("--key", str(keys.secret("collector")), "--agent-keys",
+               str(keys.allow(tmp_path / "agent-keys", "agent-a", "agent-b")))
+
+    def keyed(name: str) -> tuple[str, ...]:
+        return "--key", str(keys.secret(name)), "--collector-key", str(keys.public("collector"))
+
+    first = collector(extra=allowed)
+    forger = _finish(_feeder(tmp_path, drift_floor, first.endpoint, "agent-b", 3, "--window-parts", "200",
+                             *keyed("agent-a"), spool=tmp_path / "forger-spool"))
+    outsider = _finish(_feeder(tmp_path, drift_floor, first.endpoint, "agent-x", 2, "--window-parts", "200",
+                               "--wait-acked-s", "3", *keyed("stranger")))
+    metrics = first.metrics()
+    first.stop()
+    assert forger == {**forger, "acked": 0, "pending": 0, "dropped_total": 3}   # refused for good, a counted loss
+    assert outsider == {**outsider, "acked": 0, "pending": 2}                    # no handshake, no answer at all
+    assert metrics["edge_collector_agent_id_mismatches_total"] == 3
+    assert metrics['edge_collector_alerts_total{kind="agent_id_mismatch"}'] == 1   # once per sender per repeat time
+    assert "refused a CURVE client on the agents socket" in first.log.read_text()
+
+    second = collector(port=int(first.endpoint.rsplit(":", 1)[1]), db=first.db, extra=allowed)
+    victim = _finish(_feeder(tmp_path, drift_floor, second.endpoint, "agent-b", 3, "--window-parts", "200",
+                             *keyed("agent-b"), spool=tmp_path / "victim-spool"))
+    assert victim == {**victim, "acked": 3, "pending": 0, "dropped_total": 0}
+    assert _windows(second.db) == {"agent-b": [1, 2, 3]}
+    assert second.metrics()["edge_collector_duplicates_dropped_total"] == 0
+    with sqlite3.connect(second.db) as connection:
+        alerts = connection.execute("SELECT kind, agent_id, message FROM alerts").fetchall()
+    assert [(kind, agent) for kind, agent, _ in alerts] == [("agent_id_mismatch", "agent-a")]
+    assert "claiming to be agent 'agent-b'" in alerts[0][2]
 
 
 def test_invalid_messages_get_an_error_naming_the_field_and_are_not_stored(tmp_path, collector):
@@ -595,7 +635,8 @@ def test_report_renders_in_headless_chromium_with_its_plots(drifted_fleet):
 
 # ---- the real agent process in the fleet ------------------------------------------------------------------------
 
-def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tmp_path, drift_floor, collector):
+def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tmp_path, drift_floor, collector,
+                                                                              keys):
     """The whole path with real processes: client -> `edge-agent run` (scoring + drift) -> `edge-collector run`.
 
     Parts of the training lot that training held out stream through the agent on sites 1 and 2 with
@@ -604,10 +645,16 @@ def test_a_real_agent_ships_drift_windows_that_name_the_shifted_test_and_site(tm
     from edge_agent.client import AgentClient
     from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 
-    running = collector()
+    # Over CURVE, as deployed: the collector binds the agent-a key pair to the id agent-7.
+    allowed = tmp_path / "agent-keys"
+    allowed.mkdir()
+    shutil.copy(keys.public("agent-a"), allowed / "agent-7.key")
+    running = collector(extra=("--key", str(keys.secret("collector")), "--agent-keys", str(allowed)))
     config = tmp_path / "agent.toml"
     config.write_text(f'[drift]\nagent_id = "agent-7"\ntester = "tester-7"\ncollector = "{running.endpoint}"\n'
-                      f'window_parts = 600\nspool_dir = "{tmp_path / "spool"}"\n')
+                      f'window_parts = 600\nspool_dir = "{tmp_path / "spool"}"\n'
+                      f'[security]\nkey = "{keys.secret("agent-a")}"\ncollector_key = "{keys.public("collector")}"\n'
+                      f'trusted_keys = "{keys.trusted}"\n')
     endpoint = free_tcp_endpoint()
     agent = start_agent(drift_floor.registry.root, drift_floor.ref.name, endpoint, "--config", str(config),
                         log_path=tmp_path / "agent.log")

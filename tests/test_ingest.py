@@ -486,7 +486,7 @@ def test_cli_fit_reports_bad_data_without_traceback(tmp_path):
     path = write_csv(tmp_path / "bad.csv", frame)
     # trainer/cli.py has no `if __name__ == "__main__"`, so run its main() the way the edge-train script does
     command = [sys.executable, "-c", "import sys; from trainer.cli import main; sys.exit(main())",
-               "fit", "--data", path, "--registry", str(tmp_path / "models")]
+               "fit", "--data", path, "--registry", str(tmp_path / "models"), "--unsigned"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     if done.returncode != 0 and ("ImportError" in done.stderr or "ModuleNotFoundError" in done.stderr):
         pytest.skip(f"the CLI cannot start yet: {done.stderr.strip().splitlines()[-1]}")
@@ -502,7 +502,8 @@ def test_edge_train_script_is_installed_and_agrees(tmp_path):
         pytest.skip("edge-train is not on PATH (pip install -e . not run in this environment)")
     path = write_csv(tmp_path / "tiny.csv", lot(n=20))
     done = subprocess.run([script, "fit", "--data", path, "--data", str(tmp_path / "missing.csv"),
-                           "--registry", str(tmp_path / "models")], capture_output=True, text=True, timeout=120)
+                           "--registry", str(tmp_path / "models"), "--unsigned"], capture_output=True, text=True,
+                          timeout=120)
     if done.returncode != 0 and ("ImportError" in done.stderr or "ModuleNotFoundError" in done.stderr):
         pytest.skip(f"the CLI cannot start yet: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -1,11 +1,12 @@
-"""`edge-train`: synthesize, ingest, train, export and manage the model registry."""
+"""`edge-train`: synthesize, ingest, train, export, sign and manage the model registry; create keys."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from edge_agent.errors import run_command
+from edge_agent.errors import EdgeError, run_command
 from edge_agent.package.manifest import HELD_OUT_SPLITS, THRESHOLD_OBJECTIVES, YIELD_KINDS
 
 DEFAULT_REGISTRY = "models"
@@ -49,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--name", default="demo", help="model name in the registry")
     demo.set_defaults(handler=cmd_demo)
 
-    from .registry_cli import add_registry_commands
+    from edge_agent.keys import add_keys_command
+
+    from .registry_cli import DEFAULT_KEYS, add_registry_commands
     add_registry_commands(commands, DEFAULT_REGISTRY)
+    add_keys_command(commands, DEFAULT_KEYS)
     return parser
 
 
@@ -125,6 +129,11 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="with --promote: promote even a yield model below --min-auc (needs --reason; recorded)")
     parser.add_argument("--reason", default=None, help="why, for the registry history (required with --force)")
+    parser.add_argument("--signing-key", default=None,
+                        help="the trainer's Ed25519 secret key that signs the package (default: keys/trainer.ed25519; "
+                             "edge-train keys create trainer --kind signing)")
+    parser.add_argument("--unsigned", action="store_true",
+                        help="development only: publish without a signature (agents refuse it unless allow_unsigned)")
 
 
 # `edge-train fit` option -> the TrainConfig field it sets (messages name the option the user typed).
@@ -154,7 +163,26 @@ def _fit_option_problems(args) -> list[str]:
         problems.append("--force: it forces --promote past the gate against chance; --promote is not given")
     if args.force and not (args.reason or "").strip():
         problems.append("--force: needs --reason (the registry history records why the gate was overridden)")
+    if args.unsigned and args.signing_key:
+        problems.append("--unsigned: the package is signed with --signing-key; give one of them")
     return problems
+
+
+def _fit_signer(args):
+    """The key that signs the published package, or None with --unsigned; checked before any data is read."""
+    from edge_agent.keys import load_signing_key
+
+    from .registry_cli import DEFAULT_SIGNING_KEY
+    if args.unsigned:
+        print("warning: --unsigned: the package is published without a signature; agents refuse it unless they run "
+              "in development mode (allow_unsigned)", file=sys.stderr)
+        return None
+    path = args.signing_key or DEFAULT_SIGNING_KEY
+    if args.signing_key is None and not Path(path).exists():
+        raise EdgeError(f"no signing key at {path}: publishing signs the package with the trainer's key; create it "
+                        "with `edge-train keys create trainer --kind signing`, give --signing-key FILE, or publish "
+                        "unsigned for development with --unsigned")
+    return load_signing_key(path)
 
 
 def _max_samples(text: str) -> int | float | str:
@@ -181,6 +209,7 @@ def cmd_synth(args) -> int:
 
 def cmd_fit(args) -> int:
     from edge_agent.package.registry import Registry
+    from edge_agent.package.signing import Trust
     from edge_agent.settings import unusable
 
     from .ingest import load_tables
@@ -193,6 +222,7 @@ def cmd_fit(args) -> int:
     problems += _fit_option_problems(args)
     if problems:
         raise unusable(TrainConfigError, "edge-train fit options", problems)
+    signer = _fit_signer(args)
     print(f"reading {len(args.data)} file(s)", file=sys.stderr)
     set_aside = [column for column in (args.yield_label, *(args.join_on or ())) if column]
     table, report = load_tables(args.data, retest_policy=args.retest_policy, min_rows=args.min_rows,
@@ -209,14 +239,16 @@ def cmd_fit(args) -> int:
     trained = fit(table, config, outcomes=outcomes)
     print(_evaluation_summary(trained), file=sys.stderr)
     print("exporting ONNX graphs and checking them against scikit-learn", file=sys.stderr)
-    registry = Registry(args.registry)
-    ref = build_and_publish(trained, table, report.to_dict(), registry, args.data)
+    # The summary below checks the signature just written against the signer's own public key.
+    registry = Registry(args.registry, None if signer is None else
+                        Trust({signer.key_id: signer.private.public_key()}, signer.source))
+    ref = build_and_publish(trained, table, report.to_dict(), registry, args.data, signer=signer)
     if not trained.gate.passed:
         print(f"warning: {trained.gate.reason}; {ref} is published as a candidate and is promoted only with --force "
               "and a reason", file=sys.stderr)
     if args.promote:
         registry.promote(ref.name, ref.version, args.promote, force=args.force,
-                         reason=args.reason or f"--promote {args.promote} at fit")
+                         reason=args.reason or f"--promote {args.promote} at fit", signer=signer)
     from .registry_cli import package_summary
     print(package_summary(registry, ref))
     print(f"done in {time.perf_counter() - start:.1f} s")

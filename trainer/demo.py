@@ -1,12 +1,15 @@
 """`edge-train demo`: the whole product on a synthetic floor, in one command.
 
-1. a synthetic training lot -> validate -> train -> export -> publish into the registry -> production
-2. the fleet collector and an edge agent start as their own processes (the agent follows production)
+1. a synthetic training lot -> validate -> train -> export -> publish, signed, into the registry -> production
+2. the fleet collector and an edge agent start as their own processes with real keys (the agent follows
+   production and serves only packages signed by the demo trainer key; drift windows travel over CURVE; reload
+   and rollback only on its CURVE control socket)
 3. a second lot with a drifting site and a cluster of latent outliers streams through the client library
 4. what the agent found (outliers, PAT vs model, latency), what the collector raised, and the fleet report
 """
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -14,7 +17,9 @@ from pathlib import Path
 
 from edge_agent.client import AgentClient
 from edge_agent.collector.report import write_report
+from edge_agent.keys import create_curve_pair, create_signing_key, load_signing_key, load_trusted_keys
 from edge_agent.package.registry import Registry
+from edge_agent.package.signing import Trust
 from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
 from trainer.ingest import load_tables
 from trainer.package import build_and_publish
@@ -42,14 +47,17 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     train = TrainConfig(name=name, seed=seed).check()
     work = Path(workdir or tempfile.mkdtemp(prefix="edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    registry = Registry(registry_root)
+    keys = _demo_keys(work / "keys")
+    trusted = keys / "demo-trainer.ed25519.pub"   # what the agent trusts; the summary below checks against it too
+    registry = Registry(registry_root, Trust(load_trusted_keys(trusted), str(trusted)))
 
     _step(f"1/4 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to {registry.root}/{name}")
     training_lot = work / "training_lot.parquet"
     print(write(training, str(training_lot)).describe())
     table, report = load_tables([str(training_lot)])
     trained = fit(table, train)
-    ref = build_and_publish(trained, table, report.to_dict(), registry, [str(training_lot)])
+    ref = build_and_publish(trained, table, report.to_dict(), registry, [str(training_lot)],
+                            signer=load_signing_key(keys / "demo-trainer.ed25519"))
     registry.promote(ref.name, ref.version, "production", reason="edge-train demo")
     print(package_summary(registry, ref))
 
@@ -63,8 +71,13 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     agent_config = work / "agent.toml"
     agent_config.write_text(f'[drift]\nagent_id = "demo-agent"\ntester = "demo-tester"\n'
                             f'collector = "{collector_endpoint}"\nwindow_parts = {WINDOW_PARTS}\n'
-                            f'spool_dir = "{work / "spool"}"\n')
-    collector = start_collector(db, collector_endpoint, log_path=work / "collector.log")
+                            f'spool_dir = "{work / "spool"}"\n'
+                            f'[security]\nkey = "{keys / "demo-agent.key_secret"}"\n'
+                            f'collector_key = "{keys / "collector.key"}"\n'
+                            f'trusted_keys = "{keys / "demo-trainer.ed25519.pub"}"\n'
+                            f'control_bind = "{free_tcp_endpoint()}"\ncontrol_keys = "{keys / "operators"}"\n')
+    collector = start_collector(db, collector_endpoint, "--key", str(keys / "collector.key_secret"), "--agent-keys",
+                                str(keys / "agents"), log_path=work / "collector.log")
     try:
         agent = start_agent(registry.root, name, agent_endpoint, "--config", str(agent_config),
                             log_path=work / "agent.log")
@@ -72,7 +85,8 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
             _step(f"3/4 streaming {len(stream_table):,} parts through edge_agent.client to {agent_endpoint}")
             with AgentClient(agent_endpoint, timeout_ms=50) as client:
                 summary = stream_lot(client, stream_table, feature_columns(registry_root, name))
-                agent_side = client.health(timeout_ms=2000)["latency_us"]
+                health = client.health(timeout_ms=2000)
+                agent_side = health["latency_us"]
         finally:
             stop(agent)
         # parts with too few readings stay out of the drift statistics
@@ -81,12 +95,32 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
         stop(collector)
 
     _step("4/4 results")
+    _print_security(health)
     _print_findings(summary, agent_side, stream_table)
     _print_alerts(db)
     html = work / "fleet_report.html"
     write_report(db, html)
     print(f"\nfleet report: {html}\nagent and collector logs, data and spool: {work}")
     return 0
+
+
+def _demo_keys(folder: Path) -> Path:
+    """The demo floor's keys (README, Security): the trainer's signing key, the collector's and the agent's CURVE
+    pairs, an operator's control key; the collector's allow-list binds the agent's key to the id demo-agent."""
+    create_signing_key(folder, "demo-trainer")
+    for name in ("collector", "demo-agent", "demo-operator"):
+        create_curve_pair(folder, name)
+    for allow_list, name in (("agents", "demo-agent"), ("operators", "demo-operator")):
+        (folder / allow_list).mkdir()
+        shutil.copy(folder / f"{name}.key", folder / allow_list / f"{name}.key")
+    return folder
+
+
+def _print_security(health: dict) -> None:
+    signature, security = health["model"]["signature"], health["security"]
+    print(f"security: {health['model']['name']}/{health['model']['version']} {signature['status']}, signed by key "
+          f"{signature['key_id']}; drift windows over {security['upstream']}; control socket "
+          f"{security['control_socket']} (CURVE, operator keys only); score socket {security['score_socket']}")
 
 
 def _step(text: str) -> None:

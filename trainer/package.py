@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import __version__
+from edge_agent.keys import SigningKey
 from edge_agent.package.manifest import (MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE, YIELD_INT8_FILE,
                                          Feature, FidelityCheck, HeldOut, Imputation, InputSpec, Lineage, Manifest,
                                          Metrics, Models, OutlierModel, Pat, Quantization, QualityGate, SourceFile,
@@ -41,9 +42,11 @@ INPUT_NAME = "readings"
 
 
 def build_and_publish(trained: TrainedModels, table: ParametricTable, validation: dict,
-                      registry: Registry, source_files: list[str]) -> PackageRef:
+                      registry: Registry, source_files: list[str], signer: SigningKey | None = None) -> PackageRef:
+    """Build the package and publish it, signed by ``signer`` (None: unsigned, refused by agents outside
+    development mode)."""
     files, manifest = build_package(trained, table, validation, source_files)
-    return registry.publish(trained.config.name, files, manifest, reason="trained by edge-train fit")
+    return registry.publish(trained.config.name, files, manifest, reason="trained by edge-train fit", signer=signer)
 
 
 def build_package(trained: TrainedModels, table: ParametricTable, validation: dict,

@@ -6,9 +6,10 @@ new lot, which moves every site together, does not raise), ``outlier_rate``
 (above the model's expected rate by a margin) - both judged on counts summed over windows until there are
 enough parts (see ``AlertRules``) - ``change`` (the agent's Page-Hinkley detector fired on the
 outlier score), ``silent`` (no message from an agent for too long), ``spool_loss`` (the agent dropped
-windows from its spool, or lost them before spooling) and ``sequence_gap`` (windows missing that no
-loss report explains). Every alert goes to the log, the ``alerts`` table (same transaction as its window)
-and, if configured, a hook command that gets the alert as JSON on stdin.
+windows from its spool, or lost them before spooling), ``sequence_gap`` (windows missing that no
+loss report explains) and ``agent_id_mismatch`` (a window claiming another agent's id than its CURVE key's).
+Every alert goes to the log, the ``alerts`` table (same transaction as its window) and, if configured, a hook
+command that gets the alert as JSON on stdin.
 
 Example ``collector.toml`` (every key optional; these are the defaults)::
 
@@ -57,7 +58,7 @@ from .store import Added
 
 log = logging.getLogger("edge_agent.collector.alerts")
 
-KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap")
+KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap", "agent_id_mismatch")
 
 
 class AlertConfigError(EdgeError):
@@ -309,6 +310,18 @@ class AlertRules:
                                "value": len(missing), "threshold": 0, "sample_size": None,
                                "message": f"{where}: {len(missing)} window(s) missing before seq {m['seq']} "
                                           f"(first {missing[0]}) that no loss report explains"})
+        return alerts
+
+    def for_agent_id_mismatch(self, sender: str, window: StatsWindow, now: float) -> list[dict]:
+        """A window whose agent_id is not the id its sender's CURVE key is bound to (a forgery, or a misconfigured
+        agent): one alert per sender per ``repeat_after_s``."""
+        m, alerts = window.message, []
+        self._raise(alerts, {"kind": "agent_id_mismatch", "agent_id": sender, "tester": None, "head": None,
+                             "site": None, "test": None, "model": window.model_label, "value": 1, "threshold": None,
+                             "sample_size": None, "window_id": None, "created_at": now,
+                             "message": f"agent {sender!r} (known by its CURVE key) sent window seq {m['seq']} "
+                                        f"claiming to be agent {m['agent_id']!r} (tester {m['tester']!r}); refused, "
+                                        "nothing stored"})
         return alerts
 
     def _raise(self, alerts: list[dict], alert: dict) -> None:

@@ -5,6 +5,9 @@ one SQLite transaction, commit (durable), then acknowledge each one. A window al
 spool stream and seq) is acknowledged as a duplicate and not stored again. A message that cannot be valid
 gets a permanent refusal (the agent drops it and reports the loss); a failed write gets a transient one and
 no ack, so the agent sends it again (codes and replies: ``wire/stats.py`` and STATS_PROTOCOL.md).
+
+With ``keys`` the ROUTER is a CURVE server: only allow-listed agent keys get in, each known by the agent id its key
+is bound to, and a window that claims another agent's id is refused for good, counted and alerted.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import errno
 import logging
 import sqlite3
 import time
+from dataclasses import dataclass
 
 import msgpack
 import zmq
@@ -19,6 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from ..errors import EdgeError
 from ..wire.codec import encode
+from ..wire.links import CurvePair, Gatekeeper, peer_id, serve_curve
 from ..wire.stats import Code, InvalidMessage, StatsWindow, ack, parse_stats, refusal
 from .alerts import AlertHook, AlertRules
 from .prometheus import FleetState
@@ -29,12 +34,22 @@ log = logging.getLogger("edge_agent.collector.server")
 BATCH = 256               # messages per transaction at most
 POLL_MS = 200
 MAX_MESSAGE_BYTES = 64 << 20
+AGENTS_DOMAIN = "agents"   # the ZAP domain of the collector's ROUTER
+
+
+@dataclass(frozen=True)
+class CollectorKeys:
+    """The collector's CURVE key pair and the agents allowed in: public key -> the agent id it is bound to."""
+
+    pair: CurvePair
+    agents: dict[bytes, str]
 
 
 class CollectorServer:
     def __init__(self, bind: str, store: Store, rules: AlertRules, *, hook: AlertHook | None = None,
-                 metrics_host: str = "127.0.0.1", metrics_port: int = 0):
+                 metrics_host: str = "127.0.0.1", metrics_port: int = 0, keys: CollectorKeys | None = None):
         self.bind = bind
+        self.keys = keys
         self.store = store
         self.rules = rules
         self.hook = hook
@@ -55,6 +70,7 @@ class CollectorServer:
         router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         router.setsockopt(zmq.LINGER, 1000)
         http = None
+        gatekeeper = self._secure(context, router)
         try:
             try:
                 router.bind(self.bind)
@@ -68,17 +84,29 @@ class CollectorServer:
                 except OSError as error:
                     raise EdgeError(f"cannot serve metrics on {self.metrics_host}:{self.metrics_port}: "
                                     f"{error.strerror}") from None
-            log.info("collecting on %s into %s%s", self.bind, self.store.path,
+            log.info("collecting on %s (%s) into %s%s", self.bind, "plain: loopback only" if self.keys is None else
+                     f"CURVE, {len(self.keys.agents)} agent key(s) allowed", self.store.path,
                      f", metrics on http://{self.metrics_host}:{self.metrics_port}/metrics" if http else "")
             self._loop(router)
         finally:
             if http is not None:
                 http[0].shutdown()
             router.close()
+            if gatekeeper is not None:
+                gatekeeper.stop()
             context.term()
             if self.hook is not None:
                 self.hook.stop()
             log.info("stopped after %d messages (%d duplicates)", self.state.received, self.state.duplicates)
+
+    def _secure(self, context: zmq.Context, router: zmq.Socket) -> Gatekeeper | None:
+        """CURVE on the ROUTER (before it binds) and the ZAP handler that admits the allow-listed agents."""
+        if self.keys is None:
+            return None
+        gatekeeper = Gatekeeper(context)
+        gatekeeper.admit(AGENTS_DOMAIN, self.keys.agents)
+        serve_curve(router, self.keys.pair, AGENTS_DOMAIN)
+        return gatekeeper
 
     def _loop(self, router: zmq.Socket) -> None:
         silence_check_s = max(0.2, min(5.0, self.rules.config.silent_after_s / 4))
@@ -92,28 +120,56 @@ class CollectorServer:
 
     def _serve_batch(self, router: zmq.Socket) -> None:
         batch: list[tuple[bytes, StatsWindow]] = []
+        forged: list[tuple[bytes, str, StatsWindow]] = []
         for _ in range(BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             with self.state.lock:
                 self.state.received += 1
-            identity, payload = frames[0], frames[-1]
+            identity, payload = frames[0].bytes, frames[-1].bytes
             message = None
             try:
                 message = msgpack.unpackb(payload, raw=False) if len(frames) == 2 else None
                 if message is None:
                     raise InvalidMessage(f"expected one payload frame from a DEALER, got {len(frames) - 1}")
-                batch.append((identity, parse_stats(message)))
+                window = parse_stats(message)
+                sender = None if self.keys is None else peer_id(frames[-1])
+                if sender is not None and window["agent_id"] != sender:
+                    forged.append((identity, sender, window))
+                    continue
+                batch.append((identity, window))
             except (InvalidMessage, ValueError, TypeError) as error:
                 seq = message.get("seq") if isinstance(message, dict) else None
                 with self.state.lock:
                     self.state.invalid += 1
                 log.warning("refused a message from %s: %s", _peer(message), error)
                 self._reply(router, identity, refusal(Code.INVALID_MESSAGE, str(error), seq))
+        if forged:
+            self._refuse_forged(router, forged)
         if batch:
             self._store(router, batch)
+
+    def _refuse_forged(self, router: zmq.Socket, forged: list[tuple[bytes, str, StatsWindow]]) -> None:
+        """Windows that claim another agent's id than their sender's key: refused for good, counted, alerted."""
+        now = time.time()
+        alerts = [alert for _, sender, window in forged
+                  for alert in self.rules.for_agent_id_mismatch(sender, window, now)]
+        try:
+            with self.store.transaction():
+                for alert in alerts:
+                    self.store.add_alert(alert)
+        except sqlite3.Error as error:
+            log.error("storing %d agent_id_mismatch alert(s) failed: %s", len(alerts), error)
+        with self.state.lock:
+            self.state.agent_id_mismatches += len(forged)
+        for identity, sender, window in forged:
+            problem = (f"agent_id {window['agent_id']!r} is not the id of the key that sent the window "
+                       f"(agent {sender!r})")
+            log.warning("refused window seq %s: %s", window["seq"], problem)
+            self._reply(router, identity, refusal(Code.AGENT_ID_MISMATCH, problem, window["seq"]))
+        self._announce(alerts)
 
     def _store(self, router: zmq.Socket, batch: list[tuple[bytes, StatsWindow]]) -> None:
         received_at = time.time()

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "signature.json"     # beside the manifest, never listed in it (package/signing.py)
 MODEL_CARD_FILE = "model_card.md"
 SAMPLE_ROWS_FILE = "sample_rows.npz"
 OUTLIER_FILE = "outlier.onnx"
@@ -618,6 +619,8 @@ def _read_files(check: _Checker, files: Any) -> dict:
         path = f"manifest.files[{name!r}]"
         if name == MANIFEST_FILE:
             check.fail(path, "the manifest cannot list itself (the package checksum is its sha256)")
+        elif name == SIGNATURE_FILE:
+            check.fail(path, "the manifest cannot list the signature that signs it")
         elif not NAME_PATTERN.fullmatch(name):
             check.fail(path, "expected a plain file name inside the package (letters, digits, . _ -)")
         if check.typed(digest, path, "string") is not _INVALID and not SHA256_PATTERN.fullmatch(digest):

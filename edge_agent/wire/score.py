@@ -55,6 +55,7 @@ class Code:
     BATCH_TOO_LARGE = "batch_too_large"
     UNKNOWN_VERSION = "unknown_version"
     NOTHING_TO_ROLL_BACK = "nothing_to_roll_back"
+    NOT_AUTHORIZED = "not_authorized"
     INTERNAL_ERROR = "internal_error"
 
 
