@@ -25,9 +25,11 @@ import numpy as np
 
 from bench.drift_cost import summary_us, timer_pair_ns
 from bench.e2e_latency import MODEL, build_bench_package, package_stream
+from bench.keys import BenchKeys
 from edge_agent.config import load_config
 from edge_agent.package.registry import Registry
 from edge_agent.scoring import load_package
+from edge_agent.security import AgentSecurity
 from edge_agent.server import Agent
 from edge_agent.wire.score import Part
 
@@ -37,11 +39,13 @@ def run(tests: int = 200, parts: int | None = None, quick: bool = False) -> dict
     root = Path(tempfile.mkdtemp(prefix="edge-bench-explain-", dir="/tmp"))
     try:
         # The forest's size does not change what is timed here (the scores are computed beforehand).
-        build_bench_package(root / "models", quick, tests, n_trees=50, yield_trees=20)
+        keys = BenchKeys.create(root / "keys")
+        build_bench_package(root / "models", quick, tests, n_trees=50, yield_trees=20, signer=keys.signer)
         rows, identities = package_stream(root / "models", parts, tests)
-        registry = Registry(root / "models")
+        config = load_config(None, {"model": MODEL, "metrics.port": 0, "security.trusted_keys": str(keys.trusted)})
+        registry = Registry(root / "models", trust=AgentSecurity.load(config.security).trust)
         model = load_package(registry, registry.resolve(MODEL, stage="production"))
-        agent = Agent(load_config(None, {"model": MODEL, "metrics.port": 0}), registry, model)
+        agent = Agent(config, registry, model)
         scores, probabilities = model.score(rows)
         clock = time.perf_counter_ns
         explain_ns = np.empty(parts, np.int64)
