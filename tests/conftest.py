@@ -213,7 +213,7 @@ class PathologicalFloor:
 
 
 @pytest.fixture(scope="session")
-def pathological_floor(tmp_path_factory) -> PathologicalFloor:
+def pathological_floor(tmp_path_factory, keys) -> PathologicalFloor:
     """12,000 parts x 200 tests in four lots (about 6,000 left to train on), 50-tree forest; a next lot of 4,000."""
     folder = tmp_path_factory.mktemp("floor")
     lots = {}
@@ -225,7 +225,8 @@ def pathological_floor(tmp_path_factory) -> PathologicalFloor:
     table, report = load_tables([lots["training"].path])
     trained = train(table, "floor", n_trees=50, yield_trees=20, seed=11)
     registry = Registry(folder / "models")
-    ref = build_and_publish(trained, table, report.to_dict(), registry, [lots["training"].path])
+    ref = build_and_publish(trained, table, report.to_dict(), registry, [lots["training"].path],
+                            signer=keys.signer)
     registry.promote(ref.name, ref.version, "production", "test fixture")
     next_lot, _ = load_tables([lots["next"].path], keep_sparse_parts=True)
     return PathologicalFloor(registry, ref, trained, table, report.to_dict(), next_lot,
@@ -233,12 +234,12 @@ def pathological_floor(tmp_path_factory) -> PathologicalFloor:
 
 
 @pytest.fixture(scope="session")
-def floor_agent(pathological_floor, tmp_path_factory):
+def floor_agent(pathological_floor, keys, tmp_path_factory):
     """The endpoint of a real agent serving the pathological floor's package (drift off)."""
     folder = tmp_path_factory.mktemp("floor-agent")
     endpoint = free_tcp_endpoint()
     process = start_agent(pathological_floor.registry.root, pathological_floor.ref.name, endpoint, "--no-drift",
-                          "--metrics-port", "0", log_path=folder / "agent.log")
+                          "--metrics-port", "0", *keys.trust_args, log_path=folder / "agent.log")
     yield endpoint
     assert stop(process) == 0
 

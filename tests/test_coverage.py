@@ -91,8 +91,8 @@ def test_the_share_of_readings_a_decision_needs_is_configured_and_checked(tmp_pa
     decision = decide_insufficient(strict, present=150, tests=200, static=[])
     assert (decision.name, decision.bin, decision.flags) == (INSUFFICIENT, 25, [INSUFFICIENT])
     path = tmp_path / "agent.toml"
-    path.write_text('[agent]\nmodel = "m"\n[binning]\nmin_readings_share = 0.9\n[binning.bins]\n'
-                    'insufficient_readings = 40\n')
+    path.write_text('[agent]\nmodel = "m"\n[security]\nallow_unsigned = true\n[binning]\nmin_readings_share = 0.9\n'
+                    '[binning.bins]\ninsufficient_readings = 40\n')
     policy = load_config(path).binning.policy()
     assert policy.min_readings_share == 0.9 and policy.bins[INSUFFICIENT] == 40
     path.write_text('[agent]\nmodel = "m"\n[binning]\nmin_readings_share = 1.5\n')

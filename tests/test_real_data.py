@@ -30,7 +30,7 @@ MIN_ROWS = 50           # one wafer: 112 parts, 98 of them with enough readings
 
 
 @pytest.fixture(scope="module")
-def held_out_wafer(tmp_path_factory):
+def held_out_wafer(tmp_path_factory, keys):
     """Package "a595" trained on wafer 02 (the validation leaves out its parts without enough readings); wafers 03
     and 09 replayed through a real agent; the replay's JSON report and its replies."""
     root = tmp_path_factory.mktemp("a595")
@@ -41,10 +41,10 @@ def held_out_wafer(tmp_path_factory):
     report.raise_if_fatal()
     trained = fit(training, TrainConfig(name="a595", seed=3), progress=lambda _: None)
     registry = Registry(root / "models")
-    ref = build_and_publish(trained, training, report.to_dict(), registry, [str(A595)])
+    ref = build_and_publish(trained, training, report.to_dict(), registry, [str(A595)], signer=keys.signer)
     registry.promote(ref.name, ref.version, "production", "test_real_data")
     endpoint = free_tcp_endpoint()
-    agent = start_agent(registry.root, "a595", endpoint, "--no-drift", log_path=root / "agent.log")
+    agent = start_agent(registry.root, "a595", endpoint, "--no-drift", *keys.trust_args, log_path=root / "agent.log")
     try:
         replies_path = root / "replies.jsonl"
         done = subprocess.run([sys.executable, "-m", "trainer.replay", str(A595), "--registry", str(registry.root),
