@@ -1,8 +1,8 @@
 """The collector's incidents scored against ground truth, with real processes: `edge-train fleet` trains a model,
 then per scenario starts one `edge-collector run` and four `edge-agent run` processes (4 sites each, their own
-synthetic floors) and streams 3 lots of 3,000 parts per tester through them (trainer/fleet.py). About 50 s.
+synthetic floors) and streams 3 lots of 3,000 parts per tester through them (trainer/fleet.py): about 45 s.
 
-Then the README's demo, whose report is opened in headless Chromium (tests/browser.py).
+Then the README's demo (smaller), whose report is opened in headless Chromium (tests/browser.py): about 20 s.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_the_demo_leads_with_the_drifting_site_and_its_report_shows_incidents_an
     results = printed[printed.index("== 4/4 results"):].splitlines()
     truth = json.loads(Path(tmp_path / "demo" / "stream_lot.parquet.truth.json").read_text())
     drift = next(e for e in truth["excursions"] if e["kind"] == "drifting_site")
-    assert results[1] == "collector: 1 incident(s) from 7 drift windows"
+    assert re.fullmatch(r"collector: 1 incident\(s\) from [67] drift windows", results[1])   # 7: the shutdown one
     assert results[2].startswith(f"  #1 (open) site fault at demo-tester head {drift['head']} site {drift['site']} ")
     assert sum(test in results[2] for test in drift["tests"]) >= 3
     assert results[3].strip().startswith("No retrain")

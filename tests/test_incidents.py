@@ -155,6 +155,23 @@ def test_the_whole_fleet_moved_opens_one_fleet_incident_that_recommends_a_retrai
     assert set(incident["tests"]) == set(drift_floor.columns[:3])
 
 
+def test_the_first_tester_to_get_moved_material_is_a_tester_incident_until_the_others_move_the_same_way(fleet):
+    """New material reaches testers at different times: the first one's tester incident becomes the fleet's."""
+    f = fleet()
+    f.rounds(3, AGENTS)
+    moved = {"shift": {site: 2.5 for site in SITES}, "score_shift": -1.5}
+    f.window("a", **moved)
+    f.rounds(1, ("b", "c"))
+    (early,) = f.incidents()
+    assert early["scope"] == "tester" and early["tester"] == "tester-a"
+    f.rounds(2, AGENTS, **{agent: moved for agent in AGENTS})
+    (incident,) = f.incidents()
+    assert (incident["id"], incident["scope"], incident["status"]) == (early["id"], "fleet", "open")
+    assert incident["tester"] is None and incident["retrain"] == 1 and "on 3 testers" in incident["summary"]
+    assert [e["kind"] for e in f.events][:2] == ["incident_opened", "incident_updated"]
+    assert f.events[1]["scope"] == "fleet"
+
+
 def test_a_fleet_move_that_leaves_the_model_alone_is_no_reason_to_retrain(fleet):
     f = fleet()
     f.rounds(3, AGENTS)

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--tests", type=int, default=200)
     fleet.add_argument("--repeats", type=int, default=1, help="runs per scenario, each on other tester floors")
     fleet.add_argument("--seed", type=int, default=100, help="tester k's floor is seed + k (+ 100 per repeat)")
+    fleet.add_argument("--pace", type=float, default=0.0, help="parts per second per tester (default 0: as fast as "
+                                                               "the agents answer)")
     fleet.set_defaults(handler=cmd_fleet)
 
     from .registry_cli import add_registry_commands
@@ -166,7 +168,7 @@ def cmd_fleet(args) -> int:
 
     from .fleet import SCENARIOS, FleetConfig, evaluate, table
     config = FleetConfig(testers=args.testers, sites=args.sites, lots=args.lots, lot_parts=args.lot_parts,
-                         tests=args.tests, seed=args.seed)
+                         tests=args.tests, seed=args.seed, pace=args.pace)
     start = time.perf_counter()
     scores = evaluate(config, args.workdir or tempfile.mkdtemp(prefix="edge-fleet-"),
                       scenarios=tuple(args.scenario or SCENARIOS), repeats=args.repeats)

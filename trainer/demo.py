@@ -70,6 +70,9 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
             with AgentClient(agent_endpoint, timeout_ms=50) as client:
                 summary = stream_lot(client, stream_table, feature_columns(registry_root, name))
                 agent_side = client.health(timeout_ms=2000)["latency_us"]
+            # The full windows stored before the agent stops (what a stopping agent cannot ship within its stop
+            # timeout waits in its spool for its next start).
+            _wait_for_windows(db, expected=len(stream_table) // WINDOW_PARTS, timeout_s=120.0)
         finally:
             stop(agent)
         _wait_for_windows(db, expected=-(-len(stream_table) // WINDOW_PARTS))

@@ -61,7 +61,8 @@ class FleetConfig(Checked):
     ERROR = FleetError
     CONSTRAINTS = {"testers": [Interval(int, 2, 64)], "sites": [Interval(int, 2, 16)], "lots": [Interval(int, 2, 100)],
                    "lot_parts": [Interval(int, 400, None)], "tests": [Interval(int, 8, 5000)],
-                   "seed": [Interval(int, 0, None)], "window_parts": [Interval(int, 10, None)]}
+                   "seed": [Interval(int, 0, None)], "window_parts": [Interval(int, 10, None)],
+                   "pace": [Interval(float, 0, None)]}
 
     testers: int = 4
     sites: int = 4
@@ -70,6 +71,10 @@ class FleetConfig(Checked):
     tests: int = 200
     seed: int = 100              # tester k's floor is seed + k
     window_parts: int = 400
+    # Parts per second per tester; 0: as fast as the agents answer. Unpaced, six testers send the collector
+    # about a hundred times the windows a real fleet of that size does, its backlog grows to seconds, and the
+    # detection delays in parts count that backlog.
+    pace: float = 0.0
 
     def __post_init__(self) -> None:
         self.check()
@@ -189,11 +194,14 @@ def run_scenario(scenario: str, config: FleetConfig, registry_root: str | Path, 
             agents = list(pool.map(lambda item: _start_agent(work, registry_root, model, collector_endpoint,
                                                              config, *item), zip(fleet, endpoints)))
         try:
-            _stream_in_step(fleet, endpoints)
+            _stream_in_step(fleet, endpoints, config.pace)
+            # Every full window stored before the agents stop: a stopping agent leaves what is not acknowledged
+            # within a few seconds in its spool, for its next start.
+            _wait_for_windows(db, {t.agent_id: sum(map(len, t.lots)) // config.window_parts * config.window_parts
+                                   for t in fleet})
         finally:
             for agent in agents:
                 stop(agent)
-        _wait_for_windows(db, len(fleet))
     finally:
         stop(collector)
     return db, truth, fleet
@@ -208,8 +216,9 @@ def _start_agent(work: Path, registry_root, model: str, collector: str, config: 
     return start_agent(registry_root, model, endpoint, "--config", str(toml), log_path=work / f"{tester.agent_id}.log")
 
 
-def _stream_in_step(fleet: list[TesterLots], endpoints: list[str]) -> None:
-    """Each tester on its own thread; lot n starts everywhere once lot n - 1 has ended everywhere."""
+def _stream_in_step(fleet: list[TesterLots], endpoints: list[str], pace: float) -> None:
+    """Each tester on its own thread; lot n starts everywhere once lot n - 1 has ended everywhere; at most
+    ``pace`` parts per second per tester (0: no limit)."""
     barrier = threading.Barrier(len(fleet))
     failures: list[str] = []
 
@@ -217,7 +226,10 @@ def _stream_in_step(fleet: list[TesterLots], endpoints: list[str]) -> None:
         with AgentClient(endpoint, timeout_ms=REPLY_MS) as client:
             for replay in tester.lots:
                 barrier.wait()
+                began = time.monotonic()
                 for start in range(0, len(replay), BATCH):
+                    if pace:
+                        time.sleep(max(0.0, began + start / pace - time.monotonic()))
                     results = client.score_batch(list(zip(replay.parts[start:start + BATCH],
                                                           replay.readings[start:start + BATCH])))
                     undecided = [r.error_message for r in results if not r.decided]
@@ -235,15 +247,19 @@ def _stream_in_step(fleet: list[TesterLots], endpoints: list[str]) -> None:
         raise FleetError("; ".join(failures))
 
 
-def _wait_for_windows(db: Path, agents: int, timeout_s: float = 120.0) -> None:
-    """Until every agent's shutdown window is stored (the last window each agent sends)."""
+def _wait_for_windows(db: Path, parts: dict[str, int], timeout_s: float = 300.0) -> None:
+    """Until the windows stored hold at least ``parts[agent]`` parts of every agent."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         with sqlite3.connect(db) as connection:
-            if connection.execute("SELECT count(*) FROM windows WHERE closed_by = 'shutdown'").fetchone()[0] >= agents:
-                return
+            stored = dict(connection.execute("SELECT agent_id, sum(parts) FROM windows GROUP BY agent_id").fetchall())
+        short = {agent: (stored.get(agent) or 0, wanted) for agent, wanted in parts.items()
+                 if (stored.get(agent) or 0) < wanted}
+        if not short:
+            return
+        if time.monotonic() > deadline:
+            raise FleetError(f"{db}: windows missing after {timeout_s:.0f} s (agent: stored, streamed parts): {short}")
         time.sleep(0.2)
-    raise FleetError(f"{db}: the agents' last windows did not arrive within {timeout_s:.0f} s")
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------

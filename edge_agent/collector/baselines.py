@@ -112,7 +112,6 @@ class Block:
 
     start: float                 # data time (the agent's clock): first window's start, last window's end
     end: float
-    last_window_id: int
     sites: dict[tuple[int, int], SiteCounts] = field(default_factory=dict)
 
     @property

@@ -12,10 +12,13 @@ incident of one of three scopes, each with its diagnosis (``DIAGNOSES``) and wha
   period: "process or material moved"; retrain if the model's outputs moved too.
 
 A tester-wide movement waits (at most ``fleet_wait_s``) for every tester of the model that reported within
-``fleet_period_s`` to send a block ending after the movement began: the first tester to see a process change
-cannot tell it from its own fault. An incident takes new tests and testers as they move, keeps per test the
-latest and the largest PSI with its noise level and sample sizes, and closes after ``close_after_blocks``
-blocks of its scope judged back at the baseline from before it opened (baselines in an incident do not learn).
+``fleet_period_s`` to move the same way or to send a whole block after it without moving: the first tester to
+see a process change cannot tell it from its own fault. It is a fleet incident as soon as half of those testers
+moved, whatever the rest will say. Material reaches testers at different times: when the others move later, the
+first one's tester incident becomes the fleet incident (one incident per process change and model). An
+incident takes new tests and testers as they move, keeps per test the latest and the largest PSI with its
+noise level and sample sizes, and closes after ``close_after_blocks`` blocks of its scope judged back at the
+baseline from before it opened (baselines in an incident do not learn).
 
 Retrain is recommended by a fleet incident only, and only when the model's outputs moved with the process: the
 outlier-score histogram of the moved blocks against the same testers' baselines above ``score_psi`` and above
@@ -220,7 +223,8 @@ class _Pending:
 
     agent: _Agent
     tests: set[int]
-    start: float                 # data time the movement was first seen
+    start: float                 # data time: the first block that moved (the change began in it)
+    end: float
     since: float                 # collector time it started waiting
 
 
@@ -265,10 +269,10 @@ class IncidentTracker:
         agent.tester, agent.latest_window_id = m["tester"], added.window_id
         if not m["sites"]:
             return events
-        block = agent.block or Block(m["window"]["start"], m["window"]["end"], added.window_id)
+        block = agent.block or Block(m["window"]["start"], m["window"]["end"])
         for site in m["sites"]:
             block.sites.setdefault((site["head"], site["site"]), SiteCounts.empty(model)).add(site)
-        block.end, block.last_window_id = m["window"]["end"], added.window_id
+        block.end = m["window"]["end"]
         agent.block = None if block.full(self.config.block_parts) else block
         if agent.block is None:
             baselines = {s: self._baselines.get((agent.agent_id, model.checksum, *s)) for s in block.sites}
@@ -322,22 +326,18 @@ class IncidentTracker:
         judged = ~np.isnan(verdict.tester_psi)
         for incident in [i for i in self._open.values() if i.checksum == model.checksum and i.scope != SITE]:
             tests = set(self._indices(incident, model))
-            if agent.agent_id in incident.members:
-                if moved & tests:
-                    taken = moved if incident.scope == TESTER else moved & tests
-                    events += self._moved(incident, agent, self._tester_evidence(agent, verdict, taken), verdict,
-                                          now)
-                    moved -= taken
-                elif judged[list(tests)].any():
-                    events += self._quiet(incident, agent, verdict, now)
-            elif incident.scope == FLEET and moved & tests:          # a further tester of a process change
-                events += self._moved(incident, agent, self._tester_evidence(agent, verdict, moved & tests),
-                                      verdict, now)
-                moved -= tests
+            member = agent.agent_id in incident.members
+            if moved & tests and (member or incident.scope == FLEET):
+                # The same tester moving on (its own incident, or a further tester of a process change): the tests
+                # that moved with the incident's belong to it.
+                events += self._moved(incident, agent, self._tester_evidence(agent, verdict, moved), verdict, now)
+                moved = set()
+            elif member and judged[list(tests)].any():
+                events += self._quiet(incident, agent, verdict, now)
         if moved:
             waiting = next((p for p in self._pending if p.agent is agent), None)
             if waiting is None:
-                self._pending.append(_Pending(agent, moved, verdict.block.start, now))
+                self._pending.append(_Pending(agent, moved, verdict.block.start, verdict.block.end, now))
             else:
                 waiting.tests |= moved
         return events
@@ -367,25 +367,38 @@ class IncidentTracker:
             if incident.scope == FLEET and incident.checksum == agent.model.checksum and pending.tests & tests:
                 self._pending.remove(pending)
                 latest = agent.judged[-1].verdict
-                return self._moved(incident, agent, self._tester_evidence(agent, latest, pending.tests & tests),
-                                   latest, now) + self._leftover(pending, tests, now)
+                return self._moved(incident, agent, self._tester_evidence(agent, latest, pending.tests), latest, now)
         others = [a for a in self._agents.values() if a is not agent and a.model.checksum == agent.model.checksum
                   and a.judged and a.judged[-1].end >= pending.start - c.fleet_period_s]
+        # A tester moved with this one if a block of it overlapping or after this one's first moved block moved on
+        # the test; it held only once a whole block of it came after that block (a block across the change may
+        # hold a few of the changed parts only).
         since = {a.agent_id: [j for j in a.judged if j.end > pending.start] for a in others}
-        waiting = [a for a in others if not since[a.agent_id]]
-        if waiting and now - pending.since < c.fleet_wait_s:
-            return []
-        self._pending.remove(pending)
-        reported = [a for a in others if since[a.agent_id]]
-        movers = {t: [agent] + [a for a in reported if any(t in j.moved for j in since[a.agent_id])]
+        movers = {t: [agent] + [a for a in others if any(t in j.moved for j in since[a.agent_id])]
                   for t in pending.tests}
-        fleet = {t for t, who in movers.items() if len(who) >= 2 and 2 * len(who) >= 1 + len(reported)}
+        reported = [a for a in others if any(j.start >= pending.end for j in a.judged)
+                    or any(j.moved & pending.tests for j in since[a.agent_id])]
+
+        def fleet_wide(testers: int) -> set[int]:
+            return {t for t, who in movers.items() if len(who) >= 2 and 2 * len(who) >= testers}
+        if len(reported) < len(others) and now - pending.since < c.fleet_wait_s:
+            # Still waiting for some testers; what already moved on most of the fleet cannot become a tester fault.
+            fleet = fleet_wide(1 + len(others))
+            if not fleet:
+                return []
+            self._pending.append(_Pending(agent, pending.tests - fleet, pending.start, pending.end, pending.since))
+            pending.tests = fleet
+        else:
+            fleet = fleet_wide(1 + len(reported))
+        self._pending.remove(pending)
+        self._pending = [p for p in self._pending if p.tests]
         latest = agent.judged[-1].verdict
         events = []
         if fleet:
             members = {a.agent_id: a for t in fleet for a in movers[t]}
-            incident = self._new(FLEET, agent, latest, now)
-            for member in members.values():
+            incident, events = self._fleet_incident(agent, fleet, latest, now)
+            opened = incident.id is None
+            for member in [m for m in members.values() if m.agent_id not in incident.members]:
                 blocks = ([j for j in agent.judged if j.start >= pending.start] if member is agent
                           else since[member.agent_id])
                 for judged in [j for j in blocks if j.moved & fleet]:
@@ -395,7 +408,7 @@ class IncidentTracker:
                 other.tests -= fleet            # their movement is this incident's
                 if not other.tests:
                     self._pending.remove(other)
-            events = [self._event(incident, "opened", now)]
+            events.append(self._event(incident, "opened" if opened else "updated", now))
         rest = pending.tests - fleet
         if rest:
             held = [j for a in reported for j in since[a.agent_id] if not j.moved & rest]
@@ -405,12 +418,22 @@ class IncidentTracker:
             events += self._moved(incident, agent, self._tester_evidence(agent, latest, rest, held), latest, now)
         return events
 
-    def _leftover(self, pending: _Pending, joined: set[int], now: float) -> list[dict]:
-        rest = pending.tests - joined
-        if rest:
-            self._pending.append(_Pending(pending.agent, rest, pending.start, pending.since))
-            return self._decide(self._pending[-1], now)
-        return []
+    def _fleet_incident(self, agent: _Agent, tests: set[int], verdict: Verdict, now: float) -> tuple[Incident,
+                                                                                                   list[dict]]:
+        """The model's open fleet incident; else the tester incident on these tests of the first tester that saw
+        the change (material reaches testers at different times), now known to be the process's; else a new one.
+        One process change per model at a time: a further tester incident on its tests merges into it."""
+        model = agent.model
+        incident = next((i for i in self._open.values() if i.scope == FLEET and i.checksum == model.checksum), None)
+        events = []
+        for early in [i for i in self._open.values() if i.scope == TESTER and i.checksum == model.checksum
+                      and set(self._indices(i, model)) & tests]:
+            if incident is None:
+                early.scope, early.agent_id, early.tester, early.others = FLEET, None, None, None
+                incident = early
+            else:
+                events += self._close(early, f"merged into incident #{incident.id}: the other testers moved too", now)
+        return incident or self._new(FLEET, agent, verdict, now), events
 
     # ---- incident life -----------------------------------------------------------------------------------------
 

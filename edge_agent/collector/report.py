@@ -287,9 +287,9 @@ def _heat_table(model: _Model, series: list[_Series], config: AlertConfig, *, ba
             "'-': not judged, no baseline yet)" if baseline else
             f"PSI of each tester/site's latest {RECENT_PARTS} parts against the training reference ('-': fewer than "
             f"{config.psi_min_parts} readings)")
-    return (f'<table class="heat"><thead><tr><th>test</th>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
-            f'</table><p class="note">{what}; the {len(order)} most moved of {len(model.columns)} tests.</p>'
-            f"{_legend()}")
+    return (f'<div class="wide"><table class="heat"><thead><tr><th>test</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div><p class="note">{what}; the {len(order)} most moved of '
+            f"{len(model.columns)} tests.</p>{_legend()}")
 
 
 def _heat_cell(value: float) -> str:
@@ -334,7 +334,8 @@ def _time_heatmap(model: _Model, series: list[_Series], config: AlertConfig) -> 
                       color="white" if value >= 1.0 else "black")
     axes.set_yticks(np.arange(len(order)) + 0.5, [labels[i] for i in order], fontsize=8)
     ticks = np.linspace(0, len(edges) - 1, min(6, len(edges)))
-    axes.set_xticks(ticks, [_hhmm(edges[0] + (edges[-1] - edges[0]) * x / (len(edges) - 1)) for x in ticks],
+    clock = "%H:%M:%S" if edges[-1] - edges[0] < 3600 else "%m-%d %H:%M"
+    axes.set_xticks(ticks, [_clock(edges[0] + (edges[-1] - edges[0]) * x / (len(edges) - 1), clock) for x in ticks],
                     fontsize=8)
     axes.set_title(f"PSI per time bucket (counts summed per bucket); the {len(order)} most moved tester/site x test",
                    fontsize=9)
@@ -478,12 +479,12 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-co
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left;vertical-align:top}"
         "th{background:#f0f0f0}img.plot{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:12px}"
         "table.heat td,table.heat th{font-size:11px;padding:2px 4px;text-align:right;white-space:nowrap}"
-        "table.legend td{font-size:11px;padding:2px 8px}p.note{color:#666;font-size:12px}")
+        "table.legend td{font-size:11px;padding:2px 8px}p.note{color:#666;font-size:12px}div.wide{overflow-x:auto}")
 
 
 def _iso(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _hhmm(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%m-%d %H:%M")
+def _clock(timestamp: float, layout: str) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime(layout)

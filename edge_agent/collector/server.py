@@ -1,11 +1,12 @@
 """The collector's receive loop: one ROUTER, one thread.
 
-Per loop turn: read every message that is ready (up to ``BATCH``), store the valid ones, their alerts and the
-incidents they open, update or close in one SQLite transaction, commit (durable), then acknowledge each one.
-A window already stored (same agent, spool stream and seq) is acknowledged as a duplicate and not stored again.
-A message that cannot be valid gets a permanent refusal (the agent drops it and reports the loss); a failed write
-gets a transient one and no ack, so the agent sends it again (codes and replies: ``wire/stats.py`` and
-STATS_PROTOCOL.md).
+Per loop turn: read every message that is ready (up to ``BATCH``), store the valid ones and their alerts in
+one SQLite transaction, commit (durable), then acknowledge each one. A window already stored (same agent,
+spool stream and seq) is acknowledged as a duplicate and not stored again. A message that cannot be valid
+gets a permanent refusal (the agent drops it and reports the loss); a failed write gets a transient one and
+no ack, so the agent sends it again (codes and replies: ``wire/stats.py`` and STATS_PROTOCOL.md).
+
+The incidents a window opens, updates or closes (``incidents.py``) are written in its transaction too.
 """
 from __future__ import annotations
 
