@@ -12,8 +12,8 @@ incident of one of three scopes, each with its diagnosis (``DIAGNOSES``) and wha
   period: "process or material moved"; retrain if the model's outputs moved too.
 
 A tester-wide movement waits (at most ``fleet_wait_s``) for every tester of the model that reported within
-``fleet_period_s`` to move the same way or to send a whole block after it without moving: the first tester to
-see a process change cannot tell it from its own fault. It is a fleet incident as soon as half of those testers
+``fleet_period_s`` to move the same way or to send a whole block, begun after the moved one began, that did not
+move: the first tester to see a process change cannot tell it from its own fault. It is a fleet incident as soon as half of those testers
 moved, whatever the rest will say. Material reaches testers at different times: when the others move later, the
 first one's tester incident becomes the fleet incident (one incident per process change and model). An
 incident takes new tests and testers as they move, keeps per test the latest and the largest PSI with its
@@ -223,8 +223,7 @@ class _Pending:
 
     agent: _Agent
     tests: set[int]
-    start: float                 # data time: the first block that moved (the change began in it)
-    end: float
+    start: float                 # data time: the start of the first block that moved (the change began in it)
     since: float                 # collector time it started waiting
 
 
@@ -337,7 +336,7 @@ class IncidentTracker:
         if moved:
             waiting = next((p for p in self._pending if p.agent is agent), None)
             if waiting is None:
-                self._pending.append(_Pending(agent, moved, verdict.block.start, verdict.block.end, now))
+                self._pending.append(_Pending(agent, moved, verdict.block.start, now))
             else:
                 waiting.tests |= moved
         return events
@@ -371,12 +370,12 @@ class IncidentTracker:
         others = [a for a in self._agents.values() if a is not agent and a.model.checksum == agent.model.checksum
                   and a.judged and a.judged[-1].end >= pending.start - c.fleet_period_s]
         # A tester moved with this one if a block of it overlapping or after this one's first moved block moved on
-        # the test; it held only once a whole block of it came after that block (a block across the change may
-        # hold a few of the changed parts only).
+        # the test; it held once a whole block of it began after that block began (one that began before may hold
+        # few of the changed parts).
         since = {a.agent_id: [j for j in a.judged if j.end > pending.start] for a in others}
         movers = {t: [agent] + [a for a in others if any(t in j.moved for j in since[a.agent_id])]
                   for t in pending.tests}
-        reported = [a for a in others if any(j.start >= pending.end for j in a.judged)
+        reported = [a for a in others if any(j.start >= pending.start for j in a.judged)
                     or any(j.moved & pending.tests for j in since[a.agent_id])]
 
         def fleet_wide(testers: int) -> set[int]:
@@ -386,7 +385,7 @@ class IncidentTracker:
             fleet = fleet_wide(1 + len(others))
             if not fleet:
                 return []
-            self._pending.append(_Pending(agent, pending.tests - fleet, pending.start, pending.end, pending.since))
+            self._pending.append(_Pending(agent, pending.tests - fleet, pending.start, pending.since))
             pending.tests = fleet
         else:
             fleet = fleet_wide(1 + len(reported))
