@@ -13,12 +13,12 @@ incident of one of three scopes, each with its diagnosis (``DIAGNOSES``) and wha
 
 A tester-wide movement waits (at most ``fleet_wait_s``) for every tester of the model that reported within
 ``fleet_period_s`` to move the same way or to send a whole block, begun after the moved one began, that did not
-move: the first tester to see a process change cannot tell it from its own fault. It is a fleet incident as soon as half of those testers
-moved, whatever the rest will say. Material reaches testers at different times: when the others move later, the
-first one's tester incident becomes the fleet incident (one incident per process change and model). An
-incident takes new tests and testers as they move, keeps per test the latest and the largest PSI with its
-noise level and sample sizes, and closes after ``close_after_blocks`` blocks of its scope judged back at the
-baseline from before it opened (baselines in an incident do not learn).
+move: the first tester to see a process change cannot tell it from its own fault. It is a fleet incident as soon
+as half of those testers moved, whatever the rest will say. Material reaches testers at different times: when
+the others move later, the first one's tester incident becomes the fleet incident (one incident per process
+change and model). An incident takes new tests and testers as they move, keeps per test the latest and the
+largest PSI with its noise level and sample sizes, and closes after ``close_after_blocks`` blocks of its scope
+judged back at the baseline from before it opened (baselines in an incident do not learn).
 
 Retrain is recommended by a fleet incident only, and only when the model's outputs moved with the process: the
 outlier-score histogram of the moved blocks against the same testers' baselines above ``score_psi`` and above
