@@ -9,10 +9,7 @@ training held out, so without an injected shift they follow the drift reference.
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import select
 import shutil
 import signal
 import socket
@@ -149,15 +146,15 @@ def drifted_fleet(tmp_path_factory, drift_floor):
                            "--shift-site", "2", "--shift", "1.0")]
         results = [_finish(f) for f in feeders]
         metrics = collector.metrics()
-        deadline = time.monotonic() + 10
-        while not hook_log.exists() and time.monotonic() < deadline:   # the hook runs on its own thread
-            time.sleep(0.05)
     finally:
-        collector.stop()
+        collector.stop()           # the hook's queue is drained before the collector exits
     return {"tmp": tmp, "db": collector.db, "results": results, "metrics": metrics, "hook_log": hook_log}
 
 
-def test_one_shifted_test_on_one_site_drifts_there_only_and_raises_an_alert_naming_it(drifted_fleet):
+def test_one_shifted_test_on_one_site_drifts_there_only_and_raises_evidence_naming_it_that_pages_nobody(
+        drifted_fleet):
+    """The drift evidence is stored; it pages nobody (incidents do, once a site has a baseline to move from:
+    test_incidents.py; here the site is off from its first part, as a calibration offset would be)."""
     db = drifted_fleet["db"]
     assert [r["acked"] for r in drifted_fleet["results"]] == [2, 2]
     with sqlite3.connect(db) as connection:
@@ -184,8 +181,9 @@ def test_one_shifted_test_on_one_site_drifts_there_only_and_raises_an_alert_nami
     site_alerts = [a for a in alerts if a["kind"] == "site_psi"]
     assert {(a["tester"], a["site"], a["test"]) for a in site_alerts} == {("tester-b", 2, SHIFTED_TEST)}
     assert "against its 3 sibling sites" in site_alerts[0]["message"]
-    hooked = [json.loads(line) for line in drifted_fleet["hook_log"].read_text().splitlines() if line.strip()]
-    assert any(a["kind"] == "psi" and a["test"] == SHIFTED_TEST for a in hooked)
+    log = drifted_fleet["hook_log"]
+    hooked = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    assert not [a for a in hooked if a["kind"] in ("psi", "site_psi")]
 
 
 def test_prometheus_shows_psi_per_tester_and_test_alerts_agents_and_messages(drifted_fleet):
@@ -463,28 +461,6 @@ def test_a_whole_tester_shift_raises_psi_but_no_site_alert_and_one_site_raises_b
     assert sorted(raised) == [("psi", 3, first_test), ("site_psi", 3, first_test)]
 
 
-@pytest.mark.parametrize("drifting_sites, verdict", [
-    ({}, "no retrain needed"),
-    ({"a": (1, 2), "b": (1, 2)}, "retrain"),            # the whole fleet moved: the process changed
-    ({"b": (2,)}, "do not retrain; investigate"),       # one site of one tester: a tester problem
-])
-def test_retrain_recommendation_follows_where_the_drift_is(tmp_path, drift_floor, drifting_sites, verdict):
-    from edge_agent.collector.report import write_report
-    store = Store(tmp_path / "r.sqlite")
-    rules = AlertRules(AlertConfig())
-    for seq in (1, 2):
-        for agent in ("a", "b"):
-            _ingest(store, rules, _window(drift_floor, seq, agent=agent, sites=(1, 2), parts=400,
-                                          shifted_sites=drifting_sites.get(agent, ())), 1000.0 + seq)
-    store.close()
-    write_report(tmp_path / "r.sqlite", tmp_path / "r.html")
-    page = (tmp_path / "r.html").read_text()
-    recommendation = page[page.index("Retrain recommendation"):page.index("Agents and their model versions")]
-    assert f"<td>{verdict}</td>" in recommendation
-    if drifting_sites:
-        assert drift_floor.columns[0] in recommendation
-
-
 # ---- the agent's drift hook with a real model package --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -537,100 +513,6 @@ def test_agent_drift_hook_ships_windows_of_each_served_model(tmp_path, two_versi
                                            (4, "shutdown", 30)]
     assert [row[3] for row in stored] == [first.checksum] * 3 + [second.checksum]
     assert {row[4] for row in stored} == {"tester07"}
-
-
-# ---- the report ------------------------------------------------------------------------------------------------------
-
-def _chromium() -> str:
-    """The browser; the test set-up installs Debian's chromium package when it is missing (CI machines start bare)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for step in (["apt-get", "update", "-qq"],
-                     ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]):
-            if subprocess.run(step, env=environment, capture_output=True, timeout=600).returncode != 0:
-                break
-        found = shutil.which("chromium")
-    if found is None:
-        pytest.skip("chromium is not installed and could not be installed (Debian: apt-get install -y chromium)")
-    return found
-
-
-def _chromium_images(html_file: Path, profile: Path) -> dict:
-    """Open the page in headless Chromium (DevTools protocol over a pipe) and read back what it rendered."""
-    chromium = _chromium()
-    # Chromium reads commands on fd 3 and answers on fd 4; the pipe ends are moved above 10 first so that the
-    # shell's "3<&r 4>&w" cannot overwrite one of them with the other.
-    to_browser, browser_in, browser_out, from_browser = (_high_fd(fd) for fd in (*os.pipe(), *os.pipe()))
-    command = (f"exec {chromium} --headless --no-sandbox --disable-gpu --no-first-run --remote-debugging-pipe "
-               f"--user-data-dir={profile} about:blank 3<&{to_browser} 4>&{from_browser}")
-    process = subprocess.Popen(["bash", "-c", command], pass_fds=(to_browser, from_browser),   # dash: 1-digit fds only
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.close(to_browser), os.close(from_browser)
-    buffer, ids = b"", iter(range(1, 1000))
-
-    def call(method: str, session: str | None = None, **params) -> dict:
-        nonlocal buffer
-        number = next(ids)
-        os.write(browser_in, json.dumps({"id": number, "method": method, "params": params,
-                                         **({"sessionId": session} if session else {})}).encode() + b"\0")
-        deadline = time.monotonic() + 60
-        while True:
-            while b"\0" in buffer:
-                raw, buffer = buffer.split(b"\0", 1)
-                message = json.loads(raw)
-                if message.get("id") == number:
-                    assert "error" not in message, message
-                    return message["result"]
-            assert time.monotonic() < deadline, f"no answer from chromium to {method}"
-            if select.select([browser_out], [], [], 1.0)[0]:
-                chunk = os.read(browser_out, 1 << 20)
-                assert chunk, "chromium closed the DevTools pipe"
-                buffer += chunk
-
-    try:
-        target = call("Target.createTarget", url=html_file.as_uri())["targetId"]
-        session = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        expression = ("location.protocol === 'file:' && document.readyState === 'complete' && "
-                      "Array.from(document.images).every(i => i.complete) ? "
-                      "JSON.stringify({title: document.title, headings: Array.from(document.querySelectorAll('h2'))"
-                      ".map(h => h.textContent), images: Array.from(document.images).map(i => [i.naturalWidth, "
-                      "i.naturalHeight, i.src.slice(0, 22)]), cells: Array.from(document.querySelectorAll('td'))"
-                      ".map(td => td.textContent)}) : ''")
-        deadline = time.monotonic() + 60
-        while not (value := call("Runtime.evaluate", session, expression=expression)["result"].get("value")):
-            assert time.monotonic() < deadline, "the report did not finish loading in chromium"
-            time.sleep(0.2)
-        call("Browser.close")
-        return json.loads(value)
-    finally:
-        os.close(browser_in), os.close(browser_out)
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-
-
-def _high_fd(fd: int) -> int:
-    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
-    os.close(fd)
-    return high
-
-
-def test_report_renders_in_headless_chromium_with_its_plots(drifted_fleet):
-    from edge_agent.collector.cli import main
-    out = drifted_fleet["tmp"] / "report.html"
-    assert main(["report", "--db", str(drifted_fleet["db"]), "--out", str(out)]) == 0
-    page = _chromium_images(out, drifted_fleet["tmp"] / "chromium-profile")
-    assert page["title"].startswith("Fleet drift report")
-    assert len(page["images"]) == 4                       # overview and over-time heat maps, histograms, outlier rate
-    for width, height, source in page["images"]:
-        assert width > 300 and height > 150 and source == "data:image/png;base64,"   # decoded, and embedded
-    assert any("PSI over time" in h for h in page["headings"])
-    cells = page["cells"]
-    assert "do not retrain; investigate" in cells           # the one drifting site is a tester problem ...
-    reason = cells[cells.index("do not retrain; investigate") + 1]
-    assert "tester-b h1/s2" in reason and SHIFTED_TEST in reason   # ... and the report names where and what
-    assert {"agent-a", "agent-b", "drift-demo/1"} <= set(cells)
 
 
 # ---- the real agent process in the fleet ------------------------------------------------------------------------

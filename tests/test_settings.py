@@ -12,6 +12,7 @@ import pytest
 from edge_agent import settings
 from edge_agent.collector.alerts import AlertConfig, AlertConfigError, load_alert_config
 from edge_agent.collector.cli import main as collector_main
+from edge_agent.collector.incidents import IncidentConfig
 from edge_agent.config import (AgentConfig, BinningConfig, ConfigError, DriftConfig, LoggingConfig, MetricsConfig,
                                PatConfig, SecurityConfig, load_config)
 from trainer.synth import SynthConfig
@@ -23,7 +24,8 @@ def test_the_settings_example_runs():
 
 
 @pytest.mark.parametrize("config", [AgentConfig(), MetricsConfig(), LoggingConfig(), PatConfig(), BinningConfig(),
-                                    DriftConfig(), SecurityConfig(), AlertConfig(), TrainConfig(), SynthConfig()],
+                                    DriftConfig(), SecurityConfig(), AlertConfig(), IncidentConfig(), TrainConfig(),
+                                    SynthConfig()],
                          ids=lambda config: type(config).__name__)
 def test_every_config_object_declares_every_field_and_its_defaults_are_usable(config):
     """``problems()`` looks every field up in CONSTRAINTS, so an undeclared field is a KeyError here."""
@@ -70,7 +72,9 @@ ALERT_FILES = [
     ("[alerts]\nhook = \"notify 'oncall\"",
      "alerts.hook: expected a command line with balanced quotes, got \"notify 'oncall\""),
     ("[alerts]\npsi = 0.2", "[alerts] psi: unknown key; expected one of change_detector, hook, hook_timeout_s, "),
-    ("[alert]\npsi_threshold = 0.2", "unknown table [alert]; expected [alerts]"),
+    ("[alert]\npsi_threshold = 0.2", "unknown table [alert]; expected [alerts] or [incidents]"),
+    ("[incidents]\ntester_psi = 0", "incidents.tester_psi: expected a positive number, got 0"),
+    ("[incidents]\nfalse_alarm = 0.9", "incidents.false_alarm: expected a number in (0, 0.5), got 0.9"),
 ]
 
 

@@ -20,7 +20,8 @@ import pytest
 
 from edge_agent.errors import DataError, EdgeError
 from trainer.cli import cmd_synth
-from trainer.synth import DATALOG_PATHOLOGIES, EXCURSIONS, SynthConfig, SynthSummary, generate, test_catalog, write
+from trainer.synth import (DATALOG_PATHOLOGIES, EXCURSIONS, SynthConfig, SynthSummary, excursion_plan, generate,
+                           test_catalog, write)
 
 # Aliased: pytest would collect names starting with "test" as tests.
 from trainer.table import IDENTITY_COLUMNS, LABEL_COLUMNS, PARQUET_METADATA_KEY
@@ -287,6 +288,37 @@ def test_shifted_lot_moves_its_tests_and_only_those(frame, truth):
     assert np.median([abs(lot_shift(c)) for c in others]) < 0.3   # lot-to-lot process variation only
 
 
+def _readings(config: SynthConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    frame = pd.concat(generate(config), ignore_index=True)
+    return frame, frame[[m.column for m in test_catalog(config)]].to_numpy(np.float64)
+
+
+def test_tester_shift_steps_every_site_of_the_floor_late_in_the_lot_on_its_tests_only():
+    plain = SynthConfig(seed=3, parts=3000, tests=200, lots=1, excursions=())
+    (plan,) = excursion_plan(SynthConfig(**{**plain.__dict__, "excursions": ("tester_shift",)}))
+    frame, shifted = _readings(SynthConfig(**{**plain.__dict__, "excursions": ("tester_shift",)}))
+    _, readings = _readings(plain)                   # the same floor and lot without the fault
+    labelled = (frame["truth_excursion"] == "tester_shift").to_numpy()
+    assert labelled.argmax() == int(0.6 * len(frame)) and labelled[labelled.argmax():].all()
+    assert set(frame.loc[labelled, "site"]) == {0, 1, 2, 3} and len(plan["tests"]) == 4
+    columns = [m.column for m in test_catalog(plain)]
+    moved = np.flatnonzero(~np.isclose(shifted, readings, equal_nan=True).all(axis=0))
+    assert [columns[t] for t in moved] == plan["tests"]
+    for t, sigma in zip(moved, plan["shift_sigma"]):   # normal tests: the step is 2 sigma in units
+        step = (shifted[labelled, t] - readings[labelled, t]) / plan["sigma_units"][columns[t]]
+        np.testing.assert_allclose(step[~np.isnan(step)], sigma, rtol=1e-3)
+
+
+def test_process_shift_moves_the_same_tests_the_same_way_on_every_floor():
+    """The product's process moved: every tester's floor (seed) moves the same tests, all of every lot."""
+    plans = [excursion_plan(SynthConfig(seed=seed, parts=500, tests=200, lots=1, excursions=("process_shift",)))
+             for seed in (3, 4, 5)]
+    assert plans[0] == plans[1] == plans[2] and plans[0][0]["kind"] == "process_shift"
+    assert len(plans[0][0]["tests"]) == 10 and {abs(s) for s in plans[0][0]["shift_sigma"]} == {2.5}
+    frame, _ = _readings(SynthConfig(seed=4, parts=500, tests=200, lots=1, excursions=("process_shift",)))
+    assert (frame["truth_excursion"] == "process_shift").all()
+
+
 # --- CSV -------------------------------------------------------------------------------------
 
 def test_csv_has_metadata_rows_and_the_same_readings(tmp_path):
@@ -332,7 +364,9 @@ def test_csv_has_metadata_rows_and_the_same_readings(tmp_path):
     ({"seed": -1}, "seed: expected a number >= 0, got -1"),
     ({"tests": 2.5}, "tests: expected an integer, got 2.5"),
     ({"excursions": ("bogus",)}, "excursions: expected names among ('drifting_site', 'shifted_lot', "
-                                 "'latent_outliers'), got unknown ['bogus']"),
+                                 "'latent_outliers', 'tester_shift', 'process_shift'), got unknown ['bogus']"),
+    ({"lots": 2, "excursions": ("shifted_lot", "process_shift")}, "excursions: shifted_lot and process_shift both "
+                                                                  "move lots; choose one"),
     ({"excursions": ("shifted_lot", "shifted_lot")}, "excursions: expected each name once, got ['shifted_lot', "
                                                      "'shifted_lot']"),
     ({"lots": 1, "excursions": ("shifted_lot",)}, "excursions: shifted_lot needs lots >= 2"),

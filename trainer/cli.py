@@ -50,6 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--name", default="demo", help="model name in the registry")
     demo.set_defaults(handler=cmd_demo)
 
+    fleet = commands.add_parser("fleet", help="score the collector's incidents against ground truth: fleet scenarios "
+                                              "(normal, drifting site, tester shift, process shift) replayed through "
+                                              "real agents and a real collector")
+    fleet.add_argument("--workdir", help="where the scenarios keep their data, databases and logs (default: a new "
+                                         "temp folder)")
+    fleet.add_argument("--scenario", action="append", choices=["normal", "drifting_site", "tester_shift",
+                                                               "process_shift"], help="repeatable; default: all four")
+    fleet.add_argument("--testers", type=int, default=4, help="agent processes, one per tester")
+    fleet.add_argument("--sites", type=int, default=4)
+    fleet.add_argument("--lots", type=int, default=3, help="lots per tester")
+    fleet.add_argument("--lot-parts", type=int, default=3000)
+    fleet.add_argument("--tests", type=int, default=200)
+    fleet.add_argument("--repeats", type=int, default=1, help="runs per scenario, each on other tester floors")
+    fleet.add_argument("--seed", type=int, default=100, help="tester k's floor is seed + k (+ 100 per repeat)")
+    fleet.add_argument("--pace", type=float, default=0.0, help="parts per second per tester (default 0: as fast as "
+                                                               "the agents answer)")
+    fleet.set_defaults(handler=cmd_fleet)
+
     from edge_agent.keys import add_keys_command
 
     from .registry_cli import DEFAULT_KEYS, add_registry_commands
@@ -66,7 +84,8 @@ def _add_synth_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--first-lot", type=int, default=1, help="index of the first lot's name")
-    parser.add_argument("--excursion", action="append", choices=["latent_outliers", "drifting_site", "shifted_lot"],
+    parser.add_argument("--excursion", action="append", choices=["latent_outliers", "drifting_site", "shifted_lot",
+                                                                   "tester_shift", "process_shift"],
                         help="inject an excursion (repeatable; default: latent_outliers)")
 
 
@@ -270,6 +289,20 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(args.workdir, parts=args.parts, tests=args.tests, stream_parts=args.stream_parts,
                     seed=args.seed, registry_root=args.registry, name=args.name)
+
+
+def cmd_fleet(args) -> int:
+    import tempfile
+
+    from .fleet import SCENARIOS, FleetConfig, evaluate, table
+    config = FleetConfig(testers=args.testers, sites=args.sites, lots=args.lots, lot_parts=args.lot_parts,
+                         tests=args.tests, seed=args.seed, pace=args.pace)
+    start = time.perf_counter()
+    scores = evaluate(config, args.workdir or tempfile.mkdtemp(prefix="edge-fleet-"),
+                      scenarios=tuple(args.scenario or SCENARIOS), repeats=args.repeats)
+    print(table(scores))
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0 if all(score.passed for score in scores) else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
    production and serves only packages signed by the demo trainer key; drift windows travel over CURVE; reload
    and rollback only on its CURVE control socket)
 3. a second lot with a drifting site and a cluster of latent outliers streams through the client library
-4. what the agent found (outliers, PAT vs model, latency), what the collector raised, and the fleet report
+4. the collector's incidents (the drifting site, diagnosed, and the retrain advice), what the agent found
+   (outliers, PAT vs model, latency), and the fleet report
 """
 from __future__ import annotations
 
@@ -87,17 +88,21 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
                 summary = stream_lot(client, stream_table, feature_columns(registry_root, name))
                 health = client.health(timeout_ms=2000)
                 agent_side = health["latency_us"]
+            # Parts with too few readings stay out of the drift statistics. The full windows are stored before the
+            # agent stops (what a stopping agent cannot ship within its stop timeout waits in its spool for its
+            # next start); the last, partial one is shipped as it stops.
+            counted = summary["decided"] - summary["insufficient_readings"]
+            _wait_for_windows(db, expected=counted // WINDOW_PARTS, timeout_s=120.0)
         finally:
             stop(agent)
-        # parts with too few readings stay out of the drift statistics
-        _wait_for_windows(db, expected=-(-(summary["decided"] - summary["insufficient_readings"]) // WINDOW_PARTS))
+        _wait_for_windows(db, expected=-(-counted // WINDOW_PARTS))
     finally:
         stop(collector)
 
     _step("4/4 results")
+    _print_incidents(db)
     _print_security(health)
     _print_findings(summary, agent_side, stream_table)
-    _print_alerts(db)
     html = work / "fleet_report.html"
     write_report(db, html)
     print(f"\nfleet report: {html}\nagent and collector logs, data and spool: {work}")
@@ -171,21 +176,16 @@ def _wait_for_windows(db: Path, expected: int, timeout_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-def _print_alerts(db: Path) -> None:
-    """Alerts by kind; sites that differ from their sibling sites (a tester problem); then PSI against the
-    training lots per site, where a new lot's ordinary differences raise many small alerts on every site."""
+def _print_incidents(db: Path) -> None:
+    """The collector's incidents (scope, diagnosis, what to do, retrain or not), then the raw alerts it folded
+    into them: a new lot differs from the training lots on many tests at every site, which pages nobody."""
     with sqlite3.connect(db) as connection:
         windows = connection.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        incidents = connection.execute("SELECT id, status, summary, recommendation FROM incidents "
+                                       "ORDER BY status DESC, id").fetchall()
         by_kind = connection.execute("SELECT kind, COUNT(*) FROM alerts GROUP BY kind ORDER BY 2 DESC").fetchall()
-        against_siblings = connection.execute("SELECT message FROM alerts WHERE kind = 'site_psi' "
-                                              "ORDER BY value DESC LIMIT ?", (SHOWN,)).fetchall()
-        by_site = connection.execute("SELECT head, site, COUNT(*), MAX(value) FROM alerts WHERE kind = 'psi' "
-                                     "GROUP BY head, site ORDER BY 4 DESC").fetchall()
-    print(f"\ncollector: {windows} drift windows stored, alerts: "
+    print(f"collector: {len(incidents)} incident(s) from {windows} drift windows")
+    for number, status, summary, recommendation in incidents:
+        print(f"  #{number} ({status}) {summary}\n     {recommendation}")
+    print("raw drift evidence and operational alerts stored beside them: "
           + (", ".join(f"{kind} {count}" for kind, count in by_kind) or "none"))
-    print("a site against its sibling sites (site_psi):")
-    for (message,) in against_siblings:
-        print(f"  {message}")
-    print("against the training lots (psi), per site:")
-    for head, site, count, largest in by_site:
-        print(f"  head {head} site {site}: {count} alert(s), largest PSI {largest:.2f}")

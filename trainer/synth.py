@@ -13,6 +13,10 @@ demo): tests read in coarse instrument steps (a few distinct values), stop-on-fa
 later tests missing), sampled datalogs (parts with a part record and bins but no readings), tests whose
 spread is 3-5x wider in every other lot, and sublots sharing a lot id (wafer numbers restart in each).
 
+One floor (``seed``) is one tester with its own sites: its site offsets and drift are drawn once per seed and
+stay with it from lot to lot, while each lot (``first_lot_index`` + position) draws its own material. A fleet
+is several seeds (``trainer.fleet``); ``tester_shift`` and ``process_shift`` exist for it.
+
 Random numbers come from streams keyed by (seed, lot number, wafer), and the table is built a
 wafer at a time, so the same config gives the same data whatever ``chunk_parts`` is. The test
 program (catalog: names, numbers, units, limits) depends on ``tests`` (and which pathologies are on) only,
@@ -39,7 +43,11 @@ from edge_agent.settings import Checked, DistinctNames, Instance, Interval, Rule
 
 from .table import LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta, test_column_name
 
-EXCURSIONS = ("drifting_site", "shifted_lot", "latent_outliers")
+EXCURSIONS = ("drifting_site", "shifted_lot", "latent_outliers")      # the default set
+# Also accepted: "tester_shift" (every site of this tester steps late in the first lot: a tester or handler fault)
+# and "process_shift" (every lot moved on tests the product chooses, so every floor moves the same tests the same
+# way: the process or material moved for the whole fleet).
+EXCURSION_NAMES = EXCURSIONS + ("tester_shift", "process_shift")
 
 # The identity columns written (sublot only when lots are split), in trainer.table.IDENTITY_COLUMNS order, then the
 # label columns.
@@ -55,6 +63,7 @@ CATALOG_SEED = 20240108          # the test program is a product property, not a
 DRIFT_ONSET = 0.6                # drift starts after this fraction of the drifting lot's parts
 DRIFT_END_SIGMA = 3.5            # drift reached by the last part of the lot (linear ramp)
 LOT_SHIFT_SIGMA = 2.5
+TESTER_SHIFT_SIGMA = 2.0         # a step on every site from DRIFT_ONSET of the first lot on
 LATENT_SHIFT_SIGMA = (3.5, 5.0)  # each latent outlier moves its signature tests jointly by this much
 # Share of the tests in a latent outlier's signature. An Isolation Forest picks split features at
 # random, so a shift confined to a few of 200 tests barely shortens its paths: measured with 200 trees
@@ -67,7 +76,8 @@ LATENT_MAX_WAFER_SHARE = 0.1     # a latent cluster covers at most this share of
 QUANTUM_SIGMA = (0.8, 1.6)       # a quantized test's instrument step, in its own sigma: 4-9 distinct passing values
 SPREAD_FACTOR = (3.0, 5.0)       # a spread-changing test's sigma in its wide lots
 SUBLOT_NAMES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-SUBLOT_OFFSET_SIGMA = 0.5        # per-test offsets between the sublots of one lot (z units)
+SUBLOT_OFFSET_SIGMA = 0.1        # per-test offsets between the sublots of one lot (z units): one lot's material, no
+                                 # further apart than two lots (a lot's per-test offset is 0.1 too)
 DATALOG_PATHOLOGIES = {"quantized_share": 0.1, "stop_on_fail": True, "datalog_every": 2,
                        "spread_change_share": 0.03, "sublots": 2}
 
@@ -99,6 +109,8 @@ def _excursions_fit_the_floor(c: SynthConfig) -> list[str]:
         problems.append("excursions: shifted_lot needs lots >= 2 (the last lot is shifted against the others)")
     if "drifting_site" in c.excursions and c.heads * c.sites < 2:
         problems.append("excursions: drifting_site needs at least 2 head/site positions to compare")
+    if "shifted_lot" in c.excursions and "process_shift" in c.excursions:
+        problems.append("excursions: shifted_lot and process_shift both move lots; choose one")
     return problems
 
 
@@ -122,7 +134,7 @@ class SynthConfig(Checked):
         "sites": [Interval(int, 1, 64)],
         "lot_prefix": [Satisfies(str, re.compile(r"[\w-]+").fullmatch, "letters, digits, '_' or '-'")],
         "first_lot_index": [Interval(int, 0, 9999)],
-        "excursions": [DistinctNames(EXCURSIONS)],
+        "excursions": [DistinctNames(EXCURSION_NAMES)],
         "latent_outlier_fraction": [Interval(float, 0, 0.05, closed="right")],
         "defect_fraction": [Interval(float, 0, 0.5)],
         "missing_fraction": [Interval(float, 0, 0.05)],
@@ -443,7 +455,7 @@ def _stream(seed: int, tag: int, a: int = 0, b: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, tag, a, b]))
 
 
-FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, FINAL_TEST, LOT_SPREAD, SUBLOT = range(9)
+FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, FINAL_TEST, LOT_SPREAD, SUBLOT, TESTER_PLAN = range(10)
 
 
 @dataclass
@@ -463,6 +475,8 @@ class _Plan:
     drift_sign: np.ndarray = field(default_factory=lambda: np.empty(0))
     shift_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
     shift_sigma: np.ndarray = field(default_factory=lambda: np.empty(0))
+    tester_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
+    tester_sigma: np.ndarray = field(default_factory=lambda: np.empty(0))
     latent_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
     latent_sign: np.ndarray = field(default_factory=lambda: np.empty(0))
     latent_clusters: list[_LatentCluster] = field(default_factory=list)
@@ -566,8 +580,13 @@ class _Floor:
             plan.drift_head, plan.drift_site = 1 + position // c.sites, position % c.sites
             plan.drift_tests = np.sort(rng.choice(wide, _clamp(round(0.02 * c.tests), 2, 8), replace=False))
             plan.drift_sign = rng.choice([-1.0, 1.0], len(plan.drift_tests))
-        if "shifted_lot" in c.excursions:
-            rng = _stream(c.seed, SHIFT_PLAN)
+        if "tester_shift" in c.excursions:
+            rng = _stream(c.seed, TESTER_PLAN)
+            plan.tester_tests = np.sort(rng.choice(wide, _clamp(round(0.02 * c.tests), 2, 8), replace=False))
+            plan.tester_sigma = TESTER_SHIFT_SIGMA * rng.choice([-1.0, 1.0], len(plan.tester_tests))
+        if "shifted_lot" in c.excursions or "process_shift" in c.excursions:
+            # shifted_lot: this floor's own lot; process_shift: the product's process, the same on every floor.
+            rng = _stream(c.seed if "shifted_lot" in c.excursions else CATALOG_SEED, SHIFT_PLAN)
             plan.shift_tests = np.sort(rng.choice(wide, _clamp(round(0.05 * c.tests), 2, 20), replace=False))
             plan.shift_sigma = LOT_SHIFT_SIGMA * rng.choice([-1.0, 1.0], len(plan.shift_tests))
         if "latent_outliers" in c.excursions:
@@ -670,9 +689,14 @@ class _Floor:
             ramp = DRIFT_END_SIGMA * (position[rows] - DRIFT_ONSET) / (1.0 - DRIFT_ONSET)
             z[np.ix_(rows, plan.drift_tests)] += np.outer(ramp, plan.drift_sign).astype(np.float32)
             truth[rows] = "drifting_site"
-        if plan.shift_tests.size and lot.position == len(self.lots) - 1:
+        if plan.tester_tests.size and lot.position == 0:
+            rows = np.flatnonzero(position >= DRIFT_ONSET)
+            z[np.ix_(rows, plan.tester_tests)] += plan.tester_sigma.astype(np.float32)
+            truth[rows] = "tester_shift"
+        moved_process = "process_shift" in c.excursions
+        if plan.shift_tests.size and (moved_process or lot.position == len(self.lots) - 1):
             z[:, plan.shift_tests] += plan.shift_sigma.astype(np.float32)
-            truth[:] = "shifted_lot"
+            truth[:] = "process_shift" if moved_process else "shifted_lot"
         latent = np.zeros(n, bool)
         for cluster in plan.latent_clusters:
             if lot.position == 0 and cluster.wafer == wafer:
@@ -752,7 +776,19 @@ class _Floor:
                 "onset_fraction_of_lot": DRIFT_ONSET, "sigma_at_lot_end": DRIFT_END_SIGMA,
                 "sigma_units": {cols[j]: spread[cols[j]] for j in plan.drift_tests},
                 "parts": counts.get("drifting_site", 0)})
-        if plan.shift_tests.size:
+        if plan.tester_tests.size:
+            excursions.append({
+                "kind": "tester_shift", "lot": self.lots[0], "tests": [cols[j] for j in plan.tester_tests],
+                "shift_sigma": [float(s) for s in plan.tester_sigma], "onset_fraction_of_lot": DRIFT_ONSET,
+                "sigma_units": {cols[j]: spread[cols[j]] for j in plan.tester_tests},
+                "parts": counts.get("tester_shift", 0)})
+        if plan.shift_tests.size and "process_shift" in c.excursions:
+            excursions.append({
+                "kind": "process_shift", "lots": self.lots, "tests": [cols[j] for j in plan.shift_tests],
+                "shift_sigma": [float(s) for s in plan.shift_sigma],
+                "sigma_units": {cols[j]: spread[cols[j]] for j in plan.shift_tests},
+                "parts": counts.get("process_shift", 0)})
+        elif plan.shift_tests.size:
             excursions.append({
                 "kind": "shifted_lot", "lot": self.lots[-1], "tests": [cols[j] for j in plan.shift_tests],
                 "shift_sigma": [float(s) for s in plan.shift_sigma],
@@ -824,6 +860,13 @@ def generate(config: SynthConfig, chunk_parts: int = 100_000) -> Iterator[pd.Dat
     """The table in chunks of ``chunk_parts`` rows (the last may be shorter); same data for any chunk size."""
     _check_chunk_parts(chunk_parts)
     return _frames(_Floor(config), chunk_parts)
+
+
+def excursion_plan(config: SynthConfig) -> list[dict]:
+    """The excursions ``generate`` injects for ``config`` (as in the truth file, part counts left out): which
+    lot, head, site and tests, by how much."""
+    return [{k: v for k, v in entry.items() if k not in ("parts", "part_ids")}
+            for entry in _Floor(config).truth({}, [])["excursions"]]
 
 
 def _check_chunk_parts(chunk_parts: int) -> None:

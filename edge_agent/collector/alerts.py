@@ -8,8 +8,12 @@ enough parts (see ``AlertRules``) - ``change`` (the agent's Page-Hinkley detecto
 outlier score), ``silent`` (no message from an agent for too long), ``spool_loss`` (the agent dropped
 windows from its spool, or lost them before spooling), ``sequence_gap`` (windows missing that no
 loss report explains) and ``agent_id_mismatch`` (a window claiming another agent's id than its CURVE key's).
-Every alert goes to the log, the ``alerts`` table (same transaction as its window) and, if configured, a hook
-command that gets the alert as JSON on stdin.
+Every alert goes to the ``alerts`` table (same transaction as its window). The operational ones (``silent``,
+``spool_loss``, ``sequence_gap``, ``agent_id_mismatch``) also go to the log and, if configured, to a hook
+command that gets the alert as JSON on stdin; the drift evidence (``psi``, ``site_psi``, ``outlier_rate``,
+``change``: a new lot or a site's calibration offset raises them by the dozen on a normal day) is logged at
+INFO and pages nobody. Drift pages as incidents (``incidents.py``: scope, diagnosis, one record per problem),
+which go to the same hook.
 
 Example ``collector.toml`` (every key optional; these are the defaults)::
 
@@ -22,8 +26,10 @@ Example ``collector.toml`` (every key optional; these are the defaults)::
     change_detector = true       # alert when the agent's change detector fired
     silent_after_s = 900.0       # no message for this long (agents send at least one per window)
     repeat_after_s = 3600.0      # the same alert (kind, agent, site, test) at most once per this long
-    hook = ""                    # e.g. "/usr/local/bin/page-oncall --team test-eng"
+    hook = ""                    # e.g. "/usr/local/bin/page-oncall --team test-eng" (also gets incidents)
     hook_timeout_s = 10.0
+
+    [incidents]                  # see incidents.py
 
 Why these sample sizes: with no drift, n readings over B equally likely bins give PSI close to
 chi2(B - 1) / n. At n = 200 and 10 bins, PSI > 0.2 needs chi2(9) > 40, probability about 8e-6 per test and
@@ -45,7 +51,7 @@ import queue
 import shlex
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +60,13 @@ from ..errors import EdgeError
 from ..settings import Checked, Instance, Interval, Satisfies, load
 from ..wire.distances import psi
 from ..wire.stats import StatsWindow
+from .incidents import IncidentConfig
 from .store import Added
 
 log = logging.getLogger("edge_agent.collector.alerts")
 
 KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap", "agent_id_mismatch")
+EVIDENCE_KINDS = ("psi", "site_psi", "outlier_rate", "change")    # stored and counted, not paged: incidents are
 
 
 class AlertConfigError(EdgeError):
@@ -99,6 +107,7 @@ class AlertConfig(Checked):
     repeat_after_s: float = 3600.0
     hook: str = ""
     hook_timeout_s: float = 10.0
+    incidents: IncidentConfig = field(default_factory=IncidentConfig)
 
 
 def _seqs(first: int, last: int) -> str:

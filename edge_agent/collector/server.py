@@ -8,6 +8,7 @@ no ack, so the agent sends it again (codes and replies: ``wire/stats.py`` and ST
 
 With ``keys`` the ROUTER is a CURVE server: only allow-listed agent keys get in, each known by the agent id its key
 is bound to, and a window that claims another agent's id is refused for good, counted and alerted.
+The incidents a window opens, updates or closes (``incidents.py``) are written in its transaction too.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from ..errors import EdgeError
 from ..wire.codec import encode
 from ..wire.links import CurvePair, Gatekeeper, peer_id, serve_curve
 from ..wire.stats import Code, InvalidMessage, StatsWindow, ack, parse_stats, refusal
-from .alerts import AlertHook, AlertRules
+from .alerts import EVIDENCE_KINDS, AlertHook, AlertRules
+from .incidents import IncidentTracker
 from .prometheus import FleetState
 from .store import Store
 
@@ -52,11 +54,13 @@ class CollectorServer:
         self.keys = keys
         self.store = store
         self.rules = rules
+        self.incidents = IncidentTracker(rules.config.incidents, store)
         self.hook = hook
         self.metrics_host, self.metrics_port = metrics_host, metrics_port
         self.state = FleetState(rules.config.silent_after_s)
         for agent in store.agents():
             self.state.last_seen[agent["agent_id"]] = agent["last_seen"]
+        self.state.incidents_open.update(incident.scope for incident in self.incidents.open_incidents())
         self._stop = False
 
     def request_stop(self, *_signal_args) -> None:
@@ -116,6 +120,7 @@ class CollectorServer:
                 self._serve_batch(router)
             if time.monotonic() >= next_silence_check:
                 self._check_silence()
+                self._check_incidents()
                 next_silence_check = time.monotonic() + silence_check_s
 
     def _serve_batch(self, router: zmq.Socket) -> None:
@@ -173,7 +178,7 @@ class CollectorServer:
 
     def _store(self, router: zmq.Socket, batch: list[tuple[bytes, StatsWindow]]) -> None:
         received_at = time.time()
-        outcomes, alerts, judged = [], [], []
+        outcomes, alerts, judged, incidents = [], [], [], []
         try:
             with self.store.transaction():
                 for _, window in batch:
@@ -185,8 +190,10 @@ class CollectorServer:
                             self.store.add_alert(alert)
                         alerts += verdict.alerts
                         judged.append((window["tester"], verdict.psi))
+                        incidents += self.incidents.for_window(window, added, received_at)
         except Exception as error:   # sqlite3 errors (disk full, locked) and bugs: the loop must go on for others
             self.rules.forget_sums()
+            self.incidents.reload()
             if len(batch) > 1:       # one at a time, so that one message that cannot be stored holds up no other
                 for item in batch:
                     self._store(router, [item])
@@ -204,7 +211,7 @@ class CollectorServer:
                 self.state.duplicates += added is None
         for tester, psi in judged:
             self.state.judged(tester, psi)
-        self._announce(alerts)
+        self._announce(alerts + incidents)
 
     def _check_silence(self) -> None:
         now = time.time()
@@ -219,12 +226,25 @@ class CollectorServer:
             return
         self._announce(alerts)
 
+    def _check_incidents(self) -> None:
+        """Tester-wide movements whose wait for the rest of the fleet ran out are decided without it."""
+        try:
+            with self.store.transaction():
+                events = self.incidents.tick(time.time())
+        except sqlite3.Error as error:
+            log.error("incident check failed: %s", error)
+            self.incidents.reload()
+            return
+        self._announce(events)
+
     def _announce(self, alerts: list[dict]) -> None:
+        """Alerts and incident events: to the log, the metrics and the hook (drift evidence: log and metrics)."""
         for alert in alerts:
-            log.warning("ALERT %s: %s", alert["kind"], alert["message"])
-            with self.state.lock:
-                self.state.alerts[alert["kind"]] += 1
-            if self.hook is not None:
+            evidence = alert["kind"] in EVIDENCE_KINDS
+            log.log(logging.INFO if evidence else logging.WARNING, "%s %s: %s",
+                    "INCIDENT" if alert["kind"].startswith("incident_") else "ALERT", alert["kind"], alert["message"])
+            self.state.count(alert)
+            if self.hook is not None and not evidence:
                 self.hook.notify(alert)
 
     @staticmethod
