@@ -53,11 +53,23 @@ class DriftHook(Protocol):
     def status(self) -> dict: ...
 
 
+class LifecycleHook(Protocol):
+    """Audit and shadow challenger (edge_agent.lifecycle.Lifecycle): every decided part, idle ticks, status."""
+
+    def decided(self, model: LoadedModel, part: Part, row: np.ndarray, score: float | None,
+                probability: float | None, decision: Decision) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def status(self) -> dict: ...
+
+
 class Agent:
     """The daemon: serves one model (and keeps the previous one) on one ROUTER socket until asked to stop."""
 
     def __init__(self, config: AgentConfig, registry: Registry, model: LoadedModel, *,
-                 drift: DriftHook | None = None, security: AgentSecurity | None = None):
+                 drift: DriftHook | None = None, security: AgentSecurity | None = None,
+                 lifecycle: LifecycleHook | None = None):
         self.config = config
         self.registry = registry
         self.model = model
@@ -66,6 +78,7 @@ class Agent:
         self.policy = config.binning.policy()
         self.dynamic = self._dynamic_pat(model)
         self.drift = drift
+        self.lifecycle = lifecycle
         self.last_reload: dict | None = None
         self.draining = False
         self._stop_requested = False
@@ -85,6 +98,13 @@ class Agent:
         """Reload whatever the followed stage names now (SIGHUP). Safe from a signal handler."""
         if self._watcher is not None:
             self._watcher.request(self.config.version or None)
+
+    def request_version(self, version: str) -> None:
+        """Load ``version`` in the background and serve it (the fleet follower's thread, which waits here until
+        serve() has started the loader). Thread-safe."""
+        while self._watcher is None:
+            time.sleep(0.05)
+        self._watcher.request(version)
 
     def serve(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -158,6 +178,8 @@ class Agent:
                 self._serve_ready(router)
             elif self.drift is not None:
                 self.drift.tick()   # closes a window whose time is up while no parts arrive
+            if router not in events and self.lifecycle is not None:
+                self.lifecycle.tick()
             if router not in events and deadline is not None:
                 return   # quiet for drain_quiet_ms: every request that arrived has its reply
             if deadline is not None and time.monotonic() > deadline:
@@ -264,6 +286,8 @@ class Agent:
         if present < self.policy.needed_readings(len(row)):
             decision = decide_insufficient(self.policy, present=present, tests=len(row), static=static)
             self._count(decision)
+            if self.lifecycle is not None:
+                self.lifecycle.decided(model, part, row, None, None, decision)
             return {"outlier_score": None, "outlier": None, "pass_probability": None, "predicted_fail": None,
                     "bin": decision.bin, "bin_name": decision.name, "why": decision.why, "flags": decision.flags,
                     "pat": [b.to_wire() for b in static], "drivers": [], "insufficient_readings": True,
@@ -277,6 +301,8 @@ class Agent:
                           score_threshold=model.outlier_threshold, pass_probability=probability,
                           pass_threshold=model.pass_threshold, drivers=drivers)
         self._count(decision)
+        if self.lifecycle is not None:
+            self.lifecycle.decided(model, part, row, score, probability, decision)
         return {"outlier_score": score, "outlier": outlier, "pass_probability": probability,
                 "predicted_fail": probability < model.pass_threshold, "bin": decision.bin,
                 "bin_name": decision.name, "why": decision.why, "flags": decision.flags,
@@ -308,6 +334,7 @@ class Agent:
                       "bind": self.config.bind},
             "drift": None if self.drift is None else self.drift.status(),
             "security": self.security.status(),
+            "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
             **self.metrics.snapshot(),
         }
 

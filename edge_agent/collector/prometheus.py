@@ -21,6 +21,7 @@ class FleetState:
         self.duplicates = 0
         self.invalid = 0
         self.agent_id_mismatches = 0
+        self.audit_records = 0
         self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
         self.incidents_opened: Counter[str] = Counter({scope: 0 for scope in SCOPES})
         self.incidents_open: Counter[str] = Counter({scope: 0 for scope in SCOPES})
@@ -53,6 +54,8 @@ class FleetState:
             yield _counter("edge_collector_invalid_messages", "Messages refused as invalid", self.invalid)
             yield _counter("edge_collector_agent_id_mismatches", "Windows refused because their agent_id was not "
                            "the id of the CURVE key that sent them", self.agent_id_mismatches)
+            yield _counter("edge_collector_audit_records", "Decisions stored from agents' audit batches",
+                           self.audit_records)
             alerts = CounterMetricFamily("edge_collector_alerts", "Alerts raised, by kind", labels=["kind"])
             for kind, count in sorted(self.alerts.items()):
                 alerts.add_metric([kind], count)

@@ -151,7 +151,32 @@ def parse_stats(message: Any) -> StatsWindow:
         if not _counts(s["missing"]) or not _counts(s["score_counts"]):
             raise InvalidMessage(f"{where}.missing and .score_counts: expected counts (integers >= 0)")
         _fields(s["change"], f"{where}.change", {"fired": bool, "fires": int, "statistic": _NUMBER})
+    check_shadow(m.get("shadow"))
     return StatsWindow(m)
+
+
+def check_shadow(blocks: Any) -> None:
+    """The optional ``shadow`` field: the challenger's agreement counts (nil or absent: no challenger ran)."""
+    if blocks is None:
+        return
+    if not isinstance(blocks, list):
+        raise InvalidMessage(f"shadow: expected a list of blocks, got {type(blocks).__name__}")
+    for b, block in enumerate(blocks):
+        where = f"shadow[{b}]"
+        _fields(block, where, {"champion": dict, "challenger": dict, "skipped": int, "sites": list})
+        for key in ("champion", "challenger"):
+            _fields(block[key], f"{where}.{key}", {"name": str, "version": str, "checksum": str})
+        for i, site in enumerate(block["sites"]):
+            at = f"{where}.sites[{i}]"
+            _fields(site, at, {"head": int, "site": int, "parts": int, "agree": int, "confusion": list,
+                               "score_sums": dict, "outliers": list, "fails": list, "pat_disagree": list})
+            _fields(site["score_sums"], f"{at}.score_sums", {"n": int, "sx": _NUMBER, "sy": _NUMBER, "sxx": _NUMBER,
+                                                             "syy": _NUMBER, "sxy": _NUMBER})
+            for key in ("outliers", "fails", "pat_disagree"):
+                if len(site[key]) != 2 or not _counts(site[key]):
+                    raise InvalidMessage(f"{at}.{key}: expected [champion, challenger] counts")
+            if not all(isinstance(cell, list) and len(cell) == 3 and _counts(cell) for cell in site["confusion"]):
+                raise InvalidMessage(f"{at}.confusion: expected [champion bin, challenger bin, parts] entries")
 
 
 def _fields(value: Any, where: str, spec: dict[str, type | tuple]) -> dict:
