@@ -24,7 +24,7 @@ from pathlib import Path
 from .config import AuditConfig, DriftConfig
 from .package.files import fsync_dir
 from .shipping import MESSAGE_SUFFIX, DiskSpool, Shipper
-from .wire.audit import audit_message
+from .wire.audit import FIELDS, audit_message
 from .wire.links import CurveClient
 
 log = logging.getLogger("edge_agent.audit")
@@ -84,7 +84,7 @@ class AuditBatch:
                 table.append(dict(identity))
             rows.append([at, head, site, lot, sublot, wafer, x, y, part_id, digest.hex(), index, score, probability,
                          bin_, list(flags)])
-        return {"models": table, "records": rows}
+        return {"fields": list(FIELDS), "models": table, "records": rows}
 
 
 class AuditRecorder:

@@ -155,7 +155,8 @@ def _thresholds(args) -> Thresholds:
 def _handle_shadow(args) -> int:
     if args.off == (args.version is not None):
         raise RegistryError("shadow: give a VERSION to score in shadow, or --off to stop")
-    deployment = set_shadow(Registry(args.registry, _trust(args)), args.name, args.version, args.reason,
+    deployment = set_shadow(Registry(args.registry, _trust(args, required=not args.off)), args.name, args.version,
+                            args.reason,
                             agents=_agents(args.agents), percent=args.percent, signer=_signer(args))
     return _print(_deployment_text(deployment, args.agents))
 

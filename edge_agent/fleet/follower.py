@@ -71,9 +71,12 @@ class ServiceLink:
             if self.curve is not None:
                 connect_curve(self._socket, self.curve)
             self._socket.connect(self.endpoint)
+        deadline = time.monotonic() + self.timeout_s
         try:
-            self._socket.send(encode(request), zmq.NOBLOCK)
-            if self._socket.poll(int(self.timeout_s * 1000), zmq.POLLIN):
+            # With IMMEDIATE, the socket is writable once the (CURVE) handshake is done: connecting counts too.
+            if self._socket.poll(int(self.timeout_s * 1000), zmq.POLLOUT):
+                self._socket.send(encode(request), zmq.NOBLOCK)
+            if self._socket.poll(max(1, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
                 reply = decode_trusted(self._socket.recv())
                 if isinstance(reply, dict) and reply.get("type") == ERROR:
                     raise Refused(f"registry service {self.endpoint}: {reply.get('code')}: {reply.get('message')}")
