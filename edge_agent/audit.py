@@ -65,26 +65,17 @@ class AuditSpool(DiskSpool):
 
 
 class AuditBatch:
-    """Decisions of one batch, turned into the message body on the shipper's thread (``to_payload``)."""
+    """One batch of decisions: the records are already in wire order, so building the message body on the
+    shipper's thread is a dict, and encoding it is msgpack's C code (the GIL the serving thread waits for stays
+    short)."""
 
-    __slots__ = ("records",)
+    __slots__ = ("records", "models")
 
-    def __init__(self, records: list[tuple]):
-        self.records = records
+    def __init__(self, records: list[tuple], models: list[dict]):
+        self.records, self.models = records, models
 
     def to_payload(self) -> dict:
-        models: dict[int, int] = {}
-        table: list[dict] = []
-        rows = []
-        for (at, head, site, lot, sublot, wafer, x, y, part_id, digest, identity, score, probability, bin_,
-             flags) in self.records:
-            index = models.get(id(identity))
-            if index is None:
-                index = models[id(identity)] = len(table)
-                table.append(dict(identity))
-            rows.append([at, head, site, lot, sublot, wafer, x, y, part_id, digest.hex(), index, score, probability,
-                         bin_, list(flags)])
-        return {"fields": list(FIELDS), "models": table, "records": rows}
+        return {"fields": list(FIELDS), "models": [dict(model) for model in self.models], "records": self.records}
 
 
 class AuditRecorder:
@@ -101,6 +92,9 @@ class AuditRecorder:
                                queue_length=config.queue_batches, curve=curve, message=audit_message)
         self.recorded = 0
         self._records: list[tuple] = []
+        self._models: list[dict] = []       # the identities of the models in the open batch; records index them
+        self._identity: dict | None = None  # the identity the last record named, and its index
+        self._index = 0
         self._opened = time.monotonic()
 
     def start(self) -> None:
@@ -111,9 +105,15 @@ class AuditRecorder:
 
     def decided(self, model, part, row, score, probability, decision) -> None:
         """Record one decision (serving thread): one tuple appended; a full batch is handed to the shipper."""
+        if model.identity is not self._identity:
+            self._identity = model.identity
+            self._index = next((i for i, known in enumerate(self._models) if known is model.identity), None)
+            if self._index is None:
+                self._index = len(self._models)
+                self._models.append(model.identity)
         self._records.append((time.time(), part.head, part.site, part.lot, part.sublot, part.wafer, part.x, part.y,
-                              part.part_id, hashlib.blake2b(row, digest_size=8).digest(), model.identity, score,
-                              probability, decision.bin, decision.flags))
+                              part.part_id, hashlib.blake2b(row.tobytes(), digest_size=8).digest(), self._index,
+                              score, probability, decision.bin, decision.flags))
         if len(self._records) >= self.config.batch_parts:
             self._flush()
 
@@ -132,7 +132,7 @@ class AuditRecorder:
                 "log": str(spool.log_dir), "log_bytes": spool.log_bytes}
 
     def _flush(self) -> None:
-        records, self._records = self._records, []
+        records, models, self._records, self._models, self._identity = self._records, self._models, [], [], None
         self._opened = time.monotonic()
         self.recorded += len(records)
-        self.shipper.submit(AuditBatch(records))
+        self.shipper.submit(AuditBatch(records, models))

@@ -24,8 +24,6 @@ from .reload import yield_cpu_to_serving
 
 log = logging.getLogger("edge_agent.shadow")
 
-_PAT = ("static_pat", "dynamic_pat")
-
 
 class SiteAgreement:
     """Agreement counts of one (head, site) for one (champion, challenger) pair."""
@@ -35,11 +33,11 @@ class SiteAgreement:
     def __init__(self):
         self.parts = self.agree = 0
         self.confusion: collections.Counter[tuple[int, int]] = collections.Counter()
-        self.sums = np.zeros(6)                   # n, sx, sy, sxx, syy, sxy of (champion, challenger) scores
+        self.sums = [0, 0.0, 0.0, 0.0, 0.0, 0.0]  # n, sx, sy, sxx, syy, sxy of (champion, challenger) scores
         self.outliers, self.fails, self.pat_disagree = [0, 0], [0, 0], [0, 0]   # [champion, challenger]
 
     def to_wire(self, head: int, site: int) -> dict:
-        n, sx, sy, sxx, syy, sxy = self.sums.tolist()
+        n, sx, sy, sxx, syy, sxy = self.sums
         return {"head": head, "site": site, "parts": self.parts, "agree": self.agree,
                 "confusion": [[a, b, count] for (a, b), count in sorted(self.confusion.items())],
                 "score_sums": {"n": int(n), "sx": sx, "sy": sy, "sxx": sxx, "syy": syy, "sxy": sxy},
@@ -61,6 +59,7 @@ class ShadowScorer:
         self._wake = threading.Event()
         self._lock = threading.Lock()              # guards _blocks between the shadow thread and take()
         self._blocks: dict[tuple[str, str], dict] = {}
+        self._compatible: str | None = None         # the champion checksum whose columns match the challenger's
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="edge-agent-shadow", daemon=True)
 
@@ -69,6 +68,7 @@ class ShadowScorer:
 
     def offer(self, challenger) -> None:
         """Score ``challenger`` (a LoadedModel, or None to stop) from the next part on."""
+        self._compatible = None
         self.challenger = challenger
         log.info("shadow challenger: %s", "none" if challenger is None else
                  f"{challenger.ref} (checksum {challenger.checksum[:12]})")
@@ -76,8 +76,12 @@ class ShadowScorer:
     def record(self, champion, part, row: np.ndarray, score: float, probability: float, decision) -> None:
         """Queue one part the champion decided (serving thread): a few hundred nanoseconds, never a wait."""
         challenger = self.challenger
-        if challenger is None or challenger.columns != champion.columns:
+        if challenger is None:
             return
+        if champion.checksum != self._compatible:   # once per champion: same tests in the same order
+            if challenger.columns != champion.columns:
+                return
+            self._compatible = champion.checksum
         queue = self._queue
         if len(queue) >= self.queue_parts:
             self.skipped += 1
@@ -133,44 +137,55 @@ class ShadowScorer:
                     log.exception("shadow scoring of %d part(s) failed", len(batch))
 
     def _score(self, batch: list[tuple]) -> None:
+        """Score one batch with the challenger and count it. Whole-batch numpy where it can (the models, static PAT,
+        thresholds), so that the GIL this thread holds, which the serving thread then waits for, stays short."""
         challenger = batch[0][1]
         same = [item for item in batch if item[1] is challenger]   # a challenger swap mid-batch: the rest next time
         for item in reversed(batch[len(same):]):
             self._queue.appendleft(item)
-        scores, probabilities = challenger.score(np.stack([item[4] for item in same]))
+        rows = np.stack([item[4] for item in same])
+        scores, probabilities = challenger.score(rows)
+        pat = challenger.static_pat
+        static = ((rows < pat.low) | (rows > pat.high)).any(axis=1).tolist()   # NaN compares False: no break
+        outliers = (scores < challenger.outlier_threshold).tolist()
+        fails = (probabilities < challenger.pass_threshold).tolist()
+        scores = scores.tolist()
         policy, bins = self.policy, self.policy.bins
-        counted = []
-        for (champion, _, head, site, row, score, probability, decision), c_score, c_probability in zip(
-                same, scores.tolist(), probabilities.tolist()):
-            fired = {"static_pat": bool(challenger.static_pat.breaks(row)),
-                     "dynamic_pat": "dynamic_pat" in decision.flags,
-                     "ml_outlier": c_score < challenger.outlier_threshold,
-                     "predicted_fail": c_probability < challenger.pass_threshold}
-            deciding = deciding_condition(policy, fired)
-            c_bin = bins[PASS] if deciding is None else bins[deciding]
-            outlier = score < champion.outlier_threshold
-            pat = any(flag in decision.flags for flag in _PAT)
-            c_pat = fired["static_pat"] or fired["dynamic_pat"]
-            counted.append((champion.identity, head, site, decision.bin, c_bin, score, c_score,
-                            (outlier, fired["ml_outlier"]), (probability < champion.pass_threshold,
-                                                             fired["predicted_fail"]), (outlier != pat,
-                                                                                        fired["ml_outlier"] != c_pat)))
         with self._lock:
-            for identity, head, site, b, c_bin, score, c_score, outliers, fails, pat_disagree in counted:
-                key = (identity["checksum"], challenger.checksum)
-                block = self._blocks.get(key)
-                if block is None:
-                    block = self._blocks[key] = {"champion": dict(identity), "challenger": dict(challenger.identity),
-                                                 "sites": {}}
-                tally = block["sites"].get((head, site))
-                if tally is None:
-                    tally = block["sites"][(head, site)] = SiteAgreement()
+            for k, (champion, _, head, site, _row, score, probability, decision) in enumerate(same):
+                flags = decision.flags
+                dynamic = "dynamic_pat" in flags
+                fired = {"static_pat": static[k], "dynamic_pat": dynamic, "ml_outlier": outliers[k],
+                         "predicted_fail": fails[k]}
+                deciding = deciding_condition(policy, fired)
+                c_bin = bins[PASS] if deciding is None else bins[deciding]
+                tally = self._tally(champion, challenger, head, site)
+                c_score, outlier = scores[k], score < champion.outlier_threshold
                 tally.parts += 1
-                tally.agree += b == c_bin
-                tally.confusion[(b, c_bin)] += 1
-                tally.sums += (1.0, score, c_score, score * score, c_score * c_score, score * c_score)
-                for i in (0, 1):
-                    tally.outliers[i] += outliers[i]
-                    tally.fails[i] += fails[i]
-                    tally.pat_disagree[i] += pat_disagree[i]
+                tally.agree += decision.bin == c_bin
+                tally.confusion[(decision.bin, c_bin)] += 1
+                sums = tally.sums
+                sums[0] += 1
+                sums[1] += score
+                sums[2] += c_score
+                sums[3] += score * score
+                sums[4] += c_score * c_score
+                sums[5] += score * c_score
+                tally.outliers[0] += outlier
+                tally.outliers[1] += outliers[k]
+                tally.fails[0] += probability < champion.pass_threshold
+                tally.fails[1] += fails[k]
+                tally.pat_disagree[0] += outlier != ("static_pat" in flags or dynamic)
+                tally.pat_disagree[1] += outliers[k] != (static[k] or dynamic)
         self.scored += len(same)
+
+    def _tally(self, champion, challenger, head: int, site: int) -> SiteAgreement:
+        key = (champion.checksum, challenger.checksum)
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = {"champion": dict(champion.identity), "challenger": dict(challenger.identity),
+                                         "sites": {}}
+        tally = block["sites"].get((head, site))
+        if tally is None:
+            tally = block["sites"][(head, site)] = SiteAgreement()
+        return tally

@@ -33,7 +33,7 @@ def parse_audit(message: Any) -> dict:
     >>> batch = {"type": "audit", "v": 1, "agent_id": "a", "tester": "t", "seq": 1, "fields": list(FIELDS),
     ...          "spool": {"stream": "s", "dropped_total": 0, "dropped_seq_ranges": [], "unspooled_lost": 0},
     ...          "models": [{"name": "m", "version": "1", "checksum": "c"}],
-    ...          "records": [[1.0, 1, 0, "L1", None, 3, 10, -2, "p1", "ab12", 0, 0.1, 0.9, 1, []]]}
+    ...          "records": [[1.0, 1, 0, "L1", None, 3, 10, -2, "p1", b"\\x9b\\x1f", 0, 0.1, 0.9, 1, []]]}
     >>> len(parse_audit(batch)["records"])
     1
     """
@@ -78,7 +78,8 @@ def _record(record: Any, where: str, n_models: int) -> None:
         item = value[key]
         if item is not None and not (type(item) is int or (isinstance(item, str) and len(item) <= MAX_TEXT)):
             raise InvalidMessage(f"{where}.{key}: expected nil, an integer or a string, got {item!r:.40}")
-    _text(value["digest"], f"{where}.digest")
+    if not isinstance(value["digest"], bytes) or not 0 < len(value["digest"]) <= 64:
+        raise InvalidMessage(f"{where}.digest: expected the readings' digest (1 to 64 bytes)")
     if type(value["model"]) is not int or not 0 <= value["model"] < n_models:
         raise InvalidMessage(f"{where}.model: expected an index into models (0..{n_models - 1})")
     for key in ("outlier_score", "pass_probability"):
