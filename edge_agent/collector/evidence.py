@@ -42,7 +42,7 @@ class Check:
     def line(self) -> str:
         value = "n/a" if self.value is None else f"{self.value:.4g}"
         op = ">=" if self.at_least else "<="
-        return f"  {'PASS' if self.passed else 'FAIL'}  {self.name:<40} {value:>10}  (needs {op} {self.limit:g})"
+        return f"  {'PASS' if self.passed else 'FAIL'}  {self.name:<58} {value:>10}  (needs {op} {self.limit:g})"
 
 
 def judge(db: sqlite3.Connection, name: str, version: str, thresholds: Thresholds = Thresholds()
