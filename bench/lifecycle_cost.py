@@ -4,9 +4,10 @@ on the agent's own objects (a loaded benchmark package, ``Agent._score``-like st
 
 - audit: ``Agent._judge`` with and without the audit recorder (``edge_agent.audit``; its shipper thread running and
   spooling to disk, no collector listening), and ``AuditRecorder.decided`` alone;
-- shadow: the models and ``_judge`` per part, paced at ``--rate`` parts/s, without and with a shadow challenger
-  (the same package; ``edge_agent.shadow``) scored on its own thread at the same time: what the serving thread pays,
-  the GIL shared with the shadow thread included; and ``ShadowScorer.record`` alone;
+- shadow: the models and ``_judge`` per part, paced at ``--rate`` parts/s (sleeping between parts, as the serving
+  loop waits in its poll), in alternating blocks of 500 parts without and with a shadow challenger (the same
+  package; ``edge_agent.shadow``) scored on its own thread meanwhile: what the serving thread pays, the CPU and the
+  GIL shared with the shadow thread included; and ``ShadowScorer.record`` alone;
 - fetch: the package fetched from a real registry service (``edge_agent.fleet.service``, on a thread, plain
   loopback) into an empty cache and verified, in chunks of 256 KiB.
 
@@ -46,6 +47,7 @@ from edge_agent.wire.packages import assignment_request
 from edge_agent.wire.score import Part
 
 FETCH_CHUNK_BYTES = 256 << 10
+SHADOW_BLOCK = 500        # parts per block; blocks alternate without and with the challenger
 
 
 def run(tests: int = 200, parts: int | None = None, quick: bool = False, rate: float = 2000.0) -> dict:
@@ -110,28 +112,32 @@ def _audit(config, registry, model, rows, part_ids) -> dict:
 
 
 def _shadow(config, registry, model, rows, part_ids, rate: float) -> dict:
-    """The models and _judge per part at ``rate``, without and then with a challenger scored on its thread."""
-    paced = {}
+    """The models and _judge per part at ``rate``, in alternating blocks without and with a challenger scored on the
+    shadow thread (the machine's other load then falls on both alike); the queue is drained between blocks."""
     shadow = ShadowScorer(config.binning.policy())
-    lifecycle = Lifecycle(shadow=shadow)
-    for label, hook in (("without", None), ("with", lifecycle)):
-        agent = Agent(config, registry, model, lifecycle=hook)
-        if hook is not None:
-            shadow.start()
-            shadow.offer(load_package(registry, model.ref))
-        clock, ns = time.perf_counter_ns, np.empty(len(rows), np.int64)
-        interval, due = int(1e9 / rate), clock()
-        for i, row in enumerate(rows):
+    shadow.start()
+    challenger = load_package(registry, model.ref)
+    agent = Agent(config, registry, model, lifecycle=Lifecycle(shadow=shadow))
+    scores, probabilities = model.score(rows)   # warm-up of the sessions on this stream
+    clock, ns, on = time.perf_counter_ns, np.empty(len(rows), np.int64), np.zeros(len(rows), bool)
+    interval = int(1e9 / rate)
+    for first in range(0, len(rows), SHADOW_BLOCK):
+        on[first:first + SHADOW_BLOCK] = (first // SHADOW_BLOCK) % 2 == 1
+        shadow.offer(challenger if on[first] else None)
+        deadline = time.monotonic() + 30
+        while shadow.status()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        due = clock()
+        for i in range(first, min(first + SHADOW_BLOCK, len(rows))):
             due += interval
-            while clock() < due:   # a tester's pace: spin, sleep() wakes too late
-                pass
+            wait = due - clock()
+            if wait > 0:   # idle between parts as the serving loop is in its poll: the GIL released, no CPU used
+                time.sleep(wait / 1e9)
             start = clock()
-            scores, probabilities = model.score(row[None, :])
-            agent._judge(model, part_ids[i], row, float(scores[0]), float(probabilities[0]))
-            if hook is not None:
-                hook.tick()
+            scores, probabilities = model.score(rows[i][None, :])
+            agent._judge(model, part_ids[i], rows[i], float(scores[0]), float(probabilities[0]))
+            agent.lifecycle.tick()
             ns[i] = clock() - start
-        paced[label] = ns
     deadline = time.monotonic() + 30
     while shadow.status()["queued"] and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -139,18 +145,18 @@ def _shadow(config, registry, model, rows, part_ids, rate: float) -> dict:
     blocks = shadow.take()
     agreement = sum(s["agree"] for b in blocks for s in b["sites"]) / max(1, sum(s["parts"] for b in blocks
                                                                                 for s in b["sites"]))
-    scores, probabilities = model.score(rows[:1])
     reply = Agent(config, registry, model)._judge(model, part_ids[0], rows[0], float(scores[0]),
                                                   float(probabilities[0]))
+    shadow.offer(challenger)
     shadow.queue_parts = len(rows) + 1
     record_ns = _record_loop(lambda i: shadow.record(model, part_ids[i], rows[i], 0.1, 0.9, _Decided(reply)),
                              len(rows))
     shadow.stop()
-    return {"lifecycle.score_judge_us_per_part": summary_us(paced["without"]),
-            "lifecycle.score_judge_with_shadow_us_per_part": summary_us(paced["with"]),
-            "lifecycle.shadow_us_per_part_added": _added(paced["with"], paced["without"]),
+    return {"lifecycle.score_judge_us_per_part": summary_us(ns[~on]),
+            "lifecycle.score_judge_with_shadow_us_per_part": summary_us(ns[on]),
+            "lifecycle.shadow_us_per_part_added": _added(ns[on], ns[~on]),
             "lifecycle.shadow_record_us_per_part": summary_us(record_ns),
-            "lifecycle.shadow_scored": status["scored"], "lifecycle.shadow_skipped": len(rows) - status["scored"],
+            "lifecycle.shadow_scored": status["scored"], "lifecycle.shadow_skipped": int(on.sum()) - status["scored"],
             "lifecycle.shadow_agreement_same_package": round(agreement, 4)}
 
 

@@ -310,3 +310,63 @@ def test_killing_the_registry_service_leaves_every_agent_serving_and_a_restarted
     health = _health(fleet, "agent-c")
     assert health["model"]["version"] == "1" and health["lifecycle"]["fleet"]["state"] == "offline"
     assert all(r.decided for r in _score(fleet, "agent-c", fleet["stream"][:5]))
+
+
+def test_a_forced_promotion_past_a_failing_fleet_gate_is_recorded_with_what_it_overrode(fleet):
+    from trainer.registry_cli import cli_promote
+    registry = Registry(fleet["root"])
+    with pytest.raises(Exception, match="needs the fleet gate"):
+        cli_promote(registry, fleet["model"], "4", "production", "no evidence given")
+    cli_promote(registry, fleet["model"], "4", "production", "test: forced", force=True, fleet_db=str(fleet["db"]))
+    line = registry.history(fleet["model"])[-1]
+    assert (line["version"], line["to_stage"], line["reason"]) == ("4", "production", "test: forced")
+    assert line["forced"].startswith("fleet gate failed: ") and "outlier rate difference" in line["forced"]
+
+
+# ---- without the fleet: the audit spool's bounds, deployments' selection --------------------------------------------
+
+def test_an_audit_spool_that_fills_up_counts_the_loss_and_the_collector_alerts_it(packages, tmp_path):
+    from edge_agent.audit import AuditRecorder
+    from edge_agent.binning import BinPolicy, decide_insufficient
+    from edge_agent.config import AuditConfig, DriftConfig
+    from edge_agent.scoring import load_package
+    from edge_agent.wire.score import Part
+    registry = Registry(packages.root)
+    model = load_package(registry, PackageRef(packages.model, "1"))
+    endpoint = free_tcp_endpoint()
+    drift = DriftConfig(collector=endpoint, spool_dir=str(tmp_path / "spool"), ack_timeout_s=1.0)
+    audit = AuditRecorder(AuditConfig(batch_parts=10, spool_max_messages=3, log_max_bytes=1), drift, "agent-x", "tx")
+    decision = decide_insufficient(BinPolicy(), present=0, tests=packages.n_tests, static=[])
+    audit.start()   # no collector yet: batches wait in the spool, which holds 3
+    for i in range(60):
+        audit.decided(model, Part(lot="LOSS", part_id=f"L-{i}"), packages.stream[i], None, None, decision)
+    wait_for(lambda: audit.shipper.spool.dropped_total == 3, "the 3 oldest of 6 batches dropped")
+    collector = start_collector(tmp_path / "stats.sqlite", endpoint, log_path=tmp_path / "collector.log")
+    try:
+        wait_for(lambda: audit.shipper.spool.pending == 0, "the 3 batches left delivered")
+        with sqlite3.connect(tmp_path / "stats.sqlite") as db:
+            stored = db.execute("SELECT count(*) FROM decisions").fetchone()[0]
+            alerts = db.execute("SELECT value, message FROM alerts WHERE kind = 'audit_loss'").fetchall()
+        assert stored == 30
+        # Each batch carries the loss as it stood when it was spooled (1, 2, then 3 dropped): every increase alerted.
+        assert [value for value, _ in alerts] == [1, 1, 1] and "3 dropped from its full audit spool" in alerts[-1][1]
+        assert len(list(audit.shipper.spool.log_dir.iterdir())) == 1, "the local log rotates down to its bound"
+    finally:
+        audit.stop(2.0)
+        stop(collector)
+
+
+def test_a_canary_percentage_picks_agents_by_their_id_and_keeps_them_as_it_grows():
+    from edge_agent.package.deployment import Deployment
+    fleet_ids = [f"tester-{i:03d}" for i in range(400)]
+    chosen = {}
+    for percent in (5, 50, 100):
+        deployment = Deployment("m", {"canary": {"version": "2", "agents": [], "percent": percent}})
+        chosen[percent] = {a for a in fleet_ids if deployment.assign(a, a, "1").champion.version == "2"}
+    assert chosen[5] < chosen[50] < chosen[100] == set(fleet_ids)
+    assert 5 <= len(chosen[5]) <= 40 and 150 <= len(chosen[50]) <= 250   # about 5 % and 50 % of 400
+    listed = Deployment("m", {"canary": {"version": "2", "agents": ["tester-b"], "percent": 0}},
+                        {"version": "3", "agents": ["tester-a"], "percent": 0})
+    assert listed.assign("agent-9", "tester-b", "1").champion.version == "2"     # listed by tester name
+    given = listed.assign("tester-a", "tester-a", "1")
+    assert (given.group, given.champion.version, given.challenger.version) == ("production", "1", "3")
