@@ -16,7 +16,6 @@ Tests run in file order and share the fleet (module fixture): each says where it
 """
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import threading
 import time

@@ -58,7 +58,8 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     trusted = keys / "demo-trainer.ed25519.pub"   # what the agent trusts; the summary below checks against it too
     registry = Registry(registry_root, Trust(load_trusted_keys(trusted), str(trusted)))
 
-    _step(f"1/5 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to {registry.root}/{name}")
+    _step(f"1/5 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to "
+          f"{registry.root}/{name}")
     training_lot = work / "training_lot.parquet"
     print(write(training, str(training_lot)).describe())
     table, report = load_tables([str(training_lot)])

@@ -111,7 +111,8 @@ def _keys(args: argparse.Namespace):
         problems.append("--key and --agent-keys: CURVE needs both, the collector's secret certificate and the agents' "
                         "public ones")
     if problems:
-        raise EdgeError(f"edge-collector {args.command} options are not usable:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise EdgeError(f"edge-collector {args.command} options are not usable:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
     return CollectorKeys(load_curve_pair(args.key), load_allow_list(args.agent_keys)) if args.key else None
 
 

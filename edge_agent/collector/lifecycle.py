@@ -35,7 +35,8 @@ def add_audit(db: sqlite3.Connection, batch: dict, received_at: float) -> tuple[
         rows.append((cursor.lastrowid, batch["agent_id"], batch["tester"], record[index["time"]],
                      record[index["head"]], record[index["site"]],
                      *(_text(record[index[key]]) for key in ("lot", "sublot", "wafer")),
-                     record[index["x"]], record[index["y"]], _text(record[index["part_id"]]), record[index["digest"]].hex(),
+                     record[index["x"]], record[index["y"]], _text(record[index["part_id"]]),
+                     record[index["digest"]].hex(),
                      model["name"], model["version"], model["checksum"], record[index["outlier_score"]],
                      record[index["pass_probability"]], record[index["bin"]], ",".join(record[index["flags"]])))
     db.executemany("INSERT INTO decisions (batch_id, agent_id, tester, time, head, site, lot, sublot, wafer, x, y, "
@@ -50,8 +51,7 @@ def add_shadow(db: sqlite3.Connection, window_id: int, message: dict) -> None:
         champion, challenger = block["champion"], block["challenger"]
         for i, site in enumerate(block["sites"]):
             sums = site["score_sums"]
-            db.execute("INSERT INTO shadow_sites VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                       "?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO shadow_sites VALUES ({', '.join('?' * 27)})",
                        (window_id, message["agent_id"], message["tester"], message["window"]["end"],
                         champion["checksum"], champion["version"], challenger["name"], challenger["version"],
                         challenger["checksum"], site["head"], site["site"], site["parts"], site["agree"],

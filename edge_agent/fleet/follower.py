@@ -38,7 +38,7 @@ from ..package.signing import Trust
 from ..reload import yield_cpu_to_serving
 from ..wire.codec import decode_trusted, encode
 from ..wire.links import CurveClient, connect_curve
-from ..wire.packages import ASSIGNMENT, CHUNK, ERROR, assignment_request, chunk_request
+from ..wire.packages import ERROR, assignment_request, chunk_request
 
 log = logging.getLogger("edge_agent.fleet.follower")
 
