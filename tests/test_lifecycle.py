@@ -369,3 +369,38 @@ def test_a_canary_percentage_picks_agents_by_their_id_and_keeps_them_as_it_grows
     assert listed.assign("agent-9", "tester-b", "1").champion.version == "2"     # listed by tester name
     given = listed.assign("tester-a", "tester-a", "1")
     assert (given.group, given.champion.version, given.challenger.version) == ("production", "1", "3")
+
+
+def test_a_fetch_cut_off_midway_resumes_from_the_bytes_it_already_has(packages, keys, tmp_path):
+    from edge_agent.fleet.follower import PackageCache, ServiceLink, Unreachable
+    from edge_agent.fleet.service import RegistryService
+    from edge_agent.keys import load_trusted_keys
+    from edge_agent.package.signing import Trust
+    from edge_agent.wire.packages import assignment_request
+    endpoint = free_tcp_endpoint()
+    service = RegistryService(Registry(packages.root), endpoint)
+    thread = threading.Thread(target=service.serve, daemon=True)
+    thread.start()
+    link = ServiceLink(endpoint, REPLY_S, None)
+
+    class CutOff:
+        """The link, until the connection is lost after three chunks."""
+        asked = 0
+
+        def ask(self, request):
+            self.asked += 1
+            if self.asked > 3:
+                raise Unreachable("test: connection lost")
+            return link.ask(request)
+    try:
+        listing = link.ask(assignment_request("agent-a", "agent-a", packages.model))["champion"]
+        cache = PackageCache(tmp_path / "cache", Trust(load_trusted_keys(keys.trusted), str(keys.trusted)), 3)
+        with pytest.raises(Unreachable):
+            cache.fetch(CutOff(), "agent-a", listing, 4096)
+        ref, fetched = cache.fetch(link, "agent-a", listing, 4096)
+    finally:
+        link.close()
+        service.request_stop()
+        thread.join(5)
+    assert fetched == sum(entry["size"] for entry in listing["files"]) - 3 * 4096
+    assert ref.version == "1" and cache.registry.verify(ref).ok and cache.has(listing)

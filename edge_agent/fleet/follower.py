@@ -211,6 +211,7 @@ class Follower:
         self.fetched_bytes = 0
         self.fetches = 0
         self.refused: dict[str, float] = {}     # manifest checksum -> when it was refused
+        self.cached: list[str] = []             # versions in the cache after the last round (health reads it)
         self._request_version = self._offer_challenger = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-agent-fleet", daemon=True)
@@ -239,6 +240,7 @@ class Follower:
                 raise EdgeError(f"no package of {self.model} to serve: the registry service {self.config.service} "
                                 f"gave none ({self.last_problem or 'no reply'}) and the cache {self.cache.root} "
                                 "holds none that verifies")
+        self.cached = [ref.version for ref in self.cache.registry.versions(self.model)]
         return (PackageRef(self.model, self.champion),
                 None if self.challenger is None else PackageRef(self.model, self.challenger))
 
@@ -258,7 +260,7 @@ class Follower:
                 "champion": self.champion, "previous": self.previous, "challenger": self.challenger,
                 "last_contact": self.last_contact, "last_problem": self.last_problem[:500],
                 "fetches": self.fetches, "fetched_bytes": self.fetched_bytes, "cache": str(self.cache.root),
-                "cached_versions": [ref.version for ref in self.cache.registry.versions(self.model)],
+                "cached_versions": self.cached,
                 "refused_packages": len(self.refused)}
 
     # ---- the thread -------------------------------------------------------------------------------------------
@@ -303,6 +305,7 @@ class Follower:
         keep = {v for v in (self.champion, self.previous, self.challenger) if v}
         for version in self.cache.evict(self.model, keep):
             log.info("cache: removed %s/%s (beyond %d versions)", self.model, version, self.cache.max_versions)
+        self.cached = [ref.version for ref in self.cache.registry.versions(self.model)]
 
     def _ensure(self, listing: dict) -> str | None:
         """The listed package's version once it is in the cache and verified; None if it was refused."""
