@@ -105,7 +105,6 @@ class AgentDrift:
                                      change=self._change)
 
 
-
 class WithShadow:
     """A closed window and the shadow challenger's agreement counts since the previous one (STATS_PROTOCOL.md,
     ``shadow``), turned into one message body on the shipper's thread."""

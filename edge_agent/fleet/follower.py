@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ log = logging.getLogger("edge_agent.fleet.follower")
 
 STATE_FILE = "assigned.json"
 PARTIAL_PREFIX = ".partial-"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MAX_PACKAGE_BYTES = 2 << 30   # an assignment claiming more is refused before anything is written
 REFUSED_RETRY_S = 60.0    # a package refused after its fetch is fetched again after this long, not every poll
 
 
@@ -114,8 +117,19 @@ class PackageCache:
         (the folder removed) when it does not verify, Unreachable when the service stops answering (the partial
         folder stays, for the next attempt to resume)."""
         name, version = listing["name"], listing["version"]
-        if not NAME_PATTERN.fullmatch(name) or not VERSION_PATTERN.fullmatch(version):
-            raise Refused(f"assignment names an invalid package {name!r}/{version!r}")
+        if not NAME_PATTERN.fullmatch(name) or not VERSION_PATTERN.fullmatch(version) \
+                or not SHA256_HEX.fullmatch(listing["checksum"]):
+            raise Refused(f"assignment names an invalid package {name!r}/{version!r} (checksum "
+                          f"{listing['checksum']!r:.80})")
+        for entry in listing["files"]:
+            if not NAME_PATTERN.fullmatch(str(entry.get("name"))) or type(entry.get("size")) is not int \
+                    or entry["size"] < 0:
+                raise Refused(f"{name}/{version}: the assignment lists a file as {entry!r:.120}; expected a plain "
+                              "name and a size in bytes")
+        total = sum(entry["size"] for entry in listing["files"])
+        if total > MAX_PACKAGE_BYTES:
+            raise Refused(f"{name}/{version}: the assignment lists {total:,} bytes, more than a package may hold "
+                          f"here ({MAX_PACKAGE_BYTES:,})")
         partial = self.root / name / f"{PARTIAL_PREFIX}{version}-{listing['checksum'][:16]}"
         partial.mkdir(parents=True, exist_ok=True)
         fetched = 0
@@ -125,8 +139,6 @@ class PackageCache:
 
     def _fetch_file(self, link: ServiceLink, agent_id: str, listing: dict, entry: dict, path: Path,
                     chunk_bytes: int) -> int:
-        if not NAME_PATTERN.fullmatch(entry["name"]):
-            raise Refused(f"assignment lists an invalid file name {entry['name']!r}")
         have = path.stat().st_size if path.exists() else 0
         if have > entry["size"]:
             path.unlink()
