@@ -339,6 +339,7 @@ def cli_history(registry: Registry, name: str) -> str:
         raise RegistryError(f"model {name!r} has no history; {registry._what_exists(name)}")
     return "\n".join(f"{e['time']}  {e['user']:<10}  v{e['version']:<5} {e['action']:<10} "
                      f"{e['from_stage'] or '-'} -> {e['to_stage']}: {e['reason']}"
+                     + (f" [agents: {e['agents']}]" if e.get("agents") else "")
                      + (f" [FORCED past: {e['forced']}]" if e.get("forced") else "")
                      + (f" [{signed}]" if (signed := check_record(e, registry.trust)) else "") for e in events)
 
