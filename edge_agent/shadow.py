@@ -99,14 +99,13 @@ class ShadowScorer:
         """The counts since the last take, as the ``shadow`` blocks of a stats window (empty: nothing to report)."""
         with self._lock:
             blocks, self._blocks = self._blocks, {}
+        if not blocks:
+            return []   # parts skipped meanwhile are reported with the next block
         skipped, self.skipped = self.skipped, 0
-        if not blocks and not skipped:
-            return []
         wire = [{"champion": block["champion"], "challenger": block["challenger"], "skipped": 0,
                  "sites": [site.to_wire(head, number) for (head, number), site in sorted(block["sites"].items())]}
                 for block in blocks.values()]
-        if wire:
-            wire[-1]["skipped"] = skipped
+        wire[-1]["skipped"] = skipped
         return wire
 
     def stop(self) -> None:
