@@ -7,7 +7,7 @@
     edge-agent rollback [--connect ENDPOINT | --config agent.toml]
 
 Exit status: 0 ok, 1 the agent answered with an error (or a reload was refused), 2 bad configuration or a
-package that cannot be served, 3 no reply from the agent.
+package that cannot be served, 3 no reply from the agent (run: another process listens on the address).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from .config import AgentConfig, load_config
+from .config import AgentConfig, check_endpoint, load_config
 from .errors import run_command
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
@@ -156,8 +156,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace):
     from .client import AgentClient
-    endpoint = args.connect or (load_config(args.config, require_model=False).bind if args.config
-                                else DEFAULT_CONNECT)
+    endpoint = (check_endpoint("--connect", args.connect) if args.connect
+                else load_config(args.config, require_model=False).bind if args.config else DEFAULT_CONNECT)
     return AgentClient(endpoint)
 
 

@@ -1,8 +1,13 @@
-"""The serving loop: one thread, one ROUTER socket, requests answered in arrival order.
+"""The serving loop: one thread, one ROUTER socket, every client served in turn.
 
-The hot path is ``Agent._handle``: decode -> validate -> score -> PAT -> drift hook -> bin -> reply.
-Answering each request before reading the next one gives per-client reply order for free, and swapping
-models only between requests (``_take_reload_outcomes``) means a request never sees two models.
+Each pass of the loop takes what ZeroMQ holds into the inbox (``_receive``: one round of ZeroMQ's fair queue at
+most, each connection's next request once) and serves one turn of the least-served client (``_turn``; the order of
+service is fairness.py's). The hot path is ``_serve``: decode -> validate -> deadline -> score -> PAT -> drift hook
+-> bin -> reply, all of it for a small request; a score_batch is scored ``turn_parts`` parts per turn, each turn
+followed by the other clients' turns, on the model it started with. One client's requests are served in order, so
+its replies come back in the order of its requests; models are swapped only between turns
+(``_take_reload_outcomes``), so a request never sees two models. What the agent holds for its clients is bounded
+by edge_agent/limits.py.
 """
 from __future__ import annotations
 
@@ -20,22 +25,25 @@ import zmq
 from . import __version__
 from .binning import decide
 from .config import AgentConfig
-from .errors import EdgeError
+from .errors import AddressInUse, EdgeError
+from .fairness import Inbox
+from .limits import Limits, derive
 from .metrics import Metrics, start_prometheus
 from .package.registry import Registry
 from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
 from .wire.codec import encode
-from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, Code, Part,
-                         ProtocolError, check_envelope, decode, error_reply, parse_batch, parse_batch_item, parse_part,
+from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
+                         Part, ProtocolError, check_deadline, check_envelope, decode, encode_batch_reply, error_reply,
+                         largest_request_bytes, parse_batch, parse_batch_item, parse_part, part_result, peek_id,
                          request_id)
 
 log = logging.getLogger("edge_agent.server")
 
 POLL_MS = 100                 # how soon a stop request (SIGTERM) is noticed when no request arrives
-BURST = 64                    # requests served before the loop looks at reload outcomes again
 ERROR_LOG_INTERVAL_S = 1.0    # at most one log line per error code per interval (a bad client floods)
+HEALTH_SITES = 32             # dynamic PAT sites listed in a health reply (the most recently tested)
 # While the reload thread (or a Prometheus scrape) runs Python code, the serving thread waits for the GIL up to
 # the switch interval: 5 ms by default, 0.2 ms here. Only costs anything while two threads want the GIL.
 GIL_SWITCH_INTERVAL_S = 200e-6
@@ -49,6 +57,34 @@ class DriftHook(Protocol):
     def tick(self) -> None: ...
 
     def status(self) -> dict: ...
+
+
+class Request:
+    """One request from its receipt to its reply: where the reply goes, its bytes, its id once read, and a
+    score_batch's progress between its turns."""
+
+    __slots__ = ("envelope", "payload", "received", "rid", "batch")
+
+    def __init__(self, frames: list[bytes], received: float):
+        self.envelope, self.payload = _split_frames(frames)
+        self.received = received              # time.perf_counter() when the agent took it from ZeroMQ
+        self.rid: int | str | None = None
+        self.batch: _Batch | None = None
+
+
+class _Batch:
+    """A score_batch between its turns: the model and PAT windows it started with, its parts and each part's result
+    (or error) encoded so far."""
+
+    __slots__ = ("rid", "model", "dynamic", "parts", "results")
+
+    def __init__(self, rid, model: LoadedModel, dynamic: DynamicPat | None, parts: BatchParts):
+        self.rid, self.model, self.dynamic, self.parts = rid, model, dynamic, parts
+        self.results: list[bytes] = []
+
+    def reply(self) -> dict:
+        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE_BATCH], "id": self.rid,
+                "model": self.model.identity}
 
 
 class Agent:
@@ -66,10 +102,14 @@ class Agent:
         self.drift = drift
         self.last_reload: dict | None = None
         self.draining = False
+        # Socket options are set once, at bind, from the model served then (a reload warns if it needs more).
+        self.limits: Limits = derive(config.max_message_bytes, config.transport_max_message_bytes, config.max_batch,
+                                     config.queue_length, config.max_queued_bytes, model.parser, self.policy)
+        self.inbox = Inbox(self.limits.client_queue_bytes, self.limits.max_queued_bytes)
+        self._max_age_s = config.max_request_age_ms / 1000.0
         self._stop_requested = False
         self._error_log = _ThrottledLog(ERROR_LOG_INTERVAL_S)
-        self._handlers = {SCORE: self._score, SCORE_BATCH: self._score_batch, HEALTH: self._health,
-                          RELOAD: self._reload, ROLLBACK: self._rollback}
+        self._handlers = {SCORE: self._score, HEALTH: self._health, RELOAD: self._reload, ROLLBACK: self._rollback}
         self._watcher: ReloadWatcher | None = None
 
     def request_stop(self, *_signal_args) -> None:
@@ -86,9 +126,9 @@ class Agent:
         context = zmq.Context()
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        router.setsockopt(zmq.RCVHWM, self.config.queue_length)
-        router.setsockopt(zmq.SNDHWM, self.config.queue_length)
-        router.setsockopt(zmq.MAXMSGSIZE, self.config.transport_max_message_bytes)
+        router.setsockopt(zmq.RCVHWM, self.limits.receive_hwm)
+        router.setsockopt(zmq.SNDHWM, self.limits.send_hwm)
+        router.setsockopt(zmq.MAXMSGSIZE, self.limits.transport_max_message_bytes)
         router.setsockopt(zmq.LINGER, int(self.config.shutdown_timeout_s * 1000))
         wake = context.socket(zmq.PAIR)
         wake_address = f"inproc://edge-agent-reload-{id(self)}"
@@ -98,14 +138,15 @@ class Agent:
             try:
                 router.bind(self.config.bind)
             except zmq.ZMQError as error:
-                raise EdgeError(f"cannot listen on {self.config.bind}: {error.strerror}") from None
+                raise _listen_error(f"cannot listen on {self.config.bind}", error.errno, error.strerror) from None
             if self.config.metrics.port:
                 try:
                     prometheus = start_prometheus(self.metrics, lambda: self.model.identity,
-                                                  self.config.metrics.host, self.config.metrics.port)
+                                                  self.config.metrics.host, self.config.metrics.port,
+                                                  drift=None if self.drift is None else self.drift.status)
                 except OSError as error:
-                    raise EdgeError(f"cannot serve Prometheus metrics on {self.config.metrics.host}:"
-                                    f"{self.config.metrics.port}: {error.strerror}") from None
+                    raise _listen_error(f"cannot serve Prometheus metrics on {self.config.metrics.host}:"
+                                        f"{self.config.metrics.port}", error.errno, error.strerror) from None
             self._watcher = ReloadWatcher(
                 self.registry, self.model.ref.name, self.config.stage, pinned=bool(self.config.version),
                 serving_version=self.model.ref.version, interval_s=self.config.watch_interval_s,
@@ -115,6 +156,9 @@ class Agent:
             log.info("serving %s (checksum %s) on %s%s", self.model.ref, self.model.checksum[:12], self.config.bind,
                      f", metrics on http://{self.config.metrics.host}:{self.config.metrics.port}/metrics"
                      if prometheus else "")
+            log.info("requests up to %d bytes (ZeroMQ drops a connection past %d); per connection at most %.1f MB "
+                     "held (edge_agent/limits.py)", self.limits.max_message_bytes,
+                     self.limits.transport_max_message_bytes, self.limits.per_connection_bytes / 1e6)
             self._loop(router, wake)
         finally:
             if self._watcher is not None:
@@ -140,63 +184,136 @@ class Agent:
                 self.draining = True
                 deadline = time.monotonic() + self.config.shutdown_timeout_s
                 log.info("stop requested: answering the requests already received, then exiting")
-            events = dict(poller.poll(POLL_MS if deadline is None else self.config.drain_quiet_ms))
-            if wake in events:
-                self._take_reload_outcomes(wake)
-            if router in events:
-                self._serve_ready(router)
-            elif self.drift is not None:
-                self.drift.tick()   # closes a window whose time is up while no parts arrive
-            if router not in events and deadline is not None:
-                return   # quiet for drain_quiet_ms: every request that arrived has its reply
+            quiet_ms = POLL_MS if deadline is None else self.config.drain_quiet_ms
+            retry_s = self.inbox.next_retry_in(time.perf_counter())
+            wait_ms = quiet_ms if retry_s is None else min(quiet_ms, max(0.0, retry_s * 1000))
+            if not self.inbox.due and not poller.poll(wait_ms):
+                self._send_held(router)
+                if deadline is not None and wait_ms == quiet_ms and not self.inbox.requests and not self.inbox.held:
+                    return   # quiet for drain_quiet_ms: every request that arrived has its reply
+                if self.drift is not None:
+                    self.drift.tick()   # closes a window whose time is up while no parts arrive
+            else:
+                if wake.get(zmq.EVENTS) & zmq.POLLIN:
+                    self._take_reload_outcomes(wake)
+                self._receive(router)
+                self._send_held(router)
+                if self.inbox.due:
+                    self._turn(router)
             if deadline is not None and time.monotonic() > deadline:
                 log.warning("shutdown timeout (%.1f s) reached while requests kept arriving",
                             self.config.shutdown_timeout_s)
                 return
 
-    def _serve_ready(self, router: zmq.Socket) -> None:
-        for _ in range(BURST):
-            if not router.get(zmq.EVENTS) & zmq.POLLIN:   # cheaper than a recv that raises zmq.Again
+    def _receive(self, router: zmq.Socket) -> None:
+        """Take what ZeroMQ holds into the inbox, at most one round of its fair queue: each connection's next request
+        once, so a flooding connection is read no faster than the others. A request over its client's share of the
+        inbox is answered overloaded at once."""
+        seen = set()
+        while router.get(zmq.EVENTS) & zmq.POLLIN:   # cheaper than a recv that raises zmq.Again
+            frames = router.recv_multipart()
+            request = Request(frames, time.perf_counter())
+            client = frames[0]
+            if not self.inbox.take(client, request, len(frames[-1])):
+                request.rid = peek_id(frames[-1])
+                self._reply(router, request, self._error(
+                    request.rid, Code.OVERLOADED, f"this client already has {self.inbox.client_bytes} bytes of "
+                                                  f"requests waiting (or all clients {self.inbox.total_bytes}); "
+                                                  f"wait for replies before sending more"), hold=False)
+            if client in seen:
                 return
-            self._handle(router, router.recv_multipart())
+            seen.add(client)
 
-    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
+    def _turn(self, router: zmq.Socket) -> None:
+        client, request = self.inbox.next()
         start = time.perf_counter()
-        envelope, payload = _split_frames(frames)
-        rid = kind = None
-        try:
-            if payload is None:
-                raise ProtocolError(Code.MALFORMED_MESSAGE, f"expected one payload frame (DEALER) or an empty "
-                                                            f"delimiter and one payload frame (REQ), got "
-                                                            f"{len(frames) - 1} frame(s)")
-            if len(payload) > self.config.max_message_bytes:
-                raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"message of {len(payload)} bytes exceeds "
-                                                            f"max_message_bytes {self.config.max_message_bytes}")
-            message = decode(payload)
-            rid = request_id(message)
-            kind = check_envelope(message)
-            self.metrics.requests[kind] += 1
-            reply = self._handlers[kind](message, rid)
-        except ProtocolError as error:
-            if kind is None:
-                self.metrics.requests["invalid"] += 1
-            reply = self._error(rid, error.code, error.message)
-        except Exception as error:   # a bug must cost one reply, never the daemon
-            log.exception("internal error on a request")
-            reply = self._error(rid, Code.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
-        reply["agent_us"] = round((time.perf_counter() - start) * 1e6, 1)
-        self._send(router, envelope, encode(reply))
-        self.metrics.latency.record(time.perf_counter() - start)
+        finished = self._serve(router, request)
+        self.inbox.served(client, time.perf_counter() - start, finished)
 
-    def _send(self, router: zmq.Socket, envelope: list[bytes], payload: bytes) -> None:
+    def _serve(self, router: zmq.Socket, request: Request) -> bool:
+        """One turn of ``request``: decode -> validate -> deadline -> score -> PAT -> drift hook -> bin -> reply, or
+        one slice of a score_batch (``turn_parts`` parts). True once its reply is sent."""
         try:
-            router.send_multipart([*envelope, payload], zmq.NOBLOCK)
+            if request.batch is None:
+                message = self._open(request)
+                kind = message["type"]
+                if kind != SCORE_BATCH:
+                    self._reply(router, request, self._handlers[kind](message, request.rid))
+                    return True
+                request.batch = _Batch(request.rid, self.model, self.dynamic,
+                                       parse_batch(message, self.config.max_batch))
+            if not self._score_slice(request.batch):
+                return False
+            self._reply(router, request, request.batch.reply(), request.batch.results)
+        except ProtocolError as error:
+            self._reply(router, request, self._error(request.rid, error.code, error.message))
+        except Exception as error:   # a bug must cost one reply, never the daemon
+            self._error_log.exception("internal_error", "internal error on a request")
+            self._reply(router, request, self._error(request.rid, Code.INTERNAL_ERROR,
+                                                     f"{type(error).__name__}: {error}"))
+        return True
+
+    def _open(self, request: Request) -> dict:
+        """A request's first turn: not too old, framing, size, msgpack, envelope and deadline; counted by type."""
+        waited = time.perf_counter() - request.received
+        if self._max_age_s and waited > self._max_age_s and request.payload is not None:
+            request.rid = peek_id(request.payload)
+            raise ProtocolError(Code.DEADLINE_EXCEEDED, f"the request waited {waited * 1e3:.0f} ms in the agent, "
+                                                        f"longer than max_request_age_ms "
+                                                        f"{self.config.max_request_age_ms}; not scored")
+        try:
+            if request.payload is None:
+                raise ProtocolError(Code.MALFORMED_MESSAGE, "expected one payload frame (DEALER) or an empty "
+                                                            "delimiter and one payload frame (REQ)")
+            if len(request.payload) > self.limits.max_message_bytes:
+                raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"message of {len(request.payload)} bytes exceeds "
+                                                            f"max_message_bytes {self.limits.max_message_bytes}")
+            message = decode(request.payload)
+            request.rid = request_id(message)
+            kind = check_envelope(message)
+        except ProtocolError:
+            self.metrics.requests["invalid"] += 1
+            raise
+        self.metrics.requests[kind] += 1
+        if "deadline" in message:
+            check_deadline(message["deadline"], time.time())
+        return message
+
+    def _reply(self, router: zmq.Socket, request: Request, reply: dict, results: list[bytes] | None = None, *,
+               hold: bool = True) -> None:
+        """Send a reply; one ZeroMQ will not queue now is held (its client is served no more until it has gone, see
+        fairness.py), or with ``hold`` False (a refusal outside the client's turns) dropped."""
+        reply["agent_us"] = round((time.perf_counter() - request.received) * 1e6, 1)
+        payload = encode(reply) if results is None else encode_batch_reply(reply, results)
+        frames = [*request.envelope, payload]
+        try:
+            router.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            self.metrics.replies_dropped["queue_full"] += 1
+            if not (hold and self.inbox.hold(request.envelope[0], frames)):
+                self.metrics.replies_dropped["queue_full"] += 1
         except zmq.ZMQError as error:
             if error.errno != errno.EHOSTUNREACH:
                 raise
-            self.metrics.replies_dropped["unroutable"] += 1   # the client went away before its reply
+            # The client went away before its reply; what else it sent can never be answered either.
+            self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.drop_waiting(request.envelope[0], keep=1)
+        self.metrics.latency.record(time.perf_counter() - request.received)
+
+    def _send_held(self, router: zmq.Socket) -> None:
+        """Offer the held replies that are due to ZeroMQ again; a client whose reply leaves is served again."""
+        if not self.inbox.held:
+            return
+        now = time.perf_counter()
+        for client, frames in self.inbox.held_due(now):
+            try:
+                router.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self.inbox.retry_later(client, now)
+                continue
+            except zmq.ZMQError as error:
+                if error.errno != errno.EHOSTUNREACH:
+                    raise
+                self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.drop_waiting(client, keep=0)
+            self.inbox.release(client)
 
     def _error(self, rid, code: str, message: str) -> dict:
         self.metrics.errors[code] += 1
@@ -211,12 +328,14 @@ class Agent:
         row = model.parser.parse(message.get("readings"))
         scores, probabilities = model.score(row[None, :])
         return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": rid,
-                **self._judge(model, part, row, float(scores[0]), float(probabilities[0])), "model": model.identity}
+                **self._judge(model, self.dynamic, part, row, float(scores[0]), float(probabilities[0])),
+                "model": model.identity}
 
-    def _score_batch(self, message: dict, rid) -> dict:
-        model = self.model
+    def _score_slice(self, batch: _Batch) -> bool:
+        """Score the next ``turn_parts`` parts of a batch; True when every part has its result."""
+        model = batch.model
         items = []   # (part, row), or the ProtocolError of a part that cannot be scored
-        for i, item in enumerate(parse_batch(message, self.config.max_batch)):
+        for i, item in enumerate(batch.parts.take(self.config.turn_parts), len(batch.results)):
             try:
                 items.append(parse_batch_item(item, i, model.parser))
             except ProtocolError as error:
@@ -225,33 +344,33 @@ class Agent:
         valid = [item for item in items if not isinstance(item, ProtocolError)]
         if valid:
             scores, probabilities = model.score(np.stack([row for _, row in valid]))
-        results, k = [], 0
+        k = 0
         for item in items:
             if isinstance(item, ProtocolError):
-                results.append({"error": {"code": item.code, "message": item.message}})
+                batch.results.append(encode({"error": {"code": item.code, "message": item.message}}))
                 continue
-            results.append(self._judge(model, item[0], item[1], float(scores[k]), float(probabilities[k])))
+            batch.results.append(encode(self._judge(model, batch.dynamic, item[0], item[1], float(scores[k]),
+                                                    float(probabilities[k]))))
             k += 1
-        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE_BATCH], "id": rid, "results": results,
-                "model": model.identity}
+        return len(batch.results) == len(batch.parts)
 
-    def _judge(self, model: LoadedModel, part: Part, row: np.ndarray, score: float, probability: float) -> dict:
-        """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window."""
+    def _judge(self, model: LoadedModel, dynamic: DynamicPat | None, part: Part, row: np.ndarray, score: float,
+               probability: float) -> dict:
+        """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window. A batch that
+        began before a model swap finishes on its model and windows, without drift (which follows the new model)."""
         static = model.static_pat.breaks(row)
-        dynamic = self.dynamic.check_and_add(part, row) if self.dynamic is not None else []
-        if self.drift is not None:
+        breaks = dynamic.check_and_add(part, row) if dynamic is not None else []
+        if self.drift is not None and model is self.model:
             self.drift.update(model, part, row, score)
-        decision = decide(self.policy, static=static, dynamic=dynamic, score=score,
+        decision = decide(self.policy, static=static, dynamic=breaks, score=score,
                           score_threshold=model.outlier_threshold, pass_probability=probability,
                           pass_threshold=model.pass_threshold)
         self.metrics.parts_scored += 1
         self.metrics.bins[decision.name] += 1
         for flag in decision.flags:
             self.metrics.flags[flag] += 1
-        return {"outlier_score": score, "outlier": score < model.outlier_threshold, "pass_probability": probability,
-                "predicted_fail": probability < model.pass_threshold, "bin": decision.bin,
-                "bin_name": decision.name, "why": decision.why, "flags": decision.flags,
-                "pat": [b.to_wire() for b in static] + [b.to_wire() for b in dynamic]}
+        return part_result(score, score < model.outlier_threshold, probability, probability < model.pass_threshold,
+                           decision.bin, decision.name, decision.why, decision.flags, static + breaks)
 
     def _health(self, message: dict, rid) -> dict:
         watcher = self._watcher
@@ -265,12 +384,12 @@ class Agent:
                           "pinned_version": self.config.version or None,
                           "stage_version": None if watcher is None else watcher.stage_version},
             "last_reload": self.last_reload,
-            "dynamic_pat": None if self.dynamic is None else {"window": self.dynamic.window,
-                                                              "min_parts": self.dynamic.min_parts,
-                                                              "sites": self.dynamic.sites()},
+            "dynamic_pat": None if self.dynamic is None else self.dynamic.status(HEALTH_SITES),
             "agent": {"version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
                       "bind": self.config.bind},
             "drift": None if self.drift is None else self.drift.status(),
+            "inbox": {"requests": self.inbox.requests, "bytes": self.inbox.bytes, "clients": self.inbox.clients()},
+            "limits": self.limits.describe(),
             **self.metrics.snapshot(),
         }
 
@@ -332,6 +451,11 @@ class Agent:
             self.dynamic = self._dynamic_pat(model)   # other tests: the site windows no longer apply
         log.info("serving %s (checksum %s) in place of %s: %s", model.ref, model.checksum[:12], self.previous.ref,
                  reason)
+        largest = largest_request_bytes(model.parser, self.config.max_batch)
+        if not self.config.max_message_bytes and largest > self.limits.max_message_bytes:
+            log.warning("%s takes requests up to %d bytes, but the size cap was set at start from the model served then "
+                        "(%d bytes): larger score_batch requests are refused; restart the agent to size it for this "
+                        "model", model.ref, largest, self.limits.max_message_bytes)
 
     def _dynamic_pat(self, model: LoadedModel) -> DynamicPat | None:
         pat = self.config.pat
@@ -362,6 +486,11 @@ def _split_frames(frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
     return [identity], None
 
 
+def _listen_error(what: str, number: int | None, reason: str) -> EdgeError:
+    """Another process holding the address is its own exit status (3), every other reason unusable input (2)."""
+    return (AddressInUse if number == errno.EADDRINUSE else EdgeError)(f"{what}: {reason}")
+
+
 class _ThrottledLog:
     """Logs at most one line per key per interval and says how many were held back."""
 
@@ -371,10 +500,17 @@ class _ThrottledLog:
         self._held: dict[str, int] = {}
 
     def warning(self, key: str, message: str, *args) -> None:
+        self._log(key, log.warning, message, args)
+
+    def exception(self, key: str, message: str, *args) -> None:
+        """With the traceback of the exception being handled (only the logged ones carry it)."""
+        self._log(key, log.exception, message, args)
+
+    def _log(self, key: str, write, message: str, args: tuple) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -self.interval_s) < self.interval_s:
             self._held[key] = self._held.get(key, 0) + 1
             return
         held = self._held.pop(key, 0)
         self._last[key] = now
-        log.warning(message + (f" ({held} more like it not logged)" if held else ""), *args)
+        write(message + (f" ({held} more like it not logged)" if held else ""), *args)

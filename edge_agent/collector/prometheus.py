@@ -19,6 +19,7 @@ class FleetState:
         self.received = 0
         self.duplicates = 0
         self.invalid = 0
+        self.unstorable = 0
         self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
         self.last_seen: dict[str, float] = {}
         self.psi: dict[tuple[str, str], float] = {}     # (tester, test) -> latest PSI, worst site
@@ -36,6 +37,8 @@ class FleetState:
             yield _counter("edge_collector_duplicates_dropped", "Windows received again and not stored again",
                            self.duplicates)
             yield _counter("edge_collector_invalid_messages", "Messages refused as invalid", self.invalid)
+            yield _counter("edge_collector_unstorable_windows", "Valid windows refused for good after their store "
+                           "failed repeatedly while the database worked", self.unstorable)
             alerts = CounterMetricFamily("edge_collector_alerts", "Alerts raised, by kind", labels=["kind"])
             for kind, count in sorted(self.alerts.items()):
                 alerts.add_metric([kind], count)

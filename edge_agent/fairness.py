@@ -1,0 +1,154 @@
+"""Requests waiting in the agent, per client, and whose turn comes next: fair service whatever one client sends.
+
+ZeroMQ's ROUTER hands over messages one connection after another; the agent takes them into one queue per client
+(per connection) and serves one turn at a time: the whole of a small request, or one slice of a large score_batch.
+The next turn goes to the waiting client that has been served least, by start-time fair queuing (Goyal, Vin and
+Cheng, 1996) on the time spent serving it: each waiting client carries a tag, the serving time charged to it; a
+client that starts waiting starts at the tag of the turn being served. So a client that sends one part at a time
+waits for at most the turn in progress, however many requests other clients keep waiting, and clients that keep
+the agent busy share what is left equally. A client that stops waiting is forgotten (it starts afresh).
+
+Bounds: one client may have at most ``client_bytes`` of requests waiting and all clients together ``total_bytes``;
+a client with nothing waiting always gets one request in (at most ZeroMQ's message size cap), so a flooding client
+can never shut a quiet one out. A request beyond a bound is not taken: the caller refuses it at once.
+
+Replies: ZeroMQ queues only a few replies per connection (its high-water mark is sized in bytes). A reply that does
+not fit (the client reads slowly, or not at all) is held here, one per client, and that client gets no turn until
+it has been sent: a client that stops reading stops being served, instead of filling memory with replies.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+
+HOLD_RETRY_S = 0.0005       # a held reply is offered to ZeroMQ again after this, ...
+HOLD_RETRY_MAX_S = 0.1      # ... doubling up to this (a client that never reads costs ten tries a second)
+
+
+class _Client:
+    __slots__ = ("waiting", "bytes", "tag")
+
+    def __init__(self, tag: float):
+        self.waiting: deque = deque()   # (item, size), oldest first; the first is the one being served
+        self.bytes = 0
+        self.tag = tag
+
+
+class Inbox:
+    """Per-client FIFO queues of requests, the order of service and the replies held back. Single-threaded (the
+    serving loop)."""
+
+    def __init__(self, client_bytes: int, total_bytes: int):
+        self.client_bytes = client_bytes
+        self.total_bytes = total_bytes
+        self.requests = 0
+        self.bytes = 0
+        self._clients: dict[bytes, _Client] = {}
+        self._ready: list[tuple[float, int, bytes]] = []   # (tag, arrival order, client): clients due a turn
+        self._order = itertools.count()
+        self._virtual = 0.0                                 # the tag of the turn in service
+        self._held: dict[bytes, list] = {}                  # client -> [reply, next try, retry interval]
+
+    # ---- requests --------------------------------------------------------------------------------------------
+
+    def take(self, client: bytes, item, size: int) -> bool:
+        """Queue ``item`` (``size`` bytes) behind the client's earlier requests; False when it would pass a bound."""
+        state = self._clients.get(client)
+        if state is None:
+            state = self._clients[client] = _Client(self._virtual)
+            self._schedule(client, state)
+        elif state.bytes + size > self.client_bytes or self.bytes + size > self.total_bytes:
+            return False
+        state.waiting.append((item, size))
+        state.bytes += size
+        self.bytes += size
+        self.requests += 1
+        return True
+
+    def next(self) -> tuple[bytes, object] | None:
+        """The least-served client due a turn and its oldest request (it stays queued until ``served`` says done)."""
+        if not self._ready:
+            return None
+        tag, _, client = heapq.heappop(self._ready)
+        self._virtual = tag
+        return client, self._clients[client].waiting[0][0]
+
+    def served(self, client: bytes, seconds: float, finished: bool) -> None:
+        """Charge a turn of ``seconds`` to the client ``next`` returned; ``finished``: its request is answered."""
+        state = self._clients[client]
+        state.tag += seconds
+        if finished:
+            _, size = state.waiting.popleft()
+            self._forget(state, size)
+        if state.waiting:
+            self._schedule(client, state)
+        else:
+            del self._clients[client]
+
+    def drop_waiting(self, client: bytes, keep: int) -> int:
+        """Forget the requests of a client that is gone, but the first ``keep`` (1: the one in its turn now);
+        returns how many were forgotten."""
+        state = self._clients.get(client)
+        dropped = 0
+        while state is not None and len(state.waiting) > keep:
+            _, size = state.waiting.pop()
+            self._forget(state, size)
+            dropped += 1
+        if state is not None and not state.waiting:
+            del self._clients[client]
+        return dropped
+
+    def clients(self) -> int:
+        return len(self._clients)
+
+    @property
+    def due(self) -> bool:
+        """Some client is due a turn (its requests wait and no reply of its is held)."""
+        return bool(self._ready)
+
+    # ---- held replies --------------------------------------------------------------------------------------------
+
+    def hold(self, client: bytes, reply) -> bool:
+        """Keep a reply ZeroMQ would not queue; the client gets no turn until ``release``. False when the client has
+        one held already (the caller drops this one)."""
+        if client in self._held:
+            return False
+        self._held[client] = [reply, time.perf_counter() + HOLD_RETRY_S, HOLD_RETRY_S]
+        return True
+
+    def held_due(self, now: float) -> list[tuple[bytes, object]]:
+        """The held replies due another try at ``now`` (time.perf_counter())."""
+        return [(client, entry[0]) for client, entry in self._held.items() if entry[1] <= now]
+
+    def retry_later(self, client: bytes, now: float) -> None:
+        entry = self._held[client]
+        entry[2] = min(entry[2] * 2, HOLD_RETRY_MAX_S)
+        entry[1] = now + entry[2]
+
+    def release(self, client: bytes) -> None:
+        """The held reply was sent (or its client is gone): the client may have turns again."""
+        del self._held[client]
+        state = self._clients.get(client)
+        if state is not None:
+            self._schedule(client, state)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def next_retry_in(self, now: float) -> float | None:
+        """Seconds until the next held reply is due (None: none held)."""
+        return min(entry[1] for entry in self._held.values()) - now if self._held else None
+
+    # ---- internals -----------------------------------------------------------------------------------------
+
+    def _schedule(self, client: bytes, state: _Client) -> None:
+        if client not in self._held:
+            heapq.heappush(self._ready, (state.tag, next(self._order), client))
+
+    def _forget(self, state: _Client, size: int) -> None:
+        state.bytes -= size
+        self.bytes -= size
+        self.requests -= 1
