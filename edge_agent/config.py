@@ -15,7 +15,7 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     transport_max_message_bytes = 0  # larger still: ZeroMQ drops the connection; 0: max_message_bytes + 64 KiB
     max_batch = 500                  # parts per score_batch
     queue_length = 1000              # upper bound of ZeroMQ's high-water marks (sized in bytes: edge_agent/limits.py)
-    turn_parts = 64                  # parts of a score_batch scored per turn before other clients get theirs
+    turn_parts = 16                  # parts of a score_batch per turn while other clients wait (else all at once)
     max_request_age_ms = 1000        # a request waiting in the agent longer is answered deadline_exceeded; 0: never
     max_queued_bytes = 67108864      # requests of all clients waiting in the agent (each client's first always gets in)
     watch_interval_s = 2.0           # how often the followed stage is checked
@@ -246,7 +246,7 @@ class AgentConfig(_AgentSection):
     transport_max_message_bytes: int = 0       # 0: max_message_bytes + 64 KiB
     max_batch: int = 500
     queue_length: int = 1000                   # upper bound of ZeroMQ's high-water marks, which are sized in bytes
-    turn_parts: int = 64                       # parts of a score_batch per turn of service
+    turn_parts: int = 16                       # parts of a score_batch per turn while other clients wait
     max_request_age_ms: int = 1000             # 0: requests never expire in the agent's queue
     max_queued_bytes: int = 64 << 20
     watch_interval_s: float = 2.0

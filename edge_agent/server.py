@@ -60,16 +60,20 @@ class DriftHook(Protocol):
 
 
 class Request:
-    """One request from its receipt to its reply: where the reply goes, its bytes, its id once read, and a
-    score_batch's progress between its turns."""
+    """One request from its receipt to its reply: where the reply goes, its bytes (ZeroMQ's frame: never copied), its
+    id once read, and a score_batch's progress between its turns."""
 
     __slots__ = ("envelope", "payload", "received", "rid", "batch")
 
-    def __init__(self, frames: list[bytes], received: float):
-        self.envelope, self.payload = _split_frames(frames)
+    def __init__(self, client: bytes, frames: list[zmq.Frame], received: float):
+        self.envelope, self.payload = _split_frames(client, frames)
         self.received = received              # time.perf_counter() when the agent took it from ZeroMQ
         self.rid: int | str | None = None
         self.batch: _Batch | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.payload is None else len(self.payload)
 
 
 class _Batch:
@@ -211,11 +215,13 @@ class Agent:
         inbox is answered overloaded at once."""
         seen = set()
         while router.get(zmq.EVENTS) & zmq.POLLIN:   # cheaper than a recv that raises zmq.Again
-            frames = router.recv_multipart()
-            request = Request(frames, time.perf_counter())
-            client = frames[0]
-            if not self.inbox.take(client, request, len(frames[-1])):
-                request.rid = peek_id(frames[-1])
+            client = router.recv()
+            frames = [router.recv(copy=False)]
+            while router.get(zmq.RCVMORE):
+                frames.append(router.recv(copy=False))
+            request = Request(client, frames, time.perf_counter())
+            if not self.inbox.take(client, request, request.size):
+                request.rid = None if request.payload is None else peek_id(request.payload.buffer)
                 self._reply(router, request, self._error(
                     request.rid, Code.OVERLOADED, f"this client already has {self.inbox.client_bytes} bytes of "
                                                   f"requests waiting (or all clients {self.inbox.total_bytes}); "
@@ -242,7 +248,7 @@ class Agent:
                     return True
                 request.batch = _Batch(request.rid, self.model, self.dynamic,
                                        parse_batch(message, self.config.max_batch))
-            if not self._score_slice(request.batch):
+            if not self._score_slice(request.batch, self._others_wait(router)):
                 return False
             self._reply(router, request, request.batch.reply(), request.batch.results)
         except ProtocolError as error:
@@ -257,7 +263,7 @@ class Agent:
         """A request's first turn: not too old, framing, size, msgpack, envelope and deadline; counted by type."""
         waited = time.perf_counter() - request.received
         if self._max_age_s and waited > self._max_age_s and request.payload is not None:
-            request.rid = peek_id(request.payload)
+            request.rid = peek_id(request.payload.buffer)
             raise ProtocolError(Code.DEADLINE_EXCEEDED, f"the request waited {waited * 1e3:.0f} ms in the agent, "
                                                         f"longer than max_request_age_ms "
                                                         f"{self.config.max_request_age_ms}; not scored")
@@ -265,10 +271,10 @@ class Agent:
             if request.payload is None:
                 raise ProtocolError(Code.MALFORMED_MESSAGE, "expected one payload frame (DEALER) or an empty "
                                                             "delimiter and one payload frame (REQ)")
-            if len(request.payload) > self.limits.max_message_bytes:
-                raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"message of {len(request.payload)} bytes exceeds "
+            if request.size > self.limits.max_message_bytes:
+                raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"message of {request.size} bytes exceeds "
                                                             f"max_message_bytes {self.limits.max_message_bytes}")
-            message = decode(request.payload)
+            message = decode(request.payload.buffer)
             request.rid = request_id(message)
             kind = check_envelope(message)
         except ProtocolError:
@@ -331,11 +337,17 @@ class Agent:
                 **self._judge(model, self.dynamic, part, row, float(scores[0]), float(probabilities[0])),
                 "model": model.identity}
 
-    def _score_slice(self, batch: _Batch) -> bool:
-        """Score the next ``turn_parts`` parts of a batch; True when every part has its result."""
+    def _others_wait(self, router: zmq.Socket) -> bool:
+        """Another client is due a turn, or a request waits unread in ZeroMQ."""
+        return self.inbox.due or bool(router.get(zmq.EVENTS) & zmq.POLLIN)
+
+    def _score_slice(self, batch: _Batch, others_wait: bool) -> bool:
+        """Score the next ``turn_parts`` parts of a batch while others wait, else all the rest in one onnxruntime
+        call (a batch alone loses no throughput to slicing); True when every part has its result."""
         model = batch.model
         items = []   # (part, row), or the ProtocolError of a part that cannot be scored
-        for i, item in enumerate(batch.parts.take(self.config.turn_parts), len(batch.results)):
+        n = self.config.turn_parts if others_wait else len(batch.parts)
+        for i, item in enumerate(batch.parts.take(n), len(batch.results)):
             try:
                 items.append(parse_batch_item(item, i, model.parser))
             except ProtocolError as error:
@@ -476,14 +488,13 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _split_frames(frames: list[bytes]) -> tuple[list[bytes], bytes | None]:
+def _split_frames(client: bytes, frames: list[zmq.Frame]) -> tuple[list[bytes], zmq.Frame | None]:
     """(routing envelope to send back, payload): DEALER sends [payload], REQ sends ["", payload]."""
-    identity, rest = frames[0], frames[1:]
-    if len(rest) == 1:
-        return [identity], rest[0]
-    if len(rest) == 2 and rest[0] == b"":
-        return [identity, b""], rest[1]
-    return [identity], None
+    if len(frames) == 1:
+        return [client], frames[0]
+    if len(frames) == 2 and not len(frames[0]):
+        return [client, b""], frames[1]
+    return [client], None
 
 
 def _listen_error(what: str, number: int | None, reason: str) -> EdgeError:

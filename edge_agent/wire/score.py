@@ -6,7 +6,6 @@ onnxruntime.
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +99,7 @@ class Part:
 _DEFAULT_PART = Part()
 
 
-def decode(payload: bytes) -> dict:
+def decode(payload) -> dict:
     """One msgpack map whose maps all have string keys, or ProtocolError(malformed_message).
 
     A message larger than STREAM_PARTS_ABOVE_BYTES keeps its ``parts`` array undecoded (``StreamedParts``): a
@@ -114,7 +113,7 @@ def decode(payload: bytes) -> dict:
     return message
 
 
-def _unpack(payload: bytes, where: str) -> Any:
+def _unpack(payload, where: str) -> Any:
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False, object_hook=_string_keys)
     except (ValueError, TypeError) as error:
@@ -135,9 +134,9 @@ def _string_keys(value: dict) -> dict:
 _MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 
 
-def _decode_streaming_parts(payload: bytes) -> dict:
+def _decode_streaming_parts(payload) -> dict:
     """The top-level map of a large message with ``parts``, when it is an array, left as ``StreamedParts``."""
-    unpacker = msgpack.Unpacker(io.BytesIO(payload), raw=False, strict_map_key=False, object_hook=_string_keys)
+    unpacker = msgpack.Unpacker(_Reader(payload), raw=False, strict_map_key=False, object_hook=_string_keys)
     message: dict = {}
     try:
         for _ in range(unpacker.read_map_header()):
@@ -162,7 +161,7 @@ def _decode_streaming_parts(payload: bytes) -> dict:
     return message
 
 
-def _array_length(payload: bytes, at: int) -> int | None:
+def _array_length(payload, at: int) -> int | None:
     """The element count of the msgpack array whose header starts at ``at``; None if no array starts there."""
     marker = payload[at]
     if 0x90 <= marker <= 0x9F:
@@ -173,10 +172,26 @@ def _array_length(payload: bytes, at: int) -> int | None:
     return None
 
 
-def peek_id(payload: bytes) -> int | str | None:
+class _Reader:
+    """A file over a buffer (bytes, or a ZeroMQ frame's memoryview), for msgpack's streaming Unpacker: only the chunks
+    it reads are copied."""
+
+    __slots__ = ("_view", "_at")
+
+    def __init__(self, buffer, at: int = 0):
+        self._view = memoryview(buffer)
+        self._at = at
+
+    def read(self, n: int) -> bytes:
+        chunk = bytes(self._view[self._at:self._at + n])
+        self._at += len(chunk)
+        return chunk
+
+
+def peek_id(payload) -> int | str | None:
     """The request id, read without decoding the rest: for answering a request the agent will not serve (over its
     client's share, or waiting too long) at the cost of its first fields. None when it has no usable one."""
-    unpacker = msgpack.Unpacker(io.BytesIO(payload), raw=False, read_size=4096)
+    unpacker = msgpack.Unpacker(_Reader(payload), raw=False, read_size=4096)
     try:
         for _ in range(unpacker.read_map_header()):
             if unpacker.unpack() == "id":
@@ -293,7 +308,7 @@ class StreamedParts(BatchParts):
     """The ``parts`` array of a large message, decoded entry by entry on ``take``: the request's bytes stay the only
     copy while it waits for its turns."""
 
-    def __init__(self, payload: bytes, offset: int, count: int):
+    def __init__(self, payload, offset: int, count: int):
         self._payload = payload
         self._offset = offset
         self._count = count
@@ -305,9 +320,7 @@ class StreamedParts(BatchParts):
 
     def take(self, n: int) -> list:
         if self._unpacker is None:
-            stream = io.BytesIO(self._payload)
-            stream.seek(self._offset)
-            self._unpacker = msgpack.Unpacker(stream, raw=False)
+            self._unpacker = msgpack.Unpacker(_Reader(self._payload, self._offset), raw=False)
             self._unpacker.read_array_header()   # the envelope's skip() checked the array's structure
         unpacker, items = self._unpacker, []
         for i in range(self._next, min(self._next + n, self._count)):
