@@ -4,9 +4,10 @@ ZeroMQ's ROUTER hands over messages one connection after another; the agent take
 (per connection) and serves one turn at a time: the whole of a small request, or one slice of a large score_batch.
 The next turn goes to the waiting client that has been served least, by start-time fair queuing (Goyal, Vin and
 Cheng, 1996) on the time spent serving it: each waiting client carries a tag, the serving time charged to it; a
-client that starts waiting starts at the tag of the turn being served. So a client that sends one part at a time
-waits for at most the turn in progress, however many requests other clients keep waiting, and clients that keep
-the agent busy share what is left equally. A client that stops waiting is forgotten (it starts afresh).
+client that starts waiting starts at the tag of the turn being served, ahead of the clients already at that tag.
+So a client that sends one part at a time waits for at most the turn in progress, however many requests other
+clients keep waiting, and clients that keep the agent busy share what is left equally. A client that stops
+waiting is forgotten (it starts afresh).
 
 Bounds: one client may have at most ``client_bytes`` of requests waiting and all clients together ``total_bytes``;
 a client with nothing waiting always gets one request in (at most ZeroMQ's message size cap), so a flooding client
@@ -46,7 +47,7 @@ class Inbox:
         self.requests = 0
         self.bytes = 0
         self._clients: dict[bytes, _Client] = {}
-        self._ready: list[tuple[float, int, bytes]] = []   # (tag, arrival order, client): clients due a turn
+        self._ready: list[tuple[float, int, int, bytes]] = []   # (tag, 0 if it just began waiting, order, client)
         self._order = itertools.count()
         self._virtual = 0.0                                 # the tag of the turn in service
         self._held: dict[bytes, list] = {}                  # client -> [reply, next try, retry interval]
@@ -58,7 +59,7 @@ class Inbox:
         state = self._clients.get(client)
         if state is None:
             state = self._clients[client] = _Client(self._virtual)
-            self._schedule(client, state)
+            self._schedule(client, state, fresh=True)
         elif state.bytes + size > self.client_bytes or self.bytes + size > self.total_bytes:
             return False
         state.waiting.append((item, size))
@@ -71,7 +72,7 @@ class Inbox:
         """The least-served client due a turn and its oldest request (it stays queued until ``served`` says done)."""
         if not self._ready:
             return None
-        tag, _, client = heapq.heappop(self._ready)
+        tag, _, _, client = heapq.heappop(self._ready)
         self._virtual = tag
         return client, self._clients[client].waiting[0][0]
 
@@ -144,9 +145,9 @@ class Inbox:
 
     # ---- internals -----------------------------------------------------------------------------------------
 
-    def _schedule(self, client: bytes, state: _Client) -> None:
+    def _schedule(self, client: bytes, state: _Client, fresh: bool = False) -> None:
         if client not in self._held:
-            heapq.heappush(self._ready, (state.tag, next(self._order), client))
+            heapq.heappush(self._ready, (state.tag, 0 if fresh else 1, next(self._order), client))
 
     def _forget(self, state: _Client, size: int) -> None:
         state.bytes -= size
