@@ -10,6 +10,7 @@ the operating system shares two loaded cores).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
@@ -84,6 +85,87 @@ def identity_at_limits(site: int = 255, text: str = "L") -> dict:
     fill = (text * MAX_IDENTITY_BYTES)[:MAX_IDENTITY_BYTES // len(text.encode())]
     return {"lot": fill, "sublot": fill, "wafer": fill, "part_id": fill, "x": -32768, "y": 32767, "head": 255,
             "site": site}
+
+
+# ---- the flood -------------------------------------------------------------------------------------------------
+
+def _largest_batch(packages, max_batch: int) -> bytes:
+    """A valid score_batch of ``max_batch`` parts as large as they come: the longest id, identity at its limits,
+    readings as a map keyed by each test's longest name, in float64, and a deadline far ahead."""
+    manifest = packages.manifest("1")
+    names = [feature.name for feature in manifest.features]
+    keys = [c if len(c) >= len(n) else n for c, n in zip(manifest.columns, names)]
+    parts = [{"part": identity_at_limits(i % 256), "readings": dict(zip(keys, map(float, packages.stream[i % 400])))}
+             for i in range(max_batch)]
+    return _pack({"v": 1, "type": "score_batch", "id": "\U0010ffff" * 128, "deadline": 1e300, "parts": parts})
+
+
+def test_twenty_flooding_connections_leave_a_fail_open_client_its_decisions_and_the_agent_within_its_bound(
+        packages, tmp_path):
+    endpoint = free_tcp_endpoint()
+    agent = start_agent(packages.root, packages.model, endpoint, log_path=tmp_path / "agent.log")
+    client = AgentClient(endpoint, timeout_ms=20)
+    flooder = None
+    try:
+        with AgentClient(endpoint) as admin:
+            limits = admin.health(timeout_ms=REPLY_S * 1000)["limits"]
+        request = _largest_batch(packages, 500)
+        assert 0.999 * limits["max_message_bytes"] < len(request) <= limits["max_message_bytes"]
+        (tmp_path / "request.msgpack").write_bytes(request)
+        peak = [0]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.05):
+                peak[0] = max(peak[0], rss_bytes(agent.pid))
+        sampler = threading.Thread(target=sample, daemon=True)
+
+        def steady(seconds: float) -> list[tuple[float, bool]]:
+            """The fail-open client at 200 parts/s: (seconds into the phase, decided) per part."""
+            start, out = time.perf_counter(), []
+            while (now := time.perf_counter() - start) < seconds:
+                time.sleep(max(0.0, len(out) / 200 - now))
+                result = client.score(packages.stream[len(out) % 400], {"lot": "steady", "site": 1})
+                out.append((time.perf_counter() - start, result.decided))
+            return out
+
+        # This process stands in for the test program: its own garbage collector must not stall the client.
+        gc.collect()
+        gc.freeze()
+        steady(1.0)
+        baseline = rss_bytes(agent.pid)
+        sampler.start()
+        flooder = subprocess.Popen([sys.executable, str(FLOODER), "--connect", endpoint, "--connections", "20",
+                                    "--request", str(tmp_path / "request.msgpack")], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(19))
+        assert json.loads(flooder.stdout.readline())["connected"] == 20
+        time.sleep(1.0)   # the flood builds up
+        during = steady(6.0)
+        flooder.stdin.close()
+        flooded = json.loads(flooder.stdout.readline())
+        assert flooder.wait(30) == 0
+        after = steady(3.0)
+        sampling.set()
+        sampler.join()
+        with AgentClient(endpoint) as admin:
+            health = admin.health(timeout_ms=REPLY_S * 1000)
+    finally:
+        gc.unfreeze()
+        client.close()
+        if flooder is not None and flooder.poll() is None:
+            flooder.kill()
+        assert stop(agent) == 0
+    decided = sum(d for _, d in during) / len(during)
+    print(f"\nflood: {flooded['sent']} requests of {len(request)} bytes sent; fail-open client decided "
+          f"{decided:.1%} of {len(during)} during, {sum(d for _, d in after)}/{len(after)} after; agent RSS "
+          f"{baseline / 1e6:.0f} MB before, peak {peak[0] / 1e6:.0f} MB; errors {health['errors']}; client "
+          f"{dict(client.no_decision)}; load average {os.getloadavg()[0]:.1f}")
+    assert flooded["sent"] > 100 and health["requests"]["score_batch"] > 0   # the flood was served, fairly
+    assert decided >= 0.95
+    assert all(d for t, d in after if t >= 1.0)
+    assert peak[0] < baseline + 21 * limits["per_connection_bytes"] + (32 << 20)   # the documented bound ...
+    assert peak[0] < 300e6                                                           # ... and the issue's
+    assert Code.INTERNAL_ERROR not in health["errors"]
 
 
 # ---- the fuzz: generated messages ------------------------------------------------------------------------------
@@ -257,83 +339,6 @@ def test_generated_malformed_and_extreme_messages_each_get_a_documented_reply_an
         refused = db.execute("SELECT count(*) FROM alerts WHERE kind = 'refused_window'").fetchone()[0]
     assert windows >= 2 and refused == 0
     assert not list(spool.glob("*.msg")) and not (spool / "dead-letter").exists()   # every window stored
-
-
-# ---- the flood -------------------------------------------------------------------------------------------------
-
-def _largest_batch(packages, max_batch: int) -> bytes:
-    """A valid score_batch of ``max_batch`` parts as large as they come: the longest id, identity at its limits,
-    readings as a map keyed by each test's longest name, in float64, and a deadline far ahead."""
-    manifest = packages.manifest("1")
-    names = [feature.name for feature in manifest.features]
-    keys = [c if len(c) >= len(n) else n for c, n in zip(manifest.columns, names)]
-    parts = [{"part": identity_at_limits(i % 256), "readings": dict(zip(keys, map(float, packages.stream[i % 400])))}
-             for i in range(max_batch)]
-    return _pack({"v": 1, "type": "score_batch", "id": "\U0010ffff" * 128, "deadline": 1e300, "parts": parts})
-
-
-def test_twenty_flooding_connections_leave_a_fail_open_client_its_decisions_and_the_agent_within_its_bound(
-        packages, tmp_path):
-    endpoint = free_tcp_endpoint()
-    agent = start_agent(packages.root, packages.model, endpoint, log_path=tmp_path / "agent.log")
-    client = AgentClient(endpoint, timeout_ms=20)
-    flooder = None
-    try:
-        with AgentClient(endpoint) as admin:
-            limits = admin.health(timeout_ms=REPLY_S * 1000)["limits"]
-        request = _largest_batch(packages, 500)
-        assert 0.999 * limits["max_message_bytes"] < len(request) <= limits["max_message_bytes"]
-        (tmp_path / "request.msgpack").write_bytes(request)
-        peak = [0]
-        sampling = threading.Event()
-
-        def sample() -> None:
-            while not sampling.wait(0.05):
-                peak[0] = max(peak[0], rss_bytes(agent.pid))
-        sampler = threading.Thread(target=sample, daemon=True)
-
-        def steady(seconds: float) -> list[tuple[float, bool]]:
-            """The fail-open client at 200 parts/s: (seconds into the phase, decided) per part."""
-            start, out = time.perf_counter(), []
-            while (now := time.perf_counter() - start) < seconds:
-                time.sleep(max(0.0, len(out) / 200 - now))
-                result = client.score(packages.stream[len(out) % 400], {"lot": "steady", "site": 1})
-                out.append((time.perf_counter() - start, result.decided))
-            return out
-
-        steady(1.0)
-        baseline = rss_bytes(agent.pid)
-        sampler.start()
-        flooder = subprocess.Popen([sys.executable, str(FLOODER), "--connect", endpoint, "--connections", "20",
-                                    "--request", str(tmp_path / "request.msgpack")], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(19))
-        assert json.loads(flooder.stdout.readline())["connected"] == 20
-        time.sleep(1.0)   # the flood builds up
-        during = steady(6.0)
-        flooder.stdin.close()
-        flooded = json.loads(flooder.stdout.readline())
-        assert flooder.wait(30) == 0
-        after = steady(3.0)
-        sampling.set()
-        sampler.join()
-        with AgentClient(endpoint) as admin:
-            health = admin.health(timeout_ms=REPLY_S * 1000)
-    finally:
-        client.close()
-        if flooder is not None and flooder.poll() is None:
-            flooder.kill()
-        assert stop(agent) == 0
-    decided = sum(d for _, d in during) / len(during)
-    print(f"\nflood: {flooded['sent']} requests of {len(request)} bytes sent; fail-open client decided "
-          f"{decided:.1%} of {len(during)} during, {sum(d for _, d in after)}/{len(after)} after; agent RSS "
-          f"{baseline / 1e6:.0f} MB before, peak {peak[0] / 1e6:.0f} MB; errors {health['errors']}; client "
-          f"{dict(client.no_decision)}; load average {os.getloadavg()[0]:.1f}")
-    assert flooded["sent"] > 100 and health["requests"]["score_batch"] > 0   # the flood was served, fairly
-    assert decided >= 0.95
-    assert all(d for t, d in after if t >= 1.0)
-    assert peak[0] < baseline + 21 * limits["per_connection_bytes"] + (32 << 20)   # the documented bound ...
-    assert peak[0] < 300e6                                                           # ... and the issue's
-    assert Code.INTERNAL_ERROR not in health["errors"]
 
 
 # ---- bounded state, queues and deadlines ----------------------------------------------------------------------------
