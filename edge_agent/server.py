@@ -465,9 +465,9 @@ class Agent:
                  reason)
         largest = largest_request_bytes(model.parser, self.config.max_batch)
         if not self.config.max_message_bytes and largest > self.limits.max_message_bytes:
-            log.warning("%s takes requests up to %d bytes, but the size cap was set at start from the model served then "
-                        "(%d bytes): larger score_batch requests are refused; restart the agent to size it for this "
-                        "model", model.ref, largest, self.limits.max_message_bytes)
+            log.warning("%s takes requests up to %d bytes, but the size cap was set at start from the model served "
+                        "then (%d bytes): larger score_batch requests are refused; restart the agent to size it for "
+                        "this model", model.ref, largest, self.limits.max_message_bytes)
 
     def _dynamic_pat(self, model: LoadedModel) -> DynamicPat | None:
         pat = self.config.pat

@@ -28,10 +28,12 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_agent.collector.alerts import AlertConfig, AlertRules
 from edge_agent.collector.store import Store
 from edge_agent.drift import DriftMonitor, DriftReference
+from edge_agent.metrics import Metrics, PrometheusCollector
 from edge_agent.package.manifest import SAMPLE_ROWS_FILE
 from edge_agent.shipping import DiskSpool, Shipper
 from edge_agent.wire.codec import decode_trusted as decode
@@ -344,6 +346,12 @@ def test_a_window_that_can_never_be_stored_is_dead_lettered_with_an_alert_and_th
     assert (agent, seq) == ("edge-1", 1) and "dead-letter" in message and "sites[0].head" in message
     assert _alerts(running.db, "sequence_gap") == []   # the refused window is a reported loss, not a gap
     assert running.metrics()['edge_collector_alerts_total{kind="refused_window"}'] == 1
+    registry = CollectorRegistry()   # the agent's /metrics, fed by the same shipper status as its health reply
+    registry.register(PrometheusCollector(Metrics(), lambda: {"name": "m", "version": "1", "checksum": "c"},
+                                          drift=shipper.status))
+    exposed = generate_latest(registry).decode()
+    assert 'edge_agent_drift_windows_total{outcome="dead_lettered"} 1.0' in exposed
+    assert 'edge_agent_drift_windows_total{outcome="acked"} 100.0' in exposed
 
 
 def test_a_valid_window_whose_store_keeps_failing_is_refused_for_good_after_three_attempts(

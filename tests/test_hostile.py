@@ -407,8 +407,11 @@ def test_a_deadline_already_past_is_answered_at_once_without_scoring(agent, pack
         after = dealer.ask({"v": 1, "type": "health", "id": 1})
         bad = dealer.ask({"v": 1, "type": "score", "id": "nan", "readings": packages.stream[0].tobytes(),
                           "deadline": float("nan")})
+        with AgentClient(agent["endpoint"], timeout_ms=REPLY_S * 1000, send_deadline=True) as client:
+            in_time = client.score(packages.stream[0])   # its deadline: now + its timeout
     finally:
         dealer.close()
+    assert in_time.decided
     assert [(r["id"], r["code"]) for r in replies] == [(i, Code.DEADLINE_EXCEEDED) for i in range(200)]
     assert after["parts_scored"] == before
     assert bad["code"] == Code.FIELD_OUT_OF_RANGE and "deadline" in bad["message"]

@@ -273,8 +273,8 @@ def parse_part(value: Any, where: str = "part") -> Part:
             # Fewer than 64 characters cannot exceed 255 bytes of UTF-8: most identities skip the encoding.
             if len(item) > MAX_IDENTITY_BYTES // 4 and len(item.encode()) > MAX_IDENTITY_BYTES:
                 raise ProtocolError(Code.FIELD_OUT_OF_RANGE,
-                                    f"field '{where}.{key}': {short_repr(item)} is {len(item.encode())} bytes of UTF-8; "
-                                    f"expected at most {MAX_IDENTITY_BYTES} (an STDF Cn string)")
+                                    f"field '{where}.{key}': {short_repr(item)} is {len(item.encode())} bytes of "
+                                    f"UTF-8; expected at most {MAX_IDENTITY_BYTES} (an STDF Cn string)")
         elif kind is int and int in types:
             low, high, stdf = INTEGER_RANGES[key]
             if not low <= item <= high:

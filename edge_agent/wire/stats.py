@@ -136,7 +136,8 @@ def parse_stats(message: Any) -> StatsWindow:
     _finite(w["start"], "window.start")
     _finite(w["end"], "window.end")
     if w["closed_by"] not in CLOSED_BY:
-        raise InvalidMessage(f"window.closed_by: expected one of {', '.join(CLOSED_BY)}, got {short_repr(w['closed_by'])}")
+        raise InvalidMessage(f"window.closed_by: expected one of {', '.join(CLOSED_BY)}, got "
+                             f"{short_repr(w['closed_by'])}")
     _integer(w["parts"], "window.parts", 0, MAX_COUNT)
     _integer(w["unobserved_parts"], "window.unobserved_parts", 0, MAX_COUNT)
     _check_spool(_fields(m["spool"], "spool", {"stream": str, "dropped_total": int, "dropped_seq_ranges": list,
