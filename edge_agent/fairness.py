@@ -15,17 +15,20 @@ can never shut a quiet one out. A request beyond a bound is not taken: the calle
 
 Replies: ZeroMQ queues only a few replies per connection (its high-water mark is sized in bytes). A reply that does
 not fit (the client reads slowly, or not at all) is held here, one per client, and that client gets no turn until
-it has been sent: a client that stops reading stops being served, instead of filling memory with replies.
+it has been sent: a client that stops reading stops being served, instead of filling memory with replies. A client
+whose reply cannot be routed has gone: its waiting requests are dropped, and so is what still arrives from it for
+GONE_FORGET_S (ZeroMQ delivers what a closed connection had buffered, megabytes of a flood nobody waits for).
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 HOLD_RETRY_S = 0.0005       # a held reply is offered to ZeroMQ again after this, ...
 HOLD_RETRY_MAX_S = 0.1      # ... doubling up to this (a client that never reads costs ten tries a second)
+GONE_FORGET_S = 2.0         # requests still arriving from a client that has gone are dropped for this long
 
 
 class _Client:
@@ -51,6 +54,7 @@ class Inbox:
         self._order = itertools.count()
         self._virtual = 0.0                                 # the tag of the turn in service
         self._held: dict[bytes, list] = {}                  # client -> [reply, next try, retry interval]
+        self._gone: OrderedDict[bytes, float] = OrderedDict()  # client -> when it was found gone, oldest first
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -88,9 +92,9 @@ class Inbox:
         else:
             del self._clients[client]
 
-    def drop_waiting(self, client: bytes, keep: int) -> int:
-        """Forget the requests of a client that is gone, but the first ``keep`` (1: the one in its turn now);
-        returns how many were forgotten."""
+    def gone(self, client: bytes, keep: int, now: float) -> int:
+        """The client has gone (its reply could not be routed): forget its requests but the first ``keep`` (1: the one
+        in its turn now) and mark it gone; returns how many were forgotten."""
         state = self._clients.get(client)
         dropped = 0
         while state is not None and len(state.waiting) > keep:
@@ -99,7 +103,16 @@ class Inbox:
             dropped += 1
         if state is not None and not state.waiting:
             del self._clients[client]
+        self._gone[client] = now
+        self._gone.move_to_end(client)
         return dropped
+
+    def is_gone(self, client: bytes, now: float) -> bool:
+        """Whether the client was found gone within GONE_FORGET_S (a request from it was sent before it left)."""
+        gone = self._gone
+        while gone and next(iter(gone.values())) < now - GONE_FORGET_S:
+            gone.popitem(last=False)
+        return client in gone
 
     def clients(self) -> int:
         return len(self._clients)

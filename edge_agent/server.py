@@ -44,6 +44,10 @@ log = logging.getLogger("edge_agent.server")
 POLL_MS = 100                 # how soon a stop request (SIGTERM) is noticed when no request arrives
 ERROR_LOG_INTERVAL_S = 1.0    # at most one log line per error code per interval (a bad client floods)
 HEALTH_SITES = 32             # dynamic PAT sites listed in a health reply (the most recently tested)
+# ZeroMQ moves bytes between sockets and queues on its own threads, each connection on one of them. With two, a
+# connection flooding megabyte messages keeps one busy while the others' small requests go through the other
+# (measured under a 20-connection flood: 95-98 % of a 20 ms client's parts decided against 48-93 % with one).
+IO_THREADS = 2
 # While the reload thread (or a Prometheus scrape) runs Python code, the serving thread waits for the GIL up to
 # the switch interval: 5 ms by default, 0.2 ms here. Only costs anything while two threads want the GIL.
 GIL_SWITCH_INTERVAL_S = 200e-6
@@ -127,7 +131,7 @@ class Agent:
 
     def serve(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        context = zmq.Context()
+        context = zmq.Context(io_threads=IO_THREADS)
         router = context.socket(zmq.ROUTER)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.RCVHWM, self.limits.receive_hwm)
@@ -220,7 +224,9 @@ class Agent:
             while router.get(zmq.RCVMORE):
                 frames.append(router.recv(copy=False))
             request = Request(client, frames, time.perf_counter())
-            if not self.inbox.take(client, request, request.size):
+            if self.inbox.is_gone(client, request.received):
+                self.metrics.replies_dropped["unroutable"] += 1   # sent before its client went away
+            elif not self.inbox.take(client, request, request.size):
                 request.rid = None if request.payload is None else peek_id(request.payload.buffer)
                 self._reply(router, request, self._error(
                     request.rid, Code.OVERLOADED, f"this client already has {self.inbox.client_bytes} bytes of "
@@ -256,7 +262,7 @@ class Agent:
         except Exception as error:   # a bug must cost one reply, never the daemon
             self._error_log.exception("internal_error", "internal error on a request")
             self._reply(router, request, self._error(request.rid, Code.INTERNAL_ERROR,
-                                                     f"{type(error).__name__}: {error}"))
+                                                     f"{type(error).__name__}: {str(error)[:300]}"))
         return True
 
     def _open(self, request: Request) -> dict:
@@ -301,7 +307,8 @@ class Agent:
             if error.errno != errno.EHOSTUNREACH:
                 raise
             # The client went away before its reply; what else it sent can never be answered either.
-            self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.drop_waiting(request.envelope[0], keep=1)
+            self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.gone(request.envelope[0], 1,
+                                                                              time.perf_counter())
         self.metrics.latency.record(time.perf_counter() - request.received)
 
     def _send_held(self, router: zmq.Socket) -> None:
@@ -318,7 +325,7 @@ class Agent:
             except zmq.ZMQError as error:
                 if error.errno != errno.EHOSTUNREACH:
                     raise
-                self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.drop_waiting(client, keep=0)
+                self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.gone(client, 0, now)
             self.inbox.release(client)
 
     def _error(self, rid, code: str, message: str) -> dict:
