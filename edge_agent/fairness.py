@@ -74,11 +74,13 @@ class Inbox:
 
     def next(self) -> tuple[bytes, object] | None:
         """The least-served client due a turn and its oldest request (it stays queued until ``served`` says done)."""
-        if not self._ready:
-            return None
-        tag, _, _, client = heapq.heappop(self._ready)
-        self._virtual = tag
-        return client, self._clients[client].waiting[0][0]
+        while self._ready:
+            tag, _, _, client = heapq.heappop(self._ready)
+            state = self._clients.get(client)
+            if state is not None:          # else: found gone while it waited
+                self._virtual = tag
+                return client, state.waiting[0][0]
+        return None
 
     def served(self, client: bytes, seconds: float, finished: bool) -> None:
         """Charge a turn of ``seconds`` to the client ``next`` returned; ``finished``: its request is answered."""

@@ -237,7 +237,10 @@ class Agent:
             seen.add(client)
 
     def _turn(self, router: zmq.Socket) -> None:
-        client, request = self.inbox.next()
+        picked = self.inbox.next()
+        if picked is None:
+            return
+        client, request = picked
         start = time.perf_counter()
         finished = self._serve(router, request)
         self.inbox.served(client, time.perf_counter() - start, finished)

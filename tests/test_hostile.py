@@ -506,6 +506,9 @@ def test_the_fair_queue_serves_a_light_client_next_and_holds_one_whose_reply_is_
     assert inbox.held_due(time.perf_counter() + 1) == [(b"light", "its reply")]
     inbox.release(b"light")
     assert inbox.next() == (b"light", "l1") and inbox.requests == 5 and inbox.bytes == 410
+    # A client whose reply could not be routed has gone: its requests go, and so does what still arrives for a while.
+    assert inbox.gone(b"heavy", 0, now=100.0) == 3 and inbox.requests == 2
+    assert inbox.is_gone(b"heavy", now=101.0) and not inbox.is_gone(b"heavy", now=102.5)
 
 
 def test_the_largest_request_bound_is_the_size_of_a_request_built_at_every_limit(packages):
