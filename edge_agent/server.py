@@ -64,8 +64,8 @@ class DriftHook(Protocol):
 
 
 class Request:
-    """One request from its receipt to its reply: where the reply goes, its bytes (ZeroMQ's frame: never copied), its
-    id once read, and a score_batch's progress between its turns."""
+    """One request from its receipt to its reply: where the reply goes, its bytes (ZeroMQ's frame, read in place),
+    its id once read, and a score_batch's progress between its turns."""
 
     __slots__ = ("envelope", "payload", "received", "rid", "batch")
 
@@ -296,8 +296,8 @@ class Agent:
 
     def _reply(self, router: zmq.Socket, request: Request, reply: dict, results: list[bytes] | None = None, *,
                hold: bool = True) -> None:
-        """Send a reply; one ZeroMQ will not queue now is held (its client is served no more until it has gone, see
-        fairness.py), or with ``hold`` False (a refusal outside the client's turns) dropped."""
+        """Send a reply. One ZeroMQ will not queue now is held, and its client gets no more turns until it has been sent
+        (fairness.py); with ``hold`` False (a refusal outside the client's turns) it is dropped instead."""
         reply["agent_us"] = round((time.perf_counter() - request.received) * 1e6, 1)
         payload = encode(reply) if results is None else encode_batch_reply(reply, results)
         frames = [*request.envelope, payload]
