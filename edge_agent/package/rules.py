@@ -43,10 +43,12 @@ from .manifest import PAT_SHAPES as SHAPES
 
 ROBUST_SIGMA_PER_IQR = 1.35   # IQR of a normal distribution is 1.349 sigma (AEC-Q001)
 SIGMA_PER_HALF_IQR = 0.6745   # median to quartile of a normal distribution, in sigma (skewed: one side each)
-# A positive test goes to the log scale when log(reading) makes its quartiles more symmetric by at least this much
-# Bowley (quartile) skewness: 0.10 for IDDQ-like readings (log sigma 0.3), under 0.01 for a normal test, whose
-# sampling noise is 0.02 at 5,000 parts. (Requiring a skewness above 0.1 instead decided such IDDQ tests by that
-# noise, and the linear rule on one flagged 0.65 % of the next lot's good parts.)
+# A positive test goes to the log scale when its readings are right-skewed beyond this Bowley (quartile) skewness
+# and log(reading) makes its quartiles more symmetric: 0.10 for IDDQ-like readings (log sigma 0.3), under 0.01 for
+# a normal test, whose sampling noise is 0.02 at 5,000 parts. (Requiring a skewness above 0.1 instead decided such
+# IDDQ tests by that noise, and the linear rule on one flagged 0.65 % of the next lot's good parts. Requiring the
+# log to remove 0.05 of skewness failed leakage tests read with an additive offset, whose log over-corrects:
+# skewness 0.08-0.12 became -0.04; their linear rule flagged 0.5 % of the next lot's good parts.)
 LOG_SKEW_GAIN = 0.05
 # A skewed test gets a sigma per side above this Bowley skewness. The sampling noise of Bowley skewness is about
 # 1.2/sqrt(n) for normal data: 0.07 at the 300 parts of a small wafer lot, so 0.2 is beyond noise there.
@@ -119,14 +121,14 @@ def log_scale_tests(q1: np.ndarray, median: np.ndarray, q3: np.ndarray, minimum:
 
     median +/- k robust sigma assumes a symmetric distribution; on a log-normal one the upper limit cuts into
     the ordinary tail (measured on the synthetic floor: 27 leakage tests put 5.5 % of passing parts outside
-    static PAT; on the log scale 0.05 %). A test qualifies when every reading is positive and taking logs makes
-    its quartiles more symmetric by at least ``LOG_SKEW_GAIN`` (Bowley skewness).
+    static PAT; on the log scale 0.05 %). A test qualifies when every reading is positive, its Bowley skewness is
+    above ``LOG_SKEW_GAIN`` and taking logs makes its quartiles more symmetric.
     """
     with np.errstate(divide="ignore", invalid="ignore"):
         skew = (q3 + q1 - 2 * median) / (q3 - q1)
         log_q1, log_median, log_q3 = np.log(q1), np.log(median), np.log(q3)
         log_skew = (log_q3 + log_q1 - 2 * log_median) / (log_q3 - log_q1)
-    return (minimum > 0) & (skew - np.abs(log_skew) > LOG_SKEW_GAIN)
+    return (minimum > 0) & (skew > LOG_SKEW_GAIN) & (np.abs(log_skew) < skew)
 
 
 def rule_sigmas(q1: np.ndarray, median: np.ndarray, q3: np.ndarray, min_sigma: np.ndarray,
