@@ -26,7 +26,7 @@ TRAINER = [                    # ingestion, training, ONNX export (and the bench
 COLLECTOR = [                  # the fleet report's plots
     "matplotlib>=3.8,<3.12",
 ]
-TEST = ["pytest>=8,<10", "Semi-ATE-STDF>=0.1"]
+TEST = ["pytest>=8,<10", "Semi-ATE-STDF>=0.1", "hypothesis>=6.100,<7"]
 
 setup(
     name="edge-inference",

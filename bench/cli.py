@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench import machine, report
 from edge_agent.errors import run_command
+from edge_agent.package.files import output_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("e2e", "throughput", "agent", "curve", "inproc", "scaling", "stdf", "training", "drift", "explain",
@@ -44,6 +45,9 @@ def bench_command(args: argparse.Namespace) -> int:
         print(report.readme_table(load_results(args.readme_table)))
         return 0
     check_installed(NEEDED_MODULES)
+    for path, option, folder in ((args.json, "--json", False), (args.markdown, "--markdown", False),
+                                 (args.plots, "--plots", True)):
+        output_path(path, option, folder=folder)   # before minutes of measuring, not after
     figures, latencies, curves = run(args.quick, args.only or list(SECTIONS))
     write_outputs(figures, latencies, curves, Path(args.json), Path(args.markdown), Path(args.plots))
     print(report.readme_table(figures))

@@ -193,8 +193,9 @@ def measure_pipelined(client: AgentClient, readings: np.ndarray, identities: lis
                       drain_timeout_s: float = 2.0) -> dict:
     """Like ``measure_open_loop``, but part i is sent at its due time whether or not earlier replies arrived
     (requests in flight overlap, as parts from several sites or testers do): the offered rate holds even above
-    what one waiting caller achieves. Replies are matched by request id; a part without a reply
-    ``drain_timeout_s`` after the last send counts under ``no_decision["timeout"]``. Same figures."""
+    what one waiting caller achieves. Replies are matched by request id; an error reply (a saturated agent sheds
+    load: overloaded, deadline_exceeded) counts under its code, a part without a reply ``drain_timeout_s`` after
+    the last send under ``no_decision["timeout"]``; latency figures are of scored parts. Same figures."""
     for i in range(WARM_UP_PARTS):
         client.score(readings[i], identities[i])
     gc.collect()
@@ -203,6 +204,7 @@ def measure_pipelined(client: AgentClient, readings: np.ndarray, identities: lis
     n = len(readings)
     due_at, sent_at, done_at = np.empty(n), np.empty(n), np.full(n, np.nan)
     agent_us = np.full(n, np.nan)
+    refused = np.zeros(n, dtype=bool)
     no_decision: Counter[str] = Counter()
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
@@ -216,10 +218,11 @@ def measure_pipelined(client: AgentClient, readings: np.ndarray, identities: lis
             i = reply.get("id", -1) - first_id
             if not 0 <= i < n:
                 continue
-            done_at[i] = now
             if reply.get("type") == REPLY_TYPES[SCORE]:
+                done_at[i] = now
                 agent_us[i] = reply.get("agent_us", np.nan)
             else:
+                refused[i] = True
                 no_decision[str(reply.get("code"))] += 1
             timeout_ms = 0
 
@@ -236,14 +239,14 @@ def measure_pipelined(client: AgentClient, readings: np.ndarray, identities: lis
                                        "readings": np.asarray(readings[i], "<f4").tobytes(),
                                        "part": identities[i]}, use_bin_type=True))
         deadline = time.perf_counter() + drain_timeout_s
-        while np.isnan(done_at).any() and time.perf_counter() < deadline:
+        while (np.isnan(done_at) & ~refused).any() and time.perf_counter() < deadline:
             receive(10)
         elapsed = np.nanmax(done_at) - start if not np.isnan(done_at).all() else float("nan")
     finally:
         socket.close(linger=0)
     replied = ~np.isnan(done_at)
-    if (~replied).any():
-        no_decision["timeout"] += int((~replied).sum())
+    if (~replied & ~refused).any():
+        no_decision["timeout"] += int((~replied & ~refused).sum())
     return {"from_due_us": (done_at[replied] - due_at[replied]) * 1e6,
             "round_trip_us": (done_at[replied] - sent_at[replied]) * 1e6,
             "agent_us": agent_us[~np.isnan(agent_us)], "no_decision": dict(no_decision),

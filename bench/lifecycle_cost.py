@@ -82,7 +82,7 @@ def _judge_loop(agent: Agent, model, rows, part_ids) -> np.ndarray:
     clock, ns = time.perf_counter_ns, np.empty(len(rows), np.int64)
     for i, row in enumerate(rows):
         start = clock()
-        agent._judge(model, part_ids[i], row, float(scores[i]), float(probabilities[i]))
+        agent._judge(model, agent.dynamic, part_ids[i], row, float(scores[i]), float(probabilities[i]))
         ns[i] = clock() - start
     return ns
 
@@ -95,9 +95,9 @@ def _audit(config, registry, model, rows, part_ids) -> dict:
     try:
         with_audit = _judge_loop(Agent(config, registry, model, lifecycle=Lifecycle(audit=audit)), model, rows,
                                  part_ids)
-        decision = Agent(config, registry, model)._judge   # one decision object to record again and again
+        judging = Agent(config, registry, model)   # one decision to record again and again
         scores, probabilities = model.score(rows[:1])
-        reply = decision(model, part_ids[0], rows[0], float(scores[0]), float(probabilities[0]))
+        reply = judging._judge(model, judging.dynamic, part_ids[0], rows[0], float(scores[0]), float(probabilities[0]))
         record_ns = _record_loop(lambda i: audit.decided(model, part_ids[i], rows[i], 0.1, 0.9, _Decided(reply)),
                                  len(rows))
     finally:
@@ -135,7 +135,7 @@ def _shadow(config, registry, model, rows, part_ids, rate: float) -> dict:
                 time.sleep(wait / 1e9)
             start = clock()
             scores, probabilities = model.score(rows[i][None, :])
-            agent._judge(model, part_ids[i], rows[i], float(scores[0]), float(probabilities[0]))
+            agent._judge(model, agent.dynamic, part_ids[i], rows[i], float(scores[0]), float(probabilities[0]))
             agent.lifecycle.tick()
             ns[i] = clock() - start
     deadline = time.monotonic() + 30
@@ -145,8 +145,8 @@ def _shadow(config, registry, model, rows, part_ids, rate: float) -> dict:
     blocks = shadow.take()
     agreement = sum(s["agree"] for b in blocks for s in b["sites"]) / max(1, sum(s["parts"] for b in blocks
                                                                                 for s in b["sites"]))
-    reply = Agent(config, registry, model)._judge(model, part_ids[0], rows[0], float(scores[0]),
-                                                  float(probabilities[0]))
+    judging = Agent(config, registry, model)
+    reply = judging._judge(model, judging.dynamic, part_ids[0], rows[0], float(scores[0]), float(probabilities[0]))
     shadow.offer(challenger)
     shadow.queue_parts = len(rows) + 1
     record_ns = _record_loop(lambda i: shadow.record(model, part_ids[i], rows[i], 0.1, 0.9, _Decided(reply)),

@@ -12,7 +12,7 @@ reload and rollback go to the agent's CURVE control socket ([security] control_b
 ([security] control_keys); health goes to the score socket unless --key is given.
 
 Exit status: 0 ok, 1 the agent answered with an error (or a reload was refused), 2 bad configuration or a
-package that cannot be served, 3 no reply from the agent.
+package that cannot be served, 3 no reply from the agent (run: another process listens on the address).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 
-from .config import AgentConfig, load_config
+from .config import AgentConfig, check_endpoint, load_config
 from .errors import EdgeError, run_command
 from .keys import CURVE_PUBLIC, CURVE_SECRET, add_keys_command
 
@@ -237,7 +237,7 @@ def _client(args: argparse.Namespace, *, control: bool):
         raise EdgeError(f"{args.command} is a control message: it goes to the agent's CURVE control socket with your "
                         "key: --key YOURS.key_secret (one of the agent's control_keys), and --config agent.toml or "
                         "--connect CONTROL_ENDPOINT --agent-key AGENT.key")
-    endpoint = args.connect
+    endpoint = check_endpoint("--connect", args.connect) if args.connect else None
     if endpoint is None and config is not None:
         endpoint = config.security.control_bind if control else config.bind
     if control and not endpoint:

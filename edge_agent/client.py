@@ -4,8 +4,11 @@ Needs numpy, pyzmq and msgpack only. If the agent is slow, restarting or absent,
 result with ``decided=False`` (and counts why) no later than its timeout; it never raises and never
 blocks the test program beyond that. After a timeout the socket is thrown away and a fresh one connects
 (the "Lazy Pirate" pattern), so a late reply can never be taken for the next part's. After
-``failures_before_backoff`` consecutive failures the client stops waiting on an absent agent: for
-``backoff_s`` it answers "no decision" at once, then tries again.
+``failures_before_backoff`` consecutive failures spanning at least ``backoff_after_s`` the client stops waiting
+on an absent agent: for ``backoff_s`` it answers "no decision" at once, then tries again. (A stall of a few parts,
+a busy machine, is not an absent agent: the parts after it get their decisions.) With ``send_deadline`` each score
+request carries its deadline (now + timeout), so an agent that reaches it late answers deadline_exceeded at once
+instead of scoring a part nobody waits for (agents from before the ``deadline`` field refuse it as unknown).
 
     client = AgentClient("tcp://127.0.0.1:5555", timeout_ms=20)
     result = client.score(readings, part={"lot": "L1", "wafer": "3", "x": 10, "y": 4, "site": 2})
@@ -70,19 +73,23 @@ class ScoreResult:
 
 class AgentClient:
     def __init__(self, endpoint: str, *, timeout_ms: float = 20.0, failures_before_backoff: int = 3,
-                 backoff_s: float = 1.0, max_message_bytes: int = 4 << 20, context: zmq.Context | None = None,
+                 backoff_after_s: float = 0.25, backoff_s: float = 1.0, send_deadline: bool = False,
+                 max_message_bytes: int = 4 << 20, context: zmq.Context | None = None,
                  curve: CurveClient | None = None):
         self.endpoint = endpoint
         self.curve = curve
         self.timeout_ms = timeout_ms
         self.failures_before_backoff = failures_before_backoff
+        self.backoff_after_s = backoff_after_s
         self.backoff_s = backoff_s
+        self.send_deadline = send_deadline
         self.max_message_bytes = max_message_bytes
         self.decided = 0
         self.no_decision: Counter[str] = Counter()
         self._context = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self._failures = 0
+        self._failing_since = 0.0       # time.perf_counter() of the first of the failures in a row
         self._backoff_until = 0.0
         self._socket = self._connect()
 
@@ -164,6 +171,9 @@ class AgentClient:
         if start < self._backoff_until:
             return None, None, (BACKING_OFF, f"agent at {self.endpoint} did not answer lately; not waiting on it "
                                              f"for {self._backoff_until - start:.2f} s more")
+        timeout_s = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
+        if self.send_deadline:
+            message["deadline"] = time.time() + timeout_s
         try:
             payload = msgpack.packb(message, use_bin_type=True)
         except (TypeError, ValueError, OverflowError) as error:
@@ -171,7 +181,7 @@ class AgentClient:
         if len(payload) > self.max_message_bytes:
             return None, None, (TOO_LARGE_TO_SEND, f"request of {len(payload)} bytes exceeds max_message_bytes "
                                                    f"{self.max_message_bytes}")
-        deadline = start + (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000.0
+        deadline = start + timeout_s
         try:
             self._socket.send(payload, zmq.NOBLOCK)
         except zmq.Again:
@@ -214,9 +224,12 @@ class AgentClient:
         """Lazy Pirate: a fresh socket after a failure, and back off after several in a row."""
         self._socket.close(linger=0)
         self._socket = self._connect()
+        now = time.perf_counter()
+        if not self._failures:
+            self._failing_since = now
         self._failures += 1
-        if self._failures >= self.failures_before_backoff:
-            self._backoff_until = time.perf_counter() + self.backoff_s
+        if self._failures >= self.failures_before_backoff and now - self._failing_since >= self.backoff_after_s:
+            self._backoff_until = now + self.backoff_s
             self._failures = 0
 
     def _connect(self) -> zmq.Socket:

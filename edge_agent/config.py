@@ -10,10 +10,13 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     version = ""                     # pin one version instead of following the stage
     bind = "tcp://127.0.0.1:5555"    # tcp://host:port or ipc:///path; any other host than loopback needs score_keys
     yield_variant = "float32"        # or "int8" where the package ships one
-    max_message_bytes = 1048576      # larger requests get a message_too_large error reply
-    transport_max_message_bytes = 4194304   # larger still: ZeroMQ drops the connection (ZMQ_MAXMSGSIZE)
+    max_message_bytes = 0            # larger requests get message_too_large; 0: the model's largest valid request
+    transport_max_message_bytes = 0  # larger still: ZeroMQ drops the connection; 0: max_message_bytes + 64 KiB
     max_batch = 500                  # parts per score_batch
-    queue_length = 1000              # ZeroMQ high-water marks (messages) per client, both directions
+    queue_length = 1000              # upper bound of ZeroMQ's high-water marks (sized in bytes: edge_agent/limits.py)
+    turn_parts = 16                  # parts of a score_batch per turn while other clients wait (else all at once)
+    max_request_age_ms = 1000        # a request waiting in the agent longer is answered deadline_exceeded; 0: never
+    max_queued_bytes = 67108864      # requests of all clients waiting in the agent (each client's first always gets in)
     watch_interval_s = 2.0           # how often the followed stage is checked
     shutdown_timeout_s = 5.0         # SIGTERM: answer what arrived, for at most this long
     drain_quiet_ms = 100             # SIGTERM: stop after the socket was quiet this long
@@ -109,6 +112,7 @@ YIELD_VARIANTS = ("float32", "int8")
 ENDPOINT_SCHEMES = ("tcp", "ipc")
 
 POSITIVE_INT = [Interval(int, 1, None)]
+NON_NEGATIVE_INT = [Interval(int, 0, None)]
 POSITIVE = [Interval(float, 0, None, closed="neither")]
 FLAG = [Instance(bool)]
 TEXT = [Instance(str)]
@@ -184,6 +188,14 @@ def _endpoint_problems(name: str, endpoint: str) -> list[str]:
     return []
 
 
+def check_endpoint(name: str, endpoint: str) -> str:
+    """``endpoint`` when a ZeroMQ socket can connect to it; ConfigError naming ``name`` (a command-line option)."""
+    problems = _endpoint_problems(name, endpoint)
+    if problems:
+        raise ConfigError(problems[0])
+    return endpoint
+
+
 def _shipping_problems(drift: DriftConfig) -> list[str]:
     """Where windows go and wait matters only when they are shipped."""
     if not drift.enabled:
@@ -210,7 +222,7 @@ class DriftConfig(_AgentSection):
     collector: str = "tcp://127.0.0.1:5560"    # the collector's ROUTER
     window_parts: int = 5000                   # a window closes after this many parts ...
     window_seconds: float = 300.0              # ... or this long, whichever comes first
-    max_sites: int = 512                       # (head, site) pairs tracked; parts of more sites are counted apart
+    max_sites: int = 512                       # (head, site) pairs tracked; the least recently tested makes room
     spool_dir: str = "edge-agent-spool"        # windows wait here until acknowledged (a daemon: /var/lib/...)
     spool_max_messages: int = 10_000
     spool_max_bytes: int = 256 << 20
@@ -330,7 +342,8 @@ def _service_problems(agent: AgentConfig) -> list[str]:
 
 
 def _room_for_error_replies(agent: AgentConfig) -> list[str]:
-    if agent.transport_max_message_bytes >= agent.max_message_bytes:
+    """Both sizes given: the transport cap must leave room for message_too_large replies (0 derives a size)."""
+    if not agent.transport_max_message_bytes or agent.transport_max_message_bytes >= agent.max_message_bytes:
         return []
     return [f"transport_max_message_bytes: expected at least max_message_bytes ({agent.max_message_bytes}) so that "
             f"oversized requests get an error reply, got {agent.transport_max_message_bytes}"]
@@ -351,9 +364,10 @@ class AgentConfig(_AgentSection):
     SCOPE = "agent"
     CONSTRAINTS = {"registry": [NON_EMPTY], "model": TEXT, "stage": [NON_EMPTY], "version": TEXT, "bind": TEXT,
                    "yield_variant": [OneOf(*YIELD_VARIANTS)],
-                   "max_message_bytes": POSITIVE_INT, "transport_max_message_bytes": POSITIVE_INT,
-                   "max_batch": POSITIVE_INT, "queue_length": POSITIVE_INT, "watch_interval_s": POSITIVE,
-                   "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT}
+                   "max_message_bytes": NON_NEGATIVE_INT, "transport_max_message_bytes": NON_NEGATIVE_INT,
+                   "max_batch": POSITIVE_INT, "queue_length": POSITIVE_INT, "turn_parts": POSITIVE_INT,
+                   "max_request_age_ms": NON_NEGATIVE_INT, "max_queued_bytes": POSITIVE_INT,
+                   "watch_interval_s": POSITIVE, "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT}
     RULES = (Rule(("bind",), _bind_problems), Rule((), _upstream_problems, scope=DriftConfig.SCOPE),
              Rule((), _service_problems, scope=FleetConfig.SCOPE),
              Rule(("max_message_bytes", "transport_max_message_bytes"), _room_for_error_replies))
@@ -364,10 +378,13 @@ class AgentConfig(_AgentSection):
     version: str = ""
     bind: str = "tcp://127.0.0.1:5555"
     yield_variant: str = "float32"
-    max_message_bytes: int = 1 << 20
-    transport_max_message_bytes: int = 4 << 20
+    max_message_bytes: int = 0                 # 0: the served model's largest valid request (edge_agent/limits.py)
+    transport_max_message_bytes: int = 0       # 0: max_message_bytes + 64 KiB
     max_batch: int = 500
-    queue_length: int = 1000
+    queue_length: int = 1000                   # upper bound of ZeroMQ's high-water marks, which are sized in bytes
+    turn_parts: int = 16                       # parts of a score_batch per turn while other clients wait
+    max_request_age_ms: int = 1000             # 0: requests never expire in the agent's queue
+    max_queued_bytes: int = 64 << 20
     watch_interval_s: float = 2.0
     shutdown_timeout_s: float = 5.0
     drain_quiet_ms: int = 100

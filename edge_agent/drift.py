@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,10 +31,10 @@ import numpy as np
 from .errors import DataError
 from .package.manifest import Manifest, ReferenceBins
 from .wire.distances import js_distance, ks_statistic, psi
+from .wire.stats import CLOSED_BY
 
 # Normal quantile of 0.99: (p99 - p01) / (2 * 2.326) is one sigma of a normal reference score.
 Z99 = 2.3263
-CLOSED_BY = ("parts", "time", "shutdown", "model_change")
 
 
 # ---- the change detector -----------------------------------------------------------------------------------
@@ -286,7 +287,8 @@ class DriftMonitor:
         self._bins = np.empty(reference.n_tests + 1, dtype=np.intp)
         self._row_starts = np.arange(reference.n_tests + 1) * self._shape[1]   # counts are C-contiguous
         self._missing_column = self._shape[1] - 1
-        self._sites: dict[tuple[int, int], SiteWindow] = {}
+        self._sites: OrderedDict[tuple[int, int], SiteWindow] = OrderedDict()   # least recently tested first
+        self.evicted = 0    # sites dropped to make room for newer ones, over the monitor's life
         self._open(time.monotonic() if now is None else now)
 
     @property
@@ -294,14 +296,19 @@ class DriftMonitor:
         """Parts counted in the open window."""
         return self._parts
 
+    @property
+    def sites(self) -> int:
+        """(head, site) pairs tracked now."""
+        return len(self._sites)
+
     def update(self, head: int, site: int, row: np.ndarray, score: float, outlier: bool) -> None:
         """Count one scored part (row: float32 or float64 [T], NaN = not run)."""
-        tally = self._sites.get((head, site))
+        key = (head, site)
+        tally = self._sites.get(key)
         if tally is None:
-            tally = self._add_site(head, site)
-            if tally is None:
-                self._unobserved += 1
-                return
+            tally = self._add_site(key)
+        else:
+            self._sites.move_to_end(key)
         values = self._values
         values[:-1] = row
         values[-1] = score
@@ -348,9 +355,15 @@ class DriftMonitor:
         self._parts = 0
         self._unobserved = 0
 
-    def _add_site(self, head: int, site: int) -> SiteWindow | None:
+    def _add_site(self, key: tuple[int, int]) -> SiteWindow:
+        """A new site's tallies; at ``max_sites`` the least recently tested site makes room, and its parts in the
+        open window count as unobserved (in no site entry), so a burst of bad site numbers costs the window those
+        parts' detail but never the sites still testing."""
         if len(self._sites) >= self.max_sites:
-            return None
-        added = SiteWindow(int(head), int(site), self._shape, self._change)
-        self._sites[(head, site)] = added
+            _, evicted = self._sites.popitem(last=False)
+            self.evicted += 1
+            self._parts -= evicted.parts
+            self._unobserved += evicted.parts
+        added = SiteWindow(int(key[0]), int(key[1]), self._shape, self._change)
+        self._sites[key] = added
         return added

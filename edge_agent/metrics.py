@@ -95,11 +95,12 @@ class Metrics:
 
 
 class PrometheusCollector:
-    """Exposes ``Metrics`` and the serving model in Prometheus text format at scrape time."""
+    """Exposes ``Metrics``, the serving model and drift shipping in Prometheus text format at scrape time."""
 
-    def __init__(self, metrics: Metrics, model_identity) -> None:
+    def __init__(self, metrics: Metrics, model_identity, drift=None) -> None:
         self.metrics = metrics
         self.model_identity = model_identity   # callable -> {"name", "version", "checksum"}
+        self.drift = drift                     # callable -> the drift hook's status(), or None: drift is off
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -128,13 +129,25 @@ class PrometheusCollector:
         buckets.append(("+Inf", histogram.count))
         yield HistogramMetricFamily("edge_agent_request_seconds", "Time from receiving a request to sending its reply",
                                     buckets=buckets, sum_value=histogram.total_s)
+        if self.drift is not None:
+            drift = self.drift()
+            windows = CounterMetricFamily("edge_agent_drift_windows", "Drift windows by what became of them: acked "
+                                          "(stored by the collector), dead_lettered (refused for good, kept in the "
+                                          "spool's dead-letter folder), dropped (lost: full spool, refused, unspooled)",
+                                          labels=["outcome"])
+            for outcome, value in (("acked", drift["acked"]), ("dead_lettered", drift["dead_lettered"]),
+                                   ("dropped", drift["dropped_total"] + drift["unspooled_lost"])):
+                windows.add_metric([outcome], value)
+            yield windows
+            yield GaugeMetricFamily("edge_agent_drift_spooled", "Drift windows waiting in the spool for an ack",
+                                    value=drift["spooled"])
 
 
-def start_prometheus(metrics: Metrics, model_identity, host: str, port: int):
+def start_prometheus(metrics: Metrics, model_identity, host: str, port: int, *, drift=None):
     """Serve /metrics on host:port from a daemon thread; returns (server, thread)."""
     from prometheus_client import CollectorRegistry, start_http_server
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PrometheusCollector(metrics, model_identity))
+    registry.register(PrometheusCollector(metrics, model_identity, drift))
     return start_http_server(port, addr=host, registry=registry)
 
 

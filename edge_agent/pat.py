@@ -111,6 +111,7 @@ class DynamicPat:
             raise ValueError(f"dynamic PAT reset_on must be one of {', '.join(GROUPS)}, got {reset_on!r}")
         self.reset_on = reset_on
         self.max_sites = max_sites
+        self.evicted = 0        # sites dropped to make room (least recently tested first)
         self._sites: OrderedDict[tuple[int, int], _SiteWindow] = OrderedDict()
 
     def set_rules(self, shape: np.ndarray, min_sigma: np.ndarray, k_factor: np.ndarray) -> None:
@@ -149,15 +150,23 @@ class DynamicPat:
         self._add(state, row)
         return breaks
 
-    def sites(self) -> dict[str, dict]:
-        """Per-site window state for the health reply."""
+    def sites(self, limit: int | None = None) -> dict[str, dict]:
+        """Per-site window state, the ``limit`` most recently tested sites (all when None)."""
+        recent = list(self._sites.items())[-limit:] if limit else self._sites.items()
         return {f"{head}/{site}": {"parts": s.parts, "active": s.parts >= self.min_parts, "group": _plain(s.group)}
-                for (head, site), s in self._sites.items()}
+                for (head, site), s in recent}
+
+    def status(self, listed: int) -> dict:
+        """For the health reply, its size bounded whatever sites and groups came in: the ``listed`` most recently
+        tested sites, how many are tracked and how many were dropped to make room."""
+        return {"window": self.window, "min_parts": self.min_parts, "sites": self.sites(listed),
+                "sites_tracked": len(self._sites), "max_sites": self.max_sites, "sites_evicted": self.evicted}
 
     def _new_site(self, key: tuple[int, int], group: object) -> "_SiteWindow":
         self._sites.pop(key, None)
         if len(self._sites) >= self.max_sites:
             self._sites.popitem(last=False)   # least recently tested site: bounded memory against bad site numbers
+            self.evicted += 1
         state = _SiteWindow(self.window, len(self.columns), group)
         self._sites[key] = state
         return state

@@ -21,7 +21,7 @@ import logging
 import zmq
 
 from .config import SecurityConfig
-from .errors import EdgeError
+from .errors import listen_error
 from .keys import load_allow_list, load_curve_pair, load_curve_public, load_trusted_keys
 from .package.signing import Trust
 from .wire.links import CurveClient, CurvePair, Gatekeeper, serve_curve
@@ -77,7 +77,8 @@ class AgentSecurity:
         try:
             control.bind(self.config.control_bind)
         except zmq.ZMQError as error:
-            raise EdgeError(f"cannot listen on control_bind {self.config.control_bind}: {error.strerror}") from None
+            raise listen_error(f"cannot listen on control_bind {self.config.control_bind}", error.errno,
+                               error.strerror) from None
         log.info("control socket (CURVE, %d allowed key(s)) on %s", len(self.control_keys), self.config.control_bind)
         return control
 

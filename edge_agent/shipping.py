@@ -10,8 +10,9 @@ disk or network); the thread builds the message, spools it, then sends the oldes
 and waits for its ack (stop-and-wait: message N+1 leaves only after N is stored, so the collector stores
 every agent's windows in sequence order). No ack in time: the socket is thrown away and a new one
 connects ("Lazy Pirate"), and the same message is sent again; the collector drops duplicates. A refusal is
-read by ``wire.stats.classify_reply``: a permanent one drops the message (a counted loss, reported upstream),
-a transient one is treated as no ack. The messages and codes: ``edge_agent/wire/STATS_PROTOCOL.md``.
+read by ``wire.stats.classify_reply``: a permanent one moves the message to the spool's dead-letter folder (a
+counted loss, reported upstream, logged; the stream goes on with the next window), a transient one is treated as
+no ack. The messages and codes: ``edge_agent/wire/STATS_PROTOCOL.md``.
 """
 from __future__ import annotations
 
@@ -36,8 +37,12 @@ from .wire.stats import Reply, classify_reply, stats_message
 log = logging.getLogger("edge_agent.shipping")
 
 MESSAGE_SUFFIX = ".msg"
+REASON_SUFFIX = ".why"
 STATE_FILE = "state.msgpack"
+DEAD_LETTER_DIR = "dead-letter"   # inside the spool folder: windows the collector refused for good, and why
+MAX_DEAD_LETTERS = 100       # the oldest dead letters are removed beyond this (they stay counted)
 MAX_DROPPED_RANGES = 100     # older ranges are still counted in dropped_total
+MAX_PROBLEM_CHARS = 500      # a collector's message as kept in health and in a dead letter's reason
 POLL_S = 0.05                # first wait before sending again to an unreachable collector ...
 RETRY_MAX_S = 5.0            # ... doubling up to this
 _WAKE = object()             # put in the queue by stop(): wakes the thread
@@ -128,7 +133,7 @@ class DiskSpool:
             self._unlink(seq)
 
     def drop(self, seq: int, reason: str) -> None:
-        """Give up on one message (the collector refused it for good): a counted, reported loss."""
+        """Give up on one message whose file is gone: a counted, reported loss."""
         if self._sizes.pop(seq, None) is None:
             return
         self._record_drop(seq)
@@ -136,6 +141,27 @@ class DiskSpool:
         self._unlink(seq)
         log.error("window seq %d dropped: %s; %d dropped in total, reported upstream", seq, reason,
                   self.dropped_total)
+
+    def dead_letter(self, seq: int, reason: str) -> None:
+        """The collector refused the message for good: keep it, with ``reason``, in the dead-letter folder (for
+        people to look at; the newest MAX_DEAD_LETTERS), count it as a loss reported upstream, and go on."""
+        if self._sizes.pop(seq, None) is None:
+            return
+        self._record_drop(seq)
+        self.dead_lettered += 1
+        folder = self.directory / DEAD_LETTER_DIR
+        folder.mkdir(exist_ok=True)
+        try:
+            os.replace(self._path(seq), folder / self._path(seq).name)
+        except FileNotFoundError:
+            pass
+        atomic_write(folder / f"{seq:012d}{REASON_SUFFIX}", reason.encode())
+        self._save_state()
+        for old in sorted(folder.glob(f"*{MESSAGE_SUFFIX}"))[:-MAX_DEAD_LETTERS]:
+            old.unlink()
+            old.with_suffix(REASON_SUFFIX).unlink(missing_ok=True)
+        log.error("window seq %d refused for good by the collector (%s); moved to %s; %d dead-lettered, %d dropped in "
+                  "total, reported upstream", seq, reason, folder, self.dead_lettered, self.dropped_total)
 
     # ---- internals ----------------------------------------------------------------------------------------
 
@@ -172,6 +198,7 @@ class DiskSpool:
         self.dropped_total = int(state.get("dropped_total", 0))
         self.dropped_ranges = [list(r) for r in state.get("dropped_ranges", [])]
         self.unspooled_lost = int(state.get("unspooled_lost", 0))
+        self.dead_lettered = int(state.get("dead_lettered", 0))
         for leftover in self.directory.glob(f"*{MESSAGE_SUFFIX}.tmp"):   # atomic_write's ".<name>.tmp"
             leftover.unlink()          # a write that never completed: its seq was never handed out
         found = sorted((int(p.name[:-len(MESSAGE_SUFFIX)]), p) for p in self.directory.glob(f"*{MESSAGE_SUFFIX}")
@@ -188,7 +215,8 @@ class DiskSpool:
     def _save_state(self) -> None:
         atomic_write(self.directory / STATE_FILE,
                       encode({"stream": self.stream, "last_seq": self.last_seq, "dropped_total": self.dropped_total,
-                              "dropped_ranges": self.dropped_ranges, "unspooled_lost": self.unspooled_lost}))
+                              "dropped_ranges": self.dropped_ranges, "unspooled_lost": self.unspooled_lost,
+                              "dead_lettered": self.dead_lettered}))
 
     def _path(self, seq: int) -> Path:
         return self.directory / f"{seq:012d}{MESSAGE_SUFFIX}"
@@ -269,8 +297,10 @@ class Shipper:
         return {"endpoint": self.endpoint, "agent_id": self.agent_id, "spooled": self.spool.pending,
                 "last_seq": self.spool.last_seq, "submitted": self.submitted, "acked": self.acked,
                 "resends": self.resends, "dropped_total": self.spool.dropped_total,
+                "dead_lettered": self.spool.dead_lettered,
+                "dead_letter_dir": str(self.spool.directory / DEAD_LETTER_DIR),
                 "unspooled_lost": self.unspooled_lost,
-                "last_ack_at": self.last_ack_at, "last_problem": self.last_problem}
+                "last_ack_at": self.last_ack_at, "last_problem": self.last_problem[:MAX_PROBLEM_CHARS]}
 
     # ---- the thread ---------------------------------------------------------------------------------------
 
@@ -383,7 +413,7 @@ class Shipper:
                 self.last_ack_at = time.time()
                 return "settled"
             if verdict is Reply.PERMANENT:
-                self.spool.drop(seq, f"collector refused it for good: {reply.get('code')}: {reply.get('message')}")
+                self.spool.dead_letter(seq, f"{reply.get('code')}: {str(reply.get('message'))[:MAX_PROBLEM_CHARS]}")
                 return "settled"
             if verdict is Reply.TRANSIENT:   # sent again after the ack timeout (the socket is renewed first)
                 self.last_problem = f"collector error on seq {seq}: {reply.get('code')}: {reply.get('message')}"

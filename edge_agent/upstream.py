@@ -84,11 +84,14 @@ class AgentDrift:
         self.shipper.stop(timeout_s)
 
     def status(self) -> dict:
-        """For the health reply: the shipper's counters and the open window."""
+        """For the health reply and /metrics: the shipper's counters, the open window and the (head, site) pairs
+        tracked (at most ``max_sites``; ``sites_evicted`` made room for newer ones while this model served)."""
         monitor = self._monitor
         return {**self.shipper.status(), "tester": self.tester, "window_parts": self.config.window_parts,
                 "window_seconds": self.config.window_seconds,
-                "open_window_parts": None if monitor is None else monitor.parts}
+                "open_window_parts": None if monitor is None else monitor.parts,
+                "sites_tracked": None if monitor is None else monitor.sites, "max_sites": self.config.max_sites,
+                "sites_evicted": None if monitor is None else monitor.evicted}
 
     def _switch(self, model) -> None:
         if self._monitor is not None:

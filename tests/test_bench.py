@@ -20,6 +20,7 @@ import zmq
 from bench import report
 from bench.latency_suite import QUICK_PARTS
 from edge_agent.client import TIMEOUT
+from edge_agent.wire.score import Code
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,12 +59,13 @@ def test_percentiles_are_ordered_in_every_e2e_run(quick_run):
         assert ladder == sorted(ladder), (run, ladder)
         assert ladder[0] > 0
     for rate, sent in QUICK_PARTS.items():
-        # Every part sent is either answered or counted as a timeout, and no answer is an error. How many
-        # time out is not asserted: 5,000 parts/s one part per request saturates a 2-core machine (README).
+        # Every part sent is scored, shed by a saturated agent (its queues are bounded in bytes and in age) or
+        # counted as a timeout, and no other answer is an error. How many are shed or time out is not asserted:
+        # 5,000 parts/s one part per request saturates a 2-core machine (README).
         no_decision = figures[f"e2e.tcp.rate_{rate}.no_decision"]
-        assert set(no_decision) <= {TIMEOUT}, no_decision
+        assert set(no_decision) <= {TIMEOUT, Code.OVERLOADED, Code.DEADLINE_EXCEEDED}, no_decision
         answered = _number(figures, f"e2e.tcp.rate_{rate}.parts")
-        assert answered > 0 and answered + no_decision.get(TIMEOUT, 0) == sent, (rate, answered, no_decision)
+        assert answered > 0 and answered + sum(no_decision.values()) == sent, (rate, answered, no_decision)
     # Latency from the due time includes the round trip of the same part.
     assert figures["e2e.tcp.rate_1000.p50_us"] >= figures["e2e.tcp.rate_1000.round_trip.p50_us"] - 0.1
 

@@ -9,6 +9,7 @@ training held out, so without an injected shift they follow the drift reference.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import signal
@@ -24,14 +25,16 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_agent.collector.alerts import AlertConfig, AlertRules
 from edge_agent.collector.store import Store
 from edge_agent.drift import DriftMonitor, DriftReference
+from edge_agent.metrics import Metrics, PrometheusCollector
 from edge_agent.package.manifest import SAMPLE_ROWS_FILE
 from edge_agent.shipping import DiskSpool, Shipper
 from edge_agent.wire.codec import decode_trusted as decode
-from edge_agent.wire.stats import parse_stats
+from edge_agent.wire.stats import InvalidMessage, parse_stats
 
 REPO = Path(__file__).resolve().parents[1]
 FEEDER = Path(__file__).with_name("drift_feeder.py")
@@ -331,6 +334,117 @@ def test_invalid_messages_get_an_error_naming_the_field_and_are_not_stored(tmp_p
     assert "message.tester: missing" in replies[1]["message"] and replies[1]["seq"] == 1
     assert _windows(running.db) == {}
     assert running.metrics()["edge_collector_invalid_messages_total"] == 2
+
+
+# ---- no poison pill: windows that can never be stored -----------------------------------------------------------
+
+def _body(floor, site: int = 1, parts: int = 20, seed: int = 0) -> dict:
+    """The body of one small window, as the agent's drift builds it (the shipper adds agent, tester, seq, spool)."""
+    reference = DriftReference.from_manifest(floor.manifest)
+    model = {"name": floor.ref.name, "version": floor.ref.version, "checksum": floor.registry.checksum(floor.ref)}
+    monitor = DriftMonitor(reference, model, window_parts=10 ** 6)
+    for part in np.random.default_rng(seed).integers(len(floor.readings), size=parts):
+        monitor.update(1, site, floor.readings[part], float(floor.scores[part]), False)
+    return monitor.close("parts").to_payload()
+
+
+def _ship(tmp_path, endpoint: str, bodies: list[dict], *, acked: int) -> tuple[Shipper, DiskSpool]:
+    spool = DiskSpool(tmp_path / "spool")
+    shipper = Shipper(endpoint, spool, agent_id="edge-1", tester="t1", ack_timeout_s=0.5)
+    shipper.start()
+    for body in bodies:
+        assert shipper.submit(body)
+    deadline = time.monotonic() + 120
+    while shipper.acked < acked or spool.pending:
+        assert time.monotonic() < deadline, shipper.status()
+        time.sleep(0.05)
+    shipper.stop()
+    return shipper, spool
+
+
+def _alerts(db: Path, kind: str) -> list[tuple]:
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT agent_id, value, message FROM alerts WHERE kind = ?", (kind,)).fetchall()
+
+
+def test_a_window_that_can_never_be_stored_is_dead_lettered_with_an_alert_and_the_next_hundred_are_stored(
+        tmp_path, drift_floor, collector):
+    running = collector()
+    normal = _body(drift_floor)
+    bad = copy.deepcopy(normal)
+    bad["sites"][0]["head"] = 2 ** 64 - 1           # what the agent's door refuses, built here by hand
+    shipper, spool = _ship(tmp_path, running.endpoint, [bad] + [normal] * 100, acked=100)
+    assert _windows(running.db) == {"edge-1": list(range(2, 102))}
+    assert shipper.status()["dead_lettered"] == spool.dead_lettered == 1 and spool.dropped_ranges == [[1, 1]]
+    letters = tmp_path / "spool" / "dead-letter"
+    assert decode((letters / "000000000001.msg").read_bytes())["sites"][0]["head"] == 2 ** 64 - 1
+    assert (letters / "000000000001.why").read_text().startswith("invalid_message: sites[0].head: expected an "
+                                                                 "integer in 0..255, got 18446744073709551615")
+    [(agent, seq, message)] = _alerts(running.db, "refused_window")
+    assert (agent, seq) == ("edge-1", 1) and "dead-letter" in message and "sites[0].head" in message
+    assert _alerts(running.db, "sequence_gap") == []   # the refused window is a reported loss, not a gap
+    assert running.metrics()['edge_collector_alerts_total{kind="refused_window"}'] == 1
+    registry = CollectorRegistry()   # the agent's /metrics, fed by the same shipper status as its health reply
+    registry.register(PrometheusCollector(Metrics(), lambda: {"name": "m", "version": "1", "checksum": "c"},
+                                          drift=shipper.status))
+    exposed = generate_latest(registry).decode()
+    assert 'edge_agent_drift_windows_total{outcome="dead_lettered"} 1.0' in exposed
+    assert 'edge_agent_drift_windows_total{outcome="acked"} 100.0' in exposed
+
+
+def test_a_valid_window_whose_store_keeps_failing_is_refused_for_good_after_three_attempts(
+        tmp_path, drift_floor, collector):
+    """The database works but one window trips a constraint (a trigger here) every time: after three attempts it
+    is refused as unstorable and dead-lettered, and the windows behind it are stored."""
+    db = tmp_path / "stats.sqlite"
+    Store(db).close()
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TRIGGER poison BEFORE INSERT ON windows WHEN NEW.seq = 2 "
+                           "BEGIN SELECT RAISE(ABORT, 'poisoned window'); END")
+    running = collector(db=db)
+    shipper, spool = _ship(tmp_path, running.endpoint, [_body(drift_floor, seed=i) for i in range(5)], acked=4)
+    assert _windows(db) == {"edge-1": [1, 3, 4, 5]}
+    assert spool.dead_lettered == 1 and shipper.resends >= 2
+    why = (tmp_path / "spool" / "dead-letter" / "000000000002.why").read_text()
+    assert why.startswith("unstorable: 3 attempts to store it failed: poisoned window")
+    assert [(a, v) for a, v, _ in _alerts(db, "refused_window")] == [("edge-1", 2)]
+    assert running.metrics()["edge_collector_unstorable_windows_total"] == 1
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: m["sites"][0].update(head=2 ** 64 - 1), "sites[0].head: expected an integer in 0..255"),
+    (lambda m: m["sites"][0].update(site=-1), "sites[0].site: expected an integer in 0..255"),
+    (lambda m: m["sites"].append(copy.deepcopy(m["sites"][0])), "sites[1]: head 1 site 1 appears twice"),
+    (lambda m: m["sites"][0]["change"].update(statistic=float("nan")), "sites[0].change.statistic: expected a "
+                                                                        "finite number"),
+    (lambda m: m["sites"][0]["counts"][0].__setitem__(0, 2 ** 63), "sites[0].counts[0][0]: expected a count"),
+    (lambda m: m["sites"][0]["psi"].__setitem__(0, float("inf")), "sites[0].psi[0]: expected a finite number"),
+    (lambda m: m.update(agent_id="a" * 256), "agent_id: expected a non-empty string of at most 255 characters"),
+    (lambda m: m.update(seq=2 ** 64 - 1), "seq: expected an integer in 1..9007199254740992"),
+    (lambda m: m["window"].update(closed_by="boredom"), "window.closed_by: expected one of parts, time"),
+    (lambda m: m["spool"].update(dropped_seq_ranges=[[1, 10 ** 12]]), "spool.dropped_seq_ranges[0]: expected "
+                                                                      "[first, last] with 1 <= first <= last < seq"),
+    (lambda m: m.update(expected_outlier_rate=1.5), "expected_outlier_rate: expected a finite number in [0.0, 1.0]"),
+    (lambda m: m["reference"]["edges"][0].__setitem__(0, float("nan")), "reference.edges[0][0]: expected a finite"),
+])
+def test_the_collector_refuses_every_value_it_could_not_store_naming_field_limit_and_value(drift_floor, change,
+                                                                                             field):
+    message = _window(drift_floor, 5)
+    parse_stats(message)
+    change(message)
+    with pytest.raises(InvalidMessage) as refused:
+        parse_stats(message)
+    assert str(refused.value).startswith(field)
+
+
+def test_a_sequence_gap_of_billions_is_counted_without_listing_it(tmp_path, drift_floor):
+    store = Store(tmp_path / "g.sqlite")
+    rules = AlertRules(AlertConfig())
+    _ingest(store, rules, _window(drift_floor, 1), 1000.0)
+    assert _ingest(store, rules, _window(drift_floor, 2 ** 52, dropped=((2, 9),)), 1001.0) == ["spool_loss",
+                                                                                                "sequence_gap"]
+    [(_, missing, message)] = _alerts(tmp_path / "g.sqlite", "sequence_gap")
+    assert missing == 2 ** 52 - 2 - 8 and "(first 10)" in message
 
 
 # ---- the spool alone ---------------------------------------------------------------------------------------------

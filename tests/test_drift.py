@@ -63,19 +63,24 @@ def test_kernel_counts_match_numpy_histogram_with_nan_and_values_on_edges(dtype)
     assert np.isin(on_edge, edges[0]).sum() >= 8     # the edge readings survived (a few may be NaN)
 
 
-def test_counts_are_kept_per_site_and_sites_beyond_the_limit_are_counted_apart(drift_floor):
+def test_counts_are_kept_per_site_and_a_site_beyond_the_limit_makes_the_least_recent_one_room(drift_floor):
     reference = DriftReference.from_manifest(drift_floor.manifest)
-    monitor = DriftMonitor(reference, MODEL, window_parts=100, max_sites=2)
+    monitor = DriftMonitor(reference, MODEL, window_parts=1000, max_sites=2)
     row = np.zeros(reference.n_tests, np.float32)
-    for head, site, n in ((0, 1, 5), (0, 2, 7), (1, 1, 2)):
+    for head, site, n in ((0, 1, 5), (0, 2, 7), (0, 1, 1), (1, 1, 2)):   # (0, 2) is the least recent when (1, 1) comes
         for _ in range(n):
             monitor.update(head, site, row, 0.1, site == 2)
     payload = monitor.close("shutdown").to_payload()
     by_site = {(s["head"], s["site"]): s for s in payload["sites"]}
-    assert set(by_site) == {(0, 1), (0, 2)}
-    assert by_site[(0, 1)]["parts"] == 5 and sum(by_site[(0, 1)]["counts"][0]) == 5
-    assert by_site[(0, 2)]["outliers"] == 7 and by_site[(0, 2)]["outlier_rate"] == 1.0
-    assert payload["window"]["parts"] == 12 and payload["window"]["unobserved_parts"] == 2
+    assert set(by_site) == {(0, 1), (1, 1)} and monitor.evicted == 1
+    assert by_site[(0, 1)]["parts"] == 6 and sum(by_site[(0, 1)]["counts"][0]) == 6
+    assert payload["window"]["parts"] == 8 and payload["window"]["unobserved_parts"] == 7   # (0, 2)'s parts
+    # A burst of bogus site numbers costs their own detail, never the sites still testing.
+    for i in range(50):
+        monitor.update(0, 1, row, 0.1, False)
+        monitor.update(2, i, row, 0.1, False)
+    by_site = {(s["head"], s["site"]): s for s in monitor.close("shutdown").to_payload()["sites"]}
+    assert by_site[(0, 1)]["parts"] == 50 and monitor.sites == 2 and monitor.evicted == 1 + 50
 
 
 def test_psi_js_ks_against_hand_computed_values():

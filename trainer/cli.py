@@ -215,7 +215,9 @@ def _max_samples(text: str) -> int | float | str:
 
 
 def cmd_synth(args) -> int:
+    from edge_agent.package.files import output_path
     from .synth import SynthConfig, write
+    output_path(args.out, "--out")
     config = SynthConfig(seed=args.seed, parts=args.parts, tests=args.tests, lots=args.lots, sites=args.sites,
                          heads=args.heads, first_lot_index=args.first_lot,
                          excursions=tuple(args.excursion or ("latent_outliers",)))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 import numpy as np
 
 from edge_agent.client import AgentClient, AgentUnavailable, ScoreResult
+from edge_agent.config import check_endpoint
 from edge_agent.errors import EdgeError, run_command
 from edge_agent.package.manifest import MANIFEST_FILE, read_manifest
 from edge_agent.summary import ReplySummary
@@ -285,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         raise ReplayError("give either --model (feature order from the registry) or --features-from-agent")
     if args.dump and args.features_from_agent:
         raise ReplayError("--dump needs no agent: give --model for the feature order")
+    if not args.dump:
+        check_endpoint("--connect", args.connect)
     schedule_speed = args.speed if args.pace == "file" else None
     if schedule_speed is not None:
         send_schedule(np.zeros(0), schedule_speed)   # refuse a bad --speed before reading anything

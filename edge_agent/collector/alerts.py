@@ -7,13 +7,14 @@ new lot, which moves every site together, does not raise), ``outlier_rate``
 enough parts (see ``AlertRules``) - ``change`` (the agent's Page-Hinkley detector fired on the
 outlier score), ``silent`` (no message from an agent for too long), ``spool_loss`` (the agent dropped
 windows from its spool, or lost them before spooling), ``sequence_gap`` (windows missing that no
-loss report explains) and ``agent_id_mismatch`` (a window claiming another agent's id than its CURVE key's).
-Every alert goes to the ``alerts`` table (same transaction as its window). The operational ones (``silent``,
-``spool_loss``, ``sequence_gap``, ``agent_id_mismatch``) also go to the log and, if configured, to a hook
-command that gets the alert as JSON on stdin; the drift evidence (``psi``, ``site_psi``, ``outlier_rate``,
-``change``: a new lot or a site's calibration offset raises them by the dozen on a normal day) is logged at
-INFO and pages nobody. Drift pages as incidents (``incidents.py``: scope, diagnosis, one record per problem),
-which go to the same hook.
+loss report explains), ``agent_id_mismatch`` (a window claiming another agent's id than its CURVE key's) and
+``refused_window`` (a message refused for good: it can never be stored, and the agent moves it to its dead-letter
+folder). Every alert goes to the ``alerts`` table (same transaction as its window). The operational ones
+(``silent``, ``spool_loss``, ``sequence_gap``, ``agent_id_mismatch``, ``refused_window``) also go to the log and,
+if configured, to a hook command that gets the alert as JSON on stdin; the drift evidence (``psi``, ``site_psi``,
+``outlier_rate``, ``change``: a new lot or a site's calibration offset raises them by the dozen on a normal day) is
+logged at INFO and pages nobody. Drift pages as incidents (``incidents.py``: scope, diagnosis, one record per
+problem), which go to the same hook.
 
 Example ``collector.toml`` (every key optional; these are the defaults)::
 
@@ -66,7 +67,7 @@ from .store import Added
 log = logging.getLogger("edge_agent.collector.alerts")
 
 KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap", "agent_id_mismatch",
-         "audit_loss")
+         "refused_window", "audit_loss")
 EVIDENCE_KINDS = ("psi", "site_psi", "outlier_rate", "change")    # stored and counted, not paged: incidents are
 
 
@@ -313,13 +314,27 @@ class AlertRules:
                                       f"spool (seq {ranges or '-'}; {spool['dropped_total']} in total), "
                                       f"{unspooled} never spooled"})
         if same_stream and m["seq"] > previous["last_seq"] + 1:
-            explained = {s for a, b in spool["dropped_seq_ranges"] for s in range(a, b + 1)}
-            missing = [s for s in range(previous["last_seq"] + 1, m["seq"]) if s not in explained]
+            missing, first = _unexplained(previous["last_seq"] + 1, m["seq"] - 1, spool["dropped_seq_ranges"])
             if missing:
                 alerts.append({**base, "kind": "sequence_gap", "head": None, "site": None, "test": None,
-                               "value": len(missing), "threshold": 0, "sample_size": None,
-                               "message": f"{where}: {len(missing)} window(s) missing before seq {m['seq']} "
-                                          f"(first {missing[0]}) that no loss report explains"})
+                               "value": missing, "threshold": 0, "sample_size": None,
+                               "message": f"{where}: {missing} window(s) missing before seq {m['seq']} "
+                                          f"(first {first}) that no loss report explains"})
+        return alerts
+
+    def for_refusal(self, message, code: str, reason: str, now: float) -> list[dict]:
+        """A message refused for good (``code``): one alert per sender and repeat interval. ``message``: what was
+        received, decoded if it could be; its agent, tester and seq are named when they are usable."""
+        fields = message if isinstance(message, dict) else {}
+        agent, tester, seq = (_usable(fields.get("agent_id"), str), _usable(fields.get("tester"), str),
+                              _usable(fields.get("seq"), int))
+        alerts: list[dict] = []
+        self._raise(alerts, {"kind": "refused_window", "agent_id": agent, "tester": tester, "head": None,
+                             "site": None, "test": None, "model": None, "value": seq, "threshold": None,
+                             "sample_size": None, "window_id": None, "created_at": now,
+                             "message": f"window seq {seq} of agent {agent} (tester {tester}) refused for good "
+                                        f"({code}: {reason[:500]}); the agent keeps it in its dead-letter folder "
+                                        f"and goes on with the next window"})
         return alerts
 
     def for_agent_id_mismatch(self, sender: str, window: StatsWindow, now: float) -> list[dict]:
@@ -355,6 +370,30 @@ class AlertRules:
             return
         self._last[key] = alert["created_at"]
         alerts.append(alert)
+
+
+def _unexplained(first: int, last: int, ranges: list[list[int]]) -> tuple[int, int | None]:
+    """How many of the seqs first..last no [a, b] range covers, and the first of them (interval arithmetic: a gap of
+    millions of seqs costs nothing)."""
+    missing, first_missing, cursor = 0, None, first
+    for a, b in sorted(ranges):
+        if cursor > last:
+            break
+        if a > cursor:
+            missing += min(a - 1, last) - cursor + 1
+            first_missing = cursor if first_missing is None else first_missing
+        cursor = max(cursor, b + 1)
+    if cursor <= last:
+        missing += last - cursor + 1
+        first_missing = cursor if first_missing is None else first_missing
+    return missing, first_missing
+
+
+def _usable(value, kind: type):
+    """A field of a refused message worth naming in its alert: of the right type and short."""
+    if type(value) is not kind or (kind is str and len(value) > 255) or (kind is int and not 0 <= value < 2 ** 63):
+        return None
+    return value
 
 
 class AlertHook:

@@ -169,8 +169,10 @@ def cmd_registry_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from ..package.files import output_path
     from .report import write_report
-    summary = write_report(args.db, args.out, since_hours=args.since_hours, config_path=args.config)
+    out = output_path(args.out, "--out", make_folders=False)
+    summary = write_report(args.db, out, since_hours=args.since_hours, config_path=args.config)
     print(summary)
     return EXIT_OK
 

@@ -20,6 +20,7 @@ class FleetState:
         self.received = 0
         self.duplicates = 0
         self.invalid = 0
+        self.unstorable = 0
         self.agent_id_mismatches = 0
         self.audit_records = 0
         self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
@@ -52,6 +53,8 @@ class FleetState:
             yield _counter("edge_collector_duplicates_dropped", "Windows received again and not stored again",
                            self.duplicates)
             yield _counter("edge_collector_invalid_messages", "Messages refused as invalid", self.invalid)
+            yield _counter("edge_collector_unstorable_windows", "Valid windows refused for good after their store "
+                           "failed repeatedly while the database worked", self.unstorable)
             yield _counter("edge_collector_agent_id_mismatches", "Windows refused because their agent_id was not "
                            "the id of the CURVE key that sent them", self.agent_id_mismatches)
             yield _counter("edge_collector_audit_records", "Decisions stored from agents' audit batches",

@@ -3,8 +3,12 @@
 Per loop turn: read every message that is ready (up to ``BATCH``), store the valid ones and their alerts in
 one SQLite transaction, commit (durable), then acknowledge each one. A window already stored (same agent,
 spool stream and seq) is acknowledged as a duplicate and not stored again. A message that cannot be valid
-gets a permanent refusal (the agent drops it and reports the loss); a failed write gets a transient one and
-no ack, so the agent sends it again (codes and replies: ``wire/stats.py`` and STATS_PROTOCOL.md).
+(``parse_stats`` checks every type and range the store needs) gets a permanent refusal and a ``refused_window``
+alert; the agent moves it to its dead-letter folder and goes on. A failed write gets a transient refusal and no
+ack, so the agent sends it again: while the database itself fails (locked, full, I/O: sqlite3.OperationalError)
+for as long as that lasts, otherwise (the window trips a constraint or a bug) STORE_ATTEMPTS times, then it is
+refused for good (``unstorable``) so that it cannot hold up the windows behind it. Codes and replies:
+``wire/stats.py`` and STATS_PROTOCOL.md.
 
 With ``keys`` the ROUTER is a CURVE server: only allow-listed agent keys get in, each known by the agent id its key
 is bound to, and a window that claims another agent's id is refused for good, counted and alerted.
@@ -16,6 +20,7 @@ import errno
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgpack
@@ -38,6 +43,8 @@ log = logging.getLogger("edge_agent.collector.server")
 BATCH = 256               # messages per transaction at most
 POLL_MS = 200
 MAX_MESSAGE_BYTES = 64 << 20
+STORE_ATTEMPTS = 3        # a valid window whose store failed this often, the database working, is refused for good
+FAILURES_TRACKED = 1024   # windows whose failed attempts are remembered (the oldest forgotten first)
 AGENTS_DOMAIN = "agents"   # the ZAP domain of the collector's ROUTER
 
 
@@ -64,6 +71,7 @@ class CollectorServer:
             self.state.last_seen[agent["agent_id"]] = agent["last_seen"]
         self.state.incidents_open.update(incident.scope for incident in self.incidents.open_incidents())
         self._stop = False
+        self._store_failures: OrderedDict[tuple, int] = OrderedDict()   # window key -> failed attempts
 
     def request_stop(self, *_signal_args) -> None:
         """Finish the current batch, then return from serve(). Safe from a signal handler."""
@@ -157,7 +165,9 @@ class CollectorServer:
                 with self.state.lock:
                     self.state.invalid += 1
                 log.warning("refused a message from %s: %s", _peer(message), error)
-                self._reply(router, identity, refusal(Code.INVALID_MESSAGE, str(error), seq))
+                self._reply(router, identity, refusal(Code.INVALID_MESSAGE, str(error),
+                                                      seq if type(seq) is int else None))
+                self._alert_refusal(message, Code.INVALID_MESSAGE, str(error))
         if forged:
             self._refuse_forged(router, forged)
         if batch:
@@ -240,13 +250,23 @@ class CollectorServer:
                 for item in batch:
                     self._store(router, [item])
                 return
+            (identity, window), = batch
+            if self._give_up(window, error):
+                log.error("storing window seq %d of %s failed %d times while the database works: refused for good "
+                          "(unstorable): %s", window["seq"], _peer(window.message), STORE_ATTEMPTS, error)
+                with self.state.lock:
+                    self.state.unstorable += 1
+                self._reply(router, identity, refusal(Code.UNSTORABLE, f"{STORE_ATTEMPTS} attempts to store it "
+                                                                       f"failed: {error}", window["seq"]))
+                self._alert_refusal(window.message, Code.UNSTORABLE, str(error))
+                return
             log.error("storing a window of %s failed, not acknowledged (it will be sent again): %s",
-                      _peer(batch[0][1].message), error, exc_info=not isinstance(error, sqlite3.Error))
-            for identity, window in batch:
-                self._reply(router, identity, refusal(Code.STORE_FAILED, str(error), window["seq"]))
+                      _peer(window.message), error, exc_info=not isinstance(error, sqlite3.Error))
+            self._reply(router, identity, refusal(Code.STORE_FAILED, str(error), window["seq"]))
             return
         # Committed: acknowledge, then tell the world.
         for (identity, window), added in zip(batch, outcomes):
+            self._store_failures.pop(window.key, None)
             self._reply(router, identity, ack(window, duplicate=added is None))
             with self.state.lock:
                 self.state.last_seen[window["agent_id"]] = received_at
@@ -254,6 +274,30 @@ class CollectorServer:
         for tester, psi in judged:
             self.state.judged(tester, psi)
         self._announce(alerts + incidents)
+
+    def _give_up(self, window: StatsWindow, error: Exception) -> bool:
+        """Whether a window whose store failed now is refused for good: never while the database itself fails
+        (sqlite3.OperationalError: locked, full, I/O; the window waits in its agent's spool until it works), after
+        STORE_ATTEMPTS failures of any other kind (a constraint or a bug, which the next attempt meets again)."""
+        if isinstance(error, sqlite3.OperationalError):
+            return False
+        attempts = self._store_failures.pop(window.key, 0) + 1
+        if attempts >= STORE_ATTEMPTS:
+            return True
+        self._store_failures[window.key] = attempts
+        while len(self._store_failures) > FAILURES_TRACKED:
+            self._store_failures.popitem(last=False)
+        return False
+
+    def _alert_refusal(self, message, code: str, reason: str) -> None:
+        alerts = self.rules.for_refusal(message, code, reason, time.time())
+        try:
+            with self.store.transaction():
+                for alert in alerts:
+                    self.store.add_alert(alert)
+        except sqlite3.Error as error:
+            log.error("cannot store the alert for a refused window: %s", error)
+        self._announce(alerts)
 
     def _check_silence(self) -> None:
         now = time.time()

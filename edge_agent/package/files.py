@@ -1,4 +1,5 @@
-"""Durable file-system steps shared by the model registry and the agent's drift spool.
+"""Durable file-system steps shared by the model registry and the agent's drift spool, and the check every command
+makes of the paths it will write.
 
 Each write is complete or absent after a crash: write to a temporary name, fsync, rename, fsync the folder.
 stdlib only.
@@ -11,6 +12,8 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+
+from ..errors import EdgeError
 
 BLOCK = 1 << 20   # read and hash files in blocks of this size
 READ_ONLY_FILE, READ_ONLY_DIR, WRITABLE_DIR = 0o444, 0o555, 0o755
@@ -90,3 +93,20 @@ def remove_tree(path: Path) -> None:
     for folder, _, _ in os.walk(path):
         os.chmod(folder, WRITABLE_DIR)
     shutil.rmtree(path)
+
+
+def output_path(path: str | os.PathLike, option: str, *, folder: bool = False, make_folders: bool = True) -> Path:
+    """``path`` a command will write (a file, or with ``folder`` a folder), checked before any work starts: EdgeError
+    naming ``option`` when a folder on the way is a file, when the path itself is of the other kind, or (without
+    ``make_folders``) when the folder it goes into does not exist."""
+    path = Path(path)
+    for above in reversed(path.parents):
+        if above.exists() and not above.is_dir():
+            raise EdgeError(f"{option} {path}: {above} is a file; expected a folder there")
+    if folder and path.exists() and not path.is_dir():
+        raise EdgeError(f"{option} {path}: is a file; expected a folder")
+    if not folder and path.is_dir():
+        raise EdgeError(f"{option} {path}: is a folder; expected a file name")
+    if not make_folders and not path.parent.is_dir():
+        raise EdgeError(f"{option} {path}: folder {path.parent} does not exist; expected an existing folder")
+    return path
