@@ -180,7 +180,8 @@ class Agent:
                 try:
                     prometheus = start_prometheus(self.metrics, lambda: self.model.identity,
                                                   self.config.metrics.host, self.config.metrics.port,
-                                                  drift=None if self.drift is None else self.drift.status)
+                                                  drift=None if self.drift is None else self.drift.status,
+                                                  lifecycle=None if self.lifecycle is None else self.lifecycle.status)
                 except OSError as error:
                     raise listen_error(f"cannot serve Prometheus metrics on {self.config.metrics.host}:"
                                         f"{self.config.metrics.port}", error.errno, error.strerror) from None

@@ -328,6 +328,7 @@ def test_an_audit_spool_that_fills_up_counts_the_loss_and_the_collector_alerts_i
     from edge_agent.audit import AuditRecorder
     from edge_agent.binning import BinPolicy, decide_insufficient
     from edge_agent.config import AuditConfig, DriftConfig
+    from edge_agent.lifecycle import Lifecycle
     from edge_agent.scoring import load_package
     from edge_agent.wire.score import Part
     registry = Registry(packages.root)
@@ -350,9 +351,21 @@ def test_an_audit_spool_that_fills_up_counts_the_loss_and_the_collector_alerts_i
         # Each batch carries the loss as it stood when it was spooled (1, 2, then 3 dropped): every increase alerted.
         assert [value for value, _ in alerts] == [1, 1, 1] and "3 dropped from its full audit spool" in alerts[-1][1]
         assert len(list(audit.shipper.spool.log_dir.iterdir())) == 1, "the local log rotates down to its bound"
+        exposed = _prometheus(model, Lifecycle(audit=audit))
+        assert 'edge_agent_audit_batches_total{outcome="dropped"} 3.0' in exposed
+        assert 'edge_agent_audit_batches_total{outcome="acked"} 3.0' in exposed
     finally:
         audit.stop(2.0)
         stop(collector)
+
+
+def _prometheus(model, lifecycle) -> str:
+    """What the agent's /metrics shows of ``lifecycle`` (the collector the agent registers, read in place)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from edge_agent.metrics import Metrics, PrometheusCollector
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PrometheusCollector(Metrics(), lambda: model.identity, lifecycle=lifecycle.status))
+    return generate_latest(registry).decode()
 
 
 def test_a_canary_percentage_picks_agents_by_their_id_and_keeps_them_as_it_grows():
