@@ -26,7 +26,8 @@ from edge_agent.errors import run_command
 from edge_agent.package.files import output_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("e2e", "throughput", "agent", "curve", "inproc", "scaling", "stdf", "training", "drift", "explain")
+SECTIONS = ("e2e", "throughput", "agent", "curve", "inproc", "scaling", "stdf", "training", "drift", "explain",
+            "lifecycle")
 AGENT_SECTIONS = ("e2e", "throughput", "agent", "curve")
 QUICK_YIELD_KINDS = ("random_forest", "logistic")   # logistic has an int8 variant; the MLP takes long to fit
 # Every section trains or reads data with the trainer's libraries, and the plots need matplotlib: a role that is
@@ -132,6 +133,10 @@ def run(quick: bool, sections: list[str]) -> tuple[dict, dict, dict]:
         from bench import explain_cost
         figures.update(_flat(explain_cost.run(quick=quick), "explain"))
         clock.lap("explain")
+    if "lifecycle" in sections:
+        from bench import lifecycle_cost
+        figures.update(_flat(lifecycle_cost.run(quick=quick), "lifecycle"))
+        clock.lap("lifecycle")
     described["load_after"] = machine.load_average()
     figures["machine"] = described
     figures["run.seconds"] = round(time.perf_counter() - started, 1)

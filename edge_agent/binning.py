@@ -91,12 +91,17 @@ def decide(policy: BinPolicy, *, static: list[PatBreak], dynamic: list[PatBreak]
     reasons = {name: _why(name, static, dynamic, score, score_threshold, pass_probability, pass_threshold)
                for name in flags}
     named = f"; furthest from typical: {', '.join(d.describe() for d in drivers)}" if drivers else ""
-    deciding = next((name for name in policy.order if fired[name]), None)
+    deciding = deciding_condition(policy, fired)
     if deciding is None:
         return Decision(policy.bins[PASS], PASS,
                         "observed only (not in the bin order): " + "; ".join(reasons.values()) + named, flags)
     also = [reason for name, reason in reasons.items() if name != deciding]
     return Decision(policy.bins[deciding], deciding, "; also ".join([reasons[deciding], *also]) + named, flags)
+
+
+def deciding_condition(policy: BinPolicy, fired: dict[str, bool]) -> str | None:
+    """The first condition of the policy's order that fired (None: none did, the part passes): what gives the bin."""
+    return next((name for name in policy.order if fired[name]), None)
 
 
 def decide_insufficient(policy: BinPolicy, *, present: int, tests: int, static: list[PatBreak]) -> Decision:

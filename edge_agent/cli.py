@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--control-bind", help="the CURVE control socket for reload and rollback (default: none)")
     run.add_argument("--control-keys", help="public certificates (file or folder) allowed on the control socket")
     run.add_argument("--score-keys", help="public certificates allowed on the score socket, which is then CURVE")
+    run.add_argument("--registry-service", help="the registry service's endpoint: packages come from it (the "
+                                                "deployment assigns the version) instead of --registry")
+    run.add_argument("--service-key", help="the registry service's public certificate: requests go over CURVE")
+    run.add_argument("--cache-dir", help="where fetched packages are kept (default: edge-agent-cache)")
+    run.add_argument("--no-audit", dest="audit", action="store_false", default=None,
+                     help="do not record and ship every decision")
     run.set_defaults(handler=cmd_run)
 
     for name, handler, text in (("health", cmd_health, "status, counters and latency of a running agent"),
@@ -107,7 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "security.trusted_keys": args.trusted_keys, "security.allow_unsigned": args.allow_unsigned,
         "security.key": args.key, "security.collector_key": args.collector_key,
         "security.control_bind": args.control_bind, "security.control_keys": args.control_keys,
-        "security.score_keys": args.score_keys})
+        "security.score_keys": args.score_keys, "fleet.service": args.registry_service,
+        "fleet.service_key": args.service_key, "fleet.cache_dir": args.cache_dir, "audit.enabled": args.audit})
     return run_agent(config)
 
 
@@ -123,26 +131,66 @@ def run_agent(config: AgentConfig) -> int:
 
     setup_logging(config.logging.format, config.logging.level)
     security = AgentSecurity.load(config.security)
-    registry = Registry(config.registry, trust=security.trust)
-    ref = (registry.resolve(config.model, version=config.version) if config.version
-           else registry.resolve(config.model, stage=config.stage))
+    follower, challenger = None, None
+    if config.fleet.service:
+        follower = _follower(config, security)
+        ref, challenger = follower.initial()
+        registry = follower.registry
+        config.version = ref.version   # the follower decides what is served, not a stage of the cache
+    else:
+        registry = Registry(config.registry, trust=security.trust)
+        ref = (registry.resolve(config.model, version=config.version) if config.version
+               else registry.resolve(config.model, stage=config.stage))
     start = time.perf_counter()
     model = load_package(registry, ref, config.yield_variant)
     log.info("loaded %s in %.2f s: checksum %s, %d features, smoke score of %d sample rows ok", ref,
              time.perf_counter() - start, model.checksum, len(model.columns), model.smoke["score"]["rows"])
     drift = AgentDrift(config.drift, curve=security.upstream) if config.drift.enabled else None
-    agent = Agent(config, registry, model, drift=drift, security=security)
+    lifecycle = _lifecycle(config, security, drift, follower)
+    agent = Agent(config, registry, model, drift=drift, security=security, lifecycle=lifecycle)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     signal.signal(signal.SIGHUP, agent.request_reload)
     if drift is not None:
         drift.start(model)
+    if lifecycle is not None:
+        lifecycle.start(agent.request_version, challenger)
     try:
         agent.serve()
     finally:
+        if lifecycle is not None:
+            lifecycle.stop(timeout_s=DRIFT_STOP_TIMEOUT_S)
         if drift is not None:
             drift.stop(timeout_s=DRIFT_STOP_TIMEOUT_S)
     return EXIT_OK
+
+
+def _follower(config: AgentConfig, security):
+    """The registry service's follower, with this agent's CURVE key when the service has one."""
+    from .fleet.follower import Follower
+    from .keys import load_curve_public
+    from .wire.links import CurveClient
+    curve = (CurveClient(security.pair, load_curve_public(config.fleet.service_key))
+             if config.fleet.service_key else None)
+    agent_id = config.drift.agent_id or socket.gethostname()
+    return Follower(config.fleet, config.model, agent_id, config.drift.tester or agent_id, security.trust, curve)
+
+
+def _lifecycle(config: AgentConfig, security, drift, follower):
+    """The audit (with the drift link: same collector, same agent id) and the shadow challenger (with a follower:
+    the deployment names challengers); None when there is neither."""
+    from .audit import AuditRecorder
+    from .lifecycle import Lifecycle
+    from .shadow import ShadowScorer
+    audit = (AuditRecorder(config.audit, config.drift, drift.agent_id, drift.tester, curve=security.upstream)
+             if drift is not None and config.audit.enabled else None)
+    shadow = (ShadowScorer(config.binning.policy(), queue_parts=config.shadow.queue_parts,
+                           batch_parts=config.shadow.batch_parts) if follower is not None else None)
+    if drift is not None:
+        drift.shadow = shadow
+    if audit is None and follower is None:
+        return None
+    return Lifecycle(audit=audit, shadow=shadow, follower=follower, yield_variant=config.yield_variant)
 
 
 def cmd_health(args: argparse.Namespace) -> int:

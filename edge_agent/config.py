@@ -61,6 +61,29 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     spool_max_messages = 10000       # beyond either bound the oldest windows are dropped, counted and reported
     spool_max_bytes = 268435456
 
+    [fleet]                          # packages from the registry service instead of a registry folder
+    service = ""                     # its endpoint (tcp://host:port); set: [agent] registry/stage/version are not used
+    service_key = ""                 # its public certificate: requests go over CURVE with [security] key
+    cache_dir = "edge-agent-cache"   # the packages fetched, a registry layout (a daemon: /var/lib/edge-agent/cache)
+    cache_versions = 3               # per model: the champion, the previous one (instant rollback), a challenger
+    poll_interval_s = 10.0           # how often the assignment is asked for
+    request_timeout_s = 5.0          # no reply in this long: the service is unreachable (offline: serve on)
+    chunk_bytes = 262144             # bytes per chunk request
+
+    [audit]                          # every decision, shipped to the collector with the drift windows
+    enabled = true                   # needs [drift] enabled (the collector and the agent id are the drift link's)
+    spool_dir = ""                   # default: [drift] spool_dir + "-audit"; acknowledged batches move to its log/
+    batch_parts = 1000               # a batch closes after this many decisions ...
+    batch_seconds = 10.0             # ... or this long (when the agent is idle)
+    queue_batches = 100              # batches waiting for the audit shipper thread
+    spool_max_messages = 10000       # beyond either bound the oldest batches are dropped, counted and alerted
+    spool_max_bytes = 268435456
+    log_max_bytes = 268435456        # the local log of acknowledged batches; the oldest segments rotate out
+
+    [shadow]                         # a challenger the fleet assigns is scored beside the champion
+    queue_parts = 4096               # parts waiting for the shadow thread; beyond it parts are skipped (counted)
+    batch_parts = 64                 # parts per challenger onnxruntime call
+
     [security]                       # keys and who may do what: README, Security
     key = ""                         # this agent's CURVE secret certificate (*.key_secret)
     collector_key = ""               # the collector's public certificate: drift windows go over CURVE
@@ -210,6 +233,55 @@ class DriftConfig(_AgentSection):
     change_min_parts: int = 30
 
 
+@dataclass
+class FleetConfig(_AgentSection):
+    """``[fleet]``: where packages come from when the registry service serves them (edge_agent/fleet/)."""
+
+    SCOPE = "fleet"
+    CONSTRAINTS = {"service": TEXT, "service_key": TEXT, "cache_dir": [NON_EMPTY], "cache_versions": [Interval(int, 2,
+                   None)], "poll_interval_s": POSITIVE, "request_timeout_s": POSITIVE,
+                   "chunk_bytes": [Interval(int, 1024, 4 << 20)]}
+    RULES = (Rule(("service",), lambda fleet: _endpoint_problems("service", fleet.service) if fleet.service else []),)
+
+    service: str = ""
+    service_key: str = ""
+    cache_dir: str = "edge-agent-cache"
+    cache_versions: int = 3
+    poll_interval_s: float = 10.0
+    request_timeout_s: float = 5.0
+    chunk_bytes: int = 256 << 10
+
+
+@dataclass
+class AuditConfig(_AgentSection):
+    """``[audit]``: every decision recorded and shipped (edge_agent/audit.py)."""
+
+    SCOPE = "audit"
+    CONSTRAINTS = {"enabled": FLAG, "spool_dir": TEXT, "batch_parts": POSITIVE_INT, "batch_seconds": POSITIVE,
+                   "queue_batches": POSITIVE_INT, "spool_max_messages": POSITIVE_INT, "spool_max_bytes": POSITIVE_INT,
+                   "log_max_bytes": POSITIVE_INT}
+
+    enabled: bool = True
+    spool_dir: str = ""
+    batch_parts: int = 1000
+    batch_seconds: float = 10.0
+    queue_batches: int = 100
+    spool_max_messages: int = 10_000
+    spool_max_bytes: int = 256 << 20
+    log_max_bytes: int = 256 << 20
+
+
+@dataclass
+class ShadowConfig(_AgentSection):
+    """``[shadow]``: the challenger's queue (edge_agent/shadow.py)."""
+
+    SCOPE = "shadow"
+    CONSTRAINTS = {"queue_parts": POSITIVE_INT, "batch_parts": POSITIVE_INT}
+
+    queue_parts: int = 4096
+    batch_parts: int = 64
+
+
 def _key_problems(security: SecurityConfig) -> list[str]:
     uses = [what for what, given in (("collector_key", security.collector_key), ("control_bind", security.control_bind),
                                      ("score_keys", security.score_keys)) if given]
@@ -260,6 +332,15 @@ def _upstream_problems(agent: AgentConfig) -> list[str]:
             "public certificate) and key, so that the drift windows travel over CURVE"]
 
 
+def _service_problems(agent: AgentConfig) -> list[str]:
+    """Packages that come from another machine travel over CURVE, with this agent's key."""
+    fleet = agent.fleet
+    if not fleet.service or is_local(fleet.service) or (fleet.service_key and agent.security.key):
+        return []
+    return [f"service: {fleet.service} is not on this controller; set service_key (the registry service's public "
+            "certificate) and [security] key, so that packages travel over CURVE"]
+
+
 def _room_for_error_replies(agent: AgentConfig) -> list[str]:
     """Both sizes given: the transport cap must leave room for message_too_large replies (0 derives a size)."""
     if not agent.transport_max_message_bytes or agent.transport_max_message_bytes >= agent.max_message_bytes:
@@ -288,6 +369,7 @@ class AgentConfig(_AgentSection):
                    "max_request_age_ms": NON_NEGATIVE_INT, "max_queued_bytes": POSITIVE_INT,
                    "watch_interval_s": POSITIVE, "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT}
     RULES = (Rule(("bind",), _bind_problems), Rule((), _upstream_problems, scope=DriftConfig.SCOPE),
+             Rule((), _service_problems, scope=FleetConfig.SCOPE),
              Rule(("max_message_bytes", "transport_max_message_bytes"), _room_for_error_replies))
 
     registry: str = "models"
@@ -311,6 +393,9 @@ class AgentConfig(_AgentSection):
     pat: PatConfig = field(default_factory=PatConfig)
     binning: BinningConfig = field(default_factory=BinningConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
 

@@ -97,10 +97,11 @@ class Metrics:
 class PrometheusCollector:
     """Exposes ``Metrics``, the serving model and drift shipping in Prometheus text format at scrape time."""
 
-    def __init__(self, metrics: Metrics, model_identity, drift=None) -> None:
+    def __init__(self, metrics: Metrics, model_identity, drift=None, lifecycle=None) -> None:
         self.metrics = metrics
         self.model_identity = model_identity   # callable -> {"name", "version", "checksum"}
         self.drift = drift                     # callable -> the drift hook's status(), or None: drift is off
+        self.lifecycle = lifecycle             # callable -> the lifecycle hook's status(), or None
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -141,13 +142,38 @@ class PrometheusCollector:
             yield windows
             yield GaugeMetricFamily("edge_agent_drift_spooled", "Drift windows waiting in the spool for an ack",
                                     value=drift["spooled"])
+        if self.lifecycle is not None:
+            yield from _lifecycle_families(self.lifecycle())
 
 
-def start_prometheus(metrics: Metrics, model_identity, host: str, port: int, *, drift=None):
+def _lifecycle_families(status: dict):
+    """The audit's batches, the shadow challenger's parts and the registry service link (edge_agent/lifecycle.py)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    audit, shadow, fleet = status["audit"], status["shadow"], status["fleet"]
+    if audit is not None:
+        batches = CounterMetricFamily("edge_agent_audit_batches", "Audit batches of decisions by what became of "
+                                      "them: acked (stored by the collector), dropped (lost: full audit spool, "
+                                      "refused, unspooled; alerted by the collector)", labels=["outcome"])
+        batches.add_metric(["acked"], audit["acked"])
+        batches.add_metric(["dropped"], audit["dropped_total"] + audit["unspooled_lost"])
+        yield batches
+        yield CounterMetricFamily("edge_agent_audit_decisions", "Decisions recorded for the audit",
+                                  value=audit["recorded"] + audit["open_batch"])
+    if shadow is not None:
+        parts = CounterMetricFamily("edge_agent_shadow_parts", "Parts the shadow challenger scored, and those whose "
+                                    "scoring failed", labels=["outcome"])
+        parts.add_metric(["scored"], shadow["scored"])
+        parts.add_metric(["failed"], shadow["failed"])
+        yield parts
+    if fleet is not None:
+        yield GaugeMetricFamily("edge_agent_registry_service_online", "1 while the registry service answers, 0 while "
+                                "the agent serves from its cache (offline)", value=int(fleet["state"] == "online"))
+
+def start_prometheus(metrics: Metrics, model_identity, host: str, port: int, *, drift=None, lifecycle=None):
     """Serve /metrics on host:port from a daemon thread; returns (server, thread)."""
     from prometheus_client import CollectorRegistry, start_http_server
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PrometheusCollector(metrics, model_identity, drift))
+    registry.register(PrometheusCollector(metrics, model_identity, drift, lifecycle))
     return start_http_server(port, addr=host, registry=registry)
 
 

@@ -72,13 +72,28 @@ def start_collector(db: str | Path, endpoint: str, *extra: str, log_path: str | 
     """Start ``edge-collector run`` and return once it listens."""
     command = [sys.executable, "-m", "edge_agent.collector.cli", "run", "--bind", endpoint, "--db", str(db),
                "--metrics-port", "0", *extra]
+    return _started_when(command, log_path, "collecting on", "the collector", timeout_s)
+
+
+def start_registry_service(registry_root: str | Path, endpoint: str, *extra: str, log_path: str | Path,
+                           timeout_s: float = STARTUP_TIMEOUT_S) -> subprocess.Popen:
+    """Start ``edge-collector registry-serve`` and return once it listens."""
+    command = [sys.executable, "-m", "edge_agent.collector.cli", "registry-serve", "--registry", str(registry_root),
+               "--bind", endpoint, *extra]
+    return _started_when(command, log_path, "serving packages of", "the registry service", timeout_s)
+
+
+def _started_when(command: list[str], log_path: str | Path, line: str, what: str, timeout_s: float
+                  ) -> subprocess.Popen:
+    """Spawn ``command`` and return once its log holds ``line`` (the log grows: only the new part is read)."""
     log = Path(log_path)
+    start = log.stat().st_size if log.exists() else 0
     process = _spawn(command, log)
     deadline = time.monotonic() + timeout_s
-    while "collecting on" not in log.read_text(errors="replace"):
+    while line not in log.read_text(errors="replace")[start:]:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"the collector did not start; log {log}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{what} did not start; log {log}:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     return process
 

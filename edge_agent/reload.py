@@ -71,7 +71,7 @@ class ReloadWatcher(threading.Thread):
         self._requests.put(_CHECK_STAGE)   # wake the thread so it sees the stop
 
     def run(self) -> None:
-        _yield_cpu_to_serving()
+        yield_cpu_to_serving()
         wake = self.context.socket(zmq.PAIR)
         wake.connect(self.wake_address)
         try:
@@ -138,7 +138,7 @@ class ReloadWatcher(threading.Thread):
         return ReloadOutcome(ref, trigger, model=model, seconds=time.perf_counter() - start)
 
 
-def _yield_cpu_to_serving() -> None:
+def yield_cpu_to_serving() -> None:
     """Run this thread at a lower CPU priority (Linux: niceness is per thread), so that verifying and loading a
     package, a few hundred ms of CPU, takes what the serving thread leaves rather than delaying requests."""
     try:

@@ -66,6 +66,17 @@ class DriftHook(Protocol):
     def status(self) -> dict: ...
 
 
+class LifecycleHook(Protocol):
+    """Audit and shadow challenger (edge_agent.lifecycle.Lifecycle): every decided part, idle ticks, status."""
+
+    def decided(self, model: LoadedModel, part: Part, row: np.ndarray, score: float | None,
+                probability: float | None, decision: Decision) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def status(self) -> dict: ...
+
+
 class Request:
     """One request from its receipt to its reply: where the reply goes, its bytes (ZeroMQ's frame, read in place),
     its id once read, and a score_batch's progress between its turns."""
@@ -102,7 +113,8 @@ class Agent:
     """The daemon: serves one model (and keeps the previous one) on one ROUTER socket until asked to stop."""
 
     def __init__(self, config: AgentConfig, registry: Registry, model: LoadedModel, *,
-                 drift: DriftHook | None = None, security: AgentSecurity | None = None):
+                 drift: DriftHook | None = None, security: AgentSecurity | None = None,
+                 lifecycle: LifecycleHook | None = None):
         self.config = config
         self.registry = registry
         self.model = model
@@ -111,6 +123,7 @@ class Agent:
         self.policy = config.binning.policy()
         self.dynamic = self._dynamic_pat(model)
         self.drift = drift
+        self.lifecycle = lifecycle
         self.last_reload: dict | None = None
         self.draining = False
         # Socket options are set once, at bind, from the model served then (a reload warns if it needs more).
@@ -137,6 +150,13 @@ class Agent:
         if self._watcher is not None:
             self._watcher.request(self.config.version or None)
 
+    def request_version(self, version: str) -> None:
+        """Load ``version`` in the background and serve it (the fleet follower's thread, which waits here until
+        serve() has started the loader). Thread-safe."""
+        while self._watcher is None:
+            time.sleep(0.05)
+        self._watcher.request(version)
+
     def serve(self) -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         context = zmq.Context(io_threads=IO_THREADS)
@@ -160,7 +180,8 @@ class Agent:
                 try:
                     prometheus = start_prometheus(self.metrics, lambda: self.model.identity,
                                                   self.config.metrics.host, self.config.metrics.port,
-                                                  drift=None if self.drift is None else self.drift.status)
+                                                  drift=None if self.drift is None else self.drift.status,
+                                                  lifecycle=None if self.lifecycle is None else self.lifecycle.status)
                 except OSError as error:
                     raise listen_error(f"cannot serve Prometheus metrics on {self.config.metrics.host}:"
                                         f"{self.config.metrics.port}", error.errno, error.strerror) from None
@@ -213,6 +234,8 @@ class Agent:
                     return   # quiet for drain_quiet_ms: every request that arrived has its reply
                 if self.drift is not None:
                     self.drift.tick()   # closes a window whose time is up while no parts arrive
+                if self.lifecycle is not None:
+                    self.lifecycle.tick()
             else:
                 if wake.get(zmq.EVENTS) & zmq.POLLIN:
                     self._take_reload_outcomes(wake)
@@ -415,6 +438,8 @@ class Agent:
         if present < self.policy.needed_readings(len(row)):
             decision = decide_insufficient(self.policy, present=present, tests=len(row), static=static)
             self._count(decision)
+            if self.lifecycle is not None:
+                self.lifecycle.decided(model, part, row, None, None, decision)
             return part_result(None, None, None, None, decision, static, (), present, insufficient=True)
         breaks = dynamic.check_and_add(part, row) if dynamic is not None else []
         if self.drift is not None and model is self.model:
@@ -425,6 +450,8 @@ class Agent:
                           score_threshold=model.outlier_threshold, pass_probability=probability,
                           pass_threshold=model.pass_threshold, drivers=drivers)
         self._count(decision)
+        if self.lifecycle is not None:
+            self.lifecycle.decided(model, part, row, score, probability, decision)
         return part_result(score, outlier, probability, probability < model.pass_threshold, decision, static + breaks,
                            drivers, present)
 
@@ -453,6 +480,7 @@ class Agent:
             "inbox": {"requests": self.inbox.requests, "bytes": self.inbox.bytes, "clients": self.inbox.clients()},
             "limits": self.limits.describe(),
             "security": self.security.status(),
+            "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
             **self.metrics.snapshot(),
         }
 

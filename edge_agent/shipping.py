@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import zmq
 
@@ -237,9 +237,13 @@ class Shipper:
     collector then knows this agent by its key, README "Security")."""
 
     def __init__(self, endpoint: str, spool: DiskSpool, *, agent_id: str, tester: str, ack_timeout_s: float = 5.0,
-                 queue_length: int = 1000, curve: CurveClient | None = None):
+                 queue_length: int = 1000, curve: CurveClient | None = None,
+                 message: Callable[[str, str, dict], dict] = stats_message):
+        """``message`` builds the message from a body: a drift window by default, an audit batch (wire/audit.py)
+        for the audit stream, which travels the same way with its own spool."""
         self.endpoint = endpoint
         self.curve = curve
+        self.message = message
         self.spool = spool
         self.agent_id = agent_id
         self.tester = tester
@@ -357,7 +361,7 @@ class Shipper:
 
     def _spool(self, item: dict | SupportsPayload) -> None:
         body = item if isinstance(item, dict) else item.to_payload()
-        message = stats_message(self.agent_id, self.tester, body)
+        message = self.message(self.agent_id, self.tester, body)
         try:
             self._record_unspooled_loss()
             self.spool.append(message)

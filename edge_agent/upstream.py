@@ -42,6 +42,11 @@ class AgentDrift:
         self._change = ChangeParams(config.change_delta, config.change_threshold, config.change_min_parts)
         self._monitor: DriftMonitor | None = None
         self._checksum: str | None = None
+        self.shadow = None   # a shadow.ShadowScorer: its agreement counts travel with each window
+
+    def _submit(self, window) -> None:
+        blocks = self.shadow.take() if self.shadow is not None else []
+        self.shipper.submit(window if not blocks else WithShadow(window, blocks))
 
     def start(self, model) -> None:
         """Start shipping and the first window (``model``: the LoadedModel being served)."""
@@ -65,17 +70,17 @@ class AgentDrift:
             self._monitor = None
             return
         if window is not None:
-            self.shipper.submit(window)
+            self._submit(window)
 
     def tick(self) -> None:
         """Close the window if its time is up (call when idle; parts also close windows as they arrive)."""
         if self._monitor is not None and (window := self._monitor.maybe_close()) is not None:
-            self.shipper.submit(window)
+            self._submit(window)
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Ship the open window ("shutdown"); what is not acknowledged within ``timeout_s`` stays spooled."""
         if self._monitor is not None:
-            self.shipper.submit(self._monitor.close("shutdown"))
+            self._submit(self._monitor.close("shutdown"))
         self.shipper.stop(timeout_s)
 
     def status(self) -> dict:
@@ -90,7 +95,7 @@ class AgentDrift:
 
     def _switch(self, model) -> None:
         if self._monitor is not None:
-            self.shipper.submit(self._monitor.close("model_change"))
+            self._submit(self._monitor.close("model_change"))
         self._checksum = model.checksum
         try:
             reference = DriftReference.from_manifest(model.manifest)
@@ -102,3 +107,15 @@ class AgentDrift:
                                      window_seconds=self.config.window_seconds, max_sites=self.config.max_sites,
                                      change=self._change)
 
+
+class WithShadow:
+    """A closed window and the shadow challenger's agreement counts since the previous one (STATS_PROTOCOL.md,
+    ``shadow``), turned into one message body on the shipper's thread."""
+
+    __slots__ = ("window", "blocks")
+
+    def __init__(self, window, blocks: list[dict]):
+        self.window, self.blocks = window, blocks
+
+    def to_payload(self) -> dict:
+        return {**self.window.to_payload(), "shadow": self.blocks}

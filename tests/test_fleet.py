@@ -109,7 +109,7 @@ def test_the_demo_leads_with_the_drifting_site_and_its_report_shows_incidents_an
     assert run_demo(str(tmp_path / "demo"), parts=6000, tests=200, stream_parts=6000, seed=7,
                     registry_root=str(tmp_path / "models"), name="demo") == 0
     printed = capsys.readouterr().out
-    results = printed[printed.index("== 4/4 results"):].splitlines()
+    results = printed[printed.index("== 4/5 results"):].splitlines()
     truth = json.loads(Path(tmp_path / "demo" / "stream_lot.parquet.truth.json").read_text())
     drift = next(e for e in truth["excursions"] if e["kind"] == "drifting_site")
     # about 3,000 parts with readings (the sampled datalog logs every other part): 2 full windows, the shutdown one

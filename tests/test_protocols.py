@@ -16,7 +16,7 @@ import zmq
 
 from edge_agent import drift
 from edge_agent.shipping import DiskSpool, Shipper
-from edge_agent.wire import links, score, stats
+from edge_agent.wire import audit, links, packages, score, stats
 from edge_agent.wire.codec import decode_trusted, encode
 
 WIRE = Path(score.__file__).parent
@@ -76,7 +76,20 @@ def test_a_stats_reply_is_classified_for_the_window_in_flight(reply, expected):
     assert stats.classify_reply(reply, 3) is expected
 
 
-@pytest.mark.parametrize("module", [stats, drift, links])
+def test_packages_error_codes_in_code_and_in_packages_protocol_md_are_the_same_set():
+    documented = [row[0] for row in _table_after(WIRE / "PACKAGES_PROTOCOL.md", "Error codes")]
+    assert len(documented) == len(set(documented))
+    assert set(documented) == _constants(packages.Code)
+
+
+def test_every_packages_message_type_and_the_audit_message_have_a_section_in_their_documents():
+    for document, kinds in (("PACKAGES_PROTOCOL.md", {packages.ASSIGNMENT, packages.CHUNK, packages.ERROR}),
+                            ("STATS_PROTOCOL.md", {audit.AUDIT, "shadow"})):
+        headings = {line.split()[1] for line in (WIRE / document).read_text().splitlines() if line.startswith("## ")}
+        assert kinds <= headings, document
+
+
+@pytest.mark.parametrize("module", [stats, drift, links, packages, audit])
 def test_the_doctest_examples_hold(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

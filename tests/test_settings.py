@@ -52,7 +52,7 @@ AGENT_FILES = [
     ('[drift]\nwindow_seconds = 0', "drift.window_seconds: expected a positive number, got 0.0"),
     ('[drift]\nspool_dir = ""', "drift.spool_dir: expected a folder for the windows not yet acknowledged, got ''"),
     ('[agnet]\nmodel = "m"', "unknown table [agnet]; expected [agent], [metrics], [logging], [pat], [binning], "
-                             "[drift] or [security]"),
+                             "[drift], [fleet], [audit], [shadow] or [security]"),
     ('[agent]\nmodle = "m"', "[agent] modle: unknown key; expected one of bind, drain_quiet_ms, "),
     ('[agent]\nbind = "tcp://*:5555"', "agent.bind: tcp://*:5555 listens on every network interface; without CURVE "
                                        "only a loopback address"),

@@ -7,6 +7,9 @@
 3. a second lot with a drifting site and a cluster of latent outliers streams through the client library
 4. the collector's incidents (the drifting site, diagnosed, and the retrain advice), what the agent found
    (outliers, PAT vs model, latency), and the fleet report
+5. a canary: a version retrained on the second lot is deployed to one of two testers through the registry service
+   (packages fetched over CURVE into each agent's cache, verified), a few hundred parts stream through both, the
+   audit tells which version decided where, the gate judges the canary, and the group is rolled back
 """
 from __future__ import annotations
 
@@ -17,15 +20,18 @@ import time
 from pathlib import Path
 
 from edge_agent.client import AgentClient
+from edge_agent.collector.evidence import Thresholds, judge
+from edge_agent.collector.lifecycle import where_version_ran
 from edge_agent.collector.report import write_report
 from edge_agent.keys import create_curve_pair, create_signing_key, load_signing_key, load_trusted_keys
+from edge_agent.package.deployment import deploy, rollback_group
 from edge_agent.package.registry import Registry
 from edge_agent.package.signing import Trust
-from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
+from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, start_registry_service, stop
 from trainer.ingest import load_tables
 from trainer.package import build_and_publish
 from trainer.registry_cli import package_summary
-from trainer.replay import feature_columns, stream_lot
+from trainer.replay import feature_columns, plan_from_table, stream_lot
 from trainer.synth import DATALOG_PATHOLOGIES, SynthConfig, write
 from trainer.train import TrainConfig, fit
 
@@ -52,7 +58,8 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     trusted = keys / "demo-trainer.ed25519.pub"   # what the agent trusts; the summary below checks against it too
     registry = Registry(registry_root, Trust(load_trusted_keys(trusted), str(trusted)))
 
-    _step(f"1/4 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to {registry.root}/{name}")
+    _step(f"1/5 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to "
+          f"{registry.root}/{name}")
     training_lot = work / "training_lot.parquet"
     print(write(training, str(training_lot)).describe())
     table, report = load_tables([str(training_lot)])
@@ -62,7 +69,7 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     registry.promote(ref.name, ref.version, "production", reason="edge-train demo")
     print(package_summary(registry, ref))
 
-    _step(f"2/4 second lot ({stream_parts:,} parts, drifting site + latent outliers); collector and agent start")
+    _step(f"2/5 second lot ({stream_parts:,} parts, drifting site + latent outliers); collector and agent start")
     stream_path = work / "stream_lot.parquet"
     print(write(streamed, str(stream_path)).describe())
     # Every part goes to the agent, those without readings too: the agent, not the trainer, must handle them here.
@@ -83,7 +90,7 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
         agent = start_agent(registry.root, name, agent_endpoint, "--config", str(agent_config),
                             log_path=work / "agent.log")
         try:
-            _step(f"3/4 streaming {len(stream_table):,} parts through edge_agent.client to {agent_endpoint}")
+            _step(f"3/5 streaming {len(stream_table):,} parts through edge_agent.client to {agent_endpoint}")
             with AgentClient(agent_endpoint, timeout_ms=50) as client:
                 summary = stream_lot(client, stream_table, feature_columns(registry_root, name))
                 health = client.health(timeout_ms=2000)
@@ -99,25 +106,106 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
     finally:
         stop(collector)
 
-    _step("4/4 results")
+    _step("4/5 results")
     _print_incidents(db)
     _print_security(health)
     _print_findings(summary, agent_side, stream_table)
     html = work / "fleet_report.html"
     write_report(db, html)
-    print(f"\nfleet report: {html}\nagent and collector logs, data and spool: {work}")
+    print(f"\nfleet report: {html}")
+
+    _step("5/5 canary: a version retrained on the second lot, on one of two testers, through the registry service")
+    _canary(registry, name, seed, stream_path, stream_table, keys, work, db)
+    print(f"\nagent, collector and registry service logs, data, spools and caches: {work}")
     return 0
+
+
+CANARY_PARTS = 600
+CANARY_POLL_S = 1.0       # how often the demo's agents ask the registry service (default 10 s)
+CANARY_AGENTS = ("demo-agent", "demo-agent-2")
+
+
+def _canary(registry: Registry, name: str, seed: int, stream_path: Path, stream_table, keys: Path, work: Path,
+            db: Path) -> None:
+    """Publish a retrained version, deploy it to demo-agent-2 only (demo-agent stays on production), stream parts
+    through both, then show the audit, the gate and an instant rollback of the canary group."""
+    table, report = load_tables([str(stream_path)])
+    retrained = fit(table, TrainConfig(name=name, seed=seed + 1, n_trees=100, yield_trees=50).check())
+    ref = build_and_publish(retrained, table, report.to_dict(), registry, [str(stream_path)],
+                            signer=load_signing_key(keys / "demo-trainer.ed25519"))
+    print(f"published {ref} (retrained on the second lot), a candidate")
+    collector_endpoint, service_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+    curve_server = ("--key", str(keys / "collector.key_secret"), "--agent-keys", str(keys / "agents"))
+    collector = start_collector(db, collector_endpoint, *curve_server, log_path=work / "collector.log")
+    service = start_registry_service(registry.root, service_endpoint, *curve_server, log_path=work / "service.log")
+    processes, endpoints = [], {}
+    config = work / "canary-agent.toml"
+    config.write_text(f"[fleet]\npoll_interval_s = {CANARY_POLL_S}\n[audit]\nbatch_seconds = 1.0\n")
+    try:
+        deploy(registry, name, "canary", ref.version, "demo: retrained on the drifted lot", agents=(CANARY_AGENTS[1],))
+        for number, agent_id in enumerate(CANARY_AGENTS):
+            endpoints[agent_id] = free_tcp_endpoint()
+            processes.append(start_agent(
+                work / f"cache-{agent_id}", name, endpoints[agent_id], "--agent-id", agent_id, "--tester",
+                f"demo-tester-{'ab'[number]}", "--collector", collector_endpoint, "--registry-service",
+                service_endpoint, "--service-key", str(keys / "collector.key"), "--cache-dir",
+                str(work / f"cache-{agent_id}"), "--key", str(keys / f"{agent_id}.key_secret"), "--collector-key",
+                str(keys / "collector.key"), "--trusted-keys", str(keys / "demo-trainer.ed25519.pub"),
+                "--spool-dir", str(work / f"spool-{agent_id}"), "--config", str(config),
+                log_path=work / f"{agent_id}.log"))
+        rows = plan_from_table(stream_table, feature_columns(registry.root, name)).readings[:CANARY_PARTS]
+        for i, row in enumerate(rows):
+            agent_id = CANARY_AGENTS[i // 2 % 2]   # pairs: every other part of the sampled datalog has no readings
+            with AgentClient(endpoints[agent_id], timeout_ms=2000) as client:
+                client.score(row, {"lot": "CANARY", "wafer": 1, "x": i, "y": 0, "part_id": f"C-{i:04d}"})
+        for agent_id in CANARY_AGENTS:
+            with AgentClient(endpoints[agent_id]) as client:
+                health = client.health(timeout_ms=2000)
+            fleet = health["lifecycle"]["fleet"]
+            print(f"{agent_id}: group {fleet['group']}, serving {name}/{health['model']['version']} fetched from the "
+                  f"registry service ({fleet['fetched_bytes']:,} bytes, cache {fleet['cached_versions']})")
+        _wait_for_rows(db, "SELECT count(*) FROM decisions WHERE lot = 'CANARY'", CANARY_PARTS)
+        with sqlite3.connect(db) as connection:
+            print("audit (edge-collector audit --model): where each version decided")
+            for row in where_version_ran(connection, name, None):
+                print(f"  {name}/{row[0]} on {row[1]} ({row[2]}): {row[3]} parts")
+            _, lines = judge(connection, name, ref.version, Thresholds(min_parts=CANARY_PARTS // 6))
+        print("\n".join(lines))
+        start = time.monotonic()
+        rollback_group(registry, name, "canary", "demo: rolled back after the gate")
+        with AgentClient(endpoints[CANARY_AGENTS[1]]) as client:
+            while client.health(timeout_ms=2000)["model"]["version"] == ref.version and time.monotonic() - start < 30:
+                time.sleep(0.05)
+        print(f"canary group rolled back: {CANARY_AGENTS[1]} serves production again after "
+              f"{time.monotonic() - start:.2f} s (its next poll, at most {CANARY_POLL_S:g} s, then a load from its "
+              "cache: nothing fetched)")
+    finally:
+        for process in processes:
+            stop(process)
+        stop(service)
+        stop(collector)
+
+
+def _wait_for_rows(db: Path, query: str, expected: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with sqlite3.connect(db) as connection:
+            if connection.execute(query).fetchone()[0] >= expected:
+                return
+        time.sleep(0.2)
 
 
 def _demo_keys(folder: Path) -> Path:
     """The demo floor's keys (README, Security): the trainer's signing key, the collector's and the agent's CURVE
-    pairs, an operator's control key; the collector's allow-list binds the agent's key to the id demo-agent."""
+    pairs (a second agent for the canary), an operator's control key; the collector's allow-list (which the registry
+    service shares) binds each agent's key to its id."""
     create_signing_key(folder, "demo-trainer")
-    for name in ("collector", "demo-agent", "demo-operator"):
+    for name in ("collector", *CANARY_AGENTS, "demo-operator"):
         create_curve_pair(folder, name)
-    for allow_list, name in (("agents", "demo-agent"), ("operators", "demo-operator")):
+    for allow_list, names in (("agents", CANARY_AGENTS), ("operators", ("demo-operator",))):
         (folder / allow_list).mkdir()
-        shutil.copy(folder / f"{name}.key", folder / allow_list / f"{name}.key")
+        for name in names:
+            shutil.copy(folder / f"{name}.key", folder / allow_list / f"{name}.key")
     return folder
 
 

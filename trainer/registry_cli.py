@@ -1,4 +1,5 @@
-"""`edge-train registry ...`: list, show, history, promote, roll back, verify, sign and clean model packages.
+"""`edge-train registry ...`: list, show, history, promote, roll back, verify, sign and clean model packages; deploy
+versions to groups of testers, score a challenger in shadow, and judge a version by the fleet's evidence (gate).
 
 The registry itself (store, stages, history, verification) is the package contract in
 ``edge_agent.package.registry``; this module is only its command line and the package summary people read.
@@ -6,12 +7,17 @@ The registry itself (store, stages, history, verification) is the package contra
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sqlite3
 from pathlib import Path
 
+from edge_agent.collector.evidence import Thresholds, failing_reason, judge
 from edge_agent.errors import RegistryError
 from edge_agent.keys import SigningKey, load_signing_key, load_trusted_keys
 from edge_agent.package.manifest import MANIFEST_FILE, VERSION_PATTERN, Manifest, read_manifest
 from edge_agent.package.registry import SINGLE_HOLDER_STAGES, STAGES, STALE_STAGING_S, PackageRef, Registry
+from edge_agent.package.deployment import (PRODUCTION, SHADOW, Assignment, deploy, read_deployment, rollback_group,
+                                           set_shadow)
 from edge_agent.package.signing import Trust, check_record
 
 DEFAULT_KEYS = "keys"                                   # edge-train keys create ... writes here by default
@@ -54,22 +60,68 @@ def add_registry_commands(commands: argparse._SubParsersAction, default_root: st
     history.set_defaults(handler=lambda a: _print(cli_history(Registry(a.registry, _trust(a, required=False)),
                                                               a.name)))
 
-    promote = actions.add_parser("promote", parents=[root, signing], help="move a version to a stage")
+    gate_options = argparse.ArgumentParser(add_help=False)
+    gate_options.add_argument("--fleet-db", help="the collector's SQLite database: the fleet's evidence for the gate")
+    for option in dataclasses.fields(Thresholds):
+        gate_options.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default),
+                                  default=option.default, help=f"gate threshold (default: {option.default})")
+
+    promote = actions.add_parser("promote", parents=[root, signing, gate_options], help="move a version to a stage")
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("stage", choices=STAGES)
     promote.add_argument("--reason", required=True)
     promote.add_argument("--force", action="store_true",
-                         help="promote a package whose yield model failed the gate against chance (recorded)")
+                         help="promote a package whose yield model failed the gate against chance, or whose fleet "
+                              "gate failed (recorded)")
     promote.set_defaults(handler=lambda a: _print(cli_promote(Registry(a.registry), a.name, a.version, a.stage,
-                                                              a.reason, force=a.force, signer=_signer(a))))
+                                                              a.reason, force=a.force, signer=_signer(a),
+                                                              fleet_db=a.fleet_db, thresholds=_thresholds(a))))
 
-    rollback = actions.add_parser("rollback", parents=[root, signing], help="give a stage back to its previous version")
+    rollback = actions.add_parser("rollback", parents=[root, signing], help="give a stage (or a deployment group) "
+                                                                           "back to its previous version")
     rollback.add_argument("name")
     rollback.add_argument("--stage", choices=SINGLE_HOLDER_STAGES, default="production")
+    rollback.add_argument("--group", help="roll back this deployment group instead (a group without a previous "
+                                          "version is removed: its testers run production)")
     rollback.add_argument("--reason", required=True)
-    rollback.set_defaults(handler=lambda a: _print(cli_rollback(Registry(a.registry), a.name, a.stage, a.reason,
-                                                                signer=_signer(a))))
+    rollback.set_defaults(handler=lambda a: _print(
+        cli_rollback_group(Registry(a.registry), a.name, a.group, a.reason, signer=_signer(a)) if a.group else
+        cli_rollback(Registry(a.registry), a.name, a.stage, a.reason, signer=_signer(a))))
+
+    deploy_ = actions.add_parser("deploy", parents=[root, trusted, signing],
+                                 help="make a group of testers (e.g. canary) run a version")
+    deploy_.add_argument("name")
+    deploy_.add_argument("version")
+    deploy_.add_argument("--group", default="canary")
+    deploy_.add_argument("--agents", default="", help="agent ids or tester names, comma-separated")
+    deploy_.add_argument("--percent", type=float, default=0.0, help="a share of the fleet, picked by agent id hash")
+    deploy_.add_argument("--reason", required=True)
+    deploy_.set_defaults(handler=lambda a: _print(_deployment_text(deploy(
+        Registry(a.registry, _trust(a)), a.name, a.group, a.version, a.reason, agents=_agents(a.agents),
+        percent=a.percent, signer=_signer(a)), a.agents)))
+
+    shadow = actions.add_parser("shadow", parents=[root, trusted, signing],
+                                help="score a challenger version beside the champion (or --off)")
+    shadow.add_argument("name")
+    shadow.add_argument("version", nargs="?")
+    shadow.add_argument("--agents", default="", help="agent ids or tester names, comma-separated")
+    shadow.add_argument("--percent", type=float, default=0.0, help="a share of the fleet, picked by agent id hash")
+    shadow.add_argument("--off", action="store_true", help="stop shadow scoring")
+    shadow.add_argument("--reason", required=True)
+    shadow.set_defaults(handler=_handle_shadow)
+
+    deployment = actions.add_parser("deployment", parents=[root], help="groups, shadow, and what given agents run")
+    deployment.add_argument("name")
+    deployment.add_argument("--agents", default="", help="agent ids (tester = agent id) to show the assignment of")
+    deployment.set_defaults(handler=lambda a: _print(_deployment_text(read_deployment(Registry(a.registry), a.name),
+                                                                      a.agents, Registry(a.registry))))
+
+    gate = actions.add_parser("gate", parents=[root, gate_options],
+                              help="judge a canary or shadow version by the collector's evidence (exit 1: failed)")
+    gate.add_argument("name")
+    gate.add_argument("version")
+    gate.set_defaults(handler=_handle_gate)
 
     verify = actions.add_parser("verify", parents=[root, trusted],
                                 help="check the signature, checksums, manifest schema and fidelity")
@@ -90,6 +142,62 @@ def add_registry_commands(commands: argparse._SubParsersAction, default_root: st
     gc = actions.add_parser("gc", parents=[root], help="remove packages half-written by crashed writers")
     gc.add_argument("--older-than", type=float, default=STALE_STAGING_S, metavar="SECONDS")
     gc.set_defaults(handler=lambda a: _print(cli_gc(Registry(a.registry), a.older_than)))
+
+
+def _agents(text: str) -> tuple[str, ...]:
+    return tuple(agent.strip() for agent in text.split(",") if agent.strip())
+
+
+def _thresholds(args) -> Thresholds:
+    return Thresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Thresholds)})
+
+
+def _handle_shadow(args) -> int:
+    if args.off == (args.version is not None):
+        raise RegistryError("shadow: give a VERSION to score in shadow, or --off to stop")
+    deployment = set_shadow(Registry(args.registry, _trust(args, required=not args.off)), args.name, args.version,
+                            args.reason,
+                            agents=_agents(args.agents), percent=args.percent, signer=_signer(args))
+    return _print(_deployment_text(deployment, args.agents))
+
+
+def _handle_gate(args) -> int:
+    passed, lines = fleet_gate(args.fleet_db, args.name, args.version, _thresholds(args))
+    print("\n".join(lines))
+    return 0 if passed else 1
+
+
+def fleet_gate(fleet_db: str | None, name: str, version: str, thresholds: Thresholds) -> tuple[bool, list[str]]:
+    """(passed, report) of ``name``/``version`` against the collector database ``fleet_db``."""
+    if not fleet_db:
+        raise RegistryError("the fleet gate needs the collector's database: --fleet-db stats.sqlite")
+    if not Path(fleet_db).exists():
+        raise RegistryError(f"--fleet-db {fleet_db}: no such database")
+    db = sqlite3.connect(f"file:{fleet_db}?mode=ro", uri=True)
+    try:
+        return judge(db, name, str(version), thresholds)
+    finally:
+        db.close()
+
+
+def _deployment_text(deployment, agents: str = "", registry: Registry | None = None) -> str:
+    lines = [f"deployment of {deployment.name}"]
+    for group, entry in deployment.groups.items():
+        who = ", ".join(entry["agents"]) + (f" + {entry['percent']:g} % of the fleet" if entry["percent"] else "")
+        previous = f" (previous v{entry['previous']})" if entry.get("previous") else ""
+        lines.append(f"  {group:<12} v{entry['version']}{previous}: {who}")
+    lines.append(f"  {PRODUCTION:<12} the production stage: every other agent")
+    if deployment.shadow:
+        entry = deployment.shadow
+        who = ", ".join(entry["agents"]) + (f" + {entry['percent']:g} % of the fleet" if entry["percent"] else "")
+        lines.append(f"  {SHADOW:<12} v{entry['version']} scored beside the champion: {who}")
+    if registry is not None and agents:
+        production = [v for v, s in registry.stages(deployment.name).items() if s == PRODUCTION]
+        for agent in _agents(agents):
+            given: Assignment = deployment.assign(agent, agent, max(production, key=int) if production else None)
+            challenger = f", challenger v{given.challenger.version}" if given.challenger else ""
+            lines.append(f"  agent {agent}: {given.group}, champion v{given.champion.version}{challenger}")
+    return "\n".join(lines)
 
 
 def _print(text: str) -> int:
@@ -231,19 +339,43 @@ def cli_history(registry: Registry, name: str) -> str:
         raise RegistryError(f"model {name!r} has no history; {registry._what_exists(name)}")
     return "\n".join(f"{e['time']}  {e['user']:<10}  v{e['version']:<5} {e['action']:<10} "
                      f"{e['from_stage'] or '-'} -> {e['to_stage']}: {e['reason']}"
+                     + (f" [agents: {e['agents']}]" if e.get("agents") else "")
                      + (f" [FORCED past: {e['forced']}]" if e.get("forced") else "")
                      + (f" [{signed}]" if (signed := check_record(e, registry.trust)) else "") for e in events)
 
 
 def cli_promote(registry: Registry, name: str, version: str, stage: str, reason: str, *, force: bool = False,
-                signer: SigningKey | None = None) -> str:
+                signer: SigningKey | None = None, fleet_db: str | None = None,
+                thresholds: Thresholds = Thresholds()) -> str:
+    """A version that ran as a canary or in shadow goes to production only past the fleet gate (or forced)."""
     before = registry.stage_of(name, version)
-    ref = registry.promote(name, version, stage, reason, force=force, signer=signer)
+    gate, report = None, []
+    if stage == PRODUCTION and before != stage and _ran_in_fleet(registry, name, str(version)):
+        if fleet_db is None and not force:
+            raise RegistryError(f"{name}/{version} ran as a canary or in shadow: promoting it to production needs "
+                                "the fleet gate (--fleet-db stats.sqlite), or --force with a reason")
+        if fleet_db is not None:
+            passed, report = fleet_gate(fleet_db, name, str(version), thresholds)
+            gate = None if passed else failing_reason(report)
+            if gate is not None and not force:
+                raise RegistryError("\n".join(report) + f"\n{name}/{version} stays {before}: the fleet gate failed; "
+                                    "to promote it anyway, force it with a reason (--force --reason '...'), which "
+                                    "the history records")
+    ref = registry.promote(name, version, stage, reason, force=force, signer=signer, gate=gate)
     if before == stage:
         return f"{ref} is already in {stage}; nothing changed"
     forced = [e["forced"] for e in registry.history(name)[-1:] if e.get("forced") and e["version"] == ref.version]
     note = f" (forced past the quality gate: {forced[0]})" if forced else ""
-    return f"{ref}: {before} -> {stage}{note}\n" + _stage_line(registry, name)
+    return "\n".join([*report, f"{ref}: {before} -> {stage}{note}", _stage_line(registry, name)])
+
+
+def _ran_in_fleet(registry: Registry, name: str, version: str) -> bool:
+    return any(e.get("action") in ("deploy", "shadow") and e.get("version") == version for e in registry.history(name))
+
+
+def cli_rollback_group(registry: Registry, name: str, group: str, reason: str, *,
+                       signer: SigningKey | None = None) -> str:
+    return _deployment_text(rollback_group(registry, name, group, reason, signer=signer))
 
 
 def cli_rollback(registry: Registry, name: str, stage: str = "production", reason: str = "", *,

@@ -67,7 +67,7 @@ from .store import Added
 log = logging.getLogger("edge_agent.collector.alerts")
 
 KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap", "agent_id_mismatch",
-         "refused_window")
+         "refused_window", "audit_loss")
 EVIDENCE_KINDS = ("psi", "site_psi", "outlier_rate", "change")    # stored and counted, not paged: incidents are
 
 
@@ -348,6 +348,20 @@ class AlertRules:
                                         f"claiming to be agent {m['agent_id']!r} (tester {m['tester']!r}); refused, "
                                         "nothing stored"})
         return alerts
+
+    def for_audit_loss(self, batch: dict, before: int, now_lost: int, received_at: float) -> list[dict]:
+        """Audit batches an agent lost (its audit spool filled up, or its queue did) since its previous batch: every
+        increase is an alert, never suppressed (a lost audit record is a gap in the answer to "which model decided
+        this part")."""
+        if now_lost <= before:
+            return []
+        spool = batch["spool"]
+        return [{"kind": "audit_loss", "agent_id": batch["agent_id"], "tester": batch["tester"], "head": None,
+                 "site": None, "test": None, "model": None, "value": now_lost - before, "threshold": 0,
+                 "sample_size": None, "window_id": None, "created_at": received_at,
+                 "message": f"agent {batch['agent_id']!r} (tester {batch['tester']!r}) lost {now_lost - before} audit "
+                            f"batch(es) of decisions: {spool['dropped_total']} dropped from its full audit spool and "
+                            f"{spool['unspooled_lost']} never spooled, in total"}]
 
     def _raise(self, alerts: list[dict], alert: dict) -> None:
         key = (alert["kind"], alert["agent_id"], alert["head"], alert["site"], alert["test"])

@@ -4,9 +4,12 @@
                        [--metrics-port 9465] [--metrics-host 127.0.0.1]
                        [--key collector.key_secret --agent-keys DIR]     # CURVE: required beyond loopback
     edge-collector report --db stats.sqlite --out report.html [--since-hours H] [--config collector.toml]
+    edge-collector audit --db stats.sqlite (--part ID | --lot L [--wafer W] | --model NAME [--version V])
+    edge-collector registry-serve --registry models --bind tcp://127.0.0.1:5570 [--trusted-keys DIR]
+                       [--key service.key_secret --agent-keys DIR]         # CURVE: required beyond loopback
     edge-collector keys create collector --kind curve [--dir keys]
 
-Exit status: 0 ok, 2 unusable configuration, database or address.
+Exit status: 0 ok, 1 an audit query found nothing, 2 unusable configuration, database or address.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from ..errors import EdgeError, run_command
 from ..keys import CURVE_PUBLIC, add_keys_command
 from ..wire.links import listen_problems
 
-EXIT_OK = 0   # 2: unusable configuration, database or address (edge_agent.errors.run_command)
+EXIT_OK, EXIT_NOTHING = 0, 1   # 1: an audit query found no decision; 2: unusable configuration, database or address
+                               # (edge_agent.errors.run_command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since-hours", type=float, default=None, help="only windows that ended this recently")
     report.add_argument("--config", help="TOML file with an [alerts] table (the thresholds the report applies)")
     report.set_defaults(handler=cmd_report)
+    audit = commands.add_parser("audit", help="which model version made which decision (every decision the agents "
+                                               "audited)")
+    audit.add_argument("--db", required=True, help="the collector's SQLite database")
+    audit.add_argument("--part", help="a part id")
+    audit.add_argument("--lot", help="a lot (with --wafer: one wafer of it)")
+    audit.add_argument("--wafer")
+    audit.add_argument("--model", help="a model name: where its versions ran (with --version: one version)")
+    audit.add_argument("--version")
+    audit.add_argument("--limit", type=int, default=10_000, help="decisions listed at most")
+    audit.set_defaults(handler=cmd_audit)
+    serve = commands.add_parser("registry-serve", help="serve the registry's packages and deployments to agents "
+                                                       "(until SIGTERM/SIGINT)")
+    serve.add_argument("--registry", default="models", help="registry root folder (default: models)")
+    serve.add_argument("--bind", default="tcp://127.0.0.1:5570", help="ZeroMQ address agents connect to")
+    serve.add_argument("--trusted-keys", help="verify signatures too before serving (agents always verify)")
+    serve.add_argument("--key", help="the service's CURVE secret certificate: agents connect over CURVE; required "
+                                     "to listen beyond loopback")
+    serve.add_argument("--agent-keys", help=f"the agents allowed in: public certificates named for their agent ids "
+                                            f"(<agent id>{CURVE_PUBLIC})")
+    serve.add_argument("--log-format", choices=("plain", "json"), default="plain")
+    serve.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
+    serve.set_defaults(handler=cmd_registry_serve)
     add_keys_command(commands, "keys")
     return parser
 
@@ -85,8 +111,61 @@ def _keys(args: argparse.Namespace):
         problems.append("--key and --agent-keys: CURVE needs both, the collector's secret certificate and the agents' "
                         "public ones")
     if problems:
-        raise EdgeError("edge-collector run options are not usable:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise EdgeError(f"edge-collector {args.command} options are not usable:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
     return CollectorKeys(load_curve_pair(args.key), load_allow_list(args.agent_keys)) if args.key else None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .lifecycle import AUDIT_COLUMNS, audit_rows, where_version_ran
+    from .store import Store
+    if args.wafer is not None and args.lot is None:
+        raise EdgeError("--wafer needs --lot (a wafer number is unique only within its lot)")
+    if args.version is not None and args.model is None:
+        raise EdgeError("--version needs --model")
+    store = Store(args.db, read_only=True)
+    try:
+        if args.model is not None and args.part is None and args.lot is None:
+            rows = where_version_ran(store.db, args.model, args.version)
+            print(f"{'version':>7}  {'agent':<20} {'tester':<16} {'parts':>8}  first -> last (UTC)")
+            for row in rows:
+                print(f"{row['model_version']:>7}  {row['agent_id']:<20} {row['tester']:<16} {row['parts']:>8}  "
+                      f"{_utc(row['first'])} -> {_utc(row['last'])}")
+        else:
+            try:
+                rows = audit_rows(store.db, part=args.part, lot=args.lot, wafer=args.wafer, model=args.model,
+                                  version=args.version, limit=args.limit)
+            except ValueError as error:
+                raise EdgeError(str(error)) from None
+            print("\t".join(AUDIT_COLUMNS))
+            for row in rows:
+                print("\t".join(_utc(row[c]) if c == "time" else "" if row[c] is None else str(row[c])
+                                for c in AUDIT_COLUMNS))
+    finally:
+        store.close()
+    print(f"{len(rows)} row(s)", file=sys.stderr)
+    return EXIT_OK if rows else EXIT_NOTHING
+
+
+def _utc(seconds: float) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def cmd_registry_serve(args: argparse.Namespace) -> int:
+    from ..fleet.service import RegistryService
+    from ..keys import load_trusted_keys
+    from ..logs import setup_logging
+    from ..package.registry import Registry
+    from ..package.signing import Trust
+    keys = _keys(args)
+    setup_logging(args.log_format, args.log_level)
+    trust = Trust(load_trusted_keys(args.trusted_keys), args.trusted_keys) if args.trusted_keys else None
+    service = RegistryService(Registry(args.registry, trust), args.bind, keys=keys)
+    signal.signal(signal.SIGTERM, service.request_stop)
+    signal.signal(signal.SIGINT, service.request_stop)
+    service.serve()
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:

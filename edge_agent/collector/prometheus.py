@@ -22,6 +22,7 @@ class FleetState:
         self.invalid = 0
         self.unstorable = 0
         self.agent_id_mismatches = 0
+        self.audit_records = 0
         self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
         self.incidents_opened: Counter[str] = Counter({scope: 0 for scope in SCOPES})
         self.incidents_open: Counter[str] = Counter({scope: 0 for scope in SCOPES})
@@ -56,6 +57,8 @@ class FleetState:
                            "failed repeatedly while the database worked", self.unstorable)
             yield _counter("edge_collector_agent_id_mismatches", "Windows refused because their agent_id was not "
                            "the id of the CURVE key that sent them", self.agent_id_mismatches)
+            yield _counter("edge_collector_audit_records", "Decisions stored from agents' audit batches",
+                           self.audit_records)
             alerts = CounterMetricFamily("edge_collector_alerts", "Alerts raised, by kind", labels=["kind"])
             for kind, count in sorted(self.alerts.items()):
                 alerts.add_metric([kind], count)

@@ -30,9 +30,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ..errors import EdgeError
 from ..wire.codec import encode
 from ..wire.links import CurvePair, Gatekeeper, peer_id, serve_curve
+from ..wire.audit import AUDIT, parse_audit
 from ..wire.stats import Code, InvalidMessage, StatsWindow, ack, parse_stats, refusal
 from .alerts import EVIDENCE_KINDS, AlertHook, AlertRules
 from .incidents import IncidentTracker
+from .lifecycle import add_audit, add_shadow
 from .prometheus import FleetState
 from .store import Store
 
@@ -134,6 +136,7 @@ class CollectorServer:
     def _serve_batch(self, router: zmq.Socket) -> None:
         batch: list[tuple[bytes, StatsWindow]] = []
         forged: list[tuple[bytes, str, StatsWindow]] = []
+        audits: list[tuple[bytes, str | None, dict]] = []
         for _ in range(BATCH):
             try:
                 frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -147,6 +150,10 @@ class CollectorServer:
                 message = msgpack.unpackb(payload, raw=False) if len(frames) == 2 else None
                 if message is None:
                     raise InvalidMessage(f"expected one payload frame from a DEALER, got {len(frames) - 1}")
+                if isinstance(message, dict) and message.get("type") == AUDIT:
+                    audits.append((identity, None if self.keys is None else peer_id(frames[-1]),
+                                   parse_audit(message)))
+                    continue
                 window = parse_stats(message)
                 sender = None if self.keys is None else peer_id(frames[-1])
                 if sender is not None and window["agent_id"] != sender:
@@ -165,6 +172,40 @@ class CollectorServer:
             self._refuse_forged(router, forged)
         if batch:
             self._store(router, batch)
+        if audits:
+            self._store_audits(router, audits)
+
+    def _store_audits(self, router: zmq.Socket, audits: list[tuple[bytes, str | None, dict]]) -> None:
+        """Audit batches: stored in one transaction, then acknowledged; a loss the agent reports is alerted."""
+        received_at, alerts, outcomes = time.time(), [], []
+        try:
+            with self.store.transaction():
+                for identity, sender, batch in audits:
+                    if sender is not None and sender != batch["agent_id"]:
+                        outcomes.append("forged")
+                        continue
+                    added = add_audit(self.store.db, batch, received_at)
+                    outcomes.append(added)
+                    if added is not None:
+                        for alert in self.rules.for_audit_loss(batch, *added, received_at):
+                            self.store.add_alert(alert)
+                            alerts.append(alert)
+        except Exception as error:   # as for windows: the agents send them again
+            log.error("storing %d audit batch(es) failed, not acknowledged: %s", len(audits), error,
+                      exc_info=not isinstance(error, sqlite3.Error))
+            for identity, _, batch in audits:
+                self._reply(router, identity, refusal(Code.STORE_FAILED, str(error), batch["seq"]))
+            return
+        for (identity, sender, batch), added in zip(audits, outcomes):
+            if added == "forged":
+                self._reply(router, identity, refusal(Code.AGENT_ID_MISMATCH, f"agent_id {batch['agent_id']!r} is "
+                                                      f"not the id of the key that sent it ({sender!r})", batch["seq"]))
+                continue
+            self._reply(router, identity, ack(batch, duplicate=added is None))
+            with self.state.lock:
+                self.state.last_seen[batch["agent_id"]] = received_at
+                self.state.audit_records += 0 if added is None else len(batch["records"])
+        self._announce(alerts)
 
     def _refuse_forged(self, router: zmq.Socket, forged: list[tuple[bytes, str, StatsWindow]]) -> None:
         """Windows that claim another agent's id than their sender's key: refused for good, counted, alerted."""
@@ -195,6 +236,7 @@ class CollectorServer:
                     added = self.store.add_window(window, received_at)
                     outcomes.append(added)
                     if added is not None:
+                        add_shadow(self.store.db, added.window_id, window.message)
                         verdict = self.rules.for_window(window, added, received_at)
                         for alert in verdict.alerts:
                             self.store.add_alert(alert)

@@ -18,7 +18,8 @@ from ..errors import EdgeError
 from ..wire.codec import decode_trusted, encode
 from ..wire.stats import StatsWindow
 
-SCHEMA_VERSION = 2        # 2: baselines, incidents, incident_tests (a version 1 database gains them when opened)
+SCHEMA_VERSION = 3        # 2: baselines, incidents, incident_tests; 3: audit_batches, decisions, shadow_sites (an
+                          # older database gains the tables it lacks when opened)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,6 +71,29 @@ CREATE TABLE IF NOT EXISTS incident_tests (
     noise REAL, n INTEGER NOT NULL, n_baseline INTEGER NOT NULL, psi_siblings REAL, psi_fleet REAL,
     psi_reference REAL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     PRIMARY KEY (incident_id, test));
+CREATE TABLE IF NOT EXISTS audit_batches (
+    id INTEGER PRIMARY KEY, agent_id TEXT NOT NULL, stream TEXT NOT NULL, seq INTEGER NOT NULL, tester TEXT NOT NULL,
+    received_at REAL NOT NULL, records INTEGER NOT NULL, dropped_total INTEGER NOT NULL,
+    unspooled_lost INTEGER NOT NULL, UNIQUE (agent_id, stream, seq));
+CREATE TABLE IF NOT EXISTS decisions (
+    batch_id INTEGER NOT NULL REFERENCES audit_batches(id), agent_id TEXT NOT NULL, tester TEXT NOT NULL,
+    time REAL NOT NULL, head INTEGER NOT NULL, site INTEGER NOT NULL, lot TEXT, sublot TEXT, wafer TEXT, x INTEGER,
+    y INTEGER, part_id TEXT, digest TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL,
+    model_checksum TEXT NOT NULL, outlier_score REAL, pass_probability REAL, bin INTEGER NOT NULL,
+    flags TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS decisions_by_part ON decisions (part_id);
+CREATE INDEX IF NOT EXISTS decisions_by_wafer ON decisions (lot, wafer);
+CREATE INDEX IF NOT EXISTS decisions_by_model ON decisions (model_name, model_version, time);
+CREATE TABLE IF NOT EXISTS shadow_sites (
+    window_id INTEGER NOT NULL REFERENCES windows(id), agent_id TEXT NOT NULL, tester TEXT NOT NULL,
+    end REAL NOT NULL, champion_checksum TEXT NOT NULL, champion_version TEXT NOT NULL,
+    challenger_name TEXT NOT NULL, challenger_version TEXT NOT NULL, challenger_checksum TEXT NOT NULL,
+    head INTEGER NOT NULL, site INTEGER NOT NULL, parts INTEGER NOT NULL, agree INTEGER NOT NULL,
+    confusion BLOB NOT NULL, n INTEGER NOT NULL, sx REAL NOT NULL, sy REAL NOT NULL, sxx REAL NOT NULL,
+    syy REAL NOT NULL, sxy REAL NOT NULL, champion_outliers INTEGER NOT NULL, challenger_outliers INTEGER NOT NULL,
+    champion_fails INTEGER NOT NULL, challenger_fails INTEGER NOT NULL, champion_pat_disagree INTEGER NOT NULL,
+    challenger_pat_disagree INTEGER NOT NULL, skipped INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS shadow_by_challenger ON shadow_sites (challenger_name, challenger_version);
 """
 INCIDENT_COLUMNS = ("model_checksum", "model", "scope", "diagnosis", "status", "agent_id", "tester", "head", "site",
                     "members", "start", "end", "opened_at", "updated_at", "closed_at", "closed_because",
@@ -105,8 +129,8 @@ class Store:
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(SCHEMA)
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                # Version 1 lacks only tables, which SCHEMA has just created.
-                self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value = '1'",
+                # Versions 1 and 2 lack only tables, which SCHEMA has just created.
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value IN ('1', '2')",
                                 (str(SCHEMA_VERSION),))
             version = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:

@@ -282,13 +282,15 @@ class Registry:
         return PackageRef(name, version)
 
     def promote(self, name: str, version: str | int, stage: str, reason: str, *, force: bool = False,
-                signer: SigningKey | None = None) -> PackageRef:
+                signer: SigningKey | None = None, gate: str | None = None) -> PackageRef:
         """Move a version to ``stage``; the previous holder of staging/production steps down.
 
         Promotion to production requires the package to verify. A package whose manifest says its yield model did
         not pass the gate against chance goes to staging or production only with ``force``; the history line then
         records what was overridden. Promoting to the stage a version already holds changes nothing and records
-        nothing. With a ``signer`` the history lines carry its key id and signature.
+        nothing. With a ``signer`` the history lines carry its key id and signature. ``gate``: why the fleet's
+        evidence holds the version back from production (edge_agent/collector/evidence.py), overridden by ``force``
+        and recorded the same way.
         """
         _check_stage(stage)
         _check_reason(reason)
@@ -298,8 +300,10 @@ class Registry:
             if stages[ref.version] == stage:
                 return ref
             if stage == "production":
-                self._require_verified(ref)
+                self.require_verified(ref)
             held = self._quality_hold(ref) if stage in SINGLE_HOLDER_STAGES else None
+            if gate is not None and stage == "production":
+                held = f"{held}; {gate}" if held else gate
             if held is not None and not force:
                 raise RegistryError(f"{ref} cannot go to {stage}: {held}. It stays {stages[ref.version]}; to promote "
                                     "it anyway, force it with a reason (edge-train registry promote ... --force "
@@ -330,7 +334,7 @@ class Registry:
                                     f"before version {current} ({self._what_exists(name)})")
             ref = PackageRef(name, earlier[-1])
             if stage == "production":
-                self._require_verified(ref)
+                self.require_verified(ref)
             self._apply(name, [(current, "archived", "rollback", reason), (ref.version, stage, "rollback", reason)],
                         signer=signer)
         return ref
@@ -377,6 +381,25 @@ class Registry:
                                         f"({error.strerror}); remove it by hand") from error
         return removed
 
+    def locked(self, name: str):
+        """The lock that serialises every state change of ``name`` (deployment.py changes under it too)."""
+        return self._locked(name)
+
+    def require_verified(self, ref: PackageRef, what: str = "go to production") -> None:
+        """RegistryError listing every problem unless ``ref`` verifies (with this registry's trust)."""
+        result = self.verify(ref)
+        if not result.ok:
+            raise RegistryError(f"{ref} does not verify, it cannot {what}:\n"
+                                + "\n".join(f"  - {p}" for p in result.problems))
+
+    def record(self, name: str, entries: list[dict], *, signer: SigningKey | None = None) -> None:
+        """Append history lines (time and user added, signed with ``signer``) for changes outside the stages; the
+        caller holds ``locked(name)``."""
+        now, user = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), _user()
+        lines = [{"time": now, **entry, "user": user} for entry in entries]
+        append_lines(self._model_dir(name) / HISTORY_FILE,
+                     [json.dumps(line if signer is None else sign_record(line, signer)) for line in lines])
+
     # ---- internals -------------------------------------------------------------------------------------------
 
     def _model_dir(self, name: str) -> Path:
@@ -421,12 +444,6 @@ class Registry:
             if not stack or stack[-1] != event["version"]:
                 stack.append(event["version"])
         return stack
-
-    def _require_verified(self, ref: PackageRef) -> None:
-        result = self.verify(ref)
-        if not result.ok:
-            raise RegistryError(f"{ref} does not verify, it cannot go to production:\n"
-                                + "\n".join(f"  - {p}" for p in result.problems))
 
     def _quality_hold(self, ref: PackageRef) -> str | None:
         """Why the package must not be promoted unforced (its yield model failed the gate against chance), else

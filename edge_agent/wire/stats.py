@@ -113,6 +113,8 @@ MAX_NAME_CHARS = 255           # agent_id, tester, model name/version/checksum, 
 MAX_COLUMN_CHARS = 1024        # a test column name
 MAX_DROPPED_RANGES = 100       # the latest [first, last] ranges an agent reports
 HEAD_SITE_RANGE = (0, 255)     # STDF U1, as the agent's door takes them
+MAX_SHADOW_BLOCKS = 16         # (champion, challenger) pairs in one window's shadow field
+MAX_CONFUSION_CELLS = 4096     # (champion bin, challenger bin) cells of one site
 
 
 def parse_stats(message: Any) -> StatsWindow:
@@ -197,7 +199,51 @@ def parse_stats(message: Any) -> StatsWindow:
         change = _fields(s["change"], f"{where}.change", {"fired": bool, "fires": int, "statistic": _NUMBER})
         _integer(change["fires"], f"{where}.change.fires", 0, MAX_COUNT)
         _finite(change["statistic"], f"{where}.change.statistic")
+    check_shadow(m.get("shadow"))
     return StatsWindow(m)
+
+
+def check_shadow(blocks: Any) -> None:
+    """The optional ``shadow`` field: the challenger's agreement counts (nil or absent: no challenger ran)."""
+    if blocks is None:
+        return
+    if not isinstance(blocks, list) or len(blocks) > MAX_SHADOW_BLOCKS:
+        raise InvalidMessage(f"shadow: expected a list of at most {MAX_SHADOW_BLOCKS} blocks, got {short_repr(blocks)}")
+    for b, block in enumerate(blocks):
+        where = f"shadow[{b}]"
+        _fields(block, where, {"champion": dict, "challenger": dict, "skipped": int, "sites": list})
+        _integer(block["skipped"], f"{where}.skipped", 0, MAX_COUNT)
+        for key in ("champion", "challenger"):
+            model = _fields(block[key], f"{where}.{key}", {"name": str, "version": str, "checksum": str})
+            for field in ("name", "version", "checksum"):
+                _text(model[field], f"{where}.{key}.{field}", MAX_NAME_CHARS)
+        seen = set()
+        for i, site in enumerate(block["sites"]):
+            at = f"{where}.sites[{i}]"
+            _fields(site, at, {"head": int, "site": int, "parts": int, "agree": int, "confusion": list,
+                               "score_sums": dict, "outliers": list, "fails": list, "pat_disagree": list})
+            _integer(site["head"], f"{at}.head", *HEAD_SITE_RANGE)
+            _integer(site["site"], f"{at}.site", *HEAD_SITE_RANGE)
+            if (site["head"], site["site"]) in seen:
+                raise InvalidMessage(f"{at}: head {site['head']} site {site['site']} appears twice in the block")
+            seen.add((site["head"], site["site"]))
+            _integer(site["parts"], f"{at}.parts", 0, MAX_COUNT)
+            _integer(site["agree"], f"{at}.agree", 0, site["parts"])
+            sums = _fields(site["score_sums"], f"{at}.score_sums", {"n": int, "sx": _NUMBER, "sy": _NUMBER,
+                                                                    "sxx": _NUMBER, "syy": _NUMBER, "sxy": _NUMBER})
+            _integer(sums["n"], f"{at}.score_sums.n", 0, MAX_COUNT)
+            for key in ("sx", "sy", "sxx", "syy", "sxy"):
+                _finite(sums[key], f"{at}.score_sums.{key}")
+            for key in ("outliers", "fails", "pat_disagree"):
+                if len(site[key]) != 2:
+                    raise InvalidMessage(f"{at}.{key}: expected [champion, challenger] counts")
+                _counts(site[key], f"{at}.{key}")
+            if len(site["confusion"]) > MAX_CONFUSION_CELLS:
+                raise InvalidMessage(f"{at}.confusion: expected at most {MAX_CONFUSION_CELLS} cells")
+            for c, cell in enumerate(site["confusion"]):
+                if not isinstance(cell, list) or len(cell) != 3:
+                    raise InvalidMessage(f"{at}.confusion[{c}]: expected [champion bin, challenger bin, parts]")
+                _counts(cell, f"{at}.confusion[{c}]")
 
 
 def _check_spool(spool: dict, seq: int) -> None:

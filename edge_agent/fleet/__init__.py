@@ -1,0 +1,1 @@
+"""Packages to controllers without a shared disk: the registry service (central) and the agent's follower."""
