@@ -33,6 +33,7 @@ from .package.registry import Registry
 from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
+from .stages import BIN, DECODE, DRIFT, ENCODE, PAT, SEND, VALIDATE, StageSampler
 from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
                          Part, ProtocolError, check_deadline, check_envelope, decode, encode_batch_reply, error_reply,
@@ -118,6 +119,8 @@ class Agent:
         self._stop_requested = False
         self._error_log = _ThrottledLog(ERROR_LOG_INTERVAL_S)
         self._handlers = {SCORE: self._score, HEALTH: self._health, RELOAD: self._reload, ROLLBACK: self._rollback}
+        self.stages = StageSampler(config.stage_sample_every)
+        self._sample: list[int] | None = None   # the stage sample of the score request being served, if any
         self._watcher: ReloadWatcher | None = None
 
     def request_stop(self, *_signal_args) -> None:
@@ -250,8 +253,11 @@ class Agent:
         one slice of a score_batch (``turn_parts`` parts). True once its reply is sent."""
         try:
             if request.batch is None:
+                self._sample = self.stages.begin(request.received)
                 message = self._open(request)
                 kind = message["type"]
+                if kind != SCORE:
+                    self._sample = None   # only single score requests are sampled
                 if kind != SCORE_BATCH:
                     self._reply(router, request, self._handlers[kind](message, request.rid))
                     return True
@@ -292,6 +298,8 @@ class Agent:
         self.metrics.requests[kind] += 1
         if "deadline" in message:
             check_deadline(message["deadline"], time.time())
+        if self._sample is not None:
+            self._sample[DECODE] = time.perf_counter_ns()
         return message
 
     def _reply(self, router: zmq.Socket, request: Request, reply: dict, results: list[bytes] | None = None, *,
@@ -300,9 +308,15 @@ class Agent:
         (fairness.py); with ``hold`` False (a refusal outside the client's turns) it is dropped instead."""
         reply["agent_us"] = round((time.perf_counter() - request.received) * 1e6, 1)
         payload = encode(reply) if results is None else encode_batch_reply(reply, results)
+        sample, self._sample = self._sample, None
+        if sample is not None:
+            sample[ENCODE] = time.perf_counter_ns()
         frames = [*request.envelope, payload]
         try:
             router.send_multipart(frames, zmq.NOBLOCK)
+            if sample is not None:
+                sample[SEND] = time.perf_counter_ns()
+                self.stages.end(sample)
         except zmq.Again:
             if not (hold and self.inbox.hold(request.envelope[0], frames)):
                 self.metrics.replies_dropped["queue_full"] += 1
@@ -332,6 +346,7 @@ class Agent:
             self.inbox.release(client)
 
     def _error(self, rid, code: str, message: str) -> dict:
+        self._sample = None   # a refused request's stages say nothing about scoring
         self.metrics.errors[code] += 1
         self._error_log.warning(code, "request %r refused: %s: %s", rid, code, message)
         return error_reply(rid, code, message)
@@ -342,7 +357,9 @@ class Agent:
         model = self.model
         part = parse_part(message.get("part"))
         row = model.parser.parse(message.get("readings"))
-        scores, probabilities = model.score(row[None, :])
+        if self._sample is not None:
+            self._sample[VALIDATE] = time.perf_counter_ns()
+        scores, probabilities = model.score(row[None, :], self._sample)
         return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": rid,
                 **self._judge(model, self.dynamic, part, row, float(scores[0]), float(probabilities[0])),
                 "model": model.identity}
@@ -380,10 +397,15 @@ class Agent:
                probability: float) -> dict:
         """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window. A batch that
         began before a model swap finishes on its model and windows, without drift (which follows the new model)."""
+        sample = self._sample
         static = model.static_pat.breaks(row)
         breaks = dynamic.check_and_add(part, row) if dynamic is not None else []
+        if sample is not None:
+            sample[PAT] = time.perf_counter_ns()
         if self.drift is not None and model is self.model:
             self.drift.update(model, part, row, score)
+            if sample is not None:
+                sample[DRIFT] = time.perf_counter_ns()
         decision = decide(self.policy, static=static, dynamic=breaks, score=score,
                           score_threshold=model.outlier_threshold, pass_probability=probability,
                           pass_threshold=model.pass_threshold)
@@ -391,10 +413,16 @@ class Agent:
         self.metrics.bins[decision.name] += 1
         for flag in decision.flags:
             self.metrics.flags[flag] += 1
+        if sample is not None:
+            sample[BIN] = time.perf_counter_ns()
         return part_result(score, score < model.outlier_threshold, probability, probability < model.pass_threshold,
                            decision.bin, decision.name, decision.why, decision.flags, static + breaks)
 
     def _health(self, message: dict, rid) -> dict:
+        since = message.get("stages_since", 0)
+        if isinstance(since, bool) or not isinstance(since, int):
+            raise ProtocolError(Code.WRONG_TYPE, f"field 'stages_since': expected a sample number (integer), got "
+                                                 f"{type(since).__name__}")
         watcher = self._watcher
         return {
             "v": PROTOCOL_VERSION, "type": REPLY_TYPES[HEALTH], "id": rid,
@@ -412,6 +440,7 @@ class Agent:
             "drift": None if self.drift is None else self.drift.status(),
             "inbox": {"requests": self.inbox.requests, "bytes": self.inbox.bytes, "clients": self.inbox.clients()},
             "limits": self.limits.describe(),
+            "stages": self.stages.summary(since),
             **self.metrics.snapshot(),
         }
 

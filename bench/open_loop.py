@@ -1,0 +1,87 @@
+"""Sending on a schedule, whatever is still in flight: the client side of every open-loop latency measurement.
+
+Request i is sent at ``start + due[i]`` on socket ``target[i]`` (DEALER sockets connected to an agent, or to the
+bare pyzmq echo of ``bench.echo``); its latency counts from that scheduled time to its reply, so a stall shows in
+every request it delays (no coordinated omission). Between sends this process sleeps in ``zmq.Poller.poll``
+(replies are taken as they arrive) until ``SPIN_S`` before the next due time, then spins: a paused tester
+cadence does not burn a core, and sends still leave on time. A send that leaves more than ``LATE_S`` after its
+due time means this process fell behind its schedule (not scheduled in time, or busy with replies): the run says
+so (``late_sends``) instead of passing that backlog off as the agent's latency.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+import msgpack
+import numpy as np
+import zmq
+
+from edge_agent.wire.score import REPLY_TYPES, SCORE, SCORE_BATCH
+
+SPIN_S = 1e-3          # sleep in poll until this long before a due time, then spin: poll's timeout is in ms
+LATE_S = 1e-3          # a send later than this after its due time: the client fell behind its schedule
+FIRST_ID = 1 << 40     # request ids of a measurement (fresh sockets: nothing else can take them)
+# Replies that carry a decision: the agent's score and score_batch results, and the echo's copy of the request.
+ANSWERS = (REPLY_TYPES[SCORE], REPLY_TYPES[SCORE_BATCH], SCORE, SCORE_BATCH)
+
+
+def dealer(endpoint: str) -> zmq.Socket:
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(endpoint)
+    return socket
+
+
+def send_on_schedule(sockets: list[zmq.Socket], due: np.ndarray, target: np.ndarray,
+                     message: Callable[[int, int], dict], drain_timeout_s: float = 2.0) -> dict:
+    """Send ``message(i, request_id)`` at ``start + due[i]`` (seconds, ascending) on ``sockets[target[i]]``.
+
+    Returns per-request arrays: ``due_at``, ``sent_at``, ``done_at`` (NaN: no answer), ``agent_us`` (the agent's
+    own time from its reply, NaN for the echo), and ``no_decision`` (reason -> count: an error reply's code, or
+    ``timeout`` for no reply ``drain_timeout_s`` after the last send)."""
+    n = len(due)
+    sent_at, done_at, agent_us = np.empty(n), np.full(n, np.nan), np.full(n, np.nan)
+    refused = np.zeros(n, dtype=bool)
+    no_decision: Counter[str] = Counter()
+    poller = zmq.Poller()
+    for socket in sockets:
+        poller.register(socket, zmq.POLLIN)
+
+    def receive(timeout_ms: int) -> None:
+        for socket, _ in poller.poll(timeout_ms):
+            while socket.get(zmq.EVENTS) & zmq.POLLIN:
+                now = time.perf_counter()
+                reply = msgpack.unpackb(socket.recv(), raw=False)
+                i = reply.get("id", -1) - FIRST_ID
+                if not 0 <= i < n:
+                    continue
+                if reply.get("type") in ANSWERS:
+                    done_at[i] = now
+                    agent_us[i] = reply.get("agent_us", np.nan)
+                else:
+                    refused[i] = True
+                    no_decision[str(reply.get("code"))] += 1
+
+    start = time.perf_counter() + 0.01
+    due_at = start + np.asarray(due, dtype=float)
+    for i in range(n):
+        while (remaining := due_at[i] - time.perf_counter()) > 0:
+            receive(int((remaining - SPIN_S) * 1000) if remaining > 2 * SPIN_S else 0)
+        sent_at[i] = time.perf_counter()
+        sockets[target[i]].send(msgpack.packb(message(i, FIRST_ID + i), use_bin_type=True))
+    deadline = time.perf_counter() + drain_timeout_s
+    while (np.isnan(done_at) & ~refused).any() and time.perf_counter() < deadline:
+        receive(10)
+    lost = int((np.isnan(done_at) & ~refused).sum())
+    if lost:
+        no_decision["timeout"] += lost
+    return {"due_at": due_at, "sent_at": sent_at, "done_at": done_at, "agent_us": agent_us,
+            "no_decision": dict(no_decision)}
+
+
+def behind_schedule(sent: dict, which: np.ndarray | None = None) -> int:
+    """How many sends (of the ``which`` mask) left more than ``LATE_S`` after their due time."""
+    late = sent["sent_at"] - sent["due_at"]
+    return int(np.sum(late[which] > LATE_S if which is not None else late > LATE_S))
