@@ -2,16 +2,18 @@
 
 Request i is sent at ``start + due[i]`` on socket ``target[i]`` (DEALER sockets connected to an agent, or to the
 bare pyzmq echo of ``bench.echo``); its latency counts from that scheduled time to its reply, so a stall shows in
-every request it delays (no coordinated omission). Between sends this process sleeps in ``zmq.Poller.poll``
-(replies are taken as they arrive) until ``SPIN_S`` before the next due time, then spins: a paused tester
-cadence does not burn a core, and sends still leave on time. A send that leaves more than ``LATE_S`` after its
+every request it delays (no coordinated omission). Between sends this process sleeps in ``select`` on the
+sockets' file descriptors (a reply wakes it at once and is timed on arrival) until ``SPIN_S`` before the next due
+time, then spins: on a 2-core machine a client that spins all the time takes the core the agent and ZeroMQ's I/O
+threads need (zmq.Poller's timeout is whole milliseconds, too coarse at 1,000 parts/s). A send that leaves more than ``LATE_S`` after its
 due time means this process fell behind its schedule (not scheduled in time, or busy with replies): the run says
 so (``late_sends``) instead of passing that backlog off as the agent's latency.
 """
 from __future__ import annotations
 
+import select
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Callable
 
 import msgpack
@@ -20,8 +22,9 @@ import zmq
 
 from edge_agent.wire.score import REPLY_TYPES, SCORE, SCORE_BATCH
 
-SPIN_S = 1e-3          # sleep in poll until this long before a due time, then spin: poll's timeout is in ms
+SPIN_S = 100e-6        # sleep until this long before a due time, then spin (a sleep wakes up to ~60 us late)
 LATE_S = 1e-3          # a send later than this after its due time: the client fell behind its schedule
+PACK_AHEAD_S = 1e-3    # requests due within this of the next one are packed before it is due
 FIRST_ID = 1 << 40     # request ids of a measurement (fresh sockets: nothing else can take them)
 # Replies that carry a decision: the agent's score and score_batch results, and the echo's copy of the request.
 ANSWERS = (REPLY_TYPES[SCORE], REPLY_TYPES[SCORE_BATCH], SCORE, SCORE_BATCH)
@@ -45,12 +48,16 @@ def send_on_schedule(sockets: list[zmq.Socket], due: np.ndarray, target: np.ndar
     sent_at, done_at, agent_us = np.empty(n), np.full(n, np.nan), np.full(n, np.nan)
     refused = np.zeros(n, dtype=bool)
     no_decision: Counter[str] = Counter()
-    poller = zmq.Poller()
-    for socket in sockets:
-        poller.register(socket, zmq.POLLIN)
+    descriptors = [socket.get(zmq.FD) for socket in sockets]
 
-    def receive(timeout_ms: int) -> None:
-        for socket, _ in poller.poll(timeout_ms):
+    def receive(timeout_s: float) -> None:
+        """Take every reply waiting; when there is none, wait for one up to ``timeout_s``. ZeroMQ's descriptor
+        signals a change of state, not a message: the socket's events say what is there (ZMQ_FD in zmq_getsockopt)."""
+        ready = [socket for socket in sockets if socket.get(zmq.EVENTS) & zmq.POLLIN]
+        if not ready and timeout_s > 0:
+            select.select(descriptors, [], [], timeout_s)
+            ready = [socket for socket in sockets if socket.get(zmq.EVENTS) & zmq.POLLIN]
+        for socket in ready:
             while socket.get(zmq.EVENTS) & zmq.POLLIN:
                 now = time.perf_counter()
                 reply = msgpack.unpackb(socket.recv(), raw=False)
@@ -66,14 +73,17 @@ def send_on_schedule(sockets: list[zmq.Socket], due: np.ndarray, target: np.ndar
 
     start = time.perf_counter() + 0.01
     due_at = start + np.asarray(due, dtype=float)
+    packed: deque[bytes] = deque()   # requests i.. packed ahead, so a touchdown's parts leave back to back
     for i in range(n):
+        while len(packed) < n - i and due_at[i + len(packed)] - due_at[i] <= PACK_AHEAD_S:
+            packed.append(msgpack.packb(message(i + len(packed), FIRST_ID + i + len(packed)), use_bin_type=True))
         while (remaining := due_at[i] - time.perf_counter()) > 0:
-            receive(int((remaining - SPIN_S) * 1000) if remaining > 2 * SPIN_S else 0)
+            receive(remaining - SPIN_S)
         sent_at[i] = time.perf_counter()
-        sockets[target[i]].send(msgpack.packb(message(i, FIRST_ID + i), use_bin_type=True))
+        sockets[target[i]].send(packed.popleft())
     deadline = time.perf_counter() + drain_timeout_s
     while (np.isnan(done_at) & ~refused).any() and time.perf_counter() < deadline:
-        receive(10)
+        receive(0.01)
     lost = int((np.isnan(done_at) & ~refused).sum())
     if lost:
         no_decision["timeout"] += lost
