@@ -15,6 +15,7 @@ Keys ``cadence.<profile>.*``; see bench/KEYS.md.
 """
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import time
@@ -86,6 +87,10 @@ def run(site: AgentSite, quick: bool) -> dict:
         with AgentClient(endpoint, timeout_ms=1_000.0) as client:
             for i in range(WARM_UP_PARTS):
                 client.score(site.readings[i], site.identities[i])
+            # This process trained the package: a full collection of its heap would stall the "test program" for
+            # tens of ms. A real test program is small; only objects made from here on are collected.
+            gc.collect()
+            gc.freeze()
             for profile in plan(quick):
                 before = client.health(timeout_ms=10_000)["stages"]["taken"]
                 measured = measure(profile, profile.parts(quick), FLOOR_PARTS_UNPAUSED[quick], site, endpoint,

@@ -30,7 +30,7 @@ from collections import OrderedDict, deque
 # reply that finds it full is most often a touchdown's second reply while ZeroMQ's I/O thread still moves the first
 # out, gone in tens of microseconds; the client waits for the retry, so the first one comes soon.
 HOLD_RETRY_S = 50e-6
-HOLD_RETRY_MAX_S = 0.1     # ... doubling up to this (a client that never reads costs ten tries a second)
+HOLD_RETRY_MAX_S = 0.1      # ... doubling up to this (a client that never reads costs ten tries a second)
 GONE_FORGET_S = 2.0         # requests still arriving from a client that has gone are dropped for this long
 
 

@@ -121,6 +121,7 @@ class Agent:
         self._handlers = {SCORE: self._score, HEALTH: self._health, RELOAD: self._reload, ROLLBACK: self._rollback}
         self.stages = StageSampler(config.stage_sample_every)
         self._sample: list[int] | None = None   # the stage sample of the score request being served, if any
+        self._warm_payload: zmq.Frame | None = None   # the last score request: keep_warm_ms rehearses it when idle
         self._watcher: ReloadWatcher | None = None
 
     def request_stop(self, *_signal_args) -> None:
@@ -195,7 +196,7 @@ class Agent:
                 self.draining = True
                 deadline = time.monotonic() + self.config.shutdown_timeout_s
                 log.info("stop requested: answering the requests already received, then exiting")
-            quiet_ms = POLL_MS if deadline is None else self.config.drain_quiet_ms
+            quiet_ms = (self.config.keep_warm_ms or POLL_MS) if deadline is None else self.config.drain_quiet_ms
             retry_s = self.inbox.next_retry_in(time.perf_counter())
             wait_ms = quiet_ms if retry_s is None else min(quiet_ms, max(0.0, retry_s * 1000))
             if not self.inbox.due and not poller.poll(wait_ms):
@@ -204,6 +205,8 @@ class Agent:
                     return   # quiet for drain_quiet_ms: every request that arrived has its reply
                 if self.drift is not None:
                     self.drift.tick()   # closes a window whose time is up while no parts arrive
+                if self.config.keep_warm_ms and self._warm_payload is not None:
+                    self._rehearse()
             else:
                 if wake.get(zmq.EVENTS) & zmq.POLLIN:
                     self._take_reload_outcomes(wake)
@@ -258,6 +261,8 @@ class Agent:
                 kind = message["type"]
                 if kind != SCORE:
                     self._sample = None   # only single score requests are sampled
+                elif self.config.keep_warm_ms:
+                    self._warm_payload = request.payload
                 if kind != SCORE_BATCH:
                     self._reply(router, request, self._handlers[kind](message, request.rid))
                     return True
@@ -353,7 +358,8 @@ class Agent:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def _score(self, message: dict, rid) -> dict:
+    def _score(self, message: dict, rid, live: bool = True) -> dict:
+        """``live`` False: a rehearsal (``_rehearse``), which leaves no trace in PAT windows, drift or counters."""
         model = self.model
         part = parse_part(message.get("part"))
         row = model.parser.parse(message.get("readings"))
@@ -361,7 +367,8 @@ class Agent:
             self._sample[VALIDATE] = time.perf_counter_ns()
         scores, probabilities = model.score(row[None, :], self._sample)
         return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": rid,
-                **self._judge(model, self.dynamic, part, row, float(scores[0]), float(probabilities[0])),
+                **self._judge(model, self.dynamic if live else None, part, row, float(scores[0]),
+                              float(probabilities[0]), live),
                 "model": model.identity}
 
     def _others_wait(self, router: zmq.Socket) -> bool:
@@ -394,7 +401,7 @@ class Agent:
         return len(batch.results) == len(batch.parts)
 
     def _judge(self, model: LoadedModel, dynamic: DynamicPat | None, part: Part, row: np.ndarray, score: float,
-               probability: float) -> dict:
+               probability: float, live: bool = True) -> dict:
         """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window. A batch that
         began before a model swap finishes on its model and windows, without drift (which follows the new model)."""
         sample = self._sample
@@ -402,21 +409,31 @@ class Agent:
         breaks = dynamic.check_and_add(part, row) if dynamic is not None else []
         if sample is not None:
             sample[PAT] = time.perf_counter_ns()
-        if self.drift is not None and model is self.model:
+        if self.drift is not None and model is self.model and live:
             self.drift.update(model, part, row, score)
             if sample is not None:
                 sample[DRIFT] = time.perf_counter_ns()
         decision = decide(self.policy, static=static, dynamic=breaks, score=score,
                           score_threshold=model.outlier_threshold, pass_probability=probability,
                           pass_threshold=model.pass_threshold)
-        self.metrics.parts_scored += 1
-        self.metrics.bins[decision.name] += 1
-        for flag in decision.flags:
-            self.metrics.flags[flag] += 1
+        if live:
+            self.metrics.parts_scored += 1
+            self.metrics.bins[decision.name] += 1
+            for flag in decision.flags:
+                self.metrics.flags[flag] += 1
         if sample is not None:
             sample[BIN] = time.perf_counter_ns()
         return part_result(score, score < model.outlier_threshold, probability, probability < model.pass_threshold,
                            decision.bin, decision.name, decision.why, decision.flags, static + breaks)
+
+    def _rehearse(self) -> None:
+        """Between parts (idle ``keep_warm_ms``): the last score request's path again, decode to encode, without its
+        effects and without a reply, so the next part finds the code, the graphs and the buffers in the caches.
+        A request arriving meanwhile waits for at most this one rehearsal."""
+        try:
+            encode(self._score(decode(self._warm_payload.buffer), None, live=False))
+        except ProtocolError:   # a model swapped in since takes other readings: rehearse its first real part
+            self._warm_payload = None
 
     def _health(self, message: dict, rid) -> dict:
         since = message.get("stages_since", 0)
