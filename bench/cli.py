@@ -5,9 +5,9 @@
 
 Sections: e2e (latency from a client process to real agents, tcp and ipc, 100/1,000/5,000 parts/s, drift on
 and off), cadence (a tester's cadence: steady 1 to 1,000 parts/s and touchdown bursts, against the bare pyzmq
-round trip, with the agent's per-stage breakdown), throughput (score_batch on one and two cores), agent (start-up time, memory), inproc (scikit-learn
-vs skl2onnx vs compact vs int8 on the same rows), scaling (latency vs trees, tests, depth), stdf (read
-speed), training (fit time), drift (the drift kernel's cost per part). Every figure is in the JSON under the
+round trip, with the agent's per-stage breakdown), throughput (score_batch on one and two cores), agent
+(start-up time, memory), inproc (scikit-learn vs skl2onnx vs compact vs int8 on the same rows), scaling (latency
+vs trees, tests, depth), stdf (read speed), training (fit time), drift (the drift kernel's cost per part). Every figure is in the JSON under the
 keys documented in bench/KEYS.md. ``--quick`` runs every section small (under a minute on 2 cores).
 """
 from __future__ import annotations

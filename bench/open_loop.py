@@ -5,9 +5,9 @@ bare pyzmq echo of ``bench.echo``); its latency counts from that scheduled time 
 every request it delays (no coordinated omission). Between sends this process sleeps in ``select`` on the
 sockets' file descriptors (a reply wakes it at once and is timed on arrival) until ``SPIN_S`` before the next due
 time, then spins: on a 2-core machine a client that spins all the time takes the core the agent and ZeroMQ's I/O
-threads need (zmq.Poller's timeout is whole milliseconds, too coarse at 1,000 parts/s). A send that leaves more than ``LATE_S`` after its
-due time means this process fell behind its schedule (not scheduled in time, or busy with replies): the run says
-so (``late_sends``) instead of passing that backlog off as the agent's latency.
+threads need (zmq.Poller's timeout is whole milliseconds, too coarse at 1,000 parts/s). A send that leaves more
+than ``LATE_S`` after its due time means this process fell behind its schedule (not scheduled in time, or busy
+with replies): the run says so (``late_sends``) instead of passing that backlog off as the agent's latency.
 """
 from __future__ import annotations
 

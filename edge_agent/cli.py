@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-host", help="Prometheus listen address (default: 127.0.0.1)")
     run.add_argument("--watch-interval-s", type=float, help="how often the followed stage is checked")
     run.add_argument("--stage-sample-every", type=int,
-                     help="time the stages of every Nth score request, 0 = never (default: 100)")
+                     help="time the stages of every Nth request (kept if a score), 0 = never (default: 100)")
     run.add_argument("--keep-warm-ms", type=int,
                      help="idle this long, rehearse the last score request to keep caches warm; 0 = never (default: 5)")
     run.add_argument("--collector", help="fleet collector endpoint for drift windows (default: tcp://127.0.0.1:5560)")

@@ -21,7 +21,7 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     watch_interval_s = 2.0           # how often the followed stage is checked
     shutdown_timeout_s = 5.0         # SIGTERM: answer what arrived, for at most this long
     drain_quiet_ms = 100             # SIGTERM: stop after the socket was quiet this long
-    stage_sample_every = 100         # time the stages of every Nth score request (health: stages); 0: never
+    stage_sample_every = 100         # time every Nth request's stages, kept if a score (health: stages); 0: never
     keep_warm_ms = 5                 # idle this long, the last score request is rehearsed (warm caches); 0: never
 
     [metrics]
