@@ -22,7 +22,7 @@ import zmq
 
 from edge_agent.wire.score import REPLY_TYPES, SCORE, SCORE_BATCH
 
-SPIN_S = 100e-6        # sleep until this long before a due time, then spin (a sleep wakes up to ~60 us late)
+SPIN_S = 400e-6        # sleep until this long before a due time, then spin (a sleep on this VM wakes 0.2-0.4 ms late)
 LATE_S = 1e-3          # a send later than this after its due time: the client fell behind its schedule
 PACK_AHEAD_S = 1e-3    # requests due within this of the next one are packed before it is due
 FIRST_ID = 1 << 40     # request ids of a measurement (fresh sockets: nothing else can take them)
