@@ -3,11 +3,12 @@
 Request i is sent at ``start + due[i]`` on socket ``target[i]`` (DEALER sockets connected to an agent, or to the
 bare pyzmq echo of ``bench.echo``); its latency counts from that scheduled time to its reply, so a stall shows in
 every request it delays (no coordinated omission). Between sends this process sleeps in ``select`` on the
-sockets' file descriptors (a reply wakes it at once and is timed on arrival) until ``SPIN_S`` before the next due
-time, then spins: on a 2-core machine a client that spins all the time takes the core the agent and ZeroMQ's I/O
-threads need (zmq.Poller's timeout is whole milliseconds, too coarse at 1,000 parts/s). A send that leaves more
-than ``LATE_S`` after its due time means this process fell behind its schedule (not scheduled in time, or busy
-with replies): the run says so (``late_sends``) instead of passing that backlog off as the agent's latency.
+sockets' file descriptors (a reply wakes it at once and is timed on arrival; zmq.Poller's timeout is whole
+milliseconds, too coarse at 1,000 parts/s) until ``SPIN_S`` before the next due time (at most ``SPIN_SHARE`` of
+the time between sends), then spins: on a 2-core machine a client that spins all the time takes the core the
+agent and ZeroMQ's I/O threads need. A send that leaves more than ``LATE_S`` after its due time means this
+process fell behind its schedule (not scheduled in time, or busy with replies): the run says so (``late_sends``)
+instead of passing that backlog off as the agent's latency.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import zmq
 
 from edge_agent.wire.score import REPLY_TYPES, SCORE, SCORE_BATCH
 
-SPIN_S = 400e-6        # sleep until this long before a due time, then spin (a sleep on this VM wakes 0.2-0.4 ms late)
+SPIN_S = 400e-6        # sleep until this long before a due time, then spin (a sleep here wakes 0.2-0.4 ms late),
+SPIN_SHARE = 0.1       # ... but spin at most this share of the time between sends (the agent needs the cores)
 LATE_S = 1e-3          # a send later than this after its due time: the client fell behind its schedule
 PACK_AHEAD_S = 1e-3    # requests due within this of the next one are packed before it is due
 FIRST_ID = 1 << 40     # request ids of a measurement (fresh sockets: nothing else can take them)
@@ -77,8 +79,9 @@ def send_on_schedule(sockets: list[zmq.Socket], due: np.ndarray, target: np.ndar
     for i in range(n):
         while len(packed) < n - i and due_at[i + len(packed)] - due_at[i] <= PACK_AHEAD_S:
             packed.append(msgpack.packb(message(i + len(packed), FIRST_ID + i + len(packed)), use_bin_type=True))
+        spin = min(SPIN_S, SPIN_SHARE * (due_at[i] - due_at[i - 1])) if i else SPIN_S
         while (remaining := due_at[i] - time.perf_counter()) > 0:
-            receive(remaining - SPIN_S)
+            receive(remaining - spin)
         sent_at[i] = time.perf_counter()
         sockets[target[i]].send(packed.popleft())
     deadline = time.perf_counter() + drain_timeout_s
