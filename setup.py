@@ -13,6 +13,7 @@ AGENT = [                      # `pip install .`: the agent daemon, its client a
     "pyzmq>=26,<28",
     "msgpack>=1.0,<1.3",
     "prometheus_client>=0.20,<0.27",
+    "cryptography>=42,<49",     # Ed25519 package signatures (edge_agent/package/signing.py); 48.0.0 verified
 ]
 TRAINER = [                    # ingestion, training, ONNX export (and the benchmark's comparisons)
     "pandas>=2.2,<3.2",

@@ -6,9 +6,10 @@
 Sections: e2e (latency from a client process to real agents, tcp and ipc, 100/1,000/5,000 parts/s, drift on
 and off), cadence (a tester's cadence: steady 1 to 1,000 parts/s and touchdown bursts, against the bare pyzmq
 round trip, with the agent's per-stage breakdown), throughput (score_batch on one and two cores), agent
-(start-up time, memory), inproc (scikit-learn vs skl2onnx vs compact vs int8 on the same rows), scaling (latency
-vs trees, tests, depth), stdf (read speed), training (fit time), drift (the drift kernel's cost per part). Every figure is in the JSON under the
-keys documented in bench/KEYS.md. ``--quick`` runs every section small (under a minute on 2 cores).
+(start-up time, memory), curve (the score round trip with and without CURVE), inproc (scikit-learn vs skl2onnx
+vs compact vs int8 on the same rows), scaling (latency vs trees, tests, depth), stdf (read speed), training (fit
+time), drift (the drift kernel's cost per part), explain (the cost of explaining a flagged part, and of the
+agent's judging step). Every figure is in the JSON under the keys documented in bench/KEYS.md. ``--quick`` runs every section small (under a minute on 2 cores).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from edge_agent.errors import run_command
 from edge_agent.package.files import output_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("e2e", "cadence", "throughput", "agent", "inproc", "scaling", "stdf", "training", "drift")
-AGENT_SECTIONS = ("e2e", "cadence", "throughput", "agent")
+SECTIONS = ("e2e", "cadence", "throughput", "agent", "curve", "inproc", "scaling", "stdf", "training", "drift",
+            "explain")
+AGENT_SECTIONS = ("e2e", "cadence", "throughput", "agent", "curve")
 QUICK_YIELD_KINDS = ("random_forest", "logistic")   # logistic has an int8 variant; the MLP takes long to fit
 # Every section trains or reads data with the trainer's libraries, and the plots need matplotlib: a role that is
 # not installed is named before the first section runs, not after minutes of measuring.
@@ -84,7 +86,7 @@ def run(quick: bool, sections: list[str]) -> tuple[dict, dict, dict]:
     latencies, curves = {}, {}
     clock = _SectionClock(figures)
     if any(s in sections for s in AGENT_SECTIONS):
-        from bench import agent_footprint, latency_suite, throughput
+        from bench import agent_footprint, curve_cost, latency_suite, throughput
         from bench.site import AgentSite
         with AgentSite(quick, latency_suite.stream_parts(quick)) as site:
             figures.update({f"package.{k}": v for k, v in site.package.items()})
@@ -103,6 +105,9 @@ def run(quick: bool, sections: list[str]) -> tuple[dict, dict, dict]:
             if "throughput" in sections:
                 figures.update(throughput.run(site, quick))
                 clock.lap("throughput")
+            if "curve" in sections:
+                figures.update(curve_cost.run(site, quick))
+                clock.lap("curve")
         clock.lap("agent_site")
     if "inproc" in sections:
         from bench import export_compare
@@ -126,8 +131,12 @@ def run(quick: bool, sections: list[str]) -> tuple[dict, dict, dict]:
         clock.lap("training")
     if "drift" in sections:
         from bench import drift_cost
-        figures.update(_drift_kernel(drift_cost.run(quick=quick)))
+        figures.update(_flat(drift_cost.run(quick=quick), "drift"))
         clock.lap("drift")
+    if "explain" in sections:
+        from bench import explain_cost
+        figures.update(_flat(explain_cost.run(quick=quick), "explain"))
+        clock.lap("explain")
     described["load_after"] = machine.load_average()
     figures["machine"] = described
     figures["run.seconds"] = round(time.perf_counter() - started, 1)
@@ -147,13 +156,14 @@ class _SectionClock:
         self.last = now
 
 
-def _drift_kernel(measured: dict) -> dict:
-    """``drift_cost.run``'s figures as flat ``drift.*`` keys (its own machine block is dropped)."""
+def _flat(measured: dict, prefix: str) -> dict:
+    """A section's figures as flat ``<prefix>.*`` keys, one level of nested figures joined with a dot (its own
+    machine block is dropped)."""
     flat = {}
     for key, value in measured.items():
         if key == "machine":
             continue
-        key = key if key.startswith("drift.") else f"drift.{key}"
+        key = key if key.startswith(f"{prefix}.") else f"{prefix}.{key}"
         if isinstance(value, dict):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:

@@ -95,13 +95,13 @@ def run(tests: int = 200, sites: int = 4, parts: int | None = None, quick: bool 
     finally:
         shipper.stop(timeout_s=0.0)
         shutil.rmtree(spool_dir, ignore_errors=True)
-    overhead = min(_timer_pair(clock) for _ in range(1000))
+    overhead = min(timer_pair_ns(clock) for _ in range(1000))
     return {
         "drift.tests": tests, "drift.sites": sites, "drift.parts": parts, "drift.window_parts": window_parts,
-        "drift.update_us_per_part": _summary(update_ns),
+        "drift.update_us_per_part": summary_us(update_ns),
         "drift.hook_rate_parts_per_s": rate,
-        "drift.hook_us_per_part": _summary(hook_ns),
-        "drift.window_close_us": _summary(np.array(close_ns)) if close_ns else None,
+        "drift.hook_us_per_part": summary_us(hook_ns),
+        "drift.window_close_us": summary_us(np.array(close_ns)) if close_ns else None,
         "drift.windows": len(close_ns),
         "drift.message_build_ms_off_path": round(float(np.mean(build_ms)), 2) if build_ms else None,
         "drift.message_bytes": int(np.mean(sizes)) if sizes else None,
@@ -123,12 +123,12 @@ def end_to_end(quick: bool = False) -> dict:
     return figures
 
 
-def _timer_pair(clock) -> int:
+def timer_pair_ns(clock) -> int:
     start = clock()
     return clock() - start
 
 
-def _summary(nanoseconds: np.ndarray) -> dict:
+def summary_us(nanoseconds: np.ndarray) -> dict:
     us = nanoseconds / 1e3
     return {"p50": round(float(np.percentile(us, 50)), 2), "p99": round(float(np.percentile(us, 99)), 2),
             "mean": round(float(us.mean()), 2), "max": round(float(us.max()), 1)}

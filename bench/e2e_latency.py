@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -36,7 +37,9 @@ import numpy as np
 import pandas as pd
 
 from bench.open_loop import dealer, send_on_schedule
+from bench.keys import BenchKeys
 from edge_agent.client import AgentClient
+from edge_agent.keys import SigningKey
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from edge_agent.wire.score import PROTOCOL_VERSION, SCORE
@@ -79,23 +82,25 @@ def synthetic_table(n_parts: int, n_tests: int, seed: int, lot: str = "L1", prod
 
 
 def publish_package(registry: Registry, name: str, table: ParametricTable, *, n_trees: int, yield_trees: int,
-                    seed: int = 0):
-    """Train both models on ``table``, build the package and publish it; returns (ref, trained models)."""
+                    seed: int = 0, signer: SigningKey | None = None):
+    """Train both models on ``table``, build the package and publish it (signed by ``signer``); returns (ref,
+    trained models)."""
     from trainer.package import build_package
     from trainer.train import TrainConfig, fit
     config = TrainConfig(name=name, n_trees=n_trees, yield_trees=yield_trees, seed=seed)
     trained = fit(table, config, progress=lambda message: None)
     files, manifest = build_package(trained, table, {}, [])
-    return registry.publish(name, files, manifest, reason="benchmark / test package"), trained
+    return registry.publish(name, files, manifest, reason="benchmark / test package", signer=signer), trained
 
 
 def build_bench_package(registry_root: Path, quick: bool, n_tests: int = 200, n_trees: int = 200,
-                        yield_trees: int = 100) -> dict:
-    """Train and publish the benchmark package ``MODEL`` (promoted to production); what it holds."""
+                        yield_trees: int = 100, signer: SigningKey | None = None) -> dict:
+    """Train and publish the benchmark package ``MODEL`` (signed by ``signer``, promoted to production); what it
+    holds."""
     registry = Registry(registry_root)
     build_start = time.perf_counter()
     train = synthetic_table(2_000 if quick else 5_000, n_tests, seed=1)
-    ref, _ = publish_package(registry, MODEL, train, n_trees=n_trees, yield_trees=yield_trees)
+    ref, _ = publish_package(registry, MODEL, train, n_trees=n_trees, yield_trees=yield_trees, signer=signer)
     registry.promote(MODEL, ref.version, "production", "benchmark")
     return {"tests": n_tests, "outlier_trees": n_trees, "yield_trees": yield_trees, "train_parts": len(train),
             "build_s": round(time.perf_counter() - build_start, 1)}
@@ -119,7 +124,7 @@ def run(rate: float = 1000.0, parts: int | None = None, transport: str = "tcp", 
         reload_every_s: float | None = None) -> dict:
     """Build the package, start the agent, stream ``parts`` parts at ``rate`` per second; latency figures.
 
-    ``reload_every_s``: meanwhile another client asks for a reload this often, so the agent verifies and loads
+    ``reload_every_s``: meanwhile the agent is asked for a reload (SIGHUP) this often, so it verifies and loads
     the package again in its background thread (keys then end in ``.with_reloads``).
     """
     parts = parts or (3_000 if quick else 20_000)
@@ -134,7 +139,8 @@ def run(rate: float = 1000.0, parts: int | None = None, transport: str = "tcp", 
 
 def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tests: int, n_trees: int,
          yield_trees: int, reload_every_s: float | None) -> dict:
-    package = build_bench_package(root / "models", quick, n_tests, n_trees, yield_trees)
+    keys = BenchKeys.create(root / "keys")
+    package = build_bench_package(root / "models", quick, n_tests, n_trees, yield_trees, signer=keys.signer)
     readings, identities = package_stream(root / "models", parts + WARM_UP_PARTS, n_tests)
 
     if transport == "tcp":
@@ -143,11 +149,12 @@ def _run(root: Path, rate: float, parts: int, transport: str, quick: bool, n_tes
         endpoint = f"ipc://{root}/agent.sock"
     else:
         raise ValueError(f"transport must be 'tcp' or 'ipc', got {transport!r}")
-    agent = start_agent(root / "models", MODEL, endpoint, "--log-level", "WARNING", log_path=root / "agent.log")
+    agent = start_agent(root / "models", MODEL, endpoint, "--log-level", "WARNING", *keys.agent_args(curve=False),
+                        log_path=root / "agent.log")
     try:
         with AgentClient(endpoint, timeout_ms=100.0) as client:
             load_before = os.getloadavg()[0]
-            reloader = _Reloader(endpoint, reload_every_s) if reload_every_s else None
+            reloader = _Reloader(agent, reload_every_s) if reload_every_s else None
             measured = measure_open_loop(client, readings, identities, rate)
             if reloader is not None:
                 reloader.finish()
@@ -269,18 +276,17 @@ def _open_loop(client: AgentClient, readings: np.ndarray, identities: list[dict]
 
 
 class _Reloader(threading.Thread):
-    """Asks the agent for a reload every ``interval_s`` from its own client until ``finish``."""
+    """Asks the agent for a reload (SIGHUP, as systemctl reload does) every ``interval_s`` until ``finish``."""
 
-    def __init__(self, endpoint: str, interval_s: float):
+    def __init__(self, agent, interval_s: float):
         super().__init__(daemon=True)
-        self.endpoint, self.interval_s = endpoint, interval_s
+        self.agent, self.interval_s = agent, interval_s
         self._done = threading.Event()
         self.start()
 
     def run(self) -> None:
-        with AgentClient(self.endpoint) as client:
-            while not self._done.wait(self.interval_s):
-                client.reload(timeout_ms=10_000)
+        while not self._done.wait(self.interval_s):
+            self.agent.send_signal(signal.SIGHUP)
 
     def finish(self) -> None:
         self._done.set()

@@ -146,8 +146,9 @@ def summary(figures: dict) -> str:
                        "machine.load_1min_after": figures.get("inproc.load_1min_after")}
         out += ["", "## In process, same rows", "", inproc_markdown(as_measured)]
     for section, title in (("scaling.", "Scaling (compact outlier graph, in process, single row)"),
-                           ("agent.", "Agent footprint"), ("stdf.", "STDF read"), ("training.", "Training time"),
-                           ("drift.", "Drift kernel")):
+                           ("agent.", "Agent footprint"), ("curve.", "CURVE on the score socket (closed loop, tcp)"),
+                           ("stdf.", "STDF read"), ("training.", "Training time"), ("drift.", "Drift kernel"),
+                           ("explain.", "Explanations and judging, in process")):
         keys = [k for k in figures if k.startswith(section)]
         if keys:
             out += ["", f"## {title}", "", "| key | value |", "|---|---|"]

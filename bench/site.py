@@ -1,8 +1,9 @@
 """One benchmark site: the benchmark package in a registry, a stream of parts, a real collector, real agents.
 
-Every section that talks to an agent (e2e latency, throughput, footprint) shares one site, so the package is
-trained once per run. Agents are started with ``edge_agent.processes`` exactly as an operator would start
-them: drift on (shipping windows to this site's collector) unless asked for ``--no-drift``.
+Every section that talks to an agent (e2e latency, throughput, footprint, CURVE cost) shares one site, so the
+package is trained once per run. Agents are started with ``edge_agent.processes`` exactly as an operator would
+start them: trusting only the key that signed the package, drift on (shipping windows to this site's collector)
+unless asked for ``--no-drift``, the score socket plain on loopback unless asked for CURVE.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.e2e_latency import MODEL, WARM_UP_PARTS, build_bench_package, package_stream
+from bench.keys import BenchKeys
 from edge_agent.client import AgentClient
 from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
 
@@ -40,11 +42,13 @@ class AgentSite:
         self.package: dict = {}
         self.readings = np.empty((0, 0), np.float32)
         self.identities: list[dict] = []
+        self.keys: BenchKeys | None = None
 
     def __enter__(self) -> "AgentSite":
         self.root.mkdir(parents=True, exist_ok=True)
+        self.keys = BenchKeys.create(self.root / "keys")
         self.package = build_bench_package(self.registry_root, self.quick, self.n_tests, self.n_trees,
-                                           self.yield_trees)
+                                           self.yield_trees, signer=self.keys.signer)
         self.readings, self.identities = package_stream(self.registry_root, self.stream_parts + WARM_UP_PARTS,
                                                         self.n_tests)
         self.collector_endpoint = free_tcp_endpoint()
@@ -68,14 +72,15 @@ class AgentSite:
             return f"ipc://{self.root}/agent-{next(self._names)}.sock"
         raise ValueError(f"transport must be 'tcp' or 'ipc', got {transport!r}")
 
-    def start_agent(self, endpoint: str, *extra: str, drift: bool) -> subprocess.Popen:
-        """``edge-agent run`` on the benchmark package (``extra``: more of its options); returns once it answers a
-        health request."""
+    def start_agent(self, endpoint: str, *extra: str, drift: bool, curve: bool = False) -> subprocess.Popen:
+        """``edge-agent run`` on the benchmark package (``extra``: more of its options; ``curve``: a CURVE score
+        socket that lets in ``keys.client``); returns once it answers a health request."""
         name = f"agent-{next(self._names)}"
         drift_args = (["--collector", self.collector_endpoint, "--spool-dir", str(self.root / f"{name}.spool")]
                       if drift else ["--no-drift"])
         agent = start_agent(self.registry_root, MODEL, endpoint, *drift_args, "--log-level", "WARNING", *extra,
-                            log_path=self.root / f"{name}.log")
+                            *self.keys.agent_args(curve=curve), log_path=self.root / f"{name}.log",
+                            curve=self.keys.client if curve else None)
         self._agents.append(agent)
         return agent
 

@@ -1,10 +1,15 @@
 """`edge-agent`: run the scoring daemon, and ask a running one for its health, a reload or a rollback.
 
-    edge-agent run --registry models --model NAME [--stage production] [--bind tcp://127.0.0.1:5555]
-                   [--config agent.toml]
-    edge-agent health   [--connect ENDPOINT | --config agent.toml]
-    edge-agent reload   [--version N] [--no-wait] [--connect ENDPOINT | --config agent.toml]
-    edge-agent rollback [--connect ENDPOINT | --config agent.toml]
+    edge-agent run --registry models --model NAME --trusted-keys DIR [--stage production]
+                   [--bind tcp://127.0.0.1:5555] [--config agent.toml]
+    edge-agent health   [--connect ENDPOINT | --config agent.toml] [--key MINE.key_secret --agent-key AGENT.key]
+    edge-agent reload   --key MINE.key_secret [--version N] [--no-wait] [--connect CONTROL --agent-key AGENT.key
+                        | --config agent.toml]
+    edge-agent rollback --key MINE.key_secret [--connect CONTROL --agent-key AGENT.key | --config agent.toml]
+    edge-agent keys create NAME --kind curve [--dir keys]     # this agent's (or an operator's) CURVE key pair
+
+reload and rollback go to the agent's CURVE control socket ([security] control_bind) with a key it allows
+([security] control_keys); health goes to the score socket unless --key is given.
 
 Exit status: 0 ok, 1 the agent answered with an error (or a reload was refused), 2 bad configuration or a
 package that cannot be served, 3 no reply from the agent (run: another process listens on the address).
@@ -19,7 +24,8 @@ import sys
 import time
 
 from .config import AgentConfig, check_endpoint, load_config
-from .errors import run_command
+from .errors import EdgeError, run_command
+from .keys import CURVE_PUBLIC, CURVE_SECRET, add_keys_command
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_NO_REPLY = 0, 1, 3   # 2: unusable input (edge_agent.errors.run_command)
@@ -63,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--spool-dir", help="where unacknowledged drift windows wait (default: edge-agent-spool)")
     run.add_argument("--log-format", choices=("plain", "json"))
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    run.add_argument("--trusted-keys", help="the trainer's public signing key(s): a *.ed25519.pub file or a folder")
+    run.add_argument("--allow-unsigned", action="store_true", default=None,
+                     help="DEVELOPMENT MODE: serve packages without a trusted signature (logged and in health)")
+    run.add_argument("--key", help="this agent's CURVE secret certificate (*.key_secret)")
+    run.add_argument("--collector-key", help="the collector's public certificate: drift windows go over CURVE")
+    run.add_argument("--control-bind", help="the CURVE control socket for reload and rollback (default: none)")
+    run.add_argument("--control-keys", help="public certificates (file or folder) allowed on the control socket")
+    run.add_argument("--score-keys", help="public certificates allowed on the score socket, which is then CURVE")
     run.set_defaults(handler=cmd_run)
 
     for name, handler, text in (("health", cmd_health, "status, counters and latency of a running agent"),
@@ -73,11 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"else {DEFAULT_CONNECT})")
         command.add_argument("--config", help="the agent's configuration file, to find its endpoint")
         command.add_argument("--timeout-ms", type=float, default=2000.0, help="how long to wait for a reply")
+        command.add_argument("--key", help="your CURVE secret certificate (*.key_secret), allowed by the agent"
+                                           + ("" if name == "health" else " as a control key (required)"))
+        command.add_argument("--agent-key", help=f"the agent's public certificate (*{CURVE_PUBLIC}; default: beside "
+                                                 "[security] key in --config)")
         if name == "reload":
             command.add_argument("--version", help="load this version instead of the followed stage's")
             command.add_argument("--no-wait", action="store_true", help="do not wait for the load's outcome")
             command.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the outcome")
         command.set_defaults(handler=handler)
+    add_keys_command(commands, "keys")
     return parser
 
 
@@ -89,7 +108,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         "metrics.port": args.metrics_port, "metrics.host": args.metrics_host,
         "logging.format": args.log_format, "logging.level": args.log_level,
         "drift.enabled": args.drift, "drift.collector": args.collector, "drift.agent_id": args.agent_id,
-        "drift.tester": args.tester, "drift.spool_dir": args.spool_dir})
+        "drift.tester": args.tester, "drift.spool_dir": args.spool_dir,
+        "security.trusted_keys": args.trusted_keys, "security.allow_unsigned": args.allow_unsigned,
+        "security.key": args.key, "security.collector_key": args.collector_key,
+        "security.control_bind": args.control_bind, "security.control_keys": args.control_keys,
+        "security.score_keys": args.score_keys})
     return run_agent(config)
 
 
@@ -99,19 +122,21 @@ def run_agent(config: AgentConfig) -> int:
     from .logs import setup_logging
     from .package.registry import Registry
     from .scoring import load_package
+    from .security import AgentSecurity
     from .server import Agent
     from .upstream import AgentDrift
 
     setup_logging(config.logging.format, config.logging.level)
-    registry = Registry(config.registry)
+    security = AgentSecurity.load(config.security)
+    registry = Registry(config.registry, trust=security.trust)
     ref = (registry.resolve(config.model, version=config.version) if config.version
            else registry.resolve(config.model, stage=config.stage))
     start = time.perf_counter()
     model = load_package(registry, ref, config.yield_variant)
     log.info("loaded %s in %.2f s: checksum %s, %d features, smoke score of %d sample rows ok", ref,
              time.perf_counter() - start, model.checksum, len(model.columns), model.smoke["score"]["rows"])
-    drift = AgentDrift(config.drift) if config.drift.enabled else None
-    agent = Agent(config, registry, model, drift=drift)
+    drift = AgentDrift(config.drift, curve=security.upstream) if config.drift.enabled else None
+    agent = Agent(config, registry, model, drift=drift, security=security)
     signal.signal(signal.SIGTERM, agent.request_stop)
     signal.signal(signal.SIGINT, agent.request_stop)
     signal.signal(signal.SIGHUP, agent.request_reload)
@@ -126,19 +151,19 @@ def run_agent(config: AgentConfig) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args, control=False) as client:
         reply = _admin(client.health, args.timeout_ms)
     return _print_reply(reply)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args, control=True) as client:
         reply = _admin(client.rollback, args.timeout_ms)
     return _print_reply(reply)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with _client(args, control=True) as client:
         before = _admin(client.health, args.timeout_ms)
         if before is None:
             return _print_reply(None)
@@ -159,11 +184,31 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return EXIT_NO_REPLY
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, *, control: bool):
+    """A client of the score socket, or (``control``) of the control socket with the operator's CURVE key."""
     from .client import AgentClient
-    endpoint = (check_endpoint("--connect", args.connect) if args.connect
-                else load_config(args.config, require_model=False).bind if args.config else DEFAULT_CONNECT)
-    return AgentClient(endpoint)
+    from .keys import load_curve_pair, load_curve_public
+    from .wire.links import CurveClient
+    config = load_config(args.config, require_model=False) if args.config else None
+    if control and not args.key:
+        raise EdgeError(f"{args.command} is a control message: it goes to the agent's CURVE control socket with your "
+                        "key: --key YOURS.key_secret (one of the agent's control_keys), and --config agent.toml or "
+                        "--connect CONTROL_ENDPOINT --agent-key AGENT.key")
+    endpoint = check_endpoint("--connect", args.connect) if args.connect else None
+    if endpoint is None and config is not None:
+        endpoint = config.security.control_bind if control else config.bind
+    if control and not endpoint:
+        raise EdgeError(f"{args.command}: the agent's control socket is unknown: --connect CONTROL_ENDPOINT, or "
+                        "--config with [security] control_bind")
+    curve = None
+    if args.key:
+        agent_key = args.agent_key or (config.security.key.removesuffix(CURVE_SECRET) + CURVE_PUBLIC
+                                       if config and config.security.key else None)
+        if agent_key is None:
+            raise EdgeError("--key: the agent's public certificate is needed too: --agent-key AGENT.key, or --config "
+                            "with [security] key")
+        curve = CurveClient(load_curve_pair(args.key), load_curve_public(agent_key))
+    return AgentClient(endpoint or DEFAULT_CONNECT, curve=curve)
 
 
 def _admin(call, timeout_ms: float) -> dict | None:

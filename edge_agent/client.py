@@ -15,7 +15,9 @@ instead of scoring a part nobody waits for (agents from before the ``deadline`` 
     if result.decided:
         bin_number = result.bin
 
-One client per thread (ZeroMQ sockets are not thread-safe).
+An agent whose score socket listens beyond loopback is a CURVE server: pass ``curve=CurveClient(pair,
+agent_public)`` (edge_agent.keys loads both from certificate files). One client per thread (ZeroMQ sockets are
+not thread-safe).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from .wire.links import CurveClient, connect_curve
 from .wire.score import ERROR, PROTOCOL_VERSION, REPLY_TYPES, SCORE, SCORE_BATCH
 
 # Reasons a call ends without a decision, besides the agent's own error codes (protocol.Code).
@@ -58,6 +61,9 @@ class ScoreResult:
     why: str = ""
     flags: list[str] = field(default_factory=list)
     pat: list[dict] = field(default_factory=list)
+    drivers: list[dict] = field(default_factory=list)   # tests behind an ML outlier: test, value, z, typical range
+    insufficient_readings: bool = False  # too few readings: scores are None, the bin is insufficient_readings
+    tests_present: int | None = None    # how many of the model's tests the part had readings for
     model: dict | None = None           # name, version, checksum of the model that decided
     agent_us: float | None = None       # the agent's own processing time
     round_trip_us: float | None = None  # measured here, send to reply
@@ -68,8 +74,10 @@ class ScoreResult:
 class AgentClient:
     def __init__(self, endpoint: str, *, timeout_ms: float = 20.0, failures_before_backoff: int = 3,
                  backoff_after_s: float = 0.25, backoff_s: float = 1.0, send_deadline: bool = False,
-                 max_message_bytes: int = 4 << 20, context: zmq.Context | None = None):
+                 max_message_bytes: int = 4 << 20, context: zmq.Context | None = None,
+                 curve: CurveClient | None = None):
         self.endpoint = endpoint
+        self.curve = curve
         self.timeout_ms = timeout_ms
         self.failures_before_backoff = failures_before_backoff
         self.backoff_after_s = backoff_after_s
@@ -230,6 +238,8 @@ class AgentClient:
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, 100)
+        if self.curve is not None:
+            connect_curve(socket, self.curve)
         socket.connect(self.endpoint)
         return socket
 
@@ -249,7 +259,10 @@ class AgentClient:
                            outlier=item.get("outlier"), pass_probability=item.get("pass_probability"),
                            predicted_fail=item.get("predicted_fail"), bin=item.get("bin"),
                            bin_name=item.get("bin_name"), why=item.get("why", ""), flags=item.get("flags", []),
-                           pat=item.get("pat", []), model=model, agent_us=agent_us, round_trip_us=round_trip_us)
+                           pat=item.get("pat", []), drivers=item.get("drivers", []),
+                           insufficient_readings=bool(item.get("insufficient_readings", False)),
+                           tests_present=item.get("tests_present"), model=model, agent_us=agent_us,
+                           round_trip_us=round_trip_us)
 
 
 def _wire_readings(readings):

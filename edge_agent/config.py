@@ -8,8 +8,7 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     model = ""                       # model name (required here or on the command line)
     stage = "production"             # stage to follow; the agent reloads when it points to a new version
     version = ""                     # pin one version instead of following the stage
-    bind = "tcp://127.0.0.1:5555"    # tcp://host:port or ipc:///path
-    bind_all_interfaces = false      # must be true to bind tcp://*:port or 0.0.0.0 (no authentication!)
+    bind = "tcp://127.0.0.1:5555"    # tcp://host:port or ipc:///path; any other host than loopback needs score_keys
     yield_variant = "float32"        # or "int8" where the package ships one
     max_message_bytes = 0            # larger requests get message_too_large; 0: the model's largest valid request
     transport_max_message_bytes = 0  # larger still: ZeroMQ drops the connection; 0: max_message_bytes + 64 KiB
@@ -35,20 +34,23 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     [pat]
     dynamic = true
     window = 100                     # parts per (head, site) rolling window
-    min_parts = 30                   # warm-up baseline before dynamic PAT acts
-    k_sigma = 6.0
+    min_parts = 30                   # warm-up: after a restart a site has no dynamic limits for this many parts
+    k_sigma = 6.0                    # each test's rule (shape, resolution floor, widening) is the manifest's
     refresh_parts = 25               # every test's dynamic limits are at most this many parts old
-    reset_on = "lot"                 # "lot", "wafer" or "never": a new one restarts a site's window
+    reset_on = "wafer"               # what restarts a site's window: "lot", "sublot" (lot or sublot), "wafer"
+                                     # (lot, sublot or wafer changed) or "never"
     max_sites = 512
 
     [binning]
     order = ["static_pat", "dynamic_pat", "ml_outlier", "predicted_fail"]
+    min_readings_share = 0.5         # a part with readings for fewer of the model's tests: insufficient_readings
     [binning.bins]
     pass = 1
     static_pat = 21
     dynamic_pat = 22
     ml_outlier = 23
     predicted_fail = 24
+    insufficient_readings = 25
 
     [drift]                          # streaming drift statistics, shipped to the fleet collector
     enabled = true
@@ -60,6 +62,15 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     spool_dir = "edge-agent-spool"   # unacknowledged windows wait here (a daemon: /var/lib/edge-agent/spool)
     spool_max_messages = 10000       # beyond either bound the oldest windows are dropped, counted and reported
     spool_max_bytes = 268435456
+
+    [security]                       # keys and who may do what: README, Security
+    key = ""                         # this agent's CURVE secret certificate (*.key_secret)
+    collector_key = ""               # the collector's public certificate: drift windows go over CURVE
+    control_bind = ""                # the control socket (CURVE) for reload and rollback; "": no one may send them
+    control_keys = ""                # public certificates (file or folder) allowed on the control socket
+    score_keys = ""                  # public certificates allowed on the score socket; set: it is a CURVE socket
+    trusted_keys = ""                # the trainer's public signing key(s) (file or folder); required to serve ...
+    allow_unsigned = false           # ... unless this DEVELOPMENT MODE, which serves unsigned packages
 """
 from __future__ import annotations
 
@@ -69,14 +80,15 @@ from typing import Any
 
 from .binning import CONDITIONS, BinPolicy, check_policy
 from .errors import EdgeError
+from .pat import GROUPS
 from .settings import NON_EMPTY, Checked, Instance, Interval, OneOf, Rule, load
+from .wire.links import is_local, listen_problems
 
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-RESET_ON = ("lot", "wafer", "never")
+RESET_ON = tuple(GROUPS)   # ("lot", "sublot", "wafer", "never")
 YIELD_VARIANTS = ("float32", "int8")
 ENDPOINT_SCHEMES = ("tcp", "ipc")
-_ALL_INTERFACES = ("*", "0.0.0.0", "[::]", "::")
 
 POSITIVE_INT = [Interval(int, 1, None)]
 NON_NEGATIVE_INT = [Interval(int, 0, None)]
@@ -129,21 +141,23 @@ class PatConfig(_AgentSection):
     min_parts: int = 30
     k_sigma: float = 6.0
     refresh_parts: int = 25
-    reset_on: str = "lot"
+    reset_on: str = "wafer"
     max_sites: int = 512
 
 
 @dataclass
 class BinningConfig(_AgentSection):
     SCOPE = "binning"
-    CONSTRAINTS = {"order": [Instance(list)], "bins": [Instance(dict)]}
+    CONSTRAINTS = {"order": [Instance(list)], "bins": [Instance(dict)],
+                   "min_readings_share": [Interval(float, 0, 1, closed="right")]}
     RULES = (Rule(("order", "bins"), lambda binning: check_policy(binning.order, binning.bins)),)
 
     order: list[str] = field(default_factory=lambda: list(CONDITIONS))
     bins: dict[str, int] = field(default_factory=lambda: dict(BinPolicy().bins))
+    min_readings_share: float = 0.5
 
     def policy(self) -> BinPolicy:
-        return BinPolicy(tuple(self.order), dict(self.bins))
+        return BinPolicy(tuple(self.order), dict(self.bins), self.min_readings_share)
 
 
 def _endpoint_problems(name: str, endpoint: str) -> list[str]:
@@ -198,18 +212,54 @@ class DriftConfig(_AgentSection):
     change_min_parts: int = 30
 
 
-def _bind_problems(agent: AgentConfig) -> list[str]:
-    bind = agent.bind
-    scheme, _, rest = bind.partition("://")
-    if scheme != "tcp":
-        return _endpoint_problems("bind", bind)
-    host, colon, port = rest.rpartition(":")
-    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
-        return [f"bind: expected tcp://host:port with a port 1..65535, got {bind!r}"]
-    if host in _ALL_INTERFACES and not agent.bind_all_interfaces:
-        return [f"bind: {bind} listens on every network interface and the protocol has no authentication; "
-                "set [agent] bind_all_interfaces = true if that is really wanted"]
+def _key_problems(security: SecurityConfig) -> list[str]:
+    uses = [what for what, given in (("collector_key", security.collector_key), ("control_bind", security.control_bind),
+                                     ("score_keys", security.score_keys)) if given]
+    if uses and not security.key:
+        return [f"key: expected this agent's CURVE secret certificate (*.key_secret) for {', '.join(uses)}, got ''"]
     return []
+
+
+def _control_problems(security: SecurityConfig) -> list[str]:
+    if not security.control_bind:
+        return []
+    if not security.control_keys:
+        return ["control_keys: expected the public certificates (file or folder) allowed to send reload and rollback "
+                "on control_bind, got ''"]
+    return listen_problems("control_bind", security.control_bind, curve=True)
+
+
+@dataclass
+class SecurityConfig(_AgentSection):
+    """``[security]``: the agent's CURVE keys, who may reach which socket, and whose package signatures count."""
+
+    SCOPE = "security"
+    CONSTRAINTS = {"key": TEXT, "collector_key": TEXT, "control_bind": TEXT, "control_keys": TEXT, "score_keys": TEXT,
+                   "trusted_keys": TEXT, "allow_unsigned": FLAG}
+    RULES = (Rule(("key", "collector_key", "control_bind", "score_keys"), _key_problems),
+             Rule(("control_bind", "control_keys"), _control_problems))
+
+    key: str = ""
+    collector_key: str = ""
+    control_bind: str = ""
+    control_keys: str = ""
+    score_keys: str = ""
+    trusted_keys: str = ""
+    allow_unsigned: bool = False
+
+
+def _bind_problems(agent: AgentConfig) -> list[str]:
+    """Without CURVE (score_keys) the score socket listens on loopback or ipc only."""
+    return listen_problems("bind", agent.bind, curve=bool(agent.security.score_keys))
+
+
+def _upstream_problems(agent: AgentConfig) -> list[str]:
+    """Drift windows that leave this controller travel over CURVE."""
+    drift = agent.drift
+    if not drift.enabled or agent.security.collector_key or is_local(drift.collector):
+        return []
+    return [f"collector: {drift.collector} is not on this controller; set [security] collector_key (the collector's "
+            "public certificate) and key, so that the drift windows travel over CURVE"]
 
 
 def _room_for_error_replies(agent: AgentConfig) -> list[str]:
@@ -220,22 +270,27 @@ def _room_for_error_replies(agent: AgentConfig) -> list[str]:
             f"oversized requests get an error reply, got {agent.transport_max_message_bytes}"]
 
 
-# The daemon serves a model; commands that only talk to a running daemon need its bind address alone.
-MODEL_REQUIRED = Rule(("model",), lambda agent: [] if agent.model else
-                      ["model: a model name is required (--model or [agent] model)"])
+# The daemon serves a model, signed by a trusted key; commands that only talk to a running daemon need its
+# addresses alone.
+SERVING_RULES = (Rule(("model",), lambda agent: [] if agent.model else
+                      ["model: a model name is required (--model or [agent] model)"]),
+                 Rule((), lambda agent: [] if agent.security.trusted_keys or agent.security.allow_unsigned else
+                      ["trusted_keys: expected the trainer's public signing key(s), a file or a folder "
+                       "(--trusted-keys or [security] trusted_keys); only development mode "
+                       "(allow_unsigned = true) serves without"], scope=SecurityConfig.SCOPE))
 
 
 @dataclass
 class AgentConfig(_AgentSection):
     SCOPE = "agent"
     CONSTRAINTS = {"registry": [NON_EMPTY], "model": TEXT, "stage": [NON_EMPTY], "version": TEXT, "bind": TEXT,
-                   "bind_all_interfaces": FLAG, "yield_variant": [OneOf(*YIELD_VARIANTS)],
+                   "yield_variant": [OneOf(*YIELD_VARIANTS)],
                    "max_message_bytes": NON_NEGATIVE_INT, "transport_max_message_bytes": NON_NEGATIVE_INT,
                    "max_batch": POSITIVE_INT, "queue_length": POSITIVE_INT, "turn_parts": POSITIVE_INT,
                    "max_request_age_ms": NON_NEGATIVE_INT, "max_queued_bytes": POSITIVE_INT,
                    "watch_interval_s": POSITIVE, "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT,
                    "stage_sample_every": NON_NEGATIVE_INT, "keep_warm_ms": NON_NEGATIVE_INT}
-    RULES = (Rule(("bind", "bind_all_interfaces"), _bind_problems),
+    RULES = (Rule(("bind",), _bind_problems), Rule((), _upstream_problems, scope=DriftConfig.SCOPE),
              Rule(("max_message_bytes", "transport_max_message_bytes"), _room_for_error_replies))
 
     registry: str = "models"
@@ -243,7 +298,6 @@ class AgentConfig(_AgentSection):
     stage: str = "production"
     version: str = ""
     bind: str = "tcp://127.0.0.1:5555"
-    bind_all_interfaces: bool = False
     yield_variant: str = "float32"
     max_message_bytes: int = 0                 # 0: the served model's largest valid request (edge_agent/limits.py)
     transport_max_message_bytes: int = 0       # 0: max_message_bytes + 64 KiB
@@ -262,12 +316,14 @@ class AgentConfig(_AgentSection):
     pat: PatConfig = field(default_factory=PatConfig)
     binning: BinningConfig = field(default_factory=BinningConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
                 require_model: bool = True) -> AgentConfig:
     """Defaults, then the TOML file at ``path``, then ``overrides`` ({"bind": ..., "metrics.port": ...}), checked.
 
-    ``require_model=False`` for commands that only talk to a running agent (they need the bind address).
+    ``require_model=False`` for commands that only talk to a running agent (they need its addresses, not a model
+    or the keys that packages are checked with).
     """
-    return load(AgentConfig(), path, overrides, also=(MODEL_REQUIRED,) if require_model else ())
+    return load(AgentConfig(), path, overrides, also=SERVING_RULES if require_model else ())

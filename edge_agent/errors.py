@@ -1,6 +1,7 @@
 """Errors every program shows to people (each names what was wrong and where), and how a command reports them."""
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
 
@@ -19,6 +20,12 @@ class AddressInUse(EdgeError):
     """A daemon cannot listen because another process holds the address (exit status 3)."""
 
     exit_status = EXIT_ADDRESS_IN_USE
+
+
+def listen_error(what: str, number: int | None, reason: str) -> EdgeError:
+    """A daemon's socket cannot listen (``number``: the errno): another process holding the address is its own exit
+    status (3), every other reason unusable input (2)."""
+    return (AddressInUse if number == errno.EADDRINUSE else EdgeError)(f"{what}: {reason}")
 
 
 class DataError(EdgeError):

@@ -24,6 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .binning import BinPolicy, decide
+from .explain import DRIVERS, Driver
 from .pat import PatBreak
 from .wire.codec import encode
 from .wire.score import (MAX_ID_CHARS, PROTOCOL_VERSION, REPLY_TYPES, SCORE_BATCH, ReadingsParser,
@@ -31,6 +32,9 @@ from .wire.score import (MAX_ID_CHARS, PROTOCOL_VERSION, REPLY_TYPES, SCORE_BATC
 
 RECEIVE_BUFFER_BYTES = 1 << 20    # ZeroMQ's queue per connection and direction holds about this much ...
 SEND_BUFFER_BYTES = 1 << 20       # ... and at least one message
+# A CURVE server whose receive high-water mark is 1 never completes a client's handshake (libzmq: the ZAP exchange
+# needs room in the session's pipe beside the first message), so requests queue at least two deep.
+MIN_RECEIVE_HWM = 2
 TRANSPORT_SLACK_BYTES = 64 << 10  # a request this much over max_message_bytes still gets its message_too_large reply
 ERROR_RESULT_BYTES = 2048         # the largest error entry of a batch result (messages are cut to a few lines)
 
@@ -64,21 +68,22 @@ def derive(max_message_bytes: int, transport_max_message_bytes: int, max_batch: 
     transport = transport or message + TRANSPORT_SLACK_BYTES
     reply = largest_reply_bytes(parser.columns, max_batch, policy)
     return Limits(max_message_bytes=message, transport_max_message_bytes=transport,
-                  receive_hwm=_hwm(RECEIVE_BUFFER_BYTES, transport, queue_length),
+                  receive_hwm=max(MIN_RECEIVE_HWM, _hwm(RECEIVE_BUFFER_BYTES, transport, queue_length)),
                   send_hwm=_hwm(SEND_BUFFER_BYTES, reply, queue_length), largest_reply_bytes=reply,
                   client_queue_bytes=message, max_queued_bytes=max_queued_bytes)
 
 
 def largest_reply_bytes(columns: list[str], max_batch: int, policy: BinPolicy) -> int:
     """A score_batch_result of ``max_batch`` parts that each break every PAT limit, the longest test names first
-    (they are the ones ``why`` names), with an id of the longest kind."""
+    (they are the ones ``why`` and the drivers name), with an id of the longest kind."""
     ordered = sorted(columns, key=lambda column: -len(column.encode()))
     static = [PatBreak(column, "static", -3.4e38, -3.4e38, 3.4e38) for column in ordered]
     dynamic = [PatBreak(column, "dynamic", -3.4e38, -3.4e38, 3.4e38) for column in ordered]
+    drivers = [Driver(column, -3.4e38, -1e300, -1e300, 1e300) for column in ordered[:DRIVERS]]
     decision = decide(policy, static=static, dynamic=dynamic, score=-1e300, score_threshold=0.0,
-                      pass_probability=-1e300, pass_threshold=1.0)
-    result = part_result(-1e300, True, -1e300, True, 65535, decision.name, decision.why, decision.flags,
-                         static + dynamic)
+                      pass_probability=-1e300, pass_threshold=1.0, drivers=drivers)
+    result = part_result(-1e300, True, -1e300, True, dataclasses.replace(decision, bin=65535), static + dynamic,
+                         drivers, len(columns))
     envelope = {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE_BATCH], "id": "\U0010ffff" * MAX_ID_CHARS,
                 "model": {"name": "n" * 255, "version": "v" * 255, "checksum": "0" * 64}, "agent_us": 1e300,
                 "results": []}

@@ -1,8 +1,16 @@
 """Part Average Testing beside the models: static limits from the manifest, dynamic limits per site.
 
-Static PAT (AEC-Q001): the manifest's per-test limits, median +/- k robust sigma of the passing training
-parts. Dynamic PAT: the same statistic over a rolling window of the latest parts of each (head, site),
-so a shift of one site or one lot is judged against its own recent parts.
+Static PAT (AEC-Q001): the manifest's per-test limits, the rule of each test's shape over the passing training
+parts, checked against them by the trainer (``edge_agent.package.rules``). Dynamic PAT: the same rule over a
+rolling window of the latest parts of each (head, site), with the shape, resolution floor and k (widened or
+disabled by the self-check) the trainer found for each test, so a shift of one site, lot, sublot or wafer is
+judged against its own recent parts. A bimodal test has no dynamic limits (a window of ~100 parts cannot place
+two modes); its static limits still apply.
+
+Restart and warm-up: a site's window starts afresh when a part of another group arrives (``reset_on``: "lot",
+"sublot" = lot or sublot changed, "wafer" = lot, sublot or wafer changed, or "never"); for its first
+``min_parts`` parts (the warm-up baseline, 30 by default) the site has no dynamic limits, then every test's
+limits come from the window at once and are refreshed as below.
 
 Cost per part is bounded and small: limits are not recomputed for every test on every part. Tests are cut
 into slices of at least ``MIN_SLICE_TESTS`` tests, and every ``stride`` parts one slice is refreshed from the
@@ -19,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .package.manifest import PatLimit
-from .package.rules import pat_limits
+from .package.rules import BIMODAL, CONSTANT, LOGNORMAL, NORMAL, SHAPES, SKEWED, pat_limits
 from .wire.score import Part
 
 MIN_SLICE_TESTS = 64          # below this, numpy's per-call overhead dominates a refresh
@@ -40,21 +48,35 @@ class PatBreak:
 
 
 class StaticPat:
-    """The manifest's static PAT limits, as arrays aligned with the model's features (NaN = no limit)."""
+    """The manifest's static PAT limits, as arrays aligned with the model's features (NaN = no limit), and each
+    test's rule for dynamic PAT: its shape code, resolution floor in units and k relative to the package's
+    (NaN: disabled by the self-check)."""
 
-    def __init__(self, columns: list[str], limits: list[PatLimit]):
+    def __init__(self, columns: list[str], limits: list[PatLimit], *, k_sigma: float = 6.0,
+                 resolution_floor: float | None = None):
         self.columns = columns
-        self.low = np.full(len(columns), np.nan, dtype=np.float32)
-        self.high = np.full(len(columns), np.nan, dtype=np.float32)
-        self.log_scale = np.zeros(len(columns), dtype=bool)   # the trainer's choice, which dynamic PAT follows
+        n = len(columns)
+        self.low = np.full(n, np.nan, dtype=np.float32)
+        self.high = np.full(n, np.nan, dtype=np.float32)
+        self.shape = np.full(n, NORMAL, dtype=np.int8)
+        self.min_sigma = np.zeros(n, dtype=np.float32)
+        self.k_factor = np.ones(n, dtype=np.float32)
         index = {column: i for i, column in enumerate(columns)}
         for limit in limits:
             i = index.get(limit.column)
-            # A zero robust sigma (a constant or discrete test) makes median +/- k*sigma a single value that
-            # every other reading would break: no PAT limit is defined for such a test.
-            if i is None or not limit.robust_sigma:
+            if i is None:
                 continue
-            self.log_scale[i] = limit.scale == "log"
+            self.shape[i] = (SHAPES.index(limit.shape) if limit.shape
+                             else LOGNORMAL if limit.scale == "log" else NORMAL)   # written before shapes
+            self.min_sigma[i] = (resolution_floor or 0.0) * (limit.resolution or 0.0)
+            if limit.self_check == "disabled":
+                self.k_factor[i] = np.nan
+            elif limit.k_sigma is not None:
+                self.k_factor[i] = limit.k_sigma / k_sigma
+            # A zero robust sigma (a constant test, or a discrete one in a package written before the resolution
+            # floor) makes median +/- k*sigma a single value that every other reading would break: no limit.
+            if not limit.robust_sigma:
+                continue
             self.low[i] = np.nan if limit.low is None else limit.low
             self.high[i] = np.nan if limit.high is None else limit.high
         self.n_limited = int(np.sum(~np.isnan(self.low) | ~np.isnan(self.high)))
@@ -65,34 +87,59 @@ class StaticPat:
 
 
 class DynamicPat:
-    """Rolling-window PAT per (head, site), reset when the lot (or wafer) of a site changes."""
+    """Rolling-window PAT per (head, site), restarted when the lot (sublot, wafer: ``reset_on``) of a site changes.
+
+    ``shape``, ``min_sigma`` and ``k_factor`` per test as ``StaticPat`` holds them (default: every test normal,
+    no floor, the configured k)."""
 
     def __init__(self, columns: list[str], *, window: int = 100, min_parts: int = 30, k_sigma: float = 6.0,
-                 refresh_parts: int = 25, reset_on: str = "lot", max_sites: int = 512,
-                 log_scale: np.ndarray | None = None):
+                 refresh_parts: int = 25, reset_on: str = "wafer", max_sites: int = 512,
+                 shape: np.ndarray | None = None, min_sigma: np.ndarray | None = None,
+                 k_factor: np.ndarray | None = None):
         if not 2 <= min_parts <= window:
             raise ValueError(f"dynamic PAT needs 2 <= min_parts <= window, got min_parts {min_parts}, "
                              f"window {window}")
         self.columns = columns
-        self.log_scale = np.zeros(len(columns), dtype=bool) if log_scale is None else np.asarray(log_scale, bool)
-        self.window, self.min_parts, self.k_sigma = window, min_parts, k_sigma
         n_tests = len(columns)
+        self.window, self.min_parts, self.k_sigma = window, min_parts, k_sigma
+        self.set_rules(np.full(n_tests, NORMAL, np.int8) if shape is None else shape,
+                       np.zeros(n_tests, np.float32) if min_sigma is None else min_sigma,
+                       np.ones(n_tests, np.float32) if k_factor is None else k_factor)
         self.slice = min(n_tests, max(MIN_SLICE_TESTS, -(-n_tests // refresh_parts)))
         self.stride = max(1, refresh_parts // -(-n_tests // self.slice))
-        if reset_on not in _GROUPS:
-            raise ValueError(f"dynamic PAT reset_on must be one of {', '.join(_GROUPS)}, got {reset_on!r}")
+        if reset_on not in GROUPS:
+            raise ValueError(f"dynamic PAT reset_on must be one of {', '.join(GROUPS)}, got {reset_on!r}")
         self.reset_on = reset_on
         self.max_sites = max_sites
         self.evicted = 0        # sites dropped to make room (least recently tested first)
         self._sites: OrderedDict[tuple[int, int], _SiteWindow] = OrderedDict()
 
+    def set_rules(self, shape: np.ndarray, min_sigma: np.ndarray, k_factor: np.ndarray) -> None:
+        """Each test's rule (a new package of the same tests brings its own); windows keep their parts and apply
+        it from their next refresh. A test without a window rule (bimodal, constant) or disabled by the
+        self-check gets k NaN: no dynamic limits."""
+        shape = np.asarray(shape, np.int8)
+        self.shape = shape
+        self.min_sigma = np.asarray(min_sigma, np.float32)
+        self.k = np.where((shape == BIMODAL) | (shape == CONSTANT), np.nan,
+                          self.k_sigma * np.asarray(k_factor, np.float32)).astype(np.float32)
+        self._masks: dict[tuple[int, int], tuple[np.ndarray | None, np.ndarray | None]] = {}
+
+    def _shape_masks(self, tests: slice) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(skewed, lognormal) masks of a slice of tests, None where the slice has none (cached per slice)."""
+        key = (tests.start, tests.stop)
+        if key not in self._masks:
+            self._masks[key] = tuple(mask if mask.any() else None for mask in
+                                     (self.shape[tests] == SKEWED, self.shape[tests] == LOGNORMAL))
+        return self._masks[key]
+
     def check_and_add(self, part: Part, row: np.ndarray) -> list[PatBreak]:
         """Breaks of ``row`` against its site's current limits; then ``row`` joins the site's window.
 
-        A part from another lot (``reset_on="lot"``) or wafer (``"wafer"``) than the site's window starts it afresh.
+        A part from another group (``reset_on``) than the site's window starts it afresh.
         """
         key = (part.head, part.site)
-        group = _GROUPS[self.reset_on](part)
+        group = GROUPS[self.reset_on](part)
         state = self._sites.get(key)
         if state is None or state.group != group:
             state = self._new_site(key, group)
@@ -142,15 +189,16 @@ class DynamicPat:
     def _refresh(self, state: "_SiteWindow", tests: slice) -> None:
         filled = min(state.parts, self.window)
         q1, median, q3, counts = nan_quartiles(state.values[:filled, tests])
-        # A log-scale test whose window holds a reading <= 0 falls back to the linear rule for this window.
-        log_scale = self.log_scale[tests] & (q1 > 0)
-        low, high = pat_limits(q1, median, q3, log_scale, self.k_sigma)
-        usable = (counts >= self.min_parts) & (q3 > q1)
+        min_sigma = self.min_sigma[tests]
+        low, high = pat_limits(q1, median, q3, min_sigma, self.k[tests], *self._shape_masks(tests))
+        usable = (counts >= self.min_parts) & ((q3 > q1) | (min_sigma > 0))
         state.low[tests] = np.where(usable, low, np.nan)
         state.high[tests] = np.where(usable, high, np.nan)
 
 
-_GROUPS = {"lot": lambda part: part.lot, "wafer": lambda part: (part.lot, part.wafer), "never": lambda part: None}
+# What starts a site's window afresh: a part whose group differs from the window's (dynamic PAT's reset_on).
+GROUPS = {"lot": lambda part: (part.lot,), "sublot": lambda part: (part.lot, part.sublot),
+          "wafer": lambda part: (part.lot, part.sublot, part.wafer), "never": lambda part: ()}
 
 
 class _SiteWindow:
@@ -195,5 +243,6 @@ def _limit(value: np.floating) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def _plain(value: object) -> object:
-    return value if value is None or isinstance(value, (str, int)) else str(value)
+def _plain(group: tuple) -> str | None:
+    """A window's group as the health reply shows it: "L1", "L1/A/W03" (unknown parts left out), or None."""
+    return "/".join(str(value) for value in group if value is not None) or None

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .client import AgentClient, AgentUnavailable
+from .wire.links import CurveClient
 
 STARTUP_TIMEOUT_S = 120.0
 _started: list[subprocess.Popen] = []
@@ -43,15 +44,16 @@ def free_tcp_endpoint() -> str:
 
 
 def start_agent(registry_root: str | Path, model: str, endpoint: str, *extra: str, log_path: str | Path,
-                timeout_s: float = STARTUP_TIMEOUT_S) -> subprocess.Popen:
-    """Start ``edge-agent run`` and return once it answers a health request."""
+                timeout_s: float = STARTUP_TIMEOUT_S, curve: CurveClient | None = None) -> subprocess.Popen:
+    """Start ``edge-agent run`` and return once it answers a health request (over CURVE with ``curve``, for an
+    agent whose score socket is a CURVE server)."""
     # Drift windows that no collector acknowledges wait in a spool beside the log, not in the working folder.
     spool = [] if "--spool-dir" in extra else ["--spool-dir", str(Path(log_path).with_suffix(".spool"))]
     command = [sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(registry_root), "--model", model,
                "--bind", endpoint, "--metrics-port", "0", *spool, *extra]
     process = _spawn(command, log_path)
     deadline = time.monotonic() + timeout_s
-    with AgentClient(endpoint) as client:
+    with AgentClient(endpoint, curve=curve) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"the agent exited with status {process.returncode} before it answered; "

@@ -1,14 +1,16 @@
-"""A loaded model package: verified files, onnxruntime sessions tuned for one row, thresholds and PAT limits.
+"""A loaded model package: verified files, onnxruntime sessions tuned for one row, thresholds, PAT limits and the
+per-test statistics explanations use.
 
 Loading refuses a package (``ModelRefused``, naming every problem) unless it verifies (manifest schema,
-fidelity gate, sha256 of every file), the ONNX bytes handed to onnxruntime are the verified ones, and a
-smoke score of the package's own sample rows reproduces the expected scores within the fidelity the
-manifest records.
+fidelity gate, sha256 of every file, and its signature when the registry has a ``Trust``), the ONNX bytes
+handed to onnxruntime are the verified ones, and a smoke score of the package's own sample rows reproduces the
+expected scores within the fidelity the manifest records.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,13 @@ from .errors import EdgeError, ExportError, RegistryError
 from .package.manifest import SAMPLE_ROWS_FILE, FidelityCheck, Manifest
 from .package.registry import PackageRef, Registry
 from .package.runtime import make_session, warm_up
+from .explain import Explainer
+from .package.signing import TRUSTED
 from .pat import StaticPat
 from .stages import OUTLIER, YIELD
 from .wire.score import ReadingsParser
+
+log = logging.getLogger("edge_agent.scoring")
 
 # The sample rows' expected values were computed by scikit-learn in float64 and stored as float32, and the
 # agent's sessions may sum trees in another order than the exporter's: allow that much beyond the fidelity.
@@ -47,10 +53,12 @@ class LoadedModel:
     columns: list[str]
     parser: ReadingsParser = field(repr=False)
     static_pat: StaticPat = field(repr=False)
+    explainer: Explainer = field(repr=False)
     outlier_threshold: float
     pass_threshold: float
     identity: dict                 # {"name", "version", "checksum"}: sent with every decision
     smoke: dict                    # what the load-time smoke score found
+    signature: dict                # who signed it and whether that key is trusted (signing.SignatureCheck)
     loaded_at: float
     _outlier: object = field(repr=False)
     _yield: object = field(repr=False)
@@ -73,7 +81,7 @@ class LoadedModel:
         return {**self.identity, "path": str(self.path), "features": len(self.columns),
                 "yield_variant": self.yield_variant, "outlier_threshold": self.outlier_threshold,
                 "pass_threshold": self.pass_threshold, "static_pat_tests": self.static_pat.n_limited,
-                "loaded_at": self.loaded_at, "smoke": self.smoke}
+                "loaded_at": self.loaded_at, "smoke": self.smoke, "signature": self.signature}
 
 
 def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "float32") -> LoadedModel:
@@ -85,6 +93,11 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
         raise ModelRefused(ref, [str(error)]) from None
     if not result.ok:
         raise ModelRefused(ref, result.problems)
+    signature = {"status": "not checked"} if result.signature is None else result.signature.describe()
+    if signature["status"] != TRUSTED:
+        signer = f" by key {signature['key_id']}" if signature.get("key_id") else ""
+        log.warning("SIGNATURES NOT ENFORCED (development mode): loading %s, signature %s%s", ref,
+                    signature["status"], signer)
     manifest = result.manifest
     outlier_model, yield_model = manifest.models.outlier, manifest.models.yield_model
     if yield_variant not in yield_model.files:
@@ -101,11 +114,13 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
     model = LoadedModel(
         ref=ref, checksum=result.checksum, manifest=manifest, path=folder, yield_variant=yield_variant,
         columns=columns, parser=ReadingsParser(columns, [f.name for f in manifest.features]),
-        static_pat=StaticPat(columns, manifest.pat.limits),
+        static_pat=StaticPat(columns, manifest.pat.limits, k_sigma=manifest.pat.k_sigma,
+                             resolution_floor=manifest.pat.resolution_floor),
+        explainer=Explainer(columns, manifest.pat.limits),
         outlier_threshold=float(outlier_model.threshold), pass_threshold=float(yield_model.threshold),
         identity={"name": ref.name, "version": ref.version, "checksum": result.checksum},
-        smoke={}, loaded_at=time.time(), _outlier=outlier, _yield=yield_session, _input=manifest.input.name,
-        _outputs=(outlier_model.output, yield_model.output))
+        smoke={}, signature=signature, loaded_at=time.time(), _outlier=outlier, _yield=yield_session,
+        _input=manifest.input.name, _outputs=(outlier_model.output, yield_model.output))
     try:
         for session in (outlier, yield_session):
             warm_up(session, len(columns))

@@ -1,4 +1,5 @@
-"""The serving loop: one thread, one ROUTER socket, every client served in turn.
+"""The serving loop: one thread, one ROUTER socket (and the CURVE control socket, if any), every client served in
+turn.
 
 Each pass of the loop takes what ZeroMQ holds into the inbox (``_receive``: one round of ZeroMQ's fair queue at
 most, each connection's next request once) and serves one turn of the least-served client (``_turn``; the order of
@@ -23,9 +24,9 @@ import numpy as np
 import zmq
 
 from . import __version__
-from .binning import decide
+from .binning import Decision, decide, decide_insufficient
 from .config import AgentConfig
-from .errors import AddressInUse, EdgeError
+from .errors import listen_error
 from .fairness import Inbox
 from .limits import Limits, derive
 from .metrics import Metrics, start_prometheus
@@ -33,7 +34,8 @@ from .package.registry import Registry
 from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
-from .stages import BIN, DECODE, DRIFT, ENCODE, PAT, SEND, VALIDATE, StageSampler
+from .security import AgentSecurity
+from .stages import BIN, DECODE, DRIFT, ENCODE, EXPLAIN, PAT, SEND, VALIDATE, StageSampler
 from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
                          Part, ProtocolError, check_deadline, check_envelope, decode, encode_batch_reply, error_reply,
@@ -43,6 +45,7 @@ from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK
 log = logging.getLogger("edge_agent.server")
 
 POLL_MS = 100                 # how soon a stop request (SIGTERM) is noticed when no request arrives
+BURST = 64                    # control requests served before the clients' next turn
 ERROR_LOG_INTERVAL_S = 1.0    # at most one log line per error code per interval (a bad client floods)
 HEALTH_SITES = 32             # dynamic PAT sites listed in a health reply (the most recently tested)
 # ZeroMQ moves bytes between sockets and queues on its own threads, each connection on one of them. With two, a
@@ -100,7 +103,7 @@ class Agent:
     """The daemon: serves one model (and keeps the previous one) on one ROUTER socket until asked to stop."""
 
     def __init__(self, config: AgentConfig, registry: Registry, model: LoadedModel, *,
-                 drift: DriftHook | None = None):
+                 drift: DriftHook | None = None, security: AgentSecurity | None = None):
         self.config = config
         self.registry = registry
         self.model = model
@@ -118,7 +121,12 @@ class Agent:
         self._max_age_s = config.max_request_age_ms / 1000.0
         self._stop_requested = False
         self._error_log = _ThrottledLog(ERROR_LOG_INTERVAL_S)
-        self._handlers = {SCORE: self._score, HEALTH: self._health, RELOAD: self._reload, ROLLBACK: self._rollback}
+        self.security = security or AgentSecurity.load(config.security)
+        # Control messages are served on the authenticated control socket only (edge_agent/security.py); a
+        # score_batch is served a turn at a time by ``_serve``, not by a handler.
+        self._control_handlers = {SCORE: self._score, HEALTH: self._health, RELOAD: self._reload,
+                                  ROLLBACK: self._rollback}
+        self._handlers = {**self._control_handlers, RELOAD: self._refuse_control, ROLLBACK: self._refuse_control}
         self.stages = StageSampler(config.stage_sample_every)
         self._sample: list[int] | None = None   # the stage sample of the score request being served, if any
         self._warm_payload: zmq.Frame | None = None   # the last score request: keep_warm_ms rehearses it when idle
@@ -147,17 +155,18 @@ class Agent:
         wake.bind(wake_address)
         prometheus = None
         try:
+            control = self.security.open(context, router, self.limits.transport_max_message_bytes)
             try:
                 router.bind(self.config.bind)
             except zmq.ZMQError as error:
-                raise _listen_error(f"cannot listen on {self.config.bind}", error.errno, error.strerror) from None
+                raise listen_error(f"cannot listen on {self.config.bind}", error.errno, error.strerror) from None
             if self.config.metrics.port:
                 try:
                     prometheus = start_prometheus(self.metrics, lambda: self.model.identity,
                                                   self.config.metrics.host, self.config.metrics.port,
                                                   drift=None if self.drift is None else self.drift.status)
                 except OSError as error:
-                    raise _listen_error(f"cannot serve Prometheus metrics on {self.config.metrics.host}:"
+                    raise listen_error(f"cannot serve Prometheus metrics on {self.config.metrics.host}:"
                                         f"{self.config.metrics.port}", error.errno, error.strerror) from None
             self._watcher = ReloadWatcher(
                 self.registry, self.model.ref.name, self.config.stage, pinned=bool(self.config.version),
@@ -171,7 +180,7 @@ class Agent:
             log.info("requests up to %d bytes (ZeroMQ drops a connection past %d); per connection at most %.1f MB "
                      "held (edge_agent/limits.py)", self.limits.max_message_bytes,
                      self.limits.transport_max_message_bytes, self.limits.per_connection_bytes / 1e6)
-            self._loop(router, wake)
+            self._loop(router, wake, control)
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
@@ -181,15 +190,18 @@ class Agent:
                 prometheus[0].server_close()
             router.close()        # lingers up to shutdown_timeout_s so the last replies leave
             wake.close(linger=0)
+            self.security.close()
             context.term()
             log.info("stopped after %d parts scored", self.metrics.parts_scored)
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
-    def _loop(self, router: zmq.Socket, wake: zmq.Socket) -> None:
+    def _loop(self, router: zmq.Socket, wake: zmq.Socket, control: zmq.Socket | None = None) -> None:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if control is not None:
+            poller.register(control, zmq.POLLIN)
         deadline = None
         while True:
             if self._stop_requested and deadline is None:
@@ -210,6 +222,8 @@ class Agent:
             else:
                 if wake.get(zmq.EVENTS) & zmq.POLLIN:
                     self._take_reload_outcomes(wake)
+                if control is not None:
+                    self._serve_control(control)
                 self._receive(router)
                 self._send_held(router)
                 if self.inbox.due:
@@ -251,9 +265,20 @@ class Agent:
         finished = self._serve(router, request)
         self.inbox.served(client, time.perf_counter() - start, finished)
 
-    def _serve(self, router: zmq.Socket, request: Request) -> bool:
+    def _serve_control(self, control: zmq.Socket) -> None:
+        """Requests on the CURVE control socket: from the few allowed operators' keys, each served whole at once,
+        between two clients' turns (a reload or rollback swaps models only there)."""
+        for _ in range(BURST):
+            if not control.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            frames = control.recv_multipart(copy=False)
+            self._serve(control, Request(frames[0].bytes, frames[1:], time.perf_counter()), control=True)
+
+    def _serve(self, socket: zmq.Socket, request: Request, *, control: bool = False) -> bool:
         """One turn of ``request``: decode -> validate -> deadline -> score -> PAT -> drift hook -> bin -> reply, or
-        one slice of a score_batch (``turn_parts`` parts). True once its reply is sent."""
+        one slice of a score_batch (``turn_parts`` parts). True once its reply is sent. ``control``: a request on the
+        control socket, served whole, with the control messages allowed and its reply never held."""
+        handlers, hold = (self._control_handlers, False) if control else (self._handlers, True)
         try:
             if request.batch is None:
                 self._sample = self.stages.begin(request.received)
@@ -264,19 +289,19 @@ class Agent:
                 elif self.config.keep_warm_ms:
                     self._warm_payload = request.payload
                 if kind != SCORE_BATCH:
-                    self._reply(router, request, self._handlers[kind](message, request.rid))
+                    self._reply(socket, request, handlers[kind](message, request.rid), hold=hold)
                     return True
                 request.batch = _Batch(request.rid, self.model, self.dynamic,
                                        parse_batch(message, self.config.max_batch))
-            if not self._score_slice(request.batch, self._others_wait(router)):
+            if not self._score_slice(request.batch, not control and self._others_wait(socket)):
                 return False
-            self._reply(router, request, request.batch.reply(), request.batch.results)
+            self._reply(socket, request, request.batch.reply(), request.batch.results, hold=hold)
         except ProtocolError as error:
-            self._reply(router, request, self._error(request.rid, error.code, error.message))
+            self._reply(socket, request, self._error(request.rid, error.code, error.message), hold=hold)
         except Exception as error:   # a bug must cost one reply, never the daemon
             self._error_log.exception("internal_error", "internal error on a request")
-            self._reply(router, request, self._error(request.rid, Code.INTERNAL_ERROR,
-                                                     f"{type(error).__name__}: {str(error)[:300]}"))
+            self._reply(socket, request, self._error(request.rid, Code.INTERNAL_ERROR,
+                                                     f"{type(error).__name__}: {str(error)[:300]}"), hold=hold)
         return True
 
     def _open(self, request: Request) -> dict:
@@ -403,9 +428,20 @@ class Agent:
     def _judge(self, model: LoadedModel, dynamic: DynamicPat | None, part: Part, row: np.ndarray, score: float,
                probability: float, live: bool = True) -> dict:
         """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window. A batch that
-        began before a model swap finishes on its model and windows, without drift (which follows the new model)."""
+        began before a model swap finishes on its model and windows, without drift (which follows the new model).
+
+        A part with too few readings (``BinPolicy.min_readings_share``) gets its own bin, null scores, static PAT
+        on what it has, and stays out of the dynamic PAT window and the drift statistics (its scores describe the
+        imputed medians, and its empty readings would take a window slot from a real part).
+        """
         sample = self._sample
+        present = int(np.count_nonzero(row == row))   # NaN != NaN: readings present
         static = model.static_pat.breaks(row)
+        if present < self.policy.needed_readings(len(row)):
+            decision = decide_insufficient(self.policy, present=present, tests=len(row), static=static)
+            if live:
+                self._count(decision)
+            return part_result(None, None, None, None, decision, static, (), present, insufficient=True)
         breaks = dynamic.check_and_add(part, row) if dynamic is not None else []
         if sample is not None:
             sample[PAT] = time.perf_counter_ns()
@@ -413,18 +449,25 @@ class Agent:
             self.drift.update(model, part, row, score)
             if sample is not None:
                 sample[DRIFT] = time.perf_counter_ns()
+        outlier = score < model.outlier_threshold
+        drivers = model.explainer.drivers(row) if outlier or static or breaks else []
+        if sample is not None:
+            sample[EXPLAIN] = time.perf_counter_ns()
         decision = decide(self.policy, static=static, dynamic=breaks, score=score,
                           score_threshold=model.outlier_threshold, pass_probability=probability,
-                          pass_threshold=model.pass_threshold)
+                          pass_threshold=model.pass_threshold, drivers=drivers)
         if live:
-            self.metrics.parts_scored += 1
-            self.metrics.bins[decision.name] += 1
-            for flag in decision.flags:
-                self.metrics.flags[flag] += 1
+            self._count(decision)
         if sample is not None:
             sample[BIN] = time.perf_counter_ns()
-        return part_result(score, score < model.outlier_threshold, probability, probability < model.pass_threshold,
-                           decision.bin, decision.name, decision.why, decision.flags, static + breaks)
+        return part_result(score, outlier, probability, probability < model.pass_threshold, decision, static + breaks,
+                           drivers, present)
+
+    def _count(self, decision: Decision) -> None:
+        self.metrics.parts_scored += 1
+        self.metrics.bins[decision.name] += 1
+        for flag in decision.flags:
+            self.metrics.flags[flag] += 1
 
     def _rehearse(self) -> None:
         """Between parts (idle ``keep_warm_ms``): the last score request's path again, decode to encode, without its
@@ -458,6 +501,7 @@ class Agent:
             "inbox": {"requests": self.inbox.requests, "bytes": self.inbox.bytes, "clients": self.inbox.clients()},
             "limits": self.limits.describe(),
             "stages": self.stages.summary(since),
+            "security": self.security.status(),
             **self.metrics.snapshot(),
         }
 
@@ -477,6 +521,9 @@ class Agent:
         return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[RELOAD], "id": rid, "accepted": True,
                 "message": f"loading {what} of {self.model.ref.name} in the background; the health reply's "
                            f"last_reload and model tell the outcome"}
+
+    def _refuse_control(self, message: dict, rid) -> dict:
+        raise ProtocolError(Code.NOT_AUTHORIZED, self.security.control_refusal(message["type"]))
 
     def _rollback(self, message: dict, rid) -> dict:
         if self.previous is None:
@@ -517,6 +564,9 @@ class Agent:
         _freeze_heap()
         if self.dynamic is not None and self.dynamic.columns != model.columns:
             self.dynamic = self._dynamic_pat(model)   # other tests: the site windows no longer apply
+        elif self.dynamic is not None:
+            static = model.static_pat
+            self.dynamic.set_rules(static.shape, static.min_sigma, static.k_factor)
         log.info("serving %s (checksum %s) in place of %s: %s", model.ref, model.checksum[:12], self.previous.ref,
                  reason)
         largest = largest_request_bytes(model.parser, self.config.max_batch)
@@ -529,9 +579,10 @@ class Agent:
         pat = self.config.pat
         if not pat.dynamic:
             return None
+        static = model.static_pat
         return DynamicPat(model.columns, window=pat.window, min_parts=pat.min_parts, k_sigma=pat.k_sigma,
                           refresh_parts=pat.refresh_parts, reset_on=pat.reset_on, max_sites=pat.max_sites,
-                          log_scale=model.static_pat.log_scale)
+                          shape=static.shape, min_sigma=static.min_sigma, k_factor=static.k_factor)
 
 
 def _freeze_heap() -> None:
@@ -551,11 +602,6 @@ def _split_frames(client: bytes, frames: list[zmq.Frame]) -> tuple[list[bytes], 
     if len(frames) == 2 and not len(frames[0]):
         return [client, b""], frames[1]
     return [client], None
-
-
-def _listen_error(what: str, number: int | None, reason: str) -> EdgeError:
-    """Another process holding the address is its own exit status (3), every other reason unusable input (2)."""
-    return (AddressInUse if number == errno.EADDRINUSE else EdgeError)(f"{what}: {reason}")
 
 
 class _ThrottledLog:

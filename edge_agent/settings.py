@@ -217,10 +217,12 @@ def _either(choices: list[str]) -> str:
 @dataclass(frozen=True)
 class Rule:
     """A constraint between fields. ``problems`` gets the config and returns messages that start with the field
-    they blame; it runs only when each of ``fields`` met its own constraints, so it can compare them safely."""
+    they blame; it runs only when each of ``fields`` met its own constraints, so it can compare them safely.
+    ``scope``: the table of the blamed field when it is a section's (default: the config's own ``SCOPE``)."""
 
     fields: tuple[str, ...]
     problems: Callable[[Any], list[str]]
+    scope: str | None = None
 
 
 # ---- the configuration object ---------------------------------------------------------------------------------------
@@ -255,7 +257,8 @@ class Checked:
         prefix = f"{self.SCOPE}." if self.SCOPE else ""
         for rule in (*self.RULES, *also):
             if failed.isdisjoint(rule.fields):
-                problems += [f"{prefix}{problem}" for problem in rule.problems(self)]
+                scope = prefix if rule.scope is None else f"{rule.scope}."
+                problems += [f"{scope}{problem}" for problem in rule.problems(self)]
         for section in sections:
             problems += section.problems()
         return problems

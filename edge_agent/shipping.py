@@ -31,6 +31,7 @@ import zmq
 from .errors import EdgeError
 from .package.files import atomic_write
 from .wire.codec import decode_trusted, encode
+from .wire.links import CurveClient, connect_curve
 from .wire.stats import Reply, classify_reply, stats_message
 
 log = logging.getLogger("edge_agent.shipping")
@@ -232,11 +233,13 @@ class SupportsPayload(Protocol):
 
 
 class Shipper:
-    """Background sender of spooled stats messages to the collector's ROUTER."""
+    """Background sender of spooled stats messages to the collector's ROUTER (over CURVE with ``curve``: the
+    collector then knows this agent by its key, README "Security")."""
 
     def __init__(self, endpoint: str, spool: DiskSpool, *, agent_id: str, tester: str, ack_timeout_s: float = 5.0,
-                 queue_length: int = 1000):
+                 queue_length: int = 1000, curve: CurveClient | None = None):
         self.endpoint = endpoint
+        self.curve = curve
         self.spool = spool
         self.agent_id = agent_id
         self.tester = tester
@@ -375,6 +378,8 @@ class Shipper:
         socket.setsockopt(zmq.IMMEDIATE, 1)        # no queueing for a collector that is not connected
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, int(RETRY_MAX_S * 1000))
+        if self.curve is not None:
+            connect_curve(socket, self.curve)
         socket.connect(self.endpoint)
         return socket
 

@@ -9,11 +9,12 @@ counter decrement and one ``is None`` test per stage), a sampled one about 3 us 
 
 Stages, in the order the serving path runs them: ``wait`` (receipt to the start of its turn: the inbox),
 ``decode`` (msgpack and envelope), ``validate`` (part identity and readings), ``outlier`` and ``yield`` (the two
-onnxruntime graphs), ``pat`` (static and dynamic PAT), ``explain`` (drivers of a flagged part), ``drift`` (the
-drift statistics), ``bin`` (the bin decision and counters), ``audit`` (a slot for the audit record a later
-change adds), ``encode`` (the reply built and packed) and ``send`` (handing it to ZeroMQ). A stage a request skips (no
-explanation for a part nobody flagged) counts zero. Only single score requests are filed: the sample of any other
-request (health, score_batch, a refused one) is dropped.
+onnxruntime graphs), ``pat`` (static and dynamic PAT), ``drift`` (the drift statistics), ``explain`` (drivers of
+a flagged part: next to nothing for the others), ``bin`` (the bin decision and counters), ``audit`` (a slot for
+the audit record a later change adds), ``encode`` (the reply built and packed) and ``send`` (handing it to
+ZeroMQ). A stage a request skips (drift when it is off, all but wait/decode/validate/pat for a part with too few
+readings) counts zero, its time going to the next stage that ran. Only single score requests are filed: the
+sample of any other request (health, score_batch, a refused one) is dropped.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ import time
 
 import numpy as np
 
-STAGES = ("wait", "decode", "validate", "outlier", "yield", "pat", "explain", "drift", "bin", "audit", "encode",
+STAGES = ("wait", "decode", "validate", "outlier", "yield", "pat", "drift", "explain", "bin", "audit", "encode",
           "send")
-(WAIT, DECODE, VALIDATE, OUTLIER, YIELD, PAT, EXPLAIN, DRIFT, BIN, AUDIT, ENCODE, SEND) = range(1, len(STAGES) + 1)
+(WAIT, DECODE, VALIDATE, OUTLIER, YIELD, PAT, DRIFT, EXPLAIN, BIN, AUDIT, ENCODE, SEND) = range(1, len(STAGES) + 1)
 RING = 4096          # samples kept: at the default every 100th request, the last ~400,000 requests
 
 

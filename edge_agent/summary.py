@@ -35,6 +35,7 @@ class ReplySummary:
         self.no_decision: Counter[str] = Counter()
         self.outliers = 0
         self.predicted_fail = 0
+        self.insufficient_readings = 0
         self.pat_and_ml = 0
         self.ml_flagged: list[dict] = []
         self.ml_only: list[dict] = []
@@ -58,6 +59,7 @@ class ReplySummary:
         self.versions[str(result.model["version"]) if result.model else "?"] += 1
         self.outliers += bool(result.outlier)
         self.predicted_fail += bool(result.predicted_fail)
+        self.insufficient_readings += result.insufficient_readings
         ml = ML_FLAG in result.flags
         pat = any(flag in result.flags for flag in PAT_FLAGS)
         if ml:
@@ -65,10 +67,11 @@ class ReplySummary:
         if ml and pat:
             self.pat_and_ml += 1
         elif ml:
-            self.ml_only.append(part)
+            self.ml_only.append({**part, "why": result.why})   # names the tests furthest from typical
         elif pat:
             self.pat_only.append({**part, "tests": sorted({b["test"] for b in result.pat})})
-        self._scored.append((result.outlier_score, part))
+        if result.outlier_score is not None:   # None: too few readings for a meaningful score
+            self._scored.append((result.outlier_score, part))
 
     @property
     def decided(self) -> int:
@@ -82,7 +85,8 @@ class ReplySummary:
         return {
             "parts": self.parts, "decided": self.decided, "no_decision": dict(self.no_decision),
             "bins": dict(self.bins), "flags": dict(self.flags), "outliers": self.outliers,
-            "predicted_fail": self.predicted_fail, "model_versions": dict(self.versions),
+            "predicted_fail": self.predicted_fail, "insufficient_readings": self.insufficient_readings,
+            "model_versions": dict(self.versions),
             "ml_outlier_parts": self.ml_flagged, "pat_and_ml_outlier": self.pat_and_ml, "ml_outlier_only": self.ml_only, "pat_only": self.pat_only,
             "most_anomalous": self.most_anomalous(),
             "round_trip_us": latency_figures(self._round_trip_us),
@@ -98,6 +102,8 @@ class ReplySummary:
                       f"outliers      {self.outliers:,} ML outlier(s), {self.predicted_fail:,} predicted fail; "
                       f"PAT and ML agree on {self.pat_and_ml:,}, ML only {len(self.ml_only):,}, "
                       f"PAT only {len(self.pat_only):,}",
+                      f"readings      {self.insufficient_readings:,} part(s) with too few readings for a decision "
+                      "by the models (insufficient_readings)",
                       f"models        {_counts(self.versions)} (version: parts)"]
         lines += [f"round trip us {_latency_text(latency_figures(self._round_trip_us))}",
                   f"agent us      {_latency_text(latency_figures(self._agent_us))}"]

@@ -2,7 +2,7 @@
 
 Wiring (the serving thread owns the monitor; the shipper has its own thread)::
 
-    drift = AgentDrift(config.drift) if config.drift.enabled else None   # SpoolError: unusable spool folder
+    drift = AgentDrift(config.drift, curve=security.upstream)   # SpoolError: unusable spool folder
     drift.start(model)                      # before serving: starts the shipper thread
     drift.update(model, part, row, score)   # per scored part, on the request path (bench: drift.update_us_per_part)
     drift.tick()                            # when the serving loop is idle: closes a window whose time is up
@@ -22,6 +22,7 @@ import numpy as np
 from .config import DriftConfig
 from .drift import ChangeParams, DriftMonitor, DriftReference
 from .shipping import DiskSpool, Shipper
+from .wire.links import CurveClient
 
 log = logging.getLogger("edge_agent.upstream")
 
@@ -29,7 +30,7 @@ log = logging.getLogger("edge_agent.upstream")
 class AgentDrift:
     """Implements the server's DriftHook: ``update(model, part, readings, score)``."""
 
-    def __init__(self, config: DriftConfig):
+    def __init__(self, config: DriftConfig, curve: CurveClient | None = None):
         self.config = config
         self.agent_id = config.agent_id or socket.gethostname()
         self.tester = config.tester or self.agent_id
@@ -37,7 +38,7 @@ class AgentDrift:
                                DiskSpool(config.spool_dir, max_messages=config.spool_max_messages,
                                          max_bytes=config.spool_max_bytes),
                                agent_id=self.agent_id, tester=self.tester, ack_timeout_s=config.ack_timeout_s,
-                               queue_length=config.queue_length)
+                               queue_length=config.queue_length, curve=curve)
         self._change = ChangeParams(config.change_delta, config.change_threshold, config.change_min_parts)
         self._monitor: DriftMonitor | None = None
         self._checksum: str | None = None

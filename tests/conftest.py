@@ -1,6 +1,8 @@
 """The floors and model packages the tests share, made by the product itself: lots from the synthetic floor
 generator (``trainer.synth``), models from the trainer (``trainer.train.fit``), packages from the package writer
 (``trainer.package``). No test writes a manifest by hand, so every test reads what the trainer really writes.
+Keys come from the product's key commands (``edge_agent.keys``): every published package is signed with the test
+trainer key, and agents trust it (development mode only where a test is about it).
 
 Session-scoped: each is built once per run (a few seconds in all). Tests that change a registry work on a copy.
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -16,10 +19,15 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
+from edge_agent.keys import (SigningKey, create_curve_pair, create_signing_key, load_curve_pair, load_curve_public,
+                             load_signing_key)
 from edge_agent.package.manifest import OUTLIER_FILE, YIELD_FILE, YIELD_INT8_FILE, Manifest
 from edge_agent.package.registry import PackageRef, Registry
+from edge_agent.processes import free_tcp_endpoint, start_agent, stop
+from trainer.ingest import load_tables
+from edge_agent.wire.links import CurveClient, CurvePair
 from trainer.package import build_and_publish, build_package
-from trainer.synth import SynthConfig, generate, test_catalog
+from trainer.synth import DATALOG_PATHOLOGIES, SynthConfig, generate, test_catalog, write
 from trainer.table import ParametricTable
 from trainer.train import TrainConfig, TrainedModels, fit
 
@@ -38,6 +46,59 @@ def train(table: ParametricTable, name: str, *, n_trees: int, yield_trees: int, 
     return fit(table, config, progress=lambda message: None)
 
 
+# ---- keys ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Keys:
+    """The test floor's keys, made by ``edge_agent.keys`` in ``folder``: the trainer's signing key (trusted by every
+    test agent through ``trusted``, a folder holding its public key only), another signing key nobody trusts, and
+    CURVE pairs named ``collector``, ``agent-a``, ``agent-b``, ``control`` (an operator), ``program`` (a test program)
+    and ``stranger``."""
+
+    folder: Path
+    signer: SigningKey
+    untrusted: SigningKey
+    trusted: Path
+
+    def secret(self, name: str) -> Path:
+        return self.folder / f"{name}.key_secret"
+
+    def public(self, name: str) -> Path:
+        return self.folder / f"{name}.key"
+
+    def pair(self, name: str) -> CurvePair:
+        return load_curve_pair(self.secret(name))
+
+    def client(self, name: str, server: str) -> CurveClient:
+        """What ``name`` needs to reach ``server`` over CURVE."""
+        return CurveClient(self.pair(name), load_curve_public(self.public(server)))
+
+    def allow(self, folder: Path, *names: str) -> Path:
+        """An allow-list folder holding the public certificates of ``names`` (each file names the id it binds)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(self.public(name), folder / f"{name}.key")
+        return folder
+
+    @property
+    def trust_args(self) -> tuple[str, str]:
+        """``edge-agent run`` options that trust the test trainer's key."""
+        return "--trusted-keys", str(self.trusted)
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory) -> Keys:
+    folder = tmp_path_factory.mktemp("keys") / "keys"
+    secret, public = create_signing_key(folder, "trainer")
+    untrusted, _ = create_signing_key(folder, "nobody")
+    for name in ("collector", "agent-a", "agent-b", "control", "program", "stranger"):
+        create_curve_pair(folder, name)
+    trusted = folder.parent / "trusted"
+    trusted.mkdir()
+    shutil.copy(public, trusted / public.name)
+    return Keys(folder, load_signing_key(secret), load_signing_key(untrusted), trusted)
+
+
 # ---- the agent's packages ----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -49,6 +110,7 @@ class Packages:
     n_tests: int
     trained: dict        # version -> TrainedModels (the scikit-learn pipelines)
     stream: np.ndarray   # float32 readings of a further lot of the same product, for scoring
+    keys: Keys           # the signing key of both versions; agents trust it with ``keys.trust_args``
 
     def manifest(self, version: str) -> Manifest:
         return Registry(self.root).manifest(PackageRef(self.model, version))
@@ -71,7 +133,7 @@ class Packages:
 
 
 @pytest.fixture(scope="session")
-def packages(tmp_path_factory) -> Packages:
+def packages(tmp_path_factory, keys) -> Packages:
     """Two lots of 1,500 parts x 20 tests, 50-tree forests; a third lot of 400 parts to score."""
     model, n_tests = "m", 20
     root = tmp_path_factory.mktemp("registry") / "models"
@@ -80,10 +142,10 @@ def packages(tmp_path_factory) -> Packages:
     for version, seed in (("1", 11), ("2", 12)):
         table = synth_lot(seed, 1500, n_tests)
         trained[version] = train(table, model, n_trees=50, yield_trees=30, seed=seed)
-        assert build_and_publish(trained[version], table, {}, registry, []).version == version
+        assert build_and_publish(trained[version], table, {}, registry, [], signer=keys.signer).version == version
     registry.promote(model, "1", "production", "test fixture")
     stream = synth_lot(13, 400, n_tests, lot_prefix="L").readings().astype(np.float32)
-    return Packages(root, model, n_tests, trained, stream)
+    return Packages(root, model, n_tests, trained, stream, keys)
 
 
 # ---- drift: a package and further parts of its floor ----------------------------------------------------------------
@@ -112,13 +174,13 @@ class DriftFloor:
 
 
 @pytest.fixture(scope="session")
-def drift_floor(tmp_path_factory) -> DriftFloor:
+def drift_floor(tmp_path_factory, keys) -> DriftFloor:
     """8,000 parts x 12 tests, a 30-tree forest; about 1,500 held-out parts to feed."""
     folder = tmp_path_factory.mktemp("drift")
     table = synth_lot(1, 8000, 12)
     trained = train(table, "drift-demo", n_trees=30, yield_trees=10, seed=1)
     registry = Registry(folder / "models")
-    ref = build_and_publish(trained, table, {}, registry, [])
+    ref = build_and_publish(trained, table, {}, registry, [], signer=keys.signer)
     registry.promote(ref.name, ref.version, "production", "test fixture")
     readings = table.readings()[trained.holdout_index]
     readings = readings[table.frame["passed"].to_numpy(bool)[trained.holdout_index] & ~np.isnan(readings).any(axis=1)]
@@ -126,6 +188,60 @@ def drift_floor(tmp_path_factory) -> DriftFloor:
     feed = folder / "feed.npz"
     np.savez(feed, readings=readings.astype(np.float32), scores=scores)
     return DriftFloor(registry, ref, readings.astype(np.float32), scores, feed)
+
+
+# ---- a floor with real datalogs' pathologies -------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PathologicalFloor:
+    """Package ``floor`` (production), trained on four lots of the synthetic product with every datalog pathology
+    on (``trainer.synth.DATALOG_PATHOLOGIES``: quantized tests, stop-on-fail, every other part without readings,
+    tests 3-5x wider in every other lot, two sublots per lot) and latent outliers in its first lot; and the next
+    lot off the line, with the same pathologies and 2 % latent outliers."""
+
+    registry: Registry
+    ref: PackageRef
+    trained: TrainedModels
+    training: ParametricTable     # after validation: the parts without enough readings are left out
+    report: dict                  # the validation report
+    next_lot: ParametricTable     # every part, as the tester logged it
+    truth: dict                   # the next lot's ground truth (trainer.synth)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.registry.manifest(self.ref)
+
+
+@pytest.fixture(scope="session")
+def pathological_floor(tmp_path_factory, keys) -> PathologicalFloor:
+    """12,000 parts x 200 tests in four lots (about 6,000 left to train on), 50-tree forest; a next lot of 4,000."""
+    folder = tmp_path_factory.mktemp("floor")
+    lots = {}
+    for name, config in (("training", dict(parts=12_000, lots=4, excursions=("latent_outliers",))),
+                         ("next", dict(parts=4_000, lots=1, first_lot_index=5, excursions=("latent_outliers",),
+                                       latent_outlier_fraction=0.02))):
+        lots[name] = write(SynthConfig(seed=11, tests=200, **DATALOG_PATHOLOGIES, **config),
+                           folder / f"{name}.parquet")
+    table, report = load_tables([lots["training"].path])
+    trained = train(table, "floor", n_trees=50, yield_trees=20, seed=11)
+    registry = Registry(folder / "models")
+    ref = build_and_publish(trained, table, report.to_dict(), registry, [lots["training"].path],
+                            signer=keys.signer)
+    registry.promote(ref.name, ref.version, "production", "test fixture")
+    next_lot, _ = load_tables([lots["next"].path], keep_sparse_parts=True)
+    return PathologicalFloor(registry, ref, trained, table, report.to_dict(), next_lot,
+                             json.loads(Path(lots["next"].truth_path).read_text()))
+
+
+@pytest.fixture(scope="session")
+def floor_agent(pathological_floor, keys, tmp_path_factory):
+    """The endpoint of a real agent serving the pathological floor's package (drift off)."""
+    folder = tmp_path_factory.mktemp("floor-agent")
+    endpoint = free_tcp_endpoint()
+    process = start_agent(pathological_floor.registry.root, pathological_floor.ref.name, endpoint, "--no-drift",
+                          "--metrics-port", "0", *keys.trust_args, log_path=folder / "agent.log")
+    yield endpoint
+    assert stop(process) == 0
 
 
 # ---- packages built but not published -----------------------------------------------------------------------------

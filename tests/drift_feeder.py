@@ -5,6 +5,7 @@ not needed to prove shipping).
     python tests/drift_feeder.py --registry DIR --model NAME --feed FEED.npz --agent-id A
         --collector tcp://127.0.0.1:5560 --spool DIR --windows 5 --window-parts 400 [--sites 4]
         [--shift-test COLUMN --shift-site 2 --shift 1.5] [--score-shift -3] [--wait-acked-s 30] [--pace-s 0.1]
+        [--key AGENT.key_secret --collector-key COLLECTOR.key]     # CURVE, as an agent with [security] keys
 
 The package is the production version of ``--model``. ``--feed`` holds parts of its product that training held
 out (``readings`` in the package's feature order and the outlier model's ``scores``, as tests/conftest.py writes
@@ -26,8 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script from a checkout, installed or not
 
 from edge_agent.drift import DriftMonitor, DriftReference  # noqa: E402
+from edge_agent.keys import load_curve_pair, load_curve_public  # noqa: E402
 from edge_agent.package.registry import Registry  # noqa: E402
 from edge_agent.shipping import DiskSpool, Shipper  # noqa: E402
+from edge_agent.wire.links import CurveClient  # noqa: E402
 
 
 def main() -> int:
@@ -51,6 +54,8 @@ def main() -> int:
     parser.add_argument("--ack-timeout-s", type=float, default=1.0)
     parser.add_argument("--wait-acked-s", type=float, default=60.0)
     parser.add_argument("--pace-s", type=float, default=0.0, help="pause after each window")
+    parser.add_argument("--key", help="this agent's CURVE secret certificate (with --collector-key)")
+    parser.add_argument("--collector-key", help="the collector's public certificate")
     args = parser.parse_args()
 
     registry = Registry(args.registry)
@@ -60,8 +65,10 @@ def main() -> int:
     threshold = manifest.models.outlier.threshold
     identity = {"name": ref.name, "version": ref.version, "checksum": registry.checksum(ref)}
     monitor = DriftMonitor(reference, identity, window_parts=args.window_parts, window_seconds=3600.0)
+    curve = CurveClient(load_curve_pair(args.key), load_curve_public(args.collector_key)) if args.key else None
     shipper = Shipper(args.collector, DiskSpool(args.spool, max_messages=args.spool_max_messages),
-                      agent_id=args.agent_id, tester=args.tester or args.agent_id, ack_timeout_s=args.ack_timeout_s)
+                      agent_id=args.agent_id, tester=args.tester or args.agent_id, ack_timeout_s=args.ack_timeout_s,
+                      curve=curve)
     shipper.start()
     shifted = reference.columns.index(args.shift_test) if args.shift_test else None
     shift = 0.0 if shifted is None else args.shift * manifest.pat.limits[shifted].robust_sigma

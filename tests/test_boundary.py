@@ -80,7 +80,8 @@ def _score_in_a_client_process(endpoint: str, rows: np.ndarray, folder: Path) ->
 def test_the_agent_and_its_client_serve_a_real_package_without_the_trainer_and_collector_libraries(
         packages, tmp_path, without_roles):
     endpoint = free_tcp_endpoint()
-    agent = start_agent(packages.root, packages.model, endpoint, "--no-drift", log_path=tmp_path / "agent.log")
+    agent = start_agent(packages.root, packages.model, endpoint, "--no-drift", *packages.keys.trust_args,
+                        log_path=tmp_path / "agent.log")
     rows = packages.stream[:SCORE_ROWS]
     try:
         reply = _score_in_a_client_process(endpoint, rows, tmp_path)
@@ -104,7 +105,7 @@ def test_the_collector_stores_a_window_a_real_agent_shipped_without_the_trainer_
     config.write_text(f'[drift]\nagent_id = "agent-b"\ntester = "tester-b"\ncollector = "{collector_endpoint}"\n'
                       f'window_parts = 50\nspool_dir = "{tmp_path / "spool"}"\n')
     endpoint = free_tcp_endpoint()
-    agent = start_agent(packages.root, packages.model, endpoint, "--config", str(config),
+    agent = start_agent(packages.root, packages.model, endpoint, "--config", str(config), *packages.keys.trust_args,
                         log_path=tmp_path / "agent.log")
     try:
         try:

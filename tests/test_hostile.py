@@ -109,7 +109,8 @@ def test_twenty_flooding_connections_leave_a_fail_open_client_its_decisions_and_
     as long a time before the flood, when nothing but the machine's own load could make it miss), and the agent's
     RSS (from /proc) stays within its documented bound and under 300 MB."""
     endpoint = free_tcp_endpoint()
-    agent = start_agent(packages.root, packages.model, endpoint, log_path=tmp_path / "agent.log")
+    agent = start_agent(packages.root, packages.model, endpoint, *packages.keys.trust_args,
+                        log_path=tmp_path / "agent.log")
     np.save(tmp_path / "rows.npy", packages.stream)
     steady = subprocess.Popen([sys.executable, str(STEADY_CLIENT), "--connect", endpoint, "--readings",
                                str(tmp_path / "rows.npy"), "--rate", "200", "--timeout-ms", "20"],
@@ -286,8 +287,8 @@ def fuzzed(packages, tmp_path_factory):
     config = folder / "agent.toml"
     config.write_text("[agent]\nmax_batch = 20\n[drift]\nwindow_parts = 300\n")
     endpoint = free_tcp_endpoint()
-    agent = start_agent(packages.root, packages.model, endpoint, "--config", str(config), "--collector",
-                        collector_endpoint, log_path=folder / "agent.log")
+    agent = start_agent(packages.root, packages.model, endpoint, *packages.keys.trust_args, "--config", str(config),
+                        "--collector", collector_endpoint, log_path=folder / "agent.log")
     yield {"endpoint": endpoint, "agent": agent, "db": folder / "stats.sqlite", "log": folder / "agent.log"}
     stop(agent)
     stop(collector)
@@ -355,8 +356,8 @@ def agent(packages, tmp_path_factory):
     config.write_text("[agent]\nmax_batch = 50\nmax_request_age_ms = 100\n[pat]\nmax_sites = 64\n"
                       "[drift]\nmax_sites = 64\n")
     endpoint = free_tcp_endpoint()
-    process = start_agent(packages.root, packages.model, endpoint, "--config", str(config),
-                          log_path=folder / "agent.log")
+    process = start_agent(packages.root, packages.model, endpoint, *packages.keys.trust_args, "--config",
+                          str(config), log_path=folder / "agent.log")
     yield {"endpoint": endpoint, "process": process}
     assert stop(process) == 0
 
@@ -556,7 +557,7 @@ def test_each_command_line_mistake_gives_one_line_and_its_exit_status(tmp_path, 
     holder.bind(endpoint)
     try:
         taken = _run("edge_agent.cli", "run", "--registry", str(packages.root), "--model", packages.model, "--bind",
-                     endpoint, "--metrics-port", "0", "--no-drift")
+                     endpoint, "--metrics-port", "0", "--no-drift", *packages.keys.trust_args)
     finally:
         holder.close(linger=0)
     assert taken.returncode == 3, taken.stderr

@@ -16,7 +16,7 @@ import zmq
 
 from edge_agent import drift
 from edge_agent.shipping import DiskSpool, Shipper
-from edge_agent.wire import score, stats
+from edge_agent.wire import links, score, stats
 from edge_agent.wire.codec import decode_trusted, encode
 
 WIRE = Path(score.__file__).parent
@@ -65,6 +65,7 @@ def test_every_stats_message_type_has_a_section_in_stats_protocol_md():
     ({"type": "ack", "v": 1, "agent_id": "a", "seq": 3, "duplicate": True}, stats.Reply.ACK),
     (stats.refusal(stats.Code.INVALID_MESSAGE, "bad", 3), stats.Reply.PERMANENT),
     (stats.refusal(stats.Code.STORE_FAILED, "locked", 3), stats.Reply.TRANSIENT),
+    (stats.refusal(stats.Code.AGENT_ID_MISMATCH, "not the key's id", 3), stats.Reply.PERMANENT),
     (stats.refusal("a_code_from_a_newer_collector", "?", 3), stats.Reply.TRANSIENT),
     ({"type": "something_else", "seq": 3}, stats.Reply.TRANSIENT),
     (stats.refusal(stats.Code.INVALID_MESSAGE, "not msgpack", None), stats.Reply.UNRELATED),
@@ -75,7 +76,7 @@ def test_a_stats_reply_is_classified_for_the_window_in_flight(reply, expected):
     assert stats.classify_reply(reply, 3) is expected
 
 
-@pytest.mark.parametrize("module", [stats, drift])
+@pytest.mark.parametrize("module", [stats, drift, links])
 def test_the_doctest_examples_hold(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

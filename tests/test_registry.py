@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import RegistryError
+from edge_agent.keys import KeyFileError
 from edge_agent.package.manifest import (MANIFEST_FILE, MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE,
                                          YIELD_INT8_FILE, Manifest, read_manifest)
 from edge_agent.package.registry import PackageRef, Registry, verify_dir
@@ -313,9 +314,9 @@ def test_numbers_of_deleted_versions_are_not_reused(registry, unpublished):
 
 # ---- stages, history, rollback ----------------------------------------------------------------------------------
 
-def _publish_versions(registry: Registry, unpublished, count: int) -> list[PackageRef]:
+def _publish_versions(registry: Registry, unpublished, count: int, signer=None) -> list[PackageRef]:
     files, manifest = unpublished.package()
-    return [registry.publish("demo", files, manifest) for _ in range(count)]
+    return [registry.publish("demo", files, manifest, signer=signer) for _ in range(count)]
 
 
 def test_promotion_path_and_history(registry, unpublished):
@@ -564,8 +565,9 @@ def _run(root: Path, *argv: str) -> int:
     return args.handler(args)
 
 
-def test_cli_commands(registry, capsys, unpublished):
-    v1, v2 = _publish_versions(registry, unpublished, 2)
+def test_cli_commands(registry, capsys, unpublished, keys):
+    v1, v2 = _publish_versions(registry, unpublished, 2, signer=keys.signer)
+    trusted = ("--trusted-keys", str(keys.trusted))
     root = registry.root
     assert _run(root, "registry", "promote", "demo", "1", "production", "--reason", "first release") == 0
     assert "demo/1: candidate -> production" in capsys.readouterr().out
@@ -591,11 +593,13 @@ def test_cli_commands(registry, capsys, unpublished):
     assert cli_show(registry, "demo", "2").startswith("package   demo/2  (stage candidate)")
 
     _overwrite(registry.package_dir(v2) / SAMPLE_ROWS_FILE, b"not an npz")
-    assert _run(root, "registry", "verify", "demo") == 1
+    assert _run(root, "registry", "verify", "demo", *trusted) == 1
     report = capsys.readouterr().out
     assert "demo/1: ok" in report and "demo/2: FAILED" in report and f"{SAMPLE_ROWS_FILE}: checksum mismatch" in report
     assert "1 of 2 package(s) verified" in report
-    assert _run(root, "registry", "verify", "demo", "1") == 0
+    assert _run(root, "registry", "verify", "demo", "1", *trusted) == 0
+    with pytest.raises(KeyFileError, match="no such file or folder of trusted public signing keys"):
+        _run(root, "registry", "verify", "demo", "1", "--trusted-keys", str(root / "no-keys"))
 
     assert _run(root, "registry", "history", "demo") == 0
     assert "first release" in capsys.readouterr().out

@@ -38,26 +38,26 @@ N_TESTS = 30
 REPLY_MS = 10_000.0   # generous: a reply that does not come at all fails a test, a slow one (a busy machine) does not
 
 
-def _publish(registry: Registry, name: str, table, seed: int):
+def _publish(registry: Registry, name: str, table, seed: int, signer):
     trained = fit(table, TrainConfig(name=name, n_trees=50, yield_trees=30, seed=seed), progress=lambda _: None)
     files, manifest = build_package(trained, table, {}, [])
-    ref = registry.publish(name, files, manifest, reason="test_replay")
+    ref = registry.publish(name, files, manifest, reason="test_replay", signer=signer)
     registry.promote(name, ref.version, "production", "test_replay")
     return trained
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, keys):
     root = tmp_path_factory.mktemp("replay")
     registry = Registry(root / "models")
     a595_table, _ = load_tables([str(A595)])
-    a595_model = _publish(registry, "a595", a595_table, seed=1)
+    a595_model = _publish(registry, "a595", a595_table, seed=1, signer=keys.signer)
 
     training = root / "train.stdf"
     config = synth.SynthConfig(parts=1200, tests=N_TESTS, lots=1, seed=21, excursions=("latent_outliers",))
     catalog = synth.test_catalog(config)
     write_stdf(training, synth.generate(config, chunk_parts=500), catalog, sites_per_touchdown=config.sites)
-    _publish(registry, "syn", load_tables([str(training)])[0], seed=2)
+    _publish(registry, "syn", load_tables([str(training)])[0], seed=2, signer=keys.signer)
 
     # The lot to replay: the same product, other parts; two model tests absent, one unknown test added.
     replayed = synth.SynthConfig(parts=600, tests=N_TESTS, lots=1, seed=22, first_lot_index=2,
@@ -75,8 +75,8 @@ def world(tmp_path_factory):
     try:
         for name in ("a595", "syn"):
             endpoint = free_tcp_endpoint()
-            agents[name] = (start_agent(registry.root, name, endpoint, "--no-drift", log_path=logs / f"{name}.log"),
-                            endpoint)
+            agents[name] = (start_agent(registry.root, name, endpoint, "--no-drift", *keys.trust_args,
+                                        log_path=logs / f"{name}.log"), endpoint)
         yield {"root": root, "registry": registry, "a595_model": a595_model, "lot": lot, "absent": absent,
                "endpoints": {name: endpoint for name, (_, endpoint) in agents.items()}}
     finally:
@@ -122,6 +122,14 @@ def test_a595_replayed_into_an_agent_every_part_decided_scores_as_offline(world,
     assert all(r["decided"] and r["model_version"] == "1" and r["bin"] is not None for r in replies)
 
     rows = table.readings(_features(world, "a595")).astype(np.float32)
+    # Parts with readings for fewer than half the model's tests (14 without any) get no scores.
+    scored = np.count_nonzero(~np.isnan(rows), axis=1) >= 53
+    assert [r["insufficient_readings"] for r in replies] == (~scored).tolist()
+    assert report["replies"]["insufficient_readings"] == 26 and report["replay"]["parts_without_readings"] == 14
+    assert all(r["outlier_score"] is None and r["bin_name"] == "insufficient_readings"
+               for r in replies if r["insufficient_readings"])
+    replies = [r for r in replies if not r["insufficient_readings"]]
+    rows = rows[scored]
     sent = np.array([r["outlier_score"] for r in replies])
     np.testing.assert_allclose(sent, _offline_scores(world, "a595", rows), atol=1e-5, rtol=0)
     sklearn = world["a595_model"].outlier.decision_function(rows.astype(np.float64))

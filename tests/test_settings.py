@@ -12,8 +12,9 @@ import pytest
 from edge_agent import settings
 from edge_agent.collector.alerts import AlertConfig, AlertConfigError, load_alert_config
 from edge_agent.collector.cli import main as collector_main
+from edge_agent.collector.incidents import IncidentConfig
 from edge_agent.config import (AgentConfig, BinningConfig, ConfigError, DriftConfig, LoggingConfig, MetricsConfig,
-                               PatConfig, load_config)
+                               PatConfig, SecurityConfig, load_config)
 from trainer.synth import SynthConfig
 from trainer.train import TrainConfig, TrainConfigError, fit
 
@@ -23,7 +24,8 @@ def test_the_settings_example_runs():
 
 
 @pytest.mark.parametrize("config", [AgentConfig(), MetricsConfig(), LoggingConfig(), PatConfig(), BinningConfig(),
-                                    DriftConfig(), AlertConfig(), TrainConfig(), SynthConfig()],
+                                    DriftConfig(), SecurityConfig(), AlertConfig(), IncidentConfig(), TrainConfig(),
+                                    SynthConfig()],
                          ids=lambda config: type(config).__name__)
 def test_every_config_object_declares_every_field_and_its_defaults_are_usable(config):
     """``problems()`` looks every field up in CONSTRAINTS, so an undeclared field is a KeyError here."""
@@ -49,9 +51,16 @@ AGENT_FILES = [
     ('[binning.bins]\npass = 70000', "binning.bins.pass: expected a bin number 0..65535, got 70000"),
     ('[drift]\nwindow_seconds = 0', "drift.window_seconds: expected a positive number, got 0.0"),
     ('[drift]\nspool_dir = ""', "drift.spool_dir: expected a folder for the windows not yet acknowledged, got ''"),
-    ('[agnet]\nmodel = "m"', "unknown table [agnet]; expected [agent], [metrics], [logging], [pat], [binning] "
-                             "or [drift]"),
-    ('[agent]\nmodle = "m"', "[agent] modle: unknown key; expected one of bind, bind_all_interfaces, "),
+    ('[agnet]\nmodel = "m"', "unknown table [agnet]; expected [agent], [metrics], [logging], [pat], [binning], "
+                             "[drift] or [security]"),
+    ('[agent]\nmodle = "m"', "[agent] modle: unknown key; expected one of bind, drain_quiet_ms, "),
+    ('[agent]\nbind = "tcp://*:5555"', "agent.bind: tcp://*:5555 listens on every network interface; without CURVE "
+                                       "only a loopback address"),
+    ('[security]\ncontrol_bind = "tcp://127.0.0.1:5556"',
+     "security.control_keys: expected the public certificates (file or folder) allowed to send reload and rollback"),
+    ('[security]\nscore_keys = "clients"', "security.key: expected this agent's CURVE secret certificate "
+                                          "(*.key_secret) for score_keys, got ''"),
+    ('[drift]\ncollector = "tcp://10.0.0.5:5560"', "drift.collector: tcp://10.0.0.5:5560 is not on this controller"),
     ('pat = 3', "pat: expected a table [pat], got 3"),
 ]
 ALERT_FILES = [
@@ -63,7 +72,9 @@ ALERT_FILES = [
     ("[alerts]\nhook = \"notify 'oncall\"",
      "alerts.hook: expected a command line with balanced quotes, got \"notify 'oncall\""),
     ("[alerts]\npsi = 0.2", "[alerts] psi: unknown key; expected one of change_detector, hook, hook_timeout_s, "),
-    ("[alert]\npsi_threshold = 0.2", "unknown table [alert]; expected [alerts]"),
+    ("[alert]\npsi_threshold = 0.2", "unknown table [alert]; expected [alerts] or [incidents]"),
+    ("[incidents]\ntester_psi = 0", "incidents.tester_psi: expected a positive number, got 0"),
+    ("[incidents]\nfalse_alarm = 0.9", "incidents.false_alarm: expected a number in (0, 0.5), got 0.9"),
 ]
 
 
@@ -99,13 +110,15 @@ def test_a_file_with_several_problems_lists_every_one_once(tmp_path):
         load_config(path, {"metrics.port": 0, "watch_interval_s": 0.0})
     assert str(raised.value).splitlines() == [
         f"configuration ({path} and the command line) is not usable:",
-        f"  - {path}: [agent] queue: unknown key; expected one of bind, bind_all_interfaces, drain_quiet_ms, "
-        "max_batch, max_message_bytes, max_queued_bytes, max_request_age_ms, model, queue_length, registry, "
-        "shutdown_timeout_s, stage, transport_max_message_bytes, turn_parts, version, watch_interval_s, yield_variant",
+        f"  - {path}: [agent] queue: unknown key; expected one of bind, drain_quiet_ms, max_batch, max_message_bytes, "
+        "max_queued_bytes, max_request_age_ms, model, queue_length, registry, shutdown_timeout_s, stage, "
+        "transport_max_message_bytes, turn_parts, version, watch_interval_s, yield_variant",
         "  - agent.max_batch: expected a positive number, got 0",
         "  - agent.watch_interval_s: expected a positive number, got 0.0",
         "  - agent.model: a model name is required (--model or [agent] model)",
-        "  - pat.reset_on: expected one of ('lot', 'wafer', 'never'), got 'shift'",
+        "  - security.trusted_keys: expected the trainer's public signing key(s), a file or a folder (--trusted-keys "
+        "or [security] trusted_keys); only development mode (allow_unsigned = true) serves without",
+        "  - pat.reset_on: expected one of ('lot', 'sublot', 'wafer', 'never'), got 'shift'",
         "  - drift.change_delta: expected a positive number, got 0.0"]
 
 

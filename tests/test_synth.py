@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,8 @@ import pytest
 
 from edge_agent.errors import DataError, EdgeError
 from trainer.cli import cmd_synth
-from trainer.synth import EXCURSIONS, SynthConfig, SynthSummary, generate, test_catalog, write
+from trainer.synth import (DATALOG_PATHOLOGIES, EXCURSIONS, SynthConfig, SynthSummary, excursion_plan, generate,
+                           test_catalog, write)
 
 # Aliased: pytest would collect names starting with "test" as tests.
 from trainer.table import IDENTITY_COLUMNS, LABEL_COLUMNS, PARQUET_METADATA_KEY
@@ -286,6 +288,37 @@ def test_shifted_lot_moves_its_tests_and_only_those(frame, truth):
     assert np.median([abs(lot_shift(c)) for c in others]) < 0.3   # lot-to-lot process variation only
 
 
+def _readings(config: SynthConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    frame = pd.concat(generate(config), ignore_index=True)
+    return frame, frame[[m.column for m in test_catalog(config)]].to_numpy(np.float64)
+
+
+def test_tester_shift_steps_every_site_of_the_floor_late_in_the_lot_on_its_tests_only():
+    plain = SynthConfig(seed=3, parts=3000, tests=200, lots=1, excursions=())
+    (plan,) = excursion_plan(SynthConfig(**{**plain.__dict__, "excursions": ("tester_shift",)}))
+    frame, shifted = _readings(SynthConfig(**{**plain.__dict__, "excursions": ("tester_shift",)}))
+    _, readings = _readings(plain)                   # the same floor and lot without the fault
+    labelled = (frame["truth_excursion"] == "tester_shift").to_numpy()
+    assert labelled.argmax() == int(0.6 * len(frame)) and labelled[labelled.argmax():].all()
+    assert set(frame.loc[labelled, "site"]) == {0, 1, 2, 3} and len(plan["tests"]) == 4
+    columns = [m.column for m in test_catalog(plain)]
+    moved = np.flatnonzero(~np.isclose(shifted, readings, equal_nan=True).all(axis=0))
+    assert [columns[t] for t in moved] == plan["tests"]
+    for t, sigma in zip(moved, plan["shift_sigma"]):   # normal tests: the step is 2 sigma in units
+        step = (shifted[labelled, t] - readings[labelled, t]) / plan["sigma_units"][columns[t]]
+        np.testing.assert_allclose(step[~np.isnan(step)], sigma, rtol=1e-3)
+
+
+def test_process_shift_moves_the_same_tests_the_same_way_on_every_floor():
+    """The product's process moved: every tester's floor (seed) moves the same tests, all of every lot."""
+    plans = [excursion_plan(SynthConfig(seed=seed, parts=500, tests=200, lots=1, excursions=("process_shift",)))
+             for seed in (3, 4, 5)]
+    assert plans[0] == plans[1] == plans[2] and plans[0][0]["kind"] == "process_shift"
+    assert len(plans[0][0]["tests"]) == 10 and {abs(s) for s in plans[0][0]["shift_sigma"]} == {2.5}
+    frame, _ = _readings(SynthConfig(seed=4, parts=500, tests=200, lots=1, excursions=("process_shift",)))
+    assert (frame["truth_excursion"] == "process_shift").all()
+
+
 # --- CSV -------------------------------------------------------------------------------------
 
 def test_csv_has_metadata_rows_and_the_same_readings(tmp_path):
@@ -331,7 +364,9 @@ def test_csv_has_metadata_rows_and_the_same_readings(tmp_path):
     ({"seed": -1}, "seed: expected a number >= 0, got -1"),
     ({"tests": 2.5}, "tests: expected an integer, got 2.5"),
     ({"excursions": ("bogus",)}, "excursions: expected names among ('drifting_site', 'shifted_lot', "
-                                 "'latent_outliers'), got unknown ['bogus']"),
+                                 "'latent_outliers', 'tester_shift', 'process_shift'), got unknown ['bogus']"),
+    ({"lots": 2, "excursions": ("shifted_lot", "process_shift")}, "excursions: shifted_lot and process_shift both "
+                                                                  "move lots; choose one"),
     ({"excursions": ("shifted_lot", "shifted_lot")}, "excursions: expected each name once, got ['shifted_lot', "
                                                      "'shifted_lot']"),
     ({"lots": 1, "excursions": ("shifted_lot",)}, "excursions: shifted_lot needs lots >= 2"),
@@ -373,7 +408,7 @@ def test_explicit_wafer_count_sizes_the_die_grid(tmp_path):
 def test_cli_synth_command_writes_a_lot(tmp_path, capsys):
     out = tmp_path / "cli.parquet"
     args = argparse.Namespace(out=str(out), parts=1500, tests=16, lots=1, sites=2, heads=2, seed=9,
-                              first_lot=7, excursion=None)
+                              first_lot=7, excursion=None, final_test=None)
     assert cmd_synth(args) == 0
     printed = capsys.readouterr().out
     assert "1,500 parts x 16 tests" in printed and "latent_outliers" in printed
@@ -381,3 +416,94 @@ def test_cli_synth_command_writes_a_lot(tmp_path, capsys):
     assert set(frame["lot"]) == {"SYN0007"} and set(frame["head"]) == {1, 2} and set(frame["site"]) == {0, 1}
     assert set(frame["truth_excursion"]) == {"", "latent_outliers"}
     assert json.loads(open(f"{out}.truth.json").read())["config"]["first_lot_index"] == 7
+
+
+# ---- the pathologies of real datalogs -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pathological(tmp_path_factory) -> tuple[pd.DataFrame, list[Meta], dict]:
+    config = SynthConfig(parts=6000, tests=60, lots=3, seed=3, excursions=(), **DATALOG_PATHOLOGIES)
+    path = tmp_path_factory.mktemp("pathological") / "floor.parquet"
+    summary = write(config, path)
+    return pq.read_table(path).to_pandas(), test_catalog(config), json.loads(open(summary.truth_path).read())
+
+
+def test_datalog_pathologies_are_off_by_default():
+    plain = SynthConfig(parts=2000, tests=30, seed=1, excursions=())
+    assert (plain.quantized_share, plain.stop_on_fail, plain.datalog_every, plain.spread_change_share,
+            plain.sublots) == (0.0, False, 1, 0.0, 1)
+    frame = next(generate(plain))
+    assert "sublot" not in frame.columns and frame[[m.column for m in test_catalog(plain)]].notna().mean().mean() > 0.99
+    pathological = SynthConfig(parts=2000, tests=30, seed=1, excursions=(), **DATALOG_PATHOLOGIES)
+    # only the tests chosen for a pathology change in the test program
+    changed = [a.column for a, b in zip(test_catalog(plain), test_catalog(pathological)) if a != b]
+    assert 0 < len(changed) <= round(DATALOG_PATHOLOGIES["spread_change_share"] * 30)
+
+
+def test_quantized_tests_read_whole_instrument_steps(pathological):
+    frame, _, truth = pathological
+    quantized = truth["pathologies"]["quantized_tests"]
+    assert len(quantized) == round(DATALOG_PATHOLOGIES["quantized_share"] * 60)
+    for column, step in quantized.items():
+        values = frame[column].dropna().to_numpy()
+        assert np.allclose(values / step, np.round(values / step), atol=1e-6), column
+        passing = frame.loc[frame["passed"], column].dropna()
+        assert 3 <= passing.nunique() <= 20, (column, passing.nunique())
+
+
+def test_stop_on_fail_and_sampled_datalogs_leave_readings_out(pathological):
+    frame, catalog, _ = pathological
+    columns = [m.column for m in catalog]
+    present = frame[columns].notna().to_numpy()
+    position = frame.groupby("lot").cumcount().to_numpy()
+    unlogged = position % 2 == 1
+    assert not present[unlogged].any()                       # every other part: bins, no readings
+    assert frame.loc[unlogged, "hard_bin"].notna().all() and (~frame.loc[unlogged, "passed"]).any()
+    logged_fails = ~unlogged & ~frame["passed"].to_numpy()
+    low, high = _limits(catalog)
+    for row in np.flatnonzero(logged_fails):
+        values = frame[columns].to_numpy()[row]
+        first = int(np.flatnonzero((values < low) | (values > high))[0])
+        assert not present[row, first + 1:].any() and present[row, :first + 1].sum() >= 0.9 * (first + 1)
+
+
+def test_spread_changing_tests_are_three_to_five_times_wider_in_every_other_lot(pathological):
+    frame, _, truth = pathological
+    changing = truth["pathologies"]["spread_change_tests"]
+    assert len(changing) == round(DATALOG_PATHOLOGIES["spread_change_share"] * 60)
+    for column, factors in changing.items():
+        assert sorted(set(np.round(list(factors.values()), 6)))[0] == 1.0
+        sigma = {lot: _robust_sigma(frame.loc[(frame["lot"] == lot) & frame["passed"], column].to_numpy())
+                 for lot in factors}
+        narrow = [lot for lot, f in factors.items() if f == 1.0]
+        for lot, factor in factors.items():
+            if factor != 1.0:
+                assert 3.0 <= factor <= 5.0
+                assert sigma[lot] / np.mean([sigma[n] for n in narrow]) == pytest.approx(factor, rel=0.25)
+
+
+def test_sublots_share_their_lot_id_and_restart_wafer_numbers(pathological):
+    frame, _, _ = pathological
+    assert list(frame.columns[:3]) == ["lot", "sublot", "wafer"]
+    for _, lot in frame.groupby("lot"):
+        assert list(dict.fromkeys(lot["sublot"])) == ["A", "B"]
+        first_wafers = lot.groupby("sublot")["wafer"].first()
+        assert (first_wafers == "W01").all()
+
+
+def test_stdf_files_carry_the_pathologies(tmp_path):
+    """One file per sublot (MIR holds one lot and one sublot); parts without readings keep their part record and
+    bins; readings a stop-on-fail program skipped stay missing; quantized values come back as written."""
+    config = SynthConfig(parts=1500, tests=24, lots=1, seed=4, excursions=(), **DATALOG_PATHOLOGIES)
+    expected = pd.concat(generate(config), ignore_index=True)
+    summary = write(config, tmp_path / "lot.stdf")
+    files = summary.path.split(", ")
+    assert [Path(f).name for f in files] == ["lot_SYN0001_A.stdf", "lot_SYN0001_B.stdf"]
+    from trainer.ingest.stdf import read_stdf
+    back = pd.concat([read_stdf(f).table.frame for f in files], ignore_index=True)
+    columns = [m.column for m in test_catalog(config)]
+    assert len(back) == len(expected) and back["sublot"].tolist() == expected["sublot"].tolist()
+    assert back["hard_bin"].tolist() == expected["hard_bin"].tolist()
+    np.testing.assert_array_equal(back[columns].isna().to_numpy(), expected[columns].isna().to_numpy())
+    np.testing.assert_allclose(back[columns].to_numpy(float), expected[columns].to_numpy(float).astype(np.float32),
+                               rtol=0, atol=0, equal_nan=True)

@@ -62,10 +62,15 @@ def test_synth_fit_verify_through_the_command_line(tmp_path):
     synth = _edge_train("synth", "--out", str(lot), "--parts", "3000", "--tests", "40", "--seed", "5", cwd=tmp_path)
     assert synth.returncode == 0, synth.stderr
 
+    # The trainer's signing key where fit and registry verify look by default (keys/ in the working folder).
+    created = _edge_train("keys", "create", "trainer", "--kind", "signing", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    # The small MLP is at chance on this lot (held-out AUC about 0.5), so its promotion has to be forced.
     fitted = _edge_train("fit", "--data", str(lot), "--registry", str(registry), "--name", "lotmodel",
-                         "--trees", "50", "--yield-model", "mlp", "--promote", "production", cwd=tmp_path)
+                         "--trees", "50", "--yield-model", "mlp", "--promote", "production", "--force",
+                         "--reason", "exercising the mlp export, not its quality", cwd=tmp_path)
     assert fitted.returncode == 0, fitted.stderr
-    assert "verified  ok" in fitted.stdout
+    assert "verified  ok" in fitted.stdout and "signature trusted (accepted)" in fitted.stdout
 
     verified = _edge_train("registry", "verify", "lotmodel", "--registry", str(registry), cwd=tmp_path)
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -95,7 +100,7 @@ def test_bad_data_stops_fit_with_a_message_and_publishes_nothing(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("lot,part_id,1000:VDD\nL1,1,1.0\nL1,2,1.1\n")
     registry = tmp_path / "models"
-    result = _edge_train("fit", "--data", str(bad), "--registry", str(registry), cwd=tmp_path)
+    result = _edge_train("fit", "--data", str(bad), "--registry", str(registry), "--unsigned", cwd=tmp_path)
     assert result.returncode == 2
     assert "TOO_FEW_ROWS" in result.stderr and "bad.csv" in result.stderr
     assert "Traceback" not in result.stderr
@@ -158,7 +163,7 @@ def test_fit_from_two_stdf_lots_through_the_command_line(tmp_path):
 
     registry = tmp_path / "models"
     fitted = _edge_train("fit", "--data", str(lots[0]), "--data", str(lots[1]), "--registry", str(registry),
-                         "--name", "two_lots", "--trees", "40", "--yield-trees", "20", cwd=tmp_path)
+                         "--name", "two_lots", "--trees", "40", "--yield-trees", "20", "--unsigned", cwd=tmp_path)
     assert fitted.returncode == 0, fitted.stderr
     reg = Registry(registry)
     manifest = reg.manifest(reg.resolve("two_lots", "candidate"))

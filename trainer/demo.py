@@ -1,12 +1,16 @@
 """`edge-train demo`: the whole product on a synthetic floor, in one command.
 
-1. a synthetic training lot -> validate -> train -> export -> publish into the registry -> production
-2. the fleet collector and an edge agent start as their own processes (the agent follows production)
+1. a synthetic training lot -> validate -> train -> export -> publish, signed, into the registry -> production
+2. the fleet collector and an edge agent start as their own processes with real keys (the agent follows
+   production and serves only packages signed by the demo trainer key; drift windows travel over CURVE; reload
+   and rollback only on its CURVE control socket)
 3. a second lot with a drifting site and a cluster of latent outliers streams through the client library
-4. what the agent found (outliers, PAT vs model, latency), what the collector raised, and the fleet report
+4. the collector's incidents (the drifting site, diagnosed, and the retrain advice), what the agent found
+   (outliers, PAT vs model, latency), and the fleet report
 """
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -14,13 +18,15 @@ from pathlib import Path
 
 from edge_agent.client import AgentClient
 from edge_agent.collector.report import write_report
+from edge_agent.keys import create_curve_pair, create_signing_key, load_signing_key, load_trusted_keys
 from edge_agent.package.registry import Registry
+from edge_agent.package.signing import Trust
 from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
 from trainer.ingest import load_tables
 from trainer.package import build_and_publish
 from trainer.registry_cli import package_summary
 from trainer.replay import feature_columns, stream_lot
-from trainer.synth import SynthConfig, write
+from trainer.synth import DATALOG_PATHOLOGIES, SynthConfig, write
 from trainer.train import TrainConfig, fit
 
 WINDOW_PARTS = 1000       # small windows so a demo lot of a few thousand parts yields several per site
@@ -32,35 +38,47 @@ TRAINING_LOTS = 3
 def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, seed: int, registry_root: str,
              name: str) -> int:
     # Every configuration first: a bad --stream-parts must not wait for the training to fail.
-    training = SynthConfig(seed=seed, parts=parts, tests=tests, lots=TRAINING_LOTS, excursions=("latent_outliers",))
+    # Real datalogs' pathologies on (quantized tests, stop-on-fail, sampled datalogs, lot-to-lot spread, sublots):
+    # what static PAT, the coverage rules and the explanations are for.
+    training = SynthConfig(seed=seed, parts=parts, tests=tests, lots=TRAINING_LOTS, excursions=("latent_outliers",),
+                           **DATALOG_PATHOLOGIES)
     # Same product and floor (seed), the next lot off the line: what the model sees after training.
     streamed = SynthConfig(seed=seed, parts=stream_parts, tests=tests, lots=1, first_lot_index=TRAINING_LOTS + 1,
-                           excursions=("drifting_site", "latent_outliers"))
+                           excursions=("drifting_site", "latent_outliers"), **DATALOG_PATHOLOGIES)
     train = TrainConfig(name=name, seed=seed).check()
     work = Path(workdir or tempfile.mkdtemp(prefix="edge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    registry = Registry(registry_root)
+    keys = _demo_keys(work / "keys")
+    trusted = keys / "demo-trainer.ed25519.pub"   # what the agent trusts; the summary below checks against it too
+    registry = Registry(registry_root, Trust(load_trusted_keys(trusted), str(trusted)))
 
     _step(f"1/4 training data: {TRAINING_LOTS} lots, {parts:,} parts x {tests} tests, train, export, publish to {registry.root}/{name}")
     training_lot = work / "training_lot.parquet"
     print(write(training, str(training_lot)).describe())
     table, report = load_tables([str(training_lot)])
     trained = fit(table, train)
-    ref = build_and_publish(trained, table, report.to_dict(), registry, [str(training_lot)])
+    ref = build_and_publish(trained, table, report.to_dict(), registry, [str(training_lot)],
+                            signer=load_signing_key(keys / "demo-trainer.ed25519"))
     registry.promote(ref.name, ref.version, "production", reason="edge-train demo")
     print(package_summary(registry, ref))
 
     _step(f"2/4 second lot ({stream_parts:,} parts, drifting site + latent outliers); collector and agent start")
     stream_path = work / "stream_lot.parquet"
     print(write(streamed, str(stream_path)).describe())
-    stream_table, _ = load_tables([str(stream_path)])
+    # Every part goes to the agent, those without readings too: the agent, not the trainer, must handle them here.
+    stream_table, _ = load_tables([str(stream_path)], keep_sparse_parts=True)
     db = work / "fleet.sqlite"
     collector_endpoint, agent_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
     agent_config = work / "agent.toml"
     agent_config.write_text(f'[drift]\nagent_id = "demo-agent"\ntester = "demo-tester"\n'
                             f'collector = "{collector_endpoint}"\nwindow_parts = {WINDOW_PARTS}\n'
-                            f'spool_dir = "{work / "spool"}"\n')
-    collector = start_collector(db, collector_endpoint, log_path=work / "collector.log")
+                            f'spool_dir = "{work / "spool"}"\n'
+                            f'[security]\nkey = "{keys / "demo-agent.key_secret"}"\n'
+                            f'collector_key = "{keys / "collector.key"}"\n'
+                            f'trusted_keys = "{keys / "demo-trainer.ed25519.pub"}"\n'
+                            f'control_bind = "{free_tcp_endpoint()}"\ncontrol_keys = "{keys / "operators"}"\n')
+    collector = start_collector(db, collector_endpoint, "--key", str(keys / "collector.key_secret"), "--agent-keys",
+                                str(keys / "agents"), log_path=work / "collector.log")
     try:
         agent = start_agent(registry.root, name, agent_endpoint, "--config", str(agent_config),
                             log_path=work / "agent.log")
@@ -68,20 +86,46 @@ def run_demo(workdir: str | None, *, parts: int, tests: int, stream_parts: int, 
             _step(f"3/4 streaming {len(stream_table):,} parts through edge_agent.client to {agent_endpoint}")
             with AgentClient(agent_endpoint, timeout_ms=50) as client:
                 summary = stream_lot(client, stream_table, feature_columns(registry_root, name))
-                agent_side = client.health(timeout_ms=2000)["latency_us"]
+                health = client.health(timeout_ms=2000)
+                agent_side = health["latency_us"]
+            # Parts with too few readings stay out of the drift statistics. The full windows are stored before the
+            # agent stops (what a stopping agent cannot ship within its stop timeout waits in its spool for its
+            # next start); the last, partial one is shipped as it stops.
+            counted = summary["decided"] - summary["insufficient_readings"]
+            _wait_for_windows(db, expected=counted // WINDOW_PARTS, timeout_s=120.0)
         finally:
             stop(agent)
-        _wait_for_windows(db, expected=-(-len(stream_table) // WINDOW_PARTS))
+        _wait_for_windows(db, expected=-(-counted // WINDOW_PARTS))
     finally:
         stop(collector)
 
     _step("4/4 results")
+    _print_incidents(db)
+    _print_security(health)
     _print_findings(summary, agent_side, stream_table)
-    _print_alerts(db)
     html = work / "fleet_report.html"
     write_report(db, html)
     print(f"\nfleet report: {html}\nagent and collector logs, data and spool: {work}")
     return 0
+
+
+def _demo_keys(folder: Path) -> Path:
+    """The demo floor's keys (README, Security): the trainer's signing key, the collector's and the agent's CURVE
+    pairs, an operator's control key; the collector's allow-list binds the agent's key to the id demo-agent."""
+    create_signing_key(folder, "demo-trainer")
+    for name in ("collector", "demo-agent", "demo-operator"):
+        create_curve_pair(folder, name)
+    for allow_list, name in (("agents", "demo-agent"), ("operators", "demo-operator")):
+        (folder / allow_list).mkdir()
+        shutil.copy(folder / f"{name}.key", folder / allow_list / f"{name}.key")
+    return folder
+
+
+def _print_security(health: dict) -> None:
+    signature, security = health["model"]["signature"], health["security"]
+    print(f"security: {health['model']['name']}/{health['model']['version']} {signature['status']}, signed by key "
+          f"{signature['key_id']}; drift windows over {security['upstream']}; control socket "
+          f"{security['control_socket']} (CURVE, operator keys only); score socket {security['score_socket']}")
 
 
 def _step(text: str) -> None:
@@ -92,14 +136,17 @@ def _print_findings(summary: dict, agent_side: dict, table) -> None:
     decided = summary["decided"]
     print(f"parts scored: {decided:,} of {summary['parts']:,}; no decision: {summary['no_decision'] or 'none'}")
     print(f"bins recommended: {summary['bins']}")
+    print(f"parts with readings for too few of the model's tests (sampled datalog, stop-on-fail): "
+          f"{summary['insufficient_readings']:,}, binned insufficient_readings, never scored as a median part")
     frame = table.frame
     if "truth_excursion" in frame.columns:
         truth = frame["truth_excursion"].to_numpy(str)
-        latent = frame["part_id"].astype(str).to_numpy()[truth == "latent_outliers"]
+        logged = frame[table.test_columns].notna().any(axis=1).to_numpy()
+        latent = frame["part_id"].astype(str).to_numpy()[(truth == "latent_outliers") & logged]
         flagged_ids = {p["part_id"] for p in summary["ml_outlier_parts"]}
         found = sum(pid in flagged_ids for pid in latent)
-        print(f"ground truth: {len(latent)} latent outliers (inside every limit), {found} flagged by the ML "
-              f"outlier model ({found / max(len(latent), 1):.0%})")
+        print(f"ground truth: {len(latent)} latent outliers with readings (inside every limit), {found} flagged by "
+              f"the ML outlier model ({found / max(len(latent), 1):.0%})")
         drifting = frame.loc[truth == "drifting_site", ["head", "site"]].drop_duplicates().to_numpy()
         for head, site in drifting:
             print(f"ground truth: head {head} site {site} drifts late in the lot (the collector should point at it)")
@@ -111,6 +158,8 @@ def _print_findings(summary: dict, agent_side: dict, table) -> None:
           f"{len(summary['ml_outlier_only'])} (inside every PAT limit), PAT only {len(summary['pat_only'])}")
     for part in summary["pat_only"][:SHOWN]:
         print(f"  PAT only: part {part.get('part_id')} site {part.get('site')} broke {', '.join(part['tests'][:4])}")
+    for part in summary["ml_outlier_only"][:SHOWN]:
+        print(f"  ML only: part {part.get('part_id')}: {part['why']}")
     rt = summary["round_trip_us"]
     print(f"latency per part, test program's view (round trip): p50 {rt['p50']:.0f} us, p99 {rt['p99']:.0f} us, "
           f"max {rt['max']:.0f} us; agent's own processing: p50 {agent_side['p50']:.0f} us, "
@@ -127,21 +176,16 @@ def _wait_for_windows(db: Path, expected: int, timeout_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-def _print_alerts(db: Path) -> None:
-    """Alerts by kind; sites that differ from their sibling sites (a tester problem); then PSI against the
-    training lots per site, where a new lot's ordinary differences raise many small alerts on every site."""
+def _print_incidents(db: Path) -> None:
+    """The collector's incidents (scope, diagnosis, what to do, retrain or not), then the raw alerts it folded
+    into them: a new lot differs from the training lots on many tests at every site, which pages nobody."""
     with sqlite3.connect(db) as connection:
         windows = connection.execute("SELECT COUNT(*) FROM windows").fetchone()[0]
+        incidents = connection.execute("SELECT id, status, summary, recommendation FROM incidents "
+                                       "ORDER BY status DESC, id").fetchall()
         by_kind = connection.execute("SELECT kind, COUNT(*) FROM alerts GROUP BY kind ORDER BY 2 DESC").fetchall()
-        against_siblings = connection.execute("SELECT message FROM alerts WHERE kind = 'site_psi' "
-                                              "ORDER BY value DESC LIMIT ?", (SHOWN,)).fetchall()
-        by_site = connection.execute("SELECT head, site, COUNT(*), MAX(value) FROM alerts WHERE kind = 'psi' "
-                                     "GROUP BY head, site ORDER BY 4 DESC").fetchall()
-    print(f"\ncollector: {windows} drift windows stored, alerts: "
+    print(f"collector: {len(incidents)} incident(s) from {windows} drift windows")
+    for number, status, summary, recommendation in incidents:
+        print(f"  #{number} ({status}) {summary}\n     {recommendation}")
+    print("raw drift evidence and operational alerts stored beside them: "
           + (", ".join(f"{kind} {count}" for kind, count in by_kind) or "none"))
-    print("a site against its sibling sites (site_psi):")
-    for (message,) in against_siblings:
-        print(f"  {message}")
-    print("against the training lots (psi), per site:")
-    for head, site, count, largest in by_site:
-        print(f"  head {head} site {site}: {count} alert(s), largest PSI {largest:.2f}")

@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import __version__
+from edge_agent.keys import SigningKey
 from edge_agent.package.manifest import (MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE, YIELD_INT8_FILE,
-                                         Feature, FidelityCheck, Imputation, InputSpec, Lineage, Manifest, Metrics,
-                                         Models, OutlierModel, Pat, Quantization, SourceFile, YieldModel)
+                                         Feature, FidelityCheck, HeldOut, Imputation, InputSpec, Lineage, Manifest,
+                                         Metrics, Models, OutlierModel, Pat, Quantization, QualityGate, SourceFile,
+                                         YieldLabel, YieldModel, YieldThreshold)
 from edge_agent.package.registry import PackageRef, Registry
+from edge_agent.package.rules import RESOLUTION_FLOOR
 
 from .export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8, supports_int8,
                      yield_model_to_onnx)
@@ -27,6 +30,11 @@ from .reference import PAT_MIN_PARTS, drift_reference, static_pat_limits
 from .table import ParametricTable
 from .train import TrainedModels
 
+PAT_METHOD = ("AEC-Q001 over passing training parts, by each test's shape (edge_agent.package.rules): normal and "
+              "discrete median +/- k * IQR/1.35; lognormal the same on log(reading); skewed a half-IQR sigma per "
+              "side; bimodal around both modes; constant none. Every sigma >= resolution_floor x the test's "
+              "resolution; a test whose robust sigma differs between training lots takes its widest lot's; then "
+              "the self-check widens (or disables) a test flagging more than max_flag_rate of the passing parts")
 # The agent's load-time smoke test scores these first held-out rows as one call; every fidelity check scores
 # that call too, so the difference the manifest records covers what the smoke test will see.
 SAMPLE_ROWS = 256
@@ -34,14 +42,17 @@ INPUT_NAME = "readings"
 
 
 def build_and_publish(trained: TrainedModels, table: ParametricTable, validation: dict,
-                      registry: Registry, source_files: list[str]) -> PackageRef:
+                      registry: Registry, source_files: list[str], signer: SigningKey | None = None) -> PackageRef:
+    """Build the package and publish it, signed by ``signer`` (None: unsigned, refused by agents outside
+    development mode)."""
     files, manifest = build_package(trained, table, validation, source_files)
-    return registry.publish(trained.config.name, files, manifest, reason="trained by edge-train fit")
+    return registry.publish(trained.config.name, files, manifest, reason="trained by edge-train fit", signer=signer)
 
 
 def build_package(trained: TrainedModels, table: ParametricTable, validation: dict,
                   source_files: list[str]) -> tuple[dict[str, bytes], Manifest]:
-    X = table.readings()
+    X = table.readings(trained.columns)      # the features: never the label or a join key (trainer.train.fit)
+    features = [t for t in table.tests if t.column in set(trained.columns)]
     holdout = X[trained.holdout_index]
     holdout32 = holdout.astype(np.float32)
     expected_score = trained.outlier.decision_function(holdout)
@@ -93,11 +104,11 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
         created_at=_now(),
         features=[Feature(index=i, column=t.column, name=t.name, number=t.number, units=t.units or "", low=t.low,
                           high=t.high, pin=t.pin, impute=float(imputer_values[i]))
-                  for i, t in enumerate(table.tests)],
+                  for i, t in enumerate(features)],
         imputation=Imputation(strategy="median", where="inside the ONNX graphs",
                               values_from="passing training parts (outlier model); the yield graph carries its "
                                           "own medians over all training parts"),
-        input=InputSpec(name=INPUT_NAME, dtype="float32", shape=[None, len(table.tests)], missing="NaN"),
+        input=InputSpec(name=INPUT_NAME, dtype="float32", shape=[None, len(features)], missing="NaN"),
         models=Models(
             outlier=OutlierModel(
                 kind="isolation_forest", files={"float32": OUTLIER_FILE}, output="score",
@@ -111,12 +122,14 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
                 kind=trained.config.yield_model, files=yield_files, output="pass_probability",
                 threshold=trained.yield_threshold, label=trained.yield_label,
                 params=_json_params(trained.yield_model.named_steps["model"]),
-                quantization=Quantization(int8=int8_possible, reason=int8_reason))),
-        pat=Pat(k_sigma=trained.config.pat_k_sigma,
-                method="median +/- k * IQR/1.35 over passing training parts; on log(reading) for tests marked "
-                       "scale log",
-                min_parts=PAT_MIN_PARTS,
-                limits=static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma)),
+                quantization=Quantization(int8=int8_possible, reason=int8_reason), **_yield_evaluation(trained))),
+        pat=Pat(k_sigma=trained.config.pat_k_sigma, method=PAT_METHOD, min_parts=PAT_MIN_PARTS,
+                limits=static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma,
+                                         max_flag_rate=trained.config.pat_max_flag_rate,
+                                         on_excess=trained.config.pat_on_excess,
+                                         lots=_lots(table)[reference_rows]),
+                resolution_floor=RESOLUTION_FLOOR, max_flag_rate=trained.config.pat_max_flag_rate,
+                on_excess=trained.config.pat_on_excess),
         drift_reference=drift_reference(X[reference_rows], trained.columns, reference_scores,
                                         trained.outlier_threshold, trained.config.drift_bins),
         metrics=Metrics(outlier=trained.metrics["outlier"], yield_model=trained.metrics["yield"],
@@ -124,13 +137,21 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
         fidelity=fidelity,
         validation=validation,
         lineage=Lineage(
-            data_sha256=_data_sha256(table), rows=len(table), train_rows=int(len(train_rows)),
+            data_sha256=_data_sha256(table, trained.columns), rows=len(table), train_rows=int(len(train_rows)),
             holdout_rows=int(len(trained.holdout_index)), sources=[_source_entry(path) for path in source_files],
             code_version=_code_version(), parameters=trained.config.to_dict(), trained_at=_now(),
             versions=_library_versions()),
+        held_out=_held_out(trained),
     )
     files[MODEL_CARD_FILE] = render_model_card(manifest).encode()
     return files, manifest
+
+
+def _lots(table: ParametricTable) -> np.ndarray:
+    """Each row's lot for the static PAT lot-spread check (one lot when the table does not say)."""
+    if "lot" not in table.frame.columns:
+        return np.zeros(len(table), dtype=object)
+    return table.frame["lot"].astype(object).where(table.frame["lot"].notna(), "").astype(str).to_numpy()
 
 
 def _passing_mask(table: ParametricTable) -> np.ndarray:
@@ -145,11 +166,33 @@ def _sample_rows(readings: np.ndarray, score: np.ndarray, prob: np.ndarray) -> b
     return buffer.getvalue()
 
 
-def _data_sha256(table: ParametricTable) -> str:
+def _data_sha256(table: ParametricTable, columns: list[str]) -> str:
     """Hash of exactly what was trained on: column names and readings after validation."""
-    digest = hashlib.sha256("\x1f".join(table.test_columns).encode())
-    digest.update(np.ascontiguousarray(table.readings()).tobytes())
+    digest = hashlib.sha256("\x1f".join(columns).encode())
+    digest.update(np.ascontiguousarray(table.readings(columns)).tobytes())
     return digest.hexdigest()
+
+
+def _yield_evaluation(trained: TrainedModels) -> dict:
+    """The yield model's label, threshold choice and gate against chance, as the manifest records them."""
+    label, threshold, gate, config = trained.label, trained.threshold, trained.gate, trained.config
+    metrics = trained.metrics["yield"]
+    return {
+        "label_source": YieldLabel(column=label.column, source=label.source, meaning=label.meaning,
+                                   pass_value=label.pass_value,
+                                   outcomes=trained.outcomes.to_dict() if trained.outcomes else None),
+        "threshold_choice": YieldThreshold(
+            objective=threshold.objective, note=threshold.note, tuning_parts=metrics["tuning_parts"],
+            evaluation_parts=metrics["evaluation_parts"],
+            target_precision=config.target_precision if threshold.objective == "fail_precision" else None),
+        "gate": QualityGate(min_auc=gate.min_auc, roc_auc=gate.roc_auc, passed=gate.passed, reason=gate.reason),
+    }
+
+
+def _held_out(trained: TrainedModels) -> HeldOut:
+    split = trained.split
+    return HeldOut(split=split.kind, reason=split.reason, parts=int(len(split.holdout)),
+                   held_out_lots=split.held_out_lots, training_lots=split.training_lots, time_from=split.time_from)
 
 
 def _source_entry(path: str) -> SourceFile:

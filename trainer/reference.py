@@ -1,42 +1,63 @@
 """Reference statistics a package carries, computed from training data: static PAT limits and drift reference bins.
 
-The rules they follow (the PAT limit formula, the log-scale choice, the binning convention) are the package
-contract's (``edge_agent.package.rules``), so training and serving apply the same ones.
+The rules they follow (the PAT rule of each test's shape, the resolution floor, the self-check, the binning
+convention) are the package contract's (``edge_agent.package.rules``), so training and serving apply the same ones.
 """
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 
 from edge_agent.package.manifest import FeatureBins, PatLimit, ReferenceBins, ScoreBins, ScoreQuantiles
-from edge_agent.package.rules import ROBUST_SIGMA_PER_IQR, bin_index, log_scale_tests, pat_limits
+from edge_agent.package.rules import (LOT_SPREAD_RATIO, SHAPES, TYPICAL_SIGMA, bin_index, self_check, static_rule,
+                                      widest_lot)
 
 PAT_MIN_PARTS = 30
+MAX_FLAG_RATE = 0.001     # the self-check's default: at most 0.1 % of passing training parts outside a test's limits
 
 
-def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0) -> list[PatLimit]:
-    """AEC-Q001 static PAT limits per test: median +/- k robust sigma from passing parts.
+def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0, *,
+                      max_flag_rate: float = MAX_FLAG_RATE, on_excess: str = "widen",
+                      lots: np.ndarray | None = None) -> list[PatLimit]:
+    """AEC-Q001 static PAT limits per test from the passing training parts ``values``, by the rule of each test's
+    shape (``edge_agent.package.rules``), then checked against those same parts (``rules.self_check``).
 
-    ``scale`` "log" marks a skewed positive test whose limits are median(log x) +/- k robust sigma of log x
-    (``log_scale_tests``); ``median`` and ``robust_sigma`` are always in the test's own units. A test with
-    fewer than ``PAT_MIN_PARTS`` readings gets no limits (``low``/``high`` None): the standard asks for at
-    least 30 parts, and a limit from fewer would be noise.
+    ``scale`` "log" marks a log-normal test whose limits are median(log x) +/- k robust sigma of log x;
+    ``median`` and ``robust_sigma`` are always in the test's own units. With ``lots`` (each row's lot), a test
+    whose robust sigma differs between training lots by more than ``LOT_SPREAD_RATIO`` takes its widest lot's.
+    A test with fewer than ``PAT_MIN_PARTS`` readings gets no limits (``low``/``high`` None): the standard asks
+    for at least 30 parts, and a limit from fewer would be noise.
     """
-    counts = np.sum(~np.isnan(values), axis=0)
-    with warnings.catch_warnings():
-        # An all-missing test is reported by validation; numpy's RuntimeWarning here is noise.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        q1, median, q3 = np.nanpercentile(values, [25, 50, 75], axis=0)
-        minimum = np.nanmin(values, axis=0) if len(values) else np.full(len(columns), np.nan)
-    log_scale = log_scale_tests(q1, median, q3, minimum)
-    low, high = pat_limits(q1, median, q3, log_scale, k_sigma)
-    sigma = (q3 - q1) / ROBUST_SIGMA_PER_IQR
-    enough = counts >= PAT_MIN_PARTS
-    return [PatLimit(column=column, median=_num(median[i]), robust_sigma=_num(sigma[i]),
-                     scale="log" if log_scale[i] else "linear", low=_num(low[i]) if enough[i] else None,
-                     high=_num(high[i]) if enough[i] else None, n=int(counts[i]))
+    return [_test_limits(values[:, i], column, k_sigma, max_flag_rate, on_excess, lots)
             for i, column in enumerate(columns)]
+
+
+def _test_limits(values: np.ndarray, column: str, k_sigma: float, max_flag_rate: float, on_excess: str,
+                 lots: np.ndarray | None) -> PatLimit:
+    present = values[np.isfinite(values)]
+    n = len(present)
+    rule = static_rule(present) if n else None
+    if rule is None:
+        median = float(present[0]) if n else None
+        return PatLimit(column=column, median=median, robust_sigma=0.0 if n else None, low=None, high=None, n=n,
+                        shape="constant" if n else None,
+                        reason="one value among the passing parts: no limits" if n else "no readings: no limits")
+    notes = []
+    if lots is not None:
+        rule, ratio = widest_lot(rule, values, lots)
+        if ratio is not None and ratio > LOT_SPREAD_RATIO:
+            notes.append(f"robust sigma differs {ratio:.2f}x between training lots: the widest lot's sigma is used")
+    typical_low, typical_high = rule.limits(TYPICAL_SIGMA)
+    entry = dict(column=column, median=rule.median, robust_sigma=rule.robust_sigma,
+                 scale="log" if rule.log_scale else "linear", n=n, shape=SHAPES[rule.shape],
+                 resolution=rule.resolution, typical_low=_num(typical_low), typical_high=_num(typical_high))
+    if n < PAT_MIN_PARTS:
+        too_few = f"{n} readings, fewer than the {PAT_MIN_PARTS} PAT needs: no limits"
+        return PatLimit(**entry, low=None, high=None, reason="; ".join(notes + [too_few]))
+    check = self_check(rule, present, k_sigma, max_flag_rate, on_excess)
+    low, high = (None, None) if check.k_sigma is None else (_num(v) for v in rule.limits(check.k_sigma))
+    return PatLimit(**entry, low=low, high=high, k_sigma=check.k_sigma, self_check=check.action,
+                    flag_rate=check.rate_after, flag_rate_before=check.rate_before,
+                    reason="; ".join(notes + [check.reason]))
 
 
 def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`edge-train registry ...`: list, show, history, promote, roll back, verify and clean model packages.
+"""`edge-train registry ...`: list, show, history, promote, roll back, verify, sign and clean model packages.
 
 The registry itself (store, stages, history, verification) is the package contract in
 ``edge_agent.package.registry``; this module is only its command line and the package summary people read.
@@ -6,19 +6,35 @@ The registry itself (store, stages, history, verification) is the package contra
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from edge_agent.errors import RegistryError
+from edge_agent.keys import SigningKey, load_signing_key, load_trusted_keys
 from edge_agent.package.manifest import MANIFEST_FILE, VERSION_PATTERN, Manifest, read_manifest
 from edge_agent.package.registry import SINGLE_HOLDER_STAGES, STAGES, STALE_STAGING_S, PackageRef, Registry
+from edge_agent.package.signing import Trust, check_record
+
+DEFAULT_KEYS = "keys"                                   # edge-train keys create ... writes here by default
+DEFAULT_SIGNING_KEY = f"{DEFAULT_KEYS}/trainer.ed25519"
 
 
 def add_registry_commands(commands: argparse._SubParsersAction, default_root: str = "models") -> None:
-    """Add ``registry list|show|history|promote|rollback|verify|gc`` to an ``edge-train`` subparsers object.
+    """Add ``registry list|show|history|promote|rollback|verify|sign|gc`` to an ``edge-train`` subparsers object.
 
     Each leaf sets ``handler(args) -> int`` (0 ok, 1 verification failed); errors raise RegistryError.
     """
     root = argparse.ArgumentParser(add_help=False)
     root.add_argument("--registry", default=default_root, help=f"registry root folder (default: {default_root})")
+    trusted = argparse.ArgumentParser(add_help=False)
+    trusted.add_argument("--trusted-keys", default=DEFAULT_KEYS,
+                         help=f"public signing key(s) packages must be signed by: a *.ed25519.pub file or a folder "
+                              f"(default: {DEFAULT_KEYS})")
+    trusted.add_argument("--allow-unsigned", action="store_true",
+                         help="development mode: unsigned packages and untrusted signers pass (said in the report)")
+    signing = argparse.ArgumentParser(add_help=False)
+    signing.add_argument("--signing-key", default=None,
+                         help=f"Ed25519 secret key that signs the history line (default: {DEFAULT_SIGNING_KEY} if it "
+                              "exists; its key id is recorded with the user)")
     registry = commands.add_parser("registry", help="list, inspect, promote, roll back and verify model packages")
     actions = registry.add_subparsers(dest="registry_command", required=True)
 
@@ -26,34 +42,50 @@ def add_registry_commands(commands: argparse._SubParsersAction, default_root: st
     listing.add_argument("name", nargs="?")
     listing.set_defaults(handler=lambda a: _print(cli_list(Registry(a.registry), a.name)))
 
-    show = actions.add_parser("show", parents=[root], help="summary of one package")
+    show = actions.add_parser("show", parents=[root, trusted], help="summary of one package")
     show.add_argument("name")
     show.add_argument("which", nargs="?", default="production",
                       help="a version number or a stage (default: production)")
-    show.set_defaults(handler=lambda a: _print(cli_show(Registry(a.registry), a.name, a.which)))
+    show.set_defaults(handler=lambda a: _print(cli_show(Registry(a.registry, _trust(a)), a.name, a.which)))
 
-    history = actions.add_parser("history", parents=[root], help="every stage change with time, user and reason")
+    history = actions.add_parser("history", parents=[root, trusted],
+                                 help="every stage change with time, user, key and reason")
     history.add_argument("name")
-    history.set_defaults(handler=lambda a: _print(cli_history(Registry(a.registry), a.name)))
+    history.set_defaults(handler=lambda a: _print(cli_history(Registry(a.registry, _trust(a, required=False)),
+                                                              a.name)))
 
-    promote = actions.add_parser("promote", parents=[root], help="move a version to a stage")
+    promote = actions.add_parser("promote", parents=[root, signing], help="move a version to a stage")
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("stage", choices=STAGES)
     promote.add_argument("--reason", required=True)
+    promote.add_argument("--force", action="store_true",
+                         help="promote a package whose yield model failed the gate against chance (recorded)")
     promote.set_defaults(handler=lambda a: _print(cli_promote(Registry(a.registry), a.name, a.version, a.stage,
-                                                              a.reason)))
+                                                              a.reason, force=a.force, signer=_signer(a))))
 
-    rollback = actions.add_parser("rollback", parents=[root], help="give a stage back to its previous version")
+    rollback = actions.add_parser("rollback", parents=[root, signing], help="give a stage back to its previous version")
     rollback.add_argument("name")
     rollback.add_argument("--stage", choices=SINGLE_HOLDER_STAGES, default="production")
     rollback.add_argument("--reason", required=True)
-    rollback.set_defaults(handler=lambda a: _print(cli_rollback(Registry(a.registry), a.name, a.stage, a.reason)))
+    rollback.set_defaults(handler=lambda a: _print(cli_rollback(Registry(a.registry), a.name, a.stage, a.reason,
+                                                                signer=_signer(a))))
 
-    verify = actions.add_parser("verify", parents=[root], help="check checksums, manifest schema and fidelity")
+    verify = actions.add_parser("verify", parents=[root, trusted],
+                                help="check the signature, checksums, manifest schema and fidelity")
     verify.add_argument("name", nargs="?", help="default: every model")
     verify.add_argument("version", nargs="?", help="default: every version")
     verify.set_defaults(handler=_handle_verify)
+
+    sign = actions.add_parser("sign", parents=[root], help="sign a published package (unsigned, or with a new key "
+                                                           "in a rotation); recorded in the history")
+    sign.add_argument("name")
+    sign.add_argument("version")
+    sign.add_argument("--signing-key", default=DEFAULT_SIGNING_KEY,
+                      help=f"the trainer's Ed25519 secret key (default: {DEFAULT_SIGNING_KEY})")
+    sign.add_argument("--reason", required=True)
+    sign.set_defaults(handler=lambda a: _print(cli_sign(Registry(a.registry), a.name, a.version,
+                                                        load_signing_key(a.signing_key), a.reason)))
 
     gc = actions.add_parser("gc", parents=[root], help="remove packages half-written by crashed writers")
     gc.add_argument("--older-than", type=float, default=STALE_STAGING_S, metavar="SECONDS")
@@ -66,9 +98,24 @@ def _print(text: str) -> int:
 
 
 def _handle_verify(args) -> int:
-    ok, text = cli_verify(Registry(args.registry), args.name, args.version)
+    ok, text = cli_verify(Registry(args.registry, _trust(args)), args.name, args.version)
     print(text)
     return 0 if ok else 1
+
+
+def _trust(args, *, required: bool = True) -> Trust | None:
+    """The keys of ``--trusted-keys`` (development mode with ``--allow-unsigned``); None when not ``required`` and
+    there are none."""
+    if not Path(args.trusted_keys).exists() and (args.allow_unsigned or not required):
+        return Trust(allow_unsigned=True) if args.allow_unsigned else None
+    return Trust(load_trusted_keys(args.trusted_keys), args.trusted_keys, args.allow_unsigned)
+
+
+def _signer(args) -> SigningKey | None:
+    """``--signing-key``, else the default key if there is one, else None (the line records the user only)."""
+    if args.signing_key is None and not Path(DEFAULT_SIGNING_KEY).exists():
+        return None
+    return load_signing_key(args.signing_key or DEFAULT_SIGNING_KEY)
 
 
 def cli_list(registry: Registry, name: str | None = None) -> str:
@@ -112,12 +159,21 @@ def package_summary(registry: Registry, ref: PackageRef) -> str:
         f"folder    {registry.package_dir(ref)}",
         f"checksum  {result.checksum}  (sha256 of {MANIFEST_FILE})",
         f"verified  {'ok' if result.ok else f'FAILED, {len(result.problems)} problem(s), first: {result.problems[0]}'}",
+        f"signature {_signature_line(result.signature)}",
     ]
     if result.manifest is not None:
         lines += _manifest_summary(result.manifest)
     lines.append("files")
     lines += [f"  {file.name:<20} {_size(file.stat().st_size):>10}" for file in sorted(result.path.iterdir())]
     return "\n".join(lines)
+
+
+def _signature_line(check) -> str:
+    if check is None:
+        return "not checked (no trusted keys given)"
+    statement = check.statement or {}
+    signed = f": key {statement['key_id']}, {statement['signed_by']}, {statement['signed_at']}" if statement else ""
+    return f"{check.status}{'' if check.problems else ' (accepted)'}{signed}"
 
 
 def _manifest_summary(manifest: Manifest) -> list[str]:
@@ -134,6 +190,8 @@ def _manifest_summary(manifest: Manifest) -> list[str]:
         detail = (f"target outlier rate {_fmt(model.target_outlier_rate)}" if name == "outlier"
                   else f"label {_fmt(model.label)}")
         lines.append(f"{name:<9} {_fmt(model.kind)}, threshold {_fmt(model.threshold)}, {detail}")
+        if name == "yield":
+            lines += _yield_lines(manifest)
         scalars = [f"{k} {_fmt(v)}" for k, v in metrics[name].items() if v is None or isinstance(v, (int, float))]
         if scalars:
             lines.append(f"  metrics       {', '.join(scalars)}")
@@ -146,25 +204,58 @@ def _manifest_summary(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _yield_lines(manifest: Manifest) -> list[str]:
+    """The yield label's meaning, the held-out split and the gate (absent from packages written before them)."""
+    model, held_out, lines = manifest.models.yield_model, manifest.held_out, []
+    if model.label_source is not None:
+        lines.append(f"  label         {model.label_source.source}: {model.label_source.meaning}")
+        join = model.label_source.outcomes
+        if join:
+            lines.append(f"  outcomes      matched {join['matched']:,} of {join['training_parts']:,} training parts on "
+                         f"{', '.join(join['join_on'])}; {join['training_without_outcome']:,} without outcome, "
+                         f"{join['outcomes_without_part']:,} outcomes without part, {join['duplicate_outcomes']:,} "
+                         "duplicates")
+    if held_out is not None:
+        lines.append(f"  held out      {held_out.split}: {held_out.reason}")
+    if model.threshold_choice is not None:
+        lines.append(f"  threshold     {model.threshold_choice.objective}: {model.threshold_choice.note}")
+    if model.gate is not None:
+        lines.append(f"  gate          {'passed' if model.gate.passed else 'NOT PASSED (promotion needs --force)'}: "
+                     f"{model.gate.reason}")
+    return lines
+
+
 def cli_history(registry: Registry, name: str) -> str:
     events = registry.history(name)
     if not events:
         raise RegistryError(f"model {name!r} has no history; {registry._what_exists(name)}")
     return "\n".join(f"{e['time']}  {e['user']:<10}  v{e['version']:<5} {e['action']:<10} "
-                     f"{e['from_stage'] or '-'} -> {e['to_stage']}: {e['reason']}" for e in events)
+                     f"{e['from_stage'] or '-'} -> {e['to_stage']}: {e['reason']}"
+                     + (f" [FORCED past: {e['forced']}]" if e.get("forced") else "")
+                     + (f" [{signed}]" if (signed := check_record(e, registry.trust)) else "") for e in events)
 
 
-def cli_promote(registry: Registry, name: str, version: str, stage: str, reason: str) -> str:
+def cli_promote(registry: Registry, name: str, version: str, stage: str, reason: str, *, force: bool = False,
+                signer: SigningKey | None = None) -> str:
     before = registry.stage_of(name, version)
-    ref = registry.promote(name, version, stage, reason)
+    ref = registry.promote(name, version, stage, reason, force=force, signer=signer)
     if before == stage:
         return f"{ref} is already in {stage}; nothing changed"
-    return f"{ref}: {before} -> {stage}\n" + _stage_line(registry, name)
+    forced = [e["forced"] for e in registry.history(name)[-1:] if e.get("forced") and e["version"] == ref.version]
+    note = f" (forced past the quality gate: {forced[0]})" if forced else ""
+    return f"{ref}: {before} -> {stage}{note}\n" + _stage_line(registry, name)
 
 
-def cli_rollback(registry: Registry, name: str, stage: str = "production", reason: str = "") -> str:
-    ref = registry.rollback(name, stage, reason)
+def cli_rollback(registry: Registry, name: str, stage: str = "production", reason: str = "", *,
+                 signer: SigningKey | None = None) -> str:
+    ref = registry.rollback(name, stage, reason, signer=signer)
     return f"{ref} restored to {stage}\n" + _stage_line(registry, name)
+
+
+def cli_sign(registry: Registry, name: str, version: str, signer: SigningKey, reason: str) -> str:
+    statement = registry.sign(registry.resolve(name, version=version), signer, reason)
+    return (f"{name}/{version} signed with key {statement['key_id']} (manifest sha256 "
+            f"{statement['manifest_sha256']}); agents that trust this key accept it")
 
 
 def cli_verify(registry: Registry, name: str | None = None, version: str | None = None) -> tuple[bool, str]:
@@ -180,8 +271,8 @@ def cli_verify(registry: Registry, name: str | None = None, version: str | None 
         if not refs:
             return True, f"no packages in {registry.root}"
     results = [(ref, registry.verify(ref)) for ref in refs]
-    lines = [f"{ref}: ok" if result.ok else f"{ref}: FAILED\n" + "\n".join(f"  - {p}" for p in result.problems)
-             for ref, result in results]
+    lines = [f"{ref}: ok ({_signature_line(result.signature)})" if result.ok
+             else f"{ref}: FAILED\n" + "\n".join(f"  - {p}" for p in result.problems) for ref, result in results]
     failed = sum(not result.ok for _, result in results)
     lines.append(f"{len(results) - failed} of {len(results)} package(s) verified")
     return failed == 0, "\n".join(lines)

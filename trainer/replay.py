@@ -2,7 +2,7 @@
 
     edge-replay LOT.stdf --registry models --model NAME [--stage production | --version N]
                 [--connect tcp://127.0.0.1:5555] [--pace fast | --pace file [--speed 10]]
-                [--replies replies.jsonl] [--json]
+                [--replies replies.jsonl] [--json] [--wafer 09] [--min-shared-tests 0.5]
     edge-replay LOT.stdf --features-from-agent [--connect ...]      # the feature order of the model the agent serves
     edge-replay LOT.stdf --registry models --model NAME --dump messages.jsonl      # no agent: the messages only
 
@@ -12,8 +12,13 @@ file that the model does not know is dropped, and both are counted. ``--pace fil
 tester finished it (the running sum of the PRR test times, TEST_T, divided by ``--speed``); ``--pace fast``
 sends each part as soon as the previous reply came back.
 
+Parts without any reading of the model's tests are counted (a sampled datalog has many); the agent answers them
+with the insufficient_readings bin. A file sharing fewer than ``--min-shared-tests`` (default half) of the
+model's tests is refused before anything is sent. ``--wafer`` replays only the named wafers' parts.
+
 Exit status: 0 every part got a decision, 1 some parts got none (the summary says why), 2 unusable input:
-not an STDF file, a model the registry does not have, an agent that does not answer.
+not an STDF file, a model the registry does not have, an agent that does not answer, a file that shares too few
+of the model's tests.
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ if TYPE_CHECKING:
     from trainer.table import ParametricTable
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
-PART_IDENTITY = ("lot", "wafer", "x", "y", "head", "site", "part_id")
+PART_IDENTITY = ("lot", "sublot", "wafer", "x", "y", "head", "site", "part_id")
+MIN_SHARED_TESTS = 0.5   # the agent's default min_readings_share: below it every part would lack readings
 PACES = ("fast", "file")
 EXIT_OK, EXIT_UNDECIDED = 0, 1   # 2: unusable input (edge_agent.errors.run_command)
 # A replay is not the production path: a generous timeout keeps a slow first call (session warm-up, a reload)
@@ -79,18 +85,45 @@ class Replay:
             yield {"v": PROTOCOL_VERSION, "type": SCORE, "id": index + 1, "part": part,
                    "readings": [None if math.isnan(v) else v for v in row.tolist()]}
 
+    @property
+    def shared_tests(self) -> int:
+        """Model tests the file has (readings for them are sent)."""
+        return len(self.features) - len(self.missing_tests)
+
     def describe(self) -> dict:
+        present = np.count_nonzero(~np.isnan(self.readings), axis=1)
         return {"file": self.path, "parts": len(self), "features": len(self.features),
+                "shared_tests": self.shared_tests, "parts_without_readings": int(np.sum(present == 0)),
                 "tests_missing_from_file": self.missing_tests, "tests_missing_count": len(self.missing_tests),
                 "tests_dropped": self.dropped_tests, "tests_dropped_count": len(self.dropped_tests),
                 "non_finite_readings_sent_as_nan": self.non_finite,
                 "parts_without_test_time": int(np.isnan(self.test_time_ms).sum())}
 
 
-def load_replay(path: str | Path, features: list[str]) -> Replay:
-    """Read the STDF file (DataError if it is not one) and line its readings up with ``features``."""
+def load_replay(path: str | Path, features: list[str], wafers: list[str] | None = None) -> Replay:
+    """Read the STDF file (DataError if it is not one) and line its readings up with ``features``; only the parts
+    of ``wafers`` when given (ReplayError if the file has none of them)."""
     from trainer.ingest.stdf import read_stdf
-    return plan_from_table(read_stdf(path).table, features, str(path))
+    from trainer.table import ParametricTable
+    table = read_stdf(path).table
+    if wafers:
+        known = table.frame["wafer"].astype(str) if "wafer" in table.frame.columns else None
+        if known is None or not known.isin(wafers).any():
+            raise ReplayError(f"{path}: no parts of wafer(s) {', '.join(wafers)}; the file has wafers "
+                              f"{', '.join(sorted(set(known))) if known is not None else '(none recorded)'}")
+        table = ParametricTable(table.frame[known.isin(wafers).to_numpy()].reset_index(drop=True), table.tests,
+                                table.sources)
+    return plan_from_table(table, features, str(path))
+
+
+def check_shared_tests(plan: Replay, min_share: float) -> None:
+    """Refuse a file that shares fewer than ``min_share`` of the model's tests: every part would reach the agent
+    with too few readings, which means the wrong model or the wrong file."""
+    if plan.shared_tests < min_share * len(plan.features):
+        raise ReplayError(f"{plan.path} has {plan.shared_tests} of the model's {len(plan.features)} tests "
+                          f"({plan.shared_tests / max(1, len(plan.features)):.0%}), fewer than --min-shared-tests "
+                          f"{min_share:.0%}: wrong model or wrong file? (model tests missing from it: "
+                          f"{', '.join(plan.missing_tests[:5])}{' ...' if len(plan.missing_tests) > 5 else ''})")
 
 
 def plan_from_table(table: ParametricTable, features: list[str], source: str = "") -> Replay:
@@ -163,7 +196,9 @@ def replay(plan: Replay, client: AgentClient, *, schedule: np.ndarray | None = N
 def reply_record(index: int, part: dict, result: ScoreResult) -> dict:
     """One line of ``--replies``."""
     return {"index": index, "part": part, "decided": result.decided, "bin": result.bin,
-            "bin_name": result.bin_name, "flags": result.flags, "outlier_score": result.outlier_score,
+            "bin_name": result.bin_name, "why": result.why or None, "flags": result.flags,
+            "drivers": result.drivers, "insufficient_readings": result.insufficient_readings,
+            "tests_present": result.tests_present, "outlier_score": result.outlier_score,
             "outlier": result.outlier, "pass_probability": result.pass_probability,
             "predicted_fail": result.predicted_fail,
             "model_version": None if result.model is None else result.model.get("version"),
@@ -234,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replies", help="write every reply here, one JSON line per part")
     parser.add_argument("--dump", help="write the messages to this file, one JSON line per part; no agent needed")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--wafer", action="append", help="replay only this wafer's parts (repeatable)")
+    parser.add_argument("--min-shared-tests", type=float, default=MIN_SHARED_TESTS,
+                        help="refuse (exit 2) a file with fewer than this share of the model's tests "
+                             f"(default {MIN_SHARED_TESTS})")
     return parser
 
 
@@ -260,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
             features, version = agent_features(client)
         else:
             features, version = registry_features(args.registry, args.model, args.stage, args.version)
-        plan = load_replay(args.stdf, features)
+        plan = load_replay(args.stdf, features, args.wafer)
+        check_shared_tests(plan, args.min_shared_tests)
         inputs = {**plan.describe(), "model_version": version, "pace": args.pace,
                   "speed": schedule_speed}
         if args.dump:
@@ -308,6 +348,7 @@ def _report(inputs: dict, summary: ReplySummary | None, as_json: bool) -> None:
           f"{inputs['model_version']}, pace {inputs['pace']}{speed}")
     print(f"  model tests the file lacks (sent as NaN): {inputs['tests_missing_count']}"
           + _some(inputs["tests_missing_from_file"]))
+    print(f"  parts without readings for any model test: {inputs['parts_without_readings']:,}")
     print(f"  file tests the model does not know (dropped): {inputs['tests_dropped_count']}"
           + _some(inputs["tests_dropped"]))
     if inputs["non_finite_readings_sent_as_nan"]:

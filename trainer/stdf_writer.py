@@ -44,6 +44,7 @@ ROWS_PER_BLOCK = 4096               # parts packed per compiled call (bounds the
 class StdfWritten:
     path: str
     lot: str = ""
+    sublot: str = ""
     parts: int = 0
     results: int = 0
     bytes: int = 0             # STDF bytes, before any compression
@@ -458,6 +459,7 @@ class _LotWriter:
         self.written = np.zeros(len(self.groups.kinds), np.bool_)
         self.results = np.zeros(1, np.int64)
         self.lot: str | None = None
+        self.sublot: str | None = None
         self.wafer_of_head: dict[int, str] = {}
         self.wafer_counts: dict[tuple[int, str], list[int]] = {}
         self.bins: dict[tuple[bool, int], list[int]] = {}     # (hard?, bin) -> [parts, passed parts]
@@ -470,12 +472,12 @@ class _LotWriter:
             value = row.get(column)
             return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
 
-        self.lot = text("lot")
+        self.lot, self.sublot = text("lot"), text("sublot")
         stamp = row.get("timestamp")
         start = int(stamp) if stamp is not None and not pd.isna(stamp) else 0
         self.w.far()
         self.w.atr("edge-inference trainer.stdf_writer", start)
-        self.w.mir(lot=mir.get("lot", self.lot), sublot=mir.get("sublot", text("sublot")),
+        self.w.mir(lot=mir.get("lot", self.lot), sublot=mir.get("sublot", self.sublot),
                    tester=mir.get("tester", text("tester")), job=mir.get("job", text("job")), start_time=start)
         self.w.sdr(handler=text("handler"), probe_card=text("probe_card"))
         for pin, index in self.groups.pins.items():
@@ -484,11 +486,11 @@ class _LotWriter:
     def chunk(self, frame: pd.DataFrame) -> None:
         if len(frame) == 0:
             return
-        if "lot" in frame.columns:
-            lots = set(frame["lot"].dropna().astype(str)) - {self.lot}
-            if lots:
-                raise DataError("an STDF file holds one lot; write one file per lot", file=self.path,
-                                column="lot", expected=repr(self.lot), got=", ".join(sorted(lots))[:200])
+        for column, held in (("lot", self.lot), ("sublot", self.sublot)):
+            others = set(frame[column].dropna().astype(str)) - {held} if column in frame.columns else set()
+            if others:
+                raise DataError(f"an STDF file holds one {column} (MIR); write one file per {column}",
+                                file=self.path, column=column, expected=repr(held), got=", ".join(sorted(others))[:200])
         heads = _int_column(frame, "head", 1)
         sites = _int_column(frame, "site", -1)
         wafers = (frame["wafer"].astype(object).where(frame["wafer"].notna(), "").astype(str).to_numpy()
@@ -669,17 +671,19 @@ def write_stdf(path: str | Path, data: ParametricTable | pd.DataFrame | Iterable
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    result.lot = lot_writer.lot
+    result.lot, result.sublot = lot_writer.lot, lot_writer.sublot
     result.parts, result.results, result.bytes = lot_writer.parts, int(lot_writer.results[0]), writer.bytes
     return result
 
 
 def write_stdf_lots(pattern: str | Path, data: ParametricTable | pd.DataFrame | Iterable[pd.DataFrame],
                     tests: list[TestMeta] | None = None, **options) -> list[StdfWritten]:
-    """Write one STDF file per lot (an STDF file holds one lot), streaming.
+    """Write one STDF file per lot, or per sublot where the data has sublots (an STDF file's MIR names one lot and
+    one sublot), streaming.
 
-    ``pattern`` names the files with a ``{lot}`` placeholder, e.g. ``"out/{lot}.stdf.gz"``. Rows must
-    come lot after lot (a lot that comes back later is refused). ``options`` as for ``write_stdf``.
+    ``pattern`` names the files with a ``{lot}`` placeholder, e.g. ``"out/{lot}.stdf.gz"``; a sublot's file puts
+    ``<lot>_<sublot>`` there. Rows must come lot after lot (a lot that comes back later is refused).
+    ``options`` as for ``write_stdf``.
     """
     pattern = str(pattern)
     if "{lot}" not in pattern:
@@ -691,7 +695,7 @@ def write_stdf_lots(pattern: str | Path, data: ParametricTable | pd.DataFrame | 
     written: list[StdfWritten] = []
     while ahead is not None:
         lot = ahead[0]
-        if any(w.lot == lot for w in written):
+        if any(_file_lot(w.lot, w.sublot) == lot for w in written):
             raise DataError(f"lot {lot!r} comes back after another lot; rows must come lot after lot",
                             file=pattern, column="lot")
 
@@ -706,15 +710,26 @@ def write_stdf_lots(pattern: str | Path, data: ParametricTable | pd.DataFrame | 
 
 
 def _single_lot_pieces(chunks: Iterable[pd.DataFrame]):
-    """(lot, frame) pieces of the chunks, each piece one lot's consecutive rows."""
+    """(lot, frame) pieces of the chunks, each piece one lot's (or sublot's: lot "<lot>_<sublot>") consecutive rows."""
     for frame in chunks:
         if "lot" not in frame.columns or len(frame) == 0:
             yield "", frame
             continue
-        lots = frame["lot"].astype(object).where(frame["lot"].notna(), "").astype(str).to_numpy()
+        lots = np.array([_file_lot(lot, sublot) for lot, sublot in zip(_text(frame, "lot"), _text(frame, "sublot"))],
+                        dtype=object)
         cuts = [0, *(np.flatnonzero(lots[1:] != lots[:-1]) + 1), len(lots)]
         for start, stop in zip(cuts[:-1], cuts[1:]):
             yield lots[start], frame.iloc[start:stop]
+
+
+def _text(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame.columns:
+        return np.full(len(frame), "", dtype=object)
+    return frame[column].astype(object).where(frame[column].notna(), "").astype(str).to_numpy()
+
+
+def _file_lot(lot: str | None, sublot: str | None) -> str:
+    return f"{lot}_{sublot}" if sublot else (lot or "")
 
 
 def _file_safe(text: str) -> str:

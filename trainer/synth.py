@@ -8,10 +8,19 @@ patterns (bowl, tilt, edge ring), site offsets, slow tester drift, gross defects
 and the injected excursions whose ground truth goes into the ``truth_excursion`` column and the
 ``<output>.truth.json`` file.
 
+What real datalogs do to a table can be turned on (off by default, all on in ``DATALOG_PATHOLOGIES`` and the
+demo): tests read in coarse instrument steps (a few distinct values), stop-on-fail programs (a failing part's
+later tests missing), sampled datalogs (parts with a part record and bins but no readings), tests whose
+spread is 3-5x wider in every other lot, and sublots sharing a lot id (wafer numbers restart in each).
+
+One floor (``seed``) is one tester with its own sites: its site offsets and drift are drawn once per seed and
+stay with it from lot to lot, while each lot (``first_lot_index`` + position) draws its own material. A fleet
+is several seeds (``trainer.fleet``); ``tester_shift`` and ``process_shift`` exist for it.
+
 Random numbers come from streams keyed by (seed, lot number, wafer), and the table is built a
 wafer at a time, so the same config gives the same data whatever ``chunk_parts`` is. The test
-program (catalog: names, numbers, units, limits) depends on ``tests`` only, never on the seed,
-so lots synthesized with different seeds share one test program like lots of one product do.
+program (catalog: names, numbers, units, limits) depends on ``tests`` (and which pathologies are on) only,
+never on the seed, so lots synthesized with different seeds share one test program like lots of one product do.
 """
 from __future__ import annotations
 
@@ -30,14 +39,19 @@ import numpy as np
 import pandas as pd
 
 from edge_agent.errors import DataError, EdgeError
-from edge_agent.settings import Checked, DistinctNames, Interval, Rule, Satisfies, unusable
+from edge_agent.settings import Checked, DistinctNames, Instance, Interval, Rule, Satisfies, unusable
 
 from .table import LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta, test_column_name
 
-EXCURSIONS = ("drifting_site", "shifted_lot", "latent_outliers")
+EXCURSIONS = ("drifting_site", "shifted_lot", "latent_outliers")      # the default set
+# Also accepted: "tester_shift" (every site of this tester steps late in the first lot: a tester or handler fault)
+# and "process_shift" (every lot moved on tests the product chooses, so every floor moves the same tests the same
+# way: the process or material moved for the whole fleet).
+EXCURSION_NAMES = EXCURSIONS + ("tester_shift", "process_shift")
 
-# The identity columns written, in trainer.table.IDENTITY_COLUMNS order, then the label columns.
-IDENTITY = ("lot", "wafer", "x", "y", "head", "site", "part_id", "test_time_ms", "timestamp",
+# The identity columns written (sublot only when lots are split), in trainer.table.IDENTITY_COLUMNS order, then the
+# label columns.
+IDENTITY = ("lot", "sublot", "wafer", "x", "y", "head", "site", "part_id", "test_time_ms", "timestamp",
             "hard_bin", "soft_bin", "passed", "tester", "job", "probe_card")
 
 PASS_BIN = 1
@@ -49,6 +63,7 @@ CATALOG_SEED = 20240108          # the test program is a product property, not a
 DRIFT_ONSET = 0.6                # drift starts after this fraction of the drifting lot's parts
 DRIFT_END_SIGMA = 3.5            # drift reached by the last part of the lot (linear ramp)
 LOT_SHIFT_SIGMA = 2.5
+TESTER_SHIFT_SIGMA = 2.0         # a step on every site from DRIFT_ONSET of the first lot on
 LATENT_SHIFT_SIGMA = (3.5, 5.0)  # each latent outlier moves its signature tests jointly by this much
 # Share of the tests in a latent outlier's signature. An Isolation Forest picks split features at
 # random, so a shift confined to a few of 200 tests barely shortens its paths: measured with 200 trees
@@ -56,6 +71,23 @@ LATENT_SHIFT_SIGMA = (3.5, 5.0)  # each latent outlier moves its signature tests
 LATENT_TEST_SHARE = 0.35
 LATENT_LIMIT_MARGIN = 0.5        # latent outliers stay at least this far inside every limit
 LATENT_MAX_WAFER_SHARE = 0.1     # a latent cluster covers at most this share of a wafer's eligible dies
+
+# Pathologies of real datalogs (SynthConfig fields; DATALOG_PATHOLOGIES turns them all on, as the demo does).
+QUANTUM_SIGMA = (0.8, 1.6)       # a quantized test's instrument step, in its own sigma: 4-9 distinct passing values
+SPREAD_FACTOR = (3.0, 5.0)       # a spread-changing test's sigma in its wide lots
+SUBLOT_NAMES = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+SUBLOT_OFFSET_SIGMA = 0.1        # per-test offsets between the sublots of one lot (z units): one lot's material, no
+                                 # further apart than two lots (a lot's per-test offset is 0.1 too)
+DATALOG_PATHOLOGIES = {"quantized_share": 0.1, "stop_on_fail": True, "datalog_every": 2,
+                       "spread_change_share": 0.03, "sublots": 2}
+
+# The final-test lot of a floor (``write(..., final_test=...)``): the dies that passed wafer sort, packaged.
+ASSEMBLY_LOSS = 0.004            # passing dies lost between sort and final test (saw, pick, assembly): no record
+FINAL_RETEST_RATE = 0.02         # units final test runs twice: a contact failure first, then the result that counts
+FINAL_FAIL_BINS = (9, 901)       # hard, soft bin of a final-test failure
+FINAL_CONTACT_BINS = (8, 801)    # hard, soft bin of a contact failure (the unit is retested)
+FINAL_TEST_DELAY_S = 3 * 86400.0 # final test runs days after wafer sort
+FINAL_TEST_SITES = 4             # handler sites
 
 TOUCHDOWN_INDEX_S = 0.35         # prober step between touchdowns
 WAFER_LOAD_S = 90.0
@@ -77,6 +109,8 @@ def _excursions_fit_the_floor(c: SynthConfig) -> list[str]:
         problems.append("excursions: shifted_lot needs lots >= 2 (the last lot is shifted against the others)")
     if "drifting_site" in c.excursions and c.heads * c.sites < 2:
         problems.append("excursions: drifting_site needs at least 2 head/site positions to compare")
+    if "shifted_lot" in c.excursions and "process_shift" in c.excursions:
+        problems.append("excursions: shifted_lot and process_shift both move lots; choose one")
     return problems
 
 
@@ -100,11 +134,16 @@ class SynthConfig(Checked):
         "sites": [Interval(int, 1, 64)],
         "lot_prefix": [Satisfies(str, re.compile(r"[\w-]+").fullmatch, "letters, digits, '_' or '-'")],
         "first_lot_index": [Interval(int, 0, 9999)],
-        "excursions": [DistinctNames(EXCURSIONS)],
+        "excursions": [DistinctNames(EXCURSION_NAMES)],
         "latent_outlier_fraction": [Interval(float, 0, 0.05, closed="right")],
         "defect_fraction": [Interval(float, 0, 0.5)],
         "missing_fraction": [Interval(float, 0, 0.05)],
         "start_time": [Interval(float, None, None)],       # unix seconds
+        "quantized_share": [Interval(float, 0, 1)],
+        "stop_on_fail": [Instance(bool)],
+        "datalog_every": [Interval(int, 1, 1000)],
+        "spread_change_share": [Interval(float, 0, 1)],
+        "sublots": [Interval(int, 1, len(SUBLOT_NAMES))],
     }
     RULES = (Rule(("parts", "lots"), _every_lot_has_a_part),
              Rule(("excursions", "lots", "heads", "sites"), _excursions_fit_the_floor))
@@ -124,11 +163,18 @@ class SynthConfig(Checked):
     defect_fraction: float = 0.02          # parts with a gross defect that fails a limit (x2 at the wafer edge)
     missing_fraction: float = 0.001        # readings left NaN (test did not run)
     start_time: float = 1_704_700_800.0    # tester clock of the first touchdown (unix seconds)
+    # What real datalogs do to the table (``FLOOR_PATHOLOGIES``); off by default, the demo turns them on.
+    quantized_share: float = 0.0           # share of the tests read in coarse instrument steps (few distinct values)
+    stop_on_fail: bool = False             # a failing part's tests after its first failing one did not run
+    datalog_every: int = 1                 # only every n-th part of a lot has readings; the others only bins
+    spread_change_share: float = 0.0       # share of the tests whose spread is 3-5x wider in every other lot
+    sublots: int = 1                       # sublots per lot, sharing its lot id; wafer numbers restart in each
 
     def __post_init__(self) -> None:
         if isinstance(self.excursions, (list, tuple)):
             object.__setattr__(self, "excursions", tuple(self.excursions))
-        for name in ("seed", "parts", "tests", "lots", "wafers_per_lot", "heads", "sites", "first_lot_index"):
+        for name in ("seed", "parts", "tests", "lots", "wafers_per_lot", "heads", "sites", "first_lot_index",
+                     "datalog_every", "sublots"):
             if isinstance(getattr(self, name), np.integer):   # numpy integers would not survive json.dumps
                 object.__setattr__(self, name, int(getattr(self, name)))
         self.check()
@@ -214,10 +260,19 @@ class _Program:
     hard_bin: np.ndarray
     soft_bin: np.ndarray
     defect_sign: np.ndarray
+    quantum: np.ndarray       # instrument step in units (0: read finely)
+    spread_change: np.ndarray  # bool: spread 3-5x wider in every other lot
 
     @property
     def columns(self) -> list[str]:
         return [m.column for m in self.meta]
+
+    def quantize(self, readings: np.ndarray) -> None:
+        """Readings of quantized tests become whole instrument steps, as the instrument reports them."""
+        cols = np.flatnonzero(self.quantum)
+        if cols.size:
+            step = self.quantum[cols].astype(readings.dtype)
+            readings[:, cols] = np.round(readings[:, cols] / step) * step
 
     def to_physical(self, z: np.ndarray) -> np.ndarray:
         """Standardized values -> readings in units, in the dtype of ``z``."""
@@ -257,7 +312,7 @@ def _family_counts(tests: int) -> list[int]:
     return counts.tolist()
 
 
-def _program(tests: int) -> _Program:
+def _program(tests: int, quantized_share: float = 0.0, spread_change_share: float = 0.0) -> _Program:
     rng = np.random.default_rng(CATALOG_SEED)
     index, centers, spreads, low_z, high_z, meta = [], [], [], [], [], []
     for family_index, (family, count) in enumerate(zip(FAMILIES, _family_counts(tests))):
@@ -288,11 +343,37 @@ def _program(tests: int) -> _Program:
         hard_bin=np.array([f.hard_bin for f in members], np.int32),
         soft_bin=np.array([f.soft_bin for f in members], np.int32),
         defect_sign=np.array([f.defect_sign for f in members]),
+        quantum=np.zeros(len(members)), spread_change=np.zeros(len(members), bool),
     )
+    _instrument_pathologies(prog, quantized_share, spread_change_share)
     prog.low = _round_limit(prog.physical_limit(prog.low_z))
     prog.high = _round_limit(prog.physical_limit(prog.high_z))
     prog.meta = [replace(m, low=_finite(lo), high=_finite(hi)) for m, lo, hi in zip(meta, prog.low, prog.high)]
     return prog
+
+
+def _instrument_pathologies(prog: _Program, quantized_share: float, spread_change_share: float) -> None:
+    """Choose the quantized and the spread-changing tests (a property of the test program, like the catalog).
+
+    Their own random stream, so a floor without them has exactly the catalog it had before they existed. A
+    spread-changing test gets limits wide enough for its wide lots: its limits hold its widest lots' parts as the
+    other tests' limits hold theirs.
+    """
+    rng = np.random.default_rng([CATALOG_SEED, 1])
+    fine = np.flatnonzero(prog.kind != CODE)
+    count = min(len(fine), round(quantized_share * len(prog.kind)))
+    if count:
+        chosen = np.sort(rng.choice(fine, count, replace=False))
+        sigma_units = np.where(prog.kind[chosen] == LOGNORMAL, prog.center[chosen] * prog.spread[chosen],
+                               prog.spread[chosen])
+        prog.quantum[chosen] = [float(f"{v:.2g}") for v in sigma_units * rng.uniform(*QUANTUM_SIGMA, count)]
+    normal = np.flatnonzero(prog.kind == NORMAL)
+    count = min(len(normal), round(spread_change_share * len(prog.kind)))
+    if count:
+        chosen = np.sort(rng.choice(normal, count, replace=False))
+        prog.spread_change[chosen] = True
+        prog.low_z[chosen] *= SPREAD_FACTOR[1]
+        prog.high_z[chosen] *= SPREAD_FACTOR[1]
 
 
 def _finite(value: float) -> float | None:
@@ -306,7 +387,7 @@ def _round_limit(values: np.ndarray) -> np.ndarray:
 
 def test_catalog(config: SynthConfig) -> list[TestMeta]:
     """The test program of ``config``: names, numbers, units and limits, in column order."""
-    return list(_program(config.tests).meta)
+    return list(_program(config.tests, config.quantized_share, config.spread_change_share).meta)
 
 
 test_catalog.__test__ = False   # its name starts with "test": keep pytest from collecting it where imported
@@ -374,7 +455,7 @@ def _stream(seed: int, tag: int, a: int = 0, b: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, tag, a, b]))
 
 
-FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN = range(6)
+FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, FINAL_TEST, LOT_SPREAD, SUBLOT, TESTER_PLAN = range(10)
 
 
 @dataclass
@@ -394,6 +475,8 @@ class _Plan:
     drift_sign: np.ndarray = field(default_factory=lambda: np.empty(0))
     shift_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
     shift_sigma: np.ndarray = field(default_factory=lambda: np.empty(0))
+    tester_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
+    tester_sigma: np.ndarray = field(default_factory=lambda: np.empty(0))
     latent_tests: np.ndarray = field(default_factory=lambda: np.empty(0, int))
     latent_sign: np.ndarray = field(default_factory=lambda: np.empty(0))
     latent_clusters: list[_LatentCluster] = field(default_factory=list)
@@ -420,7 +503,7 @@ class _Block:
                       np.concatenate([b.readings for b in blocks]))
 
     def frame(self, test_columns: list[str]) -> pd.DataFrame:
-        head = pd.DataFrame({name: self.columns[name] for name in IDENTITY + LABEL_COLUMNS})
+        head = pd.DataFrame({name: self.columns[name] for name in IDENTITY + LABEL_COLUMNS if name in self.columns})
         tests = pd.DataFrame(self.readings, columns=test_columns, copy=False)
         return pd.concat([head, tests], axis=1)
 
@@ -434,14 +517,26 @@ class _Lot:
     offset: np.ndarray        # small per-test lot-to-lot offsets (z units)
     tester: str
     probe_card: str
+    spread: np.ndarray        # per-test spread factor (1 except spread-changing tests in their wide lots)
+    sublot_offset: np.ndarray  # (sublots, tests) per-test offsets of each sublot (z units)
 
     @classmethod
-    def draw(cls, config: SynthConfig, position: int, name: str) -> "_Lot":
+    def draw(cls, config: SynthConfig, program: _Program, position: int, name: str) -> "_Lot":
         number = config.first_lot_index + position
         rng = _stream(config.seed, LOT, number)
-        return cls(name, position, number, float(rng.normal(0.0, 0.3)),
-                   rng.normal(0.0, 0.1, config.tests).astype(np.float32),
-                   f"93K-{int(rng.integers(1, 40)):02d}", f"PC-{int(rng.integers(100, 999)):03d}")
+        speed, offset = float(rng.normal(0.0, 0.3)), rng.normal(0.0, 0.1, config.tests).astype(np.float32)
+        tester, probe_card = f"93K-{int(rng.integers(1, 40)):02d}", f"PC-{int(rng.integers(100, 999)):03d}"
+        # Every other lot is wide on half the spread-changing tests and narrow on the others, so any two
+        # consecutive lots show each of them both ways.
+        spread = np.ones(config.tests, np.float32)
+        changing = np.flatnonzero(program.spread_change)
+        wide = changing[(number + np.arange(len(changing))) % 2 == 1]
+        spread[wide] = _stream(config.seed, LOT_SPREAD, number).uniform(*SPREAD_FACTOR, len(wide))
+        sublot_offset = np.zeros((config.sublots, config.tests), np.float32)
+        if config.sublots > 1:
+            sublot_offset[:] = _stream(config.seed, SUBLOT, number).normal(0.0, SUBLOT_OFFSET_SIGMA,
+                                                                           sublot_offset.shape)
+        return cls(name, position, number, speed, offset, tester, probe_card, spread, sublot_offset)
 
 
 class _Floor:
@@ -449,7 +544,7 @@ class _Floor:
 
     def __init__(self, config: SynthConfig):
         self.config = config
-        self.program = _program(config.tests)
+        self.program = _program(config.tests, config.quantized_share, config.spread_change_share)
         self.layout = _layout(config)
         self.lots = config.lot_names()
         tests = config.tests
@@ -460,7 +555,19 @@ class _Floor:
         self.touchdown = np.arange(self.layout.dies) // config.sites
         self.head = (1 + self.touchdown % config.heads).astype(np.int32)
         self.site = (np.arange(self.layout.dies) % config.sites).astype(np.int32)
+        fewest = min(len(wafers) for wafers in self.layout.wafer_parts)
+        if config.sublots > fewest:
+            raise _unusable(f"sublots: {config.sublots} sublots need at least as many wafers per lot, the smallest "
+                            f"lot has {fewest}; lower sublots or add parts")
         self.plan = self._plan()
+
+    def wafer_name(self, position: int, wafer: int) -> tuple[str, str]:
+        """(sublot, wafer) names of the ``wafer``-th wafer of the lot at ``position``: contiguous groups of wafers
+        form the sublots, and wafer numbers restart in each ("" sublot when the lot is not split)."""
+        count, sublots = len(self.layout.wafer_parts[position]), self.config.sublots
+        sublot = wafer * sublots // count
+        first = -(-sublot * count // sublots)   # the first wafer w with w * sublots // count == sublot
+        return (SUBLOT_NAMES[sublot] if sublots > 1 else ""), f"W{wafer - first + 1:02d}"
 
     def _plan(self) -> _Plan:
         c, prog, plan = self.config, self.program, _Plan()
@@ -473,8 +580,13 @@ class _Floor:
             plan.drift_head, plan.drift_site = 1 + position // c.sites, position % c.sites
             plan.drift_tests = np.sort(rng.choice(wide, _clamp(round(0.02 * c.tests), 2, 8), replace=False))
             plan.drift_sign = rng.choice([-1.0, 1.0], len(plan.drift_tests))
-        if "shifted_lot" in c.excursions:
-            rng = _stream(c.seed, SHIFT_PLAN)
+        if "tester_shift" in c.excursions:
+            rng = _stream(c.seed, TESTER_PLAN)
+            plan.tester_tests = np.sort(rng.choice(wide, _clamp(round(0.02 * c.tests), 2, 8), replace=False))
+            plan.tester_sigma = TESTER_SHIFT_SIGMA * rng.choice([-1.0, 1.0], len(plan.tester_tests))
+        if "shifted_lot" in c.excursions or "process_shift" in c.excursions:
+            # shifted_lot: this floor's own lot; process_shift: the product's process, the same on every floor.
+            rng = _stream(c.seed if "shifted_lot" in c.excursions else CATALOG_SEED, SHIFT_PLAN)
             plan.shift_tests = np.sort(rng.choice(wide, _clamp(round(0.05 * c.tests), 2, 20), replace=False))
             plan.shift_sigma = LOT_SHIFT_SIGMA * rng.choice([-1.0, 1.0], len(plan.shift_tests))
         if "latent_outliers" in c.excursions:
@@ -523,7 +635,7 @@ class _Floor:
     def blocks(self) -> Iterator[_Block]:
         clock = float(self.config.start_time)
         for position, name in enumerate(self.lots):
-            lot = _Lot.draw(self.config, position, name)
+            lot = _Lot.draw(self.config, self.program, position, name)
             first_part = 0
             for wafer, n in enumerate(self.layout.wafer_parts[position]):
                 block, clock = self._wafer(lot, wafer, n, first_part, clock + WAFER_LOAD_S)
@@ -564,6 +676,11 @@ class _Floor:
         z += self.site_offset[(head - 1) * c.sites + site]
         z += lot.offset
         z += np.outer(_tester_drift(hours), self.drift_coef).astype(np.float32)
+        sublot, wafer_name = self.wafer_name(lot.position, wafer)
+        if c.sublots > 1:
+            z += lot.sublot_offset[SUBLOT_NAMES.index(sublot)]
+        if prog.spread_change.any():
+            z *= lot.spread
 
         truth = np.full(n, "", dtype=object)
         plan = self.plan
@@ -572,9 +689,14 @@ class _Floor:
             ramp = DRIFT_END_SIGMA * (position[rows] - DRIFT_ONSET) / (1.0 - DRIFT_ONSET)
             z[np.ix_(rows, plan.drift_tests)] += np.outer(ramp, plan.drift_sign).astype(np.float32)
             truth[rows] = "drifting_site"
-        if plan.shift_tests.size and lot.position == len(self.lots) - 1:
+        if plan.tester_tests.size and lot.position == 0:
+            rows = np.flatnonzero(position >= DRIFT_ONSET)
+            z[np.ix_(rows, plan.tester_tests)] += plan.tester_sigma.astype(np.float32)
+            truth[rows] = "tester_shift"
+        moved_process = "process_shift" in c.excursions
+        if plan.shift_tests.size and (moved_process or lot.position == len(self.lots) - 1):
             z[:, plan.shift_tests] += plan.shift_sigma.astype(np.float32)
-            truth[:] = "shifted_lot"
+            truth[:] = "process_shift" if moved_process else "shifted_lot"
         latent = np.zeros(n, bool)
         for cluster in plan.latent_clusters:
             if lot.position == 0 and cluster.wafer == wafer:
@@ -592,6 +714,7 @@ class _Floor:
 
         readings = prog.to_physical(z)
         del z
+        prog.quantize(readings)
         if c.missing_fraction:
             cells = rng.integers(0, n * c.tests, rng.binomial(n * c.tests, c.missing_fraction))
             cells = cells[~latent[cells // c.tests]]
@@ -602,10 +725,15 @@ class _Floor:
         hard_bin = np.where(passed, PASS_BIN, prog.hard_bin[first_fail]).astype(np.int32)
         soft_bin = np.where(passed, PASS_BIN, prog.soft_bin[first_fail]).astype(np.int32)
         final_pass = passed & (rng.random(n) >= _downstream_fail_probability(speed, leakage, latent))
+        if c.stop_on_fail:   # the program stops at the first failing test: the later ones did not run
+            readings[(~passed)[:, None] & (np.arange(c.tests)[None, :] > first_fail[:, None])] = np.nan
+        if c.datalog_every > 1:   # a sampled datalog: the other parts keep their part record and bins only
+            readings[(first_part + np.arange(n)) % c.datalog_every != 0] = np.nan
 
         columns = {
             "lot": np.full(n, lot.name, dtype=object),
-            "wafer": np.full(n, f"W{wafer + 1:02d}", dtype=object),
+            **({"sublot": np.full(n, sublot, dtype=object)} if c.sublots > 1 else {}),
+            "wafer": np.full(n, wafer_name, dtype=object),
             "x": x, "y": y, "head": head, "site": site,
             "part_id": np.array([f"{lot.name}-{first_part + i + 1:07d}" for i in range(n)], dtype=object),
             "test_time_ms": test_time,
@@ -648,7 +776,19 @@ class _Floor:
                 "onset_fraction_of_lot": DRIFT_ONSET, "sigma_at_lot_end": DRIFT_END_SIGMA,
                 "sigma_units": {cols[j]: spread[cols[j]] for j in plan.drift_tests},
                 "parts": counts.get("drifting_site", 0)})
-        if plan.shift_tests.size:
+        if plan.tester_tests.size:
+            excursions.append({
+                "kind": "tester_shift", "lot": self.lots[0], "tests": [cols[j] for j in plan.tester_tests],
+                "shift_sigma": [float(s) for s in plan.tester_sigma], "onset_fraction_of_lot": DRIFT_ONSET,
+                "sigma_units": {cols[j]: spread[cols[j]] for j in plan.tester_tests},
+                "parts": counts.get("tester_shift", 0)})
+        if plan.shift_tests.size and "process_shift" in c.excursions:
+            excursions.append({
+                "kind": "process_shift", "lots": self.lots, "tests": [cols[j] for j in plan.shift_tests],
+                "shift_sigma": [float(s) for s in plan.shift_sigma],
+                "sigma_units": {cols[j]: spread[cols[j]] for j in plan.shift_tests},
+                "parts": counts.get("process_shift", 0)})
+        elif plan.shift_tests.size:
             excursions.append({
                 "kind": "shifted_lot", "lot": self.lots[-1], "tests": [cols[j] for j in plan.shift_tests],
                 "shift_sigma": [float(s) for s in plan.shift_sigma],
@@ -660,13 +800,25 @@ class _Floor:
                 "tests": [cols[j] for j in plan.latent_tests],
                 "direction": [float(s) for s in plan.latent_sign],
                 "shift_sigma_range": list(LATENT_SHIFT_SIGMA), "limit_margin_sigma": LATENT_LIMIT_MARGIN,
-                "clusters": [{"wafer": f"W{cl.wafer + 1:02d}", "center_xy": [round(v, 2) for v in cl.center],
-                              "parts": int(cl.rows.size)} for cl in plan.latent_clusters],
+                "clusters": [self._cluster_truth(cl) for cl in plan.latent_clusters],
                 "parts": counts.get("latent_outliers", 0), "part_ids": latent_ids})
         return {"generator": "trainer.synth", "seed": c.seed, "config": asdict(c),
                 "derived": {"die_radius": self.layout.radius, "dies_per_wafer": self.layout.dies,
                             "wafers_per_lot": [len(w) for w in self.layout.wafer_parts]},
-                "lots": self.lots, "excursions": excursions}
+                "lots": self.lots, "excursions": excursions, "pathologies": self._pathologies()}
+
+    def _cluster_truth(self, cluster: _LatentCluster) -> dict:
+        sublot, wafer = self.wafer_name(0, cluster.wafer)
+        return {**({"sublot": sublot} if sublot else {}), "wafer": wafer,
+                "center_xy": [round(v, 2) for v in cluster.center], "parts": int(cluster.rows.size)}
+
+    def _pathologies(self) -> dict:
+        c, prog, cols = self.config, self.program, self.program.columns
+        return {"quantized_tests": {cols[j]: float(prog.quantum[j]) for j in np.flatnonzero(prog.quantum)},
+                "spread_change_tests": {cols[j]: {lot: float(_Lot.draw(c, prog, i, lot).spread[j])
+                                                  for i, lot in enumerate(self.lots)}
+                                        for j in np.flatnonzero(prog.spread_change)},
+                "stop_on_fail": c.stop_on_fail, "datalog_every": c.datalog_every, "sublots": c.sublots}
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -710,6 +862,13 @@ def generate(config: SynthConfig, chunk_parts: int = 100_000) -> Iterator[pd.Dat
     return _frames(_Floor(config), chunk_parts)
 
 
+def excursion_plan(config: SynthConfig) -> list[dict]:
+    """The excursions ``generate`` injects for ``config`` (as in the truth file, part counts left out): which
+    lot, head, site and tests, by how much."""
+    return [{k: v for k, v in entry.items() if k not in ("parts", "part_ids")}
+            for entry in _Floor(config).truth({}, [])["excursions"]]
+
+
 def _check_chunk_parts(chunk_parts: int) -> None:
     if isinstance(chunk_parts, bool) or not isinstance(chunk_parts, int) or chunk_parts < 1:
         raise SynthConfigError(f"chunk_parts must be a positive integer, got {chunk_parts!r}")
@@ -719,6 +878,57 @@ def _frames(floor: _Floor, chunk_parts: int) -> Iterator[pd.DataFrame]:
     columns = floor.program.columns
     for block in _rechunk(floor.blocks(), chunk_parts):
         yield block.frame(columns)
+
+
+def final_test_frames(config: SynthConfig, chunk_parts: int = 100_000) -> Iterator[pd.DataFrame]:
+    """The final-test lot of the floor ``config`` describes: its wafer-sort dies after packaging.
+
+    Only dies that passed wafer sort go on (a failing die is inked out), less a few lost in assembly
+    (``ASSEMBLY_LOSS``). A unit keeps its die identity (lot, wafer, x, y, part_id: traceability by ECID), and its
+    result is the floor's ``final_pass``: latent defects and the tails of the speed and leakage factors fail, which
+    the sort readings show only in part (the factors reach each test through its own noise). About
+    ``FINAL_RETEST_RATE`` of the units fail contact first and are retested, so they have two records (``retest``
+    0 then 1) and the last one counts. No parametric readings: a final-test outcome is a result per unit.
+    """
+    _check_chunk_parts(chunk_parts)
+    floor = _Floor(config)
+    pending, rows = [], 0
+    for index, block in enumerate(floor.blocks()):    # one wafer per block: streams keyed by wafer, not chunk
+        pending.append(_final_test_frame(block, _stream(config.seed, FINAL_TEST, index), config))
+        rows += len(pending[-1])
+        if rows >= chunk_parts:
+            yield pd.concat(pending, ignore_index=True)
+            pending, rows = [], 0
+    if pending:
+        yield pd.concat(pending, ignore_index=True)
+
+
+def _final_test_frame(block: _Block, rng: np.random.Generator, config: SynthConfig) -> pd.DataFrame:
+    c = block.columns
+    shipped = np.flatnonzero(c["passed"] & (rng.random(len(block)) >= ASSEMBLY_LOSS))
+    retested = rng.random(shipped.size) < FINAL_RETEST_RATE
+    records = 1 + retested.astype(int)
+    rows = np.repeat(shipped, records)
+    first = np.cumsum(records) - records                  # each unit's first record
+    contact = np.zeros(rows.size, bool)
+    contact[first[retested]] = True
+    retest = np.zeros(rows.size, np.int32)
+    retest[first[retested] + 1] = 1
+    passed = c["final_pass"][rows].astype(bool) & ~contact
+    bins = np.where(contact[:, None], FINAL_CONTACT_BINS, np.where(passed[:, None], PASS_BIN, FINAL_FAIL_BINS))
+    n = rows.size
+    return pd.DataFrame({
+        "lot": c["lot"][rows], **({"sublot": c["sublot"][rows]} if "sublot" in c else {}),
+        "wafer": c["wafer"][rows], "x": c["x"][rows], "y": c["y"][rows],
+        "head": np.ones(n, np.int32), "site": (np.arange(n) % FINAL_TEST_SITES).astype(np.int32),
+        "part_id": c["part_id"][rows],
+        "test_time_ms": np.round(rng.normal(850.0, 25.0, n), 2),
+        "timestamp": c["timestamp"][rows] + FINAL_TEST_DELAY_S,
+        "hard_bin": bins[:, 0].astype(np.int32), "soft_bin": bins[:, 1].astype(np.int32), "passed": passed,
+        "retest": retest,
+        "tester": np.full(n, "FT-HND-01", dtype=object),
+        "job": np.full(n, f"{config.lot_prefix}_FT1_REV1", dtype=object),
+    })
 
 
 @dataclass
@@ -735,67 +945,99 @@ class SynthSummary:
     excursion_parts: dict[str, int]
     seconds: float
     bytes: int
+    final_test: _FinalTally | None = None
 
     def describe(self) -> str:
         excursions = ", ".join(f"{k} {v:,} parts" for k, v in self.excursion_parts.items()) or "none"
-        return (f"{self.path}: {self.parts:,} parts x {self.tests} tests in {len(self.lots)} lot(s) "
+        text = (f"{self.path}: {self.parts:,} parts x {self.tests} tests in {len(self.lots)} lot(s) "
                 f"({', '.join(self.lots)}), {self.bytes / 1e6:,.1f} MB in {self.seconds:.1f} s\n"
                 f"  fail rate {self.fail_rate:.2%} (limits), {self.final_fail_rate:.2%} (final test label)\n"
                 f"  excursions: {excursions}\n"
                 f"  ground truth: {self.truth_path}")
+        if self.final_test is not None:
+            text += "\n" + self.final_test.describe()
+        return text
 
     def __str__(self) -> str:
         return self.describe()
 
 
-def write(config: SynthConfig, path: str | os.PathLike, chunk_parts: int = 100_000) -> SynthSummary:
+def write(config: SynthConfig, path: str | os.PathLike, chunk_parts: int = 100_000,
+          final_test: str | os.PathLike | None = None) -> SynthSummary:
     """Write the floor to ``path`` and its ground truth to ``<path>.truth.json``, streamed chunk by chunk.
 
     Parquet or CSV: one file. STDF V4 (``.stdf``/``.std``, optionally ``.gz``/``.bz2``/``.xz``): one file per
-    lot, as an STDF file holds one lot; with several lots ``path`` names them with ``{lot}`` (inserted before
-    the suffix when absent). STDF has no place for the label columns, so each STDF file's truth JSON (the
-    whole floor's) is where they live.
-    """
-    from .ingest import STDF_SUFFIXES
+    lot (per sublot when lots are split), as an STDF file holds one; with several ``path`` names them with
+    ``{lot}`` (inserted before the suffix when absent). STDF has no place for the label columns, so each STDF
+    file's truth JSON (the whole floor's) is where they live.
 
+    ``final_test``: also write the floor's final-test lot there (``final_test_frames``; same formats). The
+    downstream result then lives in that file only, as on a real floor: the wafer-sort file has no
+    ``final_pass`` column, and ``edge-train fit --outcomes`` joins the two by die identity.
+    """
     start = time.perf_counter()
     _check_chunk_parts(chunk_parts)
     name = str(path)
-    is_stdf = name.lower().endswith(STDF_SUFFIXES)
-    if not is_stdf and Path(name).suffix.lower() not in (".parquet", ".csv"):
-        raise DataError("cannot write a synthetic table in this format", file=name,
-                        expected=".parquet, .csv or .stdf (+ .gz/.bz2/.xz)", got=Path(name).suffix or "no suffix")
+    for target in (name, *([str(final_test)] if final_test is not None else [])):
+        _check_suffix(target)
     floor = _Floor(config)
     tally = _Tally()
     frames = (tally.add(frame) for frame in _frames(floor, chunk_parts))
-    written = _write_stdf(frames, floor, name, STDF_SUFFIXES) if is_stdf else [_write_table(frames, floor, name)]
-    truth = json.dumps(floor.truth(tally.excursions, tally.latent_ids), indent=1)
+    if final_test is not None:
+        frames = (frame.drop(columns="final_pass") for frame in frames)
+    written = _write_frames(frames, floor.program.meta, name, floor)
+    finals = None
+    if final_test is not None:
+        finals = _FinalTally()
+        finals.files = _write_frames((finals.add(frame) for frame in final_test_frames(config, chunk_parts)), [],
+                                     str(final_test), floor)
+    truth = floor.truth(tally.excursions, tally.latent_ids)
+    if finals is not None:
+        truth["final_test"] = {"files": finals.files, "assembly_loss": ASSEMBLY_LOSS,
+                               "retest_rate": FINAL_RETEST_RATE,
+                               "result": "the final-test files' pass flag (the last record of a unit counts) is the "
+                                         "floor's final_pass; the wafer-sort files leave final_pass out"}
     for file in written:
-        Path(f"{file}.truth.json").write_text(truth)
+        Path(f"{file}.truth.json").write_text(json.dumps(truth, indent=1))
     return SynthSummary(path=", ".join(written), truth_path=", ".join(f"{p}.truth.json" for p in written),
                         parts=tally.parts, tests=config.tests, lots=floor.lots,
                         fail_rate=tally.failed / max(1, tally.parts),
                         final_fail_rate=tally.final_failed / max(1, tally.parts),
                         excursion_parts=dict(tally.excursions), seconds=time.perf_counter() - start,
-                        bytes=sum(Path(p).stat().st_size for p in written))
+                        bytes=sum(Path(p).stat().st_size for p in written), final_test=finals)
 
 
-def _write_table(frames: Iterator[pd.DataFrame], floor: _Floor, name: str) -> str:
+def _check_suffix(name: str) -> None:
+    from .ingest import STDF_SUFFIXES
+    if not name.lower().endswith(STDF_SUFFIXES) and Path(name).suffix.lower() not in (".parquet", ".csv"):
+        raise DataError("cannot write a synthetic table in this format", file=name,
+                        expected=".parquet, .csv or .stdf (+ .gz/.bz2/.xz)", got=Path(name).suffix or "no suffix")
+
+
+def _write_frames(frames: Iterator[pd.DataFrame], tests: list[TestMeta], name: str, floor: _Floor) -> list[str]:
+    from .ingest import STDF_SUFFIXES
+    if name.lower().endswith(STDF_SUFFIXES):
+        return _write_stdf(frames, tests, name, floor, STDF_SUFFIXES)
+    return [_write_table(frames, tests, name)]
+
+
+def _write_table(frames: Iterator[pd.DataFrame], tests: list[TestMeta], name: str) -> str:
     out = Path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        (_write_parquet if out.suffix.lower() == ".parquet" else _write_csv)(frames, floor.program.meta, partial)
+        (_write_parquet if out.suffix.lower() == ".parquet" else _write_csv)(frames, tests, partial)
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
     return name
 
 
-def _write_stdf(frames: Iterator[pd.DataFrame], floor: _Floor, name: str, suffixes: tuple[str, ...]) -> list[str]:
+def _write_stdf(frames: Iterator[pd.DataFrame], tests: list[TestMeta], name: str, floor: _Floor,
+                suffixes: tuple[str, ...]) -> list[str]:
     from .stdf_writer import write_stdf, write_stdf_lots
 
-    if len(floor.lots) > 1 and "{lot}" not in name:
+    if (len(floor.lots) > 1 or floor.config.sublots > 1) and "{lot}" not in name:
         suffix = max((s for s in suffixes if name.lower().endswith(s)), key=len)
         name = f"{name[:len(name) - len(suffix)]}_{{lot}}{name[len(name) - len(suffix):]}"
     options = {"sites_per_touchdown": floor.config.heads * floor.config.sites}
@@ -803,9 +1045,9 @@ def _write_stdf(frames: Iterator[pd.DataFrame], floor: _Floor, name: str, suffix
         if "{lot}" not in str(Path(name).parent):
             Path(name).parent.mkdir(parents=True, exist_ok=True)
         if "{lot}" in name:
-            written = write_stdf_lots(name, frames, floor.program.meta, **options)
+            written = write_stdf_lots(name, frames, tests, **options)
         else:
-            written = [write_stdf(name, frames, floor.program.meta, **options)]
+            written = [write_stdf(name, frames, tests, **options)]
     except OSError as error:
         raise DataError(f"cannot write: {error.strerror or error}", file=error.filename or name) from None
     return [str(file.path) for file in written]
@@ -828,6 +1070,30 @@ class _Tally:
             self.excursions[kind] = self.excursions.get(kind, 0) + int(count)
         self.latent_ids.extend(frame.loc[truth == "latent_outliers", "part_id"].tolist())
         return frame
+
+
+@dataclass
+class _FinalTally:
+    """What the final-test lot holds: units, records (retests included), failures by the last record."""
+
+    files: list[str] = field(default_factory=list)
+    units: int = 0
+    records: int = 0
+    retested: int = 0
+    failed: int = 0
+
+    def add(self, frame: pd.DataFrame) -> pd.DataFrame:
+        retest = frame["retest"].to_numpy() > 0
+        self.records += len(frame)
+        self.retested += int(retest.sum())
+        self.units += len(frame) - int(retest.sum())
+        last = np.r_[retest[1:], False] == 0          # a record not followed by its retest is the one that counts
+        self.failed += int((~frame["passed"].to_numpy(bool) & last).sum())
+        return frame
+
+    def describe(self) -> str:
+        return (f"  final test: {', '.join(self.files)}: {self.units:,} units ({self.records:,} records, "
+                f"{self.retested:,} retests), final-test fail rate {self.failed / max(1, self.units):.2%}")
 
 
 def _write_parquet(frames: Iterator[pd.DataFrame], tests: list[TestMeta], path: Path) -> None:
@@ -875,6 +1141,8 @@ def _write_csv_header(handle, columns: list[str], tests: list[TestMeta]) -> None
     by_column = {t.column: t for t in tests}
     writer = csv.writer(handle, lineterminator="\n")
     writer.writerow(columns)
+    if not tests:   # a file of results only (the final-test lot): no test metadata to carry
+        return
     for tag, value in (("#test_number", lambda t: t.number), ("#units", lambda t: t.units),
                        ("#low_limit", lambda t: t.low), ("#high_limit", lambda t: t.high)):
         row = ["" if c not in by_column or value(by_column[c]) is None else value(by_column[c]) for c in columns]

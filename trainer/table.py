@@ -103,6 +103,14 @@ class ParametricTable:
         cols = self.test_columns if columns is None else list(columns)
         return self.frame[cols].to_numpy(dtype=np.float64, na_value=np.nan)
 
+    def set_aside(self, columns: Iterable[str]) -> "ParametricTable":
+        """The table with ``columns`` no longer tests: kept in the frame as read, never a model input (a label, a
+        join key that a reader took for a measurement)."""
+        aside = set(columns)
+        if not aside & set(self.test_columns):
+            return self
+        return ParametricTable(self.frame, [t for t in self.tests if t.column not in aside], self.sources)
+
     def tests_json(self) -> str:
         return json.dumps([t.to_dict() for t in self.tests])
 
@@ -112,7 +120,8 @@ class ParametricTable:
 
     @staticmethod
     def concat(tables: list["ParametricTable"]) -> "ParametricTable":
-        """Combine tables (lots); a test's metadata comes from the first table that has it."""
+        """Combine tables (lots); a test's metadata comes from the first table that has it. Columns that are neither
+        identity, label nor test (set aside: a label or key named by the user) follow the labels."""
         seen: dict[str, TestMeta] = {}
         for table in tables:
             for meta in table.tests:
@@ -120,5 +129,6 @@ class ParametricTable:
         frame = pd.concat([t.frame for t in tables], ignore_index=True, sort=False)
         identity = [c for c in IDENTITY_COLUMNS if c in frame.columns]
         labels = [c for c in LABEL_COLUMNS if c in frame.columns]
-        frame = frame[identity + labels + list(seen)]
+        aside = [c for c in frame.columns if c not in IDENTITY_COLUMNS and c not in LABEL_COLUMNS and c not in seen]
+        frame = frame[identity + labels + aside + list(seen)]
         return ParametricTable(frame, list(seen.values()), [s for t in tables for s in t.sources])

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,9 +21,12 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import DataError, EdgeError
-from edge_agent.package.manifest import NAME_PATTERN, YIELD_KINDS
+from edge_agent.package.manifest import NAME_PATTERN, PAT_ON_EXCESS, YIELD_KINDS
 from edge_agent.settings import Checked, Interval, OneOf, Satisfies
 
+from .evaluation import SPLITS, THRESHOLD_OBJECTIVES, Gate, Split, Threshold, chance_gate, choose_threshold, split_rows
+from .labels import Label, label_column, read_label
+from .outcomes import OUTCOME_COLUMN, OutcomeJoin
 from .table import ParametricTable
 
 TREES_PER_PROGRESS_STEP = 20
@@ -53,8 +57,15 @@ class TrainConfig(Checked):
         "yield_max_depth": [None, Interval(int, 1, None)],
         "yield_threshold": [FRACTION],
         "yield_label": [None, Satisfies(str, bool, "a column name")],
+        "label_pass_value": [None, Satisfies(str, bool, "a label value")],
         "holdout_fraction": [FRACTION],
+        "split": [OneOf(*SPLITS)],
+        "threshold_objective": [OneOf(*THRESHOLD_OBJECTIVES)],
+        "target_precision": [FRACTION],
+        "min_auc": [Interval(float, 0, 1)],
         "pat_k_sigma": [Interval(float, 0, None, closed="neither")],
+        "pat_max_flag_rate": [Interval(float, 0, 0.5)],
+        "pat_on_excess": [OneOf(*PAT_ON_EXCESS)],
         "drift_bins": [Interval(int, 2, None)],
         "seed": [Interval(int, 0, MAX_SEED)],
     }
@@ -69,10 +80,17 @@ class TrainConfig(Checked):
     yield_model: str = "random_forest"
     yield_trees: int = 100
     yield_max_depth: int | None = 12
-    yield_threshold: float = 0.5               # predicted fail when pass probability < threshold
+    yield_threshold: float = 0.5               # threshold_objective "fixed" (and the fallback): fail when p < this
     yield_label: str | None = None             # default: final_pass if present, else passed
+    label_pass_value: str | None = None        # the label value that means pass, for codings other than 0/1, bool
     holdout_fraction: float = 0.2
+    split: str = "auto"                        # held-out parts: latest lot(s), latest time slice, random
+    threshold_objective: str = "fail_f1"       # what the yield threshold is chosen for on held-out parts
+    target_precision: float = 0.5              # threshold_objective "fail_precision": the fail precision to reach
+    min_auc: float = 0.6                       # below this held-out AUC the package cannot be promoted unforced
     pat_k_sigma: float = 6.0
+    pat_max_flag_rate: float = 0.001           # static PAT self-check: a test flagging more passing parts is ...
+    pat_on_excess: str = "widen"               # ... widened to that rate, or "disable"d
     drift_bins: int = 10
     seed: int = 0
 
@@ -93,36 +111,53 @@ class TrainedModels:
     holdout_index: np.ndarray
     metrics: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
+    label: Label | None = None
+    split: Split | None = None
+    threshold: Threshold | None = None
+    gate: Gate | None = None
+    outcomes: OutcomeJoin | None = None
 
 
 def _progress(message: str) -> None:
     print(f"  {message}", file=sys.stderr, flush=True)
 
 
-def fit(table: ParametricTable, config: TrainConfig,
-        progress: Callable[[str], None] = _progress) -> TrainedModels:
-    """Fit both models on a random split of ``table`` and evaluate them on the held-out part."""
-    config.check()
-    label_name = config.yield_label or ("final_pass" if "final_pass" in table.frame.columns else "passed")
-    if label_name not in table.frame.columns:
-        raise DataError("the yield label column is missing", column=label_name,
-                        expected="a 0/1 or boolean column", got="no such column")
-    X = table.readings()
-    labels = table.frame[label_name].to_numpy()
-    if labels.dtype == object or np.any(~np.isin(labels.astype(float), (0.0, 1.0))):
-        raise DataError("the yield label must be 0/1 or boolean", column=label_name,
-                        expected="0/1", got=f"values {np.unique(labels.astype(str))[:5].tolist()}")
-    y = labels.astype(int)
-    passed = table.frame["passed"].to_numpy(bool) if "passed" in table.frame.columns else np.ones(len(X), bool)
+def fit(table: ParametricTable, config: TrainConfig, progress: Callable[[str], None] = _progress,
+        outcomes: OutcomeJoin | None = None) -> TrainedModels:
+    """Fit both models and evaluate them on parts they did not see.
 
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(X))
-    n_holdout = max(1, int(round(len(X) * config.holdout_fraction)))
-    holdout, train = np.sort(order[:n_holdout]), np.sort(order[n_holdout:])
-    if len(np.unique(y[train])) < 2:
-        raise DataError(f"the yield label {label_name!r} has one class only in the training rows",
-                        column=label_name, expected="both passing and failing parts",
-                        got=f"only {int(y[train][0])}")
+    The yield model trains on the earlier parts and is graded on the latest (trainer.evaluation: lot, time or
+    random split). The outlier model keeps a seeded random held-out share: it learns no label that could leak, its
+    threshold is a calibration over its training parts' scores, and a lot held out of it would leave the deployed
+    forest blind to that lot's variation (and fold every synthetic latent outlier of the first lot into its training
+    parts, where a cluster of them masks itself).
+
+    The yield label is ``config.yield_label`` (default: ``final_pass`` if present, else ``passed``), or the
+    downstream outcome joined by trainer.outcomes when ``outcomes`` (its report) is given. The label column and the
+    join keys are never features, whatever the readers took them for.
+    """
+    config.check()
+    if outcomes is not None:
+        label = read_label(table, OUTCOME_COLUMN, None, source="outcomes", meaning=_outcome_meaning(outcomes))
+        label = replace(label, pass_value=config.label_pass_value)
+    else:
+        label = read_label(table, label_column(table, config.yield_label), config.label_pass_value)
+    columns = [c for c in table.test_columns if c != label.column and c not in (outcomes.join_on if outcomes else ())]
+    if not columns:
+        raise DataError("no test columns are left once the label is set aside", column=label.column,
+                        expected="readings besides the label", got="only the label")
+    X = table.readings(columns)
+    passed = table.frame["passed"].to_numpy(bool) if "passed" in table.frame.columns else np.ones(len(X), bool)
+    outlier_split = split_rows(table.frame, config.holdout_fraction, "random", config.seed)
+    train, holdout = outlier_split.train, np.sort(outlier_split.holdout)
+    split = split_rows(table.frame, config.holdout_fraction, config.split, config.seed)
+    y = label.values
+    yield_train = split.train[label.known[split.train]]
+    classes = np.unique(y[yield_train])
+    if len(classes) < 2:
+        raise DataError(f"the yield label {label.column!r} has one class only in the {len(yield_train):,} training "
+                        "parts that have one", column=label.column, expected="both passing and failing parts",
+                        got="only " + ("none" if not len(classes) else ("pass" if classes[0] == 1 else "fail")))
 
     timings = {}
     start = time.perf_counter()
@@ -136,16 +171,29 @@ def fit(table: ParametricTable, config: TrainConfig,
     timings["outlier_fit"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    yield_model = _fit_yield_model(X[train], y[train], config, progress)
-    yield_threshold = config.yield_threshold
+    yield_model = _fit_yield_model(X[yield_train], y[yield_train].astype(int), config, progress)
     timings["yield_fit"] = time.perf_counter() - start
 
-    metrics = {
-        "outlier": _outlier_metrics(table, outlier, outlier_threshold, X, holdout, passed),
-        "yield": _yield_metrics(yield_model, X[holdout], y[holdout], yield_threshold, label_name),
-    }
-    return TrainedModels(config, table.test_columns, outlier, outlier_threshold, yield_model,
-                         yield_threshold, label_name, train, holdout, metrics, timings)
+    labelled = split.holdout[label.known[split.holdout]]        # earliest first: tune on the first half
+    tuning, evaluation = labelled[:len(labelled) // 2], labelled[len(labelled) // 2:]
+    threshold = choose_threshold(yield_model.predict_proba(X[tuning])[:, 1], y[tuning].astype(int),
+                                 config.threshold_objective, target_precision=config.target_precision,
+                                 fixed=config.yield_threshold)
+    yield_metrics = _yield_metrics(yield_model, X, y, labelled, evaluation, threshold.value, label.column)
+    gate = chance_gate(yield_metrics["roc_auc"], config.min_auc, len(labelled))
+    metrics = {"outlier": _outlier_metrics(table, outlier, outlier_threshold, X, holdout, passed),
+               "yield": {**yield_metrics, "tuning_parts": int(len(tuning))}}
+    return TrainedModels(config, columns, outlier, outlier_threshold, yield_model, threshold.value, label.column,
+                         train, holdout, metrics, timings, label=label, split=split, threshold=threshold, gate=gate,
+                         outcomes=outcomes)
+
+
+def _outcome_meaning(outcomes: OutcomeJoin) -> str:
+    files = ", ".join(Path(f).name for f in outcomes.files)
+    return (f"the downstream result from {files}, joined to these parts by {', '.join(outcomes.join_on)} "
+            f"({outcomes.matched:,} of {outcomes.training_parts:,} parts matched): the model predicts whether a "
+            "part measured here passes that later step; parts without an outcome are not in its training or "
+            "evaluation.")
 
 
 def _fit_isolation_forest(X: np.ndarray, config: TrainConfig, progress) -> Pipeline:
@@ -192,6 +240,7 @@ def _outlier_metrics(table, outlier, threshold, X, holdout, passed) -> dict:
     flagged = scores < threshold
     metrics = {
         "threshold": threshold,
+        "holdout_split": "random",
         "holdout_parts": int(len(holdout)),
         "holdout_outlier_rate_passing": _rate(flagged[passed[holdout]]),
         "holdout_outlier_rate_failing": _rate(flagged[~passed[holdout]]),
@@ -206,27 +255,40 @@ def _outlier_metrics(table, outlier, threshold, X, holdout, passed) -> dict:
     return metrics
 
 
-def _yield_metrics(model, X, y, threshold, label) -> dict:
-    prob = model.predict_proba(X)[:, 1]
-    predicted = prob >= threshold
-    both_classes = len(np.unique(y)) == 2
+def _yield_metrics(model, X: np.ndarray, y: np.ndarray, holdout: np.ndarray, evaluation: np.ndarray,
+                   threshold: float, label: str) -> dict:
+    """Threshold-free measures on every labelled held-out part; the threshold's on the evaluation half only."""
+    prob = model.predict_proba(X[holdout])[:, 1]
+    truth = y[holdout].astype(int)
+    both_classes = len(np.unique(truth)) == 2
     edges = np.linspace(0, 1, 11)
     which = np.clip(np.digitize(prob, edges[1:-1]), 0, 9)
     calibration = [{"bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}", "parts": int(np.sum(which == b)),
                     "mean_predicted": float(prob[which == b].mean()) if np.any(which == b) else None,
-                    "observed_pass_rate": float(y[which == b].mean()) if np.any(which == b) else None}
+                    "observed_pass_rate": float(truth[which == b].mean()) if np.any(which == b) else None}
                    for b in range(10)]
+    evaluated = y[evaluation].astype(int)
+    predicted_pass = model.predict_proba(X[evaluation])[:, 1] >= threshold
+    fail, predicted_fail = evaluated == 0, ~predicted_pass
+    both_evaluated = len(np.unique(evaluated)) == 2
     return {
         "label": label,
-        "holdout_parts": int(len(y)),
-        "holdout_pass_rate": float(y.mean()),
-        "roc_auc": float(roc_auc_score(y, prob)) if both_classes else None,
-        "f1_fail_class": float(f1_score(1 - y, ~predicted)) if both_classes else None,
-        "f1_pass_class": float(f1_score(y, predicted)) if both_classes else None,
-        "accuracy": float(np.mean(predicted == y)),
-        "brier": float(brier_score_loss(y, prob)),
-        "threshold": threshold,
+        "holdout_parts": int(len(holdout)),
+        "holdout_pass_rate": float(truth.mean()) if len(truth) else None,
+        "roc_auc": float(roc_auc_score(truth, prob)) if both_classes else None,
+        "brier": float(brier_score_loss(truth, prob)) if len(truth) else None,
         "calibration": calibration,
+        "threshold": threshold,
+        "evaluation_parts": int(len(evaluation)),
+        "evaluation_fail_parts": int(fail.sum()),
+        "f1_fail_class": float(f1_score(fail, predicted_fail)) if both_evaluated else None,
+        "f1_pass_class": float(f1_score(~fail, predicted_pass)) if both_evaluated else None,
+        "fail_precision": _rate(fail[predicted_fail]),
+        "fail_recall": _rate(predicted_fail[fail]),
+        "accuracy": _rate(predicted_pass == ~fail),
+        "measured_on": "roc_auc, brier, calibration: every held-out part with a label; threshold, f1, precision, "
+                       "recall, accuracy: the evaluation parts, the second half of the held-out parts with a label "
+                       "(the later half where parts are ordered in time); the threshold was chosen on the first half",
     }
 
 

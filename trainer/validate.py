@@ -19,6 +19,10 @@ Policies, and why:
   (the same data read twice) and are always dropped. Other repeats of a part are retests, ordered
   by the retest column, then timestamp, then position in the input; the retest policy keeps the
   last test ("last", what binning uses), the first ("first") or all of them ("all").
+- A part with readings for fewer than ``min_readings_share`` (default half) of the tests that have any reading
+  (a sampled datalog's unlogged parts, parts with functional results only, a stop-on-fail program's failing
+  parts) is left out of training and reported per file: the models would learn it as a median part (its
+  missing readings are imputed with medians). ``keep_sparse_parts`` keeps them.
 - ``passed`` missing but ``hard_bin`` present: ``passed = hard_bin == 1`` (bin 1 is the pass bin
   by STDF convention); a part without a hard bin then counts as failing. With neither column
   every part counts as passing, as the trainer assumes.
@@ -89,6 +93,9 @@ class ValidationReport:
     files: list[str]
     retest_policy: str
     min_rows: int
+    min_readings_share: float = 0.5
+    sparse_parts: int = 0       # parts below min_readings_share (left out unless kept)
+    sparse_parts_kept: bool = False
     rows_in: int = 0
     rows_out: int = 0
     tests_in: int = 0
@@ -120,6 +127,9 @@ class ValidationReport:
             "files": list(self.files),
             "retest_policy": self.retest_policy,
             "min_rows": int(self.min_rows),
+            "min_readings_share": float(self.min_readings_share),
+            "sparse_parts": int(self.sparse_parts),
+            "sparse_parts_kept": bool(self.sparse_parts_kept),
             "rows_in": int(self.rows_in),
             "rows_out": int(self.rows_out),
             "tests_in": int(self.tests_in),
@@ -208,13 +218,16 @@ def _examples(positions: np.ndarray, values: np.ndarray | None, row_name: Callab
 # ---------------------------------------------------------------- all files together
 
 def validate(tables: list[ParametricTable], labels: list[str], retest_policy: str = "last", min_rows: int = 200,
-             findings: Sequence[Finding] = ()) -> tuple[ParametricTable, ValidationReport]:
+             findings: Sequence[Finding] = (), min_readings_share: float = 0.5,
+             keep_sparse_parts: bool = False) -> tuple[ParametricTable, ValidationReport]:
     """Combine ``tables`` (read from the files ``labels``) and check them; never raises on data problems.
 
     ``findings`` are those already found while reading; the report holds them first.
     """
     check_retest_policy(retest_policy)
-    report = ValidationReport(list(findings), list(labels), retest_policy, min_rows)
+    check_readings_share(min_readings_share)
+    report = ValidationReport(list(findings), list(labels), retest_policy, min_rows, min_readings_share,
+                              sparse_parts_kept=keep_sparse_parts)
     if not tables:
         return ParametricTable(pd.DataFrame(), []), report
     report.findings += _mismatched_tests(tables, labels)
@@ -228,6 +241,12 @@ def validate(tables: list[ParametricTable], labels: list[str], retest_policy: st
     row_source = row_source[keep]
     frame, pass_findings = _pass_info(frame, row_source)
     report.findings += pass_findings
+    sparse, sparse_findings = _sparse_parts(frame, combined.test_columns, row_source, min_readings_share,
+                                            keep_sparse_parts)
+    report.findings += sparse_findings
+    report.sparse_parts = int(sparse.sum())
+    if not keep_sparse_parts:
+        frame, row_source = frame[~sparse].reset_index(drop=True), row_source[~sparse]
 
     dropped, column_findings, report.missing_rate = _test_columns(frame, combined.test_columns, row_source)
     report.findings += column_findings
@@ -237,6 +256,12 @@ def validate(tables: list[ParametricTable], labels: list[str], retest_policy: st
     report.rows_out, report.tests_out = len(table), len(tests)
     report.findings += _fatal(report, labels)
     return table, report
+
+
+def check_readings_share(share: float) -> None:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise DataError("the minimum share of readings per part must be a fraction", expected="0 .. 1",
+                        got=repr(share))
 
 
 def check_retest_policy(policy: str) -> None:
@@ -360,6 +385,31 @@ def _parts(frame: pd.DataFrame, row_source: np.ndarray, policy: str) -> tuple[np
         f"tests ordered by {ordering}; {action}",
         files=_files(row_source[retested["_position"].to_numpy()]), count=n_parts))
     return keep, findings
+
+
+def _sparse_parts(frame: pd.DataFrame, columns: list[str], row_source: np.ndarray, share: float,
+                  keep: bool) -> tuple[np.ndarray, list[Finding]]:
+    """Parts with readings for fewer than ``share`` of the tests that have any reading, and one finding per file."""
+    if not columns or frame.empty:
+        return np.zeros(len(frame), bool), []
+    present = frame[columns].notna().to_numpy()
+    tested = present.any(axis=0)
+    counts = present[:, tested].sum(axis=1)
+    needed = share * int(tested.sum())
+    sparse = counts < needed
+    action = "kept (--keep-sparse-parts); their missing readings are imputed" if keep else \
+        "left out of training (--keep-sparse-parts keeps them)"
+    findings = []
+    for file in _files(row_source[sparse]):
+        mine = sparse & (row_source == file)
+        none = int(np.sum(mine & (counts == 0)))
+        findings.append(Finding.at(
+            "warning", "SPARSE_PARTS",
+            f"{int(mine.sum()):,} of {int(np.sum(row_source == file)):,} parts have readings for fewer than "
+            f"{share:.0%} of the {int(tested.sum())} tests ({none:,} with none: a sampled datalog, functional "
+            f"results only, or a program that stopped at a failing test); {action}",
+            files=file, count=int(mine.sum())))
+    return sparse, findings
 
 
 def _describe(keys: pd.DataFrame, position: int) -> str:

@@ -7,9 +7,14 @@ new lot, which moves every site together, does not raise), ``outlier_rate``
 enough parts (see ``AlertRules``) - ``change`` (the agent's Page-Hinkley detector fired on the
 outlier score), ``silent`` (no message from an agent for too long), ``spool_loss`` (the agent dropped
 windows from its spool, or lost them before spooling), ``sequence_gap`` (windows missing that no
-loss report explains) and ``refused_window`` (a message refused for good: it can never be stored, and the agent
-moves it to its dead-letter folder). Every alert goes to the log, the ``alerts`` table (same transaction as its
-window) and, if configured, a hook command that gets the alert as JSON on stdin.
+loss report explains), ``agent_id_mismatch`` (a window claiming another agent's id than its CURVE key's) and
+``refused_window`` (a message refused for good: it can never be stored, and the agent moves it to its dead-letter
+folder). Every alert goes to the ``alerts`` table (same transaction as its window). The operational ones
+(``silent``, ``spool_loss``, ``sequence_gap``, ``agent_id_mismatch``, ``refused_window``) also go to the log and,
+if configured, to a hook command that gets the alert as JSON on stdin; the drift evidence (``psi``, ``site_psi``,
+``outlier_rate``, ``change``: a new lot or a site's calibration offset raises them by the dozen on a normal day) is
+logged at INFO and pages nobody. Drift pages as incidents (``incidents.py``: scope, diagnosis, one record per
+problem), which go to the same hook.
 
 Example ``collector.toml`` (every key optional; these are the defaults)::
 
@@ -22,8 +27,10 @@ Example ``collector.toml`` (every key optional; these are the defaults)::
     change_detector = true       # alert when the agent's change detector fired
     silent_after_s = 900.0       # no message for this long (agents send at least one per window)
     repeat_after_s = 3600.0      # the same alert (kind, agent, site, test) at most once per this long
-    hook = ""                    # e.g. "/usr/local/bin/page-oncall --team test-eng"
+    hook = ""                    # e.g. "/usr/local/bin/page-oncall --team test-eng" (also gets incidents)
     hook_timeout_s = 10.0
+
+    [incidents]                  # see incidents.py
 
 Why these sample sizes: with no drift, n readings over B equally likely bins give PSI close to
 chi2(B - 1) / n. At n = 200 and 10 bins, PSI > 0.2 needs chi2(9) > 40, probability about 8e-6 per test and
@@ -45,7 +52,7 @@ import queue
 import shlex
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +61,14 @@ from ..errors import EdgeError
 from ..settings import Checked, Instance, Interval, Satisfies, load
 from ..wire.distances import psi
 from ..wire.stats import StatsWindow
+from .incidents import IncidentConfig
 from .store import Added
 
 log = logging.getLogger("edge_agent.collector.alerts")
 
-KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap", "refused_window")
+KINDS = ("psi", "site_psi", "outlier_rate", "change", "silent", "spool_loss", "sequence_gap", "agent_id_mismatch",
+         "refused_window")
+EVIDENCE_KINDS = ("psi", "site_psi", "outlier_rate", "change")    # stored and counted, not paged: incidents are
 
 
 class AlertConfigError(EdgeError):
@@ -99,6 +109,7 @@ class AlertConfig(Checked):
     repeat_after_s: float = 3600.0
     hook: str = ""
     hook_timeout_s: float = 10.0
+    incidents: IncidentConfig = field(default_factory=IncidentConfig)
 
 
 def _seqs(first: int, last: int) -> str:
@@ -324,6 +335,18 @@ class AlertRules:
                              "message": f"window seq {seq} of agent {agent} (tester {tester}) refused for good "
                                         f"({code}: {reason[:500]}); the agent keeps it in its dead-letter folder "
                                         f"and goes on with the next window"})
+        return alerts
+
+    def for_agent_id_mismatch(self, sender: str, window: StatsWindow, now: float) -> list[dict]:
+        """A window whose agent_id is not the id its sender's CURVE key is bound to (a forgery, or a misconfigured
+        agent): one alert per sender per ``repeat_after_s``."""
+        m, alerts = window.message, []
+        self._raise(alerts, {"kind": "agent_id_mismatch", "agent_id": sender, "tester": None, "head": None,
+                             "site": None, "test": None, "model": window.model_label, "value": 1, "threshold": None,
+                             "sample_size": None, "window_id": None, "created_at": now,
+                             "message": f"agent {sender!r} (known by its CURVE key) sent window seq {m['seq']} "
+                                        f"claiming to be agent {m['agent_id']!r} (tester {m['tester']!r}); refused, "
+                                        "nothing stored"})
         return alerts
 
     def _raise(self, alerts: list[dict], alert: dict) -> None:

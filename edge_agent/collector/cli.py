@@ -2,7 +2,9 @@
 
     edge-collector run --bind tcp://127.0.0.1:5560 --db stats.sqlite [--config collector.toml]
                        [--metrics-port 9465] [--metrics-host 127.0.0.1]
+                       [--key collector.key_secret --agent-keys DIR]     # CURVE: required beyond loopback
     edge-collector report --db stats.sqlite --out report.html [--since-hours H] [--config collector.toml]
+    edge-collector keys create collector --kind curve [--dir keys]
 
 Exit status: 0 ok, 2 unusable configuration, database or address.
 """
@@ -12,7 +14,9 @@ import argparse
 import signal
 import sys
 
-from ..errors import run_command
+from ..errors import EdgeError, run_command
+from ..keys import CURVE_PUBLIC, add_keys_command
+from ..wire.links import listen_problems
 
 EXIT_OK = 0   # 2: unusable configuration, database or address (edge_agent.errors.run_command)
 
@@ -34,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-host", default="127.0.0.1")
     run.add_argument("--log-format", choices=("plain", "json"), default="plain")
     run.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO")
+    run.add_argument("--key", help="the collector's CURVE secret certificate (*.key_secret): agents connect over "
+                                   "CURVE; required to listen beyond loopback")
+    run.add_argument("--agent-keys", help=f"the agents allowed in: a folder of public certificates, each named for "
+                                          f"the agent id its key is bound to (<agent id>{CURVE_PUBLIC})")
     run.set_defaults(handler=cmd_run)
     report = commands.add_parser("report", help="write the fleet drift report (one self-contained HTML file)")
     report.add_argument("--db", required=True, help="the collector's SQLite database")
@@ -41,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since-hours", type=float, default=None, help="only windows that ended this recently")
     report.add_argument("--config", help="TOML file with an [alerts] table (the thresholds the report applies)")
     report.set_defaults(handler=cmd_report)
+    add_keys_command(commands, "keys")
     return parser
 
 
@@ -50,13 +59,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .server import CollectorServer
     from .store import Store
 
+    keys = _keys(args)
     setup_logging(args.log_format, args.log_level)
     config = load_alert_config(args.config)
     store = Store(args.db)
     rules = AlertRules(config, store.last_alert_times())
     hook = AlertHook(config.hook, config.hook_timeout_s) if config.hook else None
     server = CollectorServer(args.bind, store, rules, hook=hook, metrics_host=args.metrics_host,
-                             metrics_port=args.metrics_port)
+                             metrics_port=args.metrics_port, keys=keys)
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     try:
@@ -64,6 +74,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return EXIT_OK
+
+
+def _keys(args: argparse.Namespace):
+    """The CURVE keys (None: plain, loopback only), checked with the bind address before anything opens."""
+    from ..keys import load_allow_list, load_curve_pair
+    from .server import CollectorKeys
+    problems = listen_problems("--bind", args.bind, curve=bool(args.key))
+    if bool(args.key) != bool(args.agent_keys):
+        problems.append("--key and --agent-keys: CURVE needs both, the collector's secret certificate and the agents' "
+                        "public ones")
+    if problems:
+        raise EdgeError("edge-collector run options are not usable:\n" + "\n".join(f"  - {p}" for p in problems))
+    return CollectorKeys(load_curve_pair(args.key), load_allow_list(args.agent_keys)) if args.key else None
 
 
 def cmd_report(args: argparse.Namespace) -> int:

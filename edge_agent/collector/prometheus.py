@@ -8,6 +8,7 @@ from collections import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .alerts import KINDS
+from .incidents import SCOPES
 
 
 class FleetState:
@@ -20,7 +21,10 @@ class FleetState:
         self.duplicates = 0
         self.invalid = 0
         self.unstorable = 0
+        self.agent_id_mismatches = 0
         self.alerts: Counter[str] = Counter({kind: 0 for kind in KINDS})
+        self.incidents_opened: Counter[str] = Counter({scope: 0 for scope in SCOPES})
+        self.incidents_open: Counter[str] = Counter({scope: 0 for scope in SCOPES})
         self.last_seen: dict[str, float] = {}
         self.psi: dict[tuple[str, str], float] = {}     # (tester, test) -> latest PSI, worst site
 
@@ -28,6 +32,17 @@ class FleetState:
         with self.lock:
             for column, value in psi.items():
                 self.psi[(tester, column)] = value
+
+    def count(self, alert: dict) -> None:
+        """An alert or an incident event (kind ``incident_opened``, ``incident_updated``, ``incident_closed``)."""
+        with self.lock:
+            if alert["kind"] == "incident_opened":
+                self.incidents_opened[alert["scope"]] += 1
+                self.incidents_open[alert["scope"]] += 1
+            elif alert["kind"] == "incident_closed":
+                self.incidents_open[alert["scope"]] -= 1
+            elif not alert["kind"].startswith("incident_"):
+                self.alerts[alert["kind"]] += 1
 
     def collect(self):
         now = time.time()
@@ -39,10 +54,21 @@ class FleetState:
             yield _counter("edge_collector_invalid_messages", "Messages refused as invalid", self.invalid)
             yield _counter("edge_collector_unstorable_windows", "Valid windows refused for good after their store "
                            "failed repeatedly while the database worked", self.unstorable)
+            yield _counter("edge_collector_agent_id_mismatches", "Windows refused because their agent_id was not "
+                           "the id of the CURVE key that sent them", self.agent_id_mismatches)
             alerts = CounterMetricFamily("edge_collector_alerts", "Alerts raised, by kind", labels=["kind"])
             for kind, count in sorted(self.alerts.items()):
                 alerts.add_metric([kind], count)
             yield alerts
+            opened = CounterMetricFamily("edge_collector_incidents_opened", "Incidents opened, by scope",
+                                         labels=["scope"])
+            open_now = GaugeMetricFamily("edge_collector_incidents_open", "Incidents open now, by scope",
+                                         labels=["scope"])
+            for scope in SCOPES:
+                opened.add_metric([scope], self.incidents_opened[scope])
+                open_now.add_metric([scope], self.incidents_open[scope])
+            yield opened
+            yield open_now
             alive = sum(1 for seen in self.last_seen.values() if now - seen <= self.silent_after_s)
             yield GaugeMetricFamily("edge_collector_agents_alive",
                                     "Agents heard from within the silence limit", value=alive)

@@ -1,8 +1,14 @@
 """The fleet drift report: one self-contained HTML page (plots embedded as PNG data URIs).
 
-PSI here is computed from the stored bin counts, summed over time, not averaged from per-window PSI: a
-sum of counts is a bigger sample, so the figure is less noisy. "Recent" means each tester/site's latest
-windows up to ``RECENT_PARTS`` parts.
+It leads with the open incidents (``incidents.py``: scope, diagnosis, tests, what to do) and the retrain
+recommendation they make per model; then the agents, PSI heat maps per model (against each site's own
+baseline, which is what incidents judge, and against the training reference, which is what the model was
+trained on), PSI over time, histograms, outlier rates and the operational alerts.
+
+PSI here is computed from the stored bin counts, summed over time, not averaged from per-window PSI: a sum of
+counts is a bigger sample, so the figure is less noisy. "Recent" means each tester/site's latest windows up to
+``RECENT_PARTS`` parts. Heat maps colour PSI in bands (``PSI_BANDS``) and print the value in every cell, so that
+0.2 (lot-to-lot), 1 and 5 (a broken site) never share a colour.
 """
 from __future__ import annotations
 
@@ -20,24 +26,30 @@ import matplotlib.dates
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 
 from ..wire.codec import decode_trusted  # noqa: E402
 from ..wire.distances import psi  # noqa: E402
-from .alerts import AlertConfig, load_alert_config  # noqa: E402
+from .alerts import EVIDENCE_KINDS, AlertConfig, load_alert_config  # noqa: E402
 from .store import Store  # noqa: E402
 
 RECENT_PARTS = 1000        # parts per tester/site behind a "recent" figure
 TIME_BUCKETS = 24          # columns of the PSI-over-time heat map at most
 HEATMAP_ROWS = 20          # tester/site x test pairs in the PSI-over-time heat map
-OVERVIEW_TESTS = 25        # tests in the tests x tester/site heat map
-WORST_SHOWN = 6            # reference vs current histograms
+OVERVIEW_TESTS = 25        # tests in the tests x tester/site heat tables
+WORST_SHOWN = 6            # histograms
 ALERTS_SHOWN = 50
-PSI_COLOR_MAX = 0.5        # the heat maps' colour scale saturates here (0.2 = act)
+CLOSED_SHOWN = 50
+TESTS_SHOWN = 5            # tests named per incident
+# PSI bands: lower edge, colour, meaning. Light to dark; the text turns white from 1 up.
+PSI_BANDS = ((0.0, "#f4f4f4", "< 0.1 stable"), (0.1, "#d9f0d3", "0.1-0.2 watch"), (0.2, "#fee08b", "0.2-0.5 act"),
+             (0.5, "#fdae61", "0.5-1"), (1.0, "#f46d43", "1-2"), (2.0, "#d73027", "2-5"), (5.0, "#67001f", ">= 5"))
+BAND_EDGES = np.array([edge for edge, _, _ in PSI_BANDS])
 
 
 @dataclass
 class _Series:
-    """One tester/site running one model: its windows in time order."""
+    """One tester/site running one model: its windows in time order, and its baseline (None: none stored)."""
 
     model: str
     agent_id: str
@@ -48,6 +60,8 @@ class _Series:
     parts: list[int] = field(default_factory=list)
     outliers: list[int] = field(default_factory=list)
     counts: list[np.ndarray] = field(default_factory=list)    # [T, max_bins] each
+    baseline: np.ndarray | None = None                         # [T, max_bins] proportions
+    judged: np.ndarray | None = None        # [T] PSI of the latest judged block against the baseline (NaN: not judged)
 
     @property
     def label(self) -> str:
@@ -86,60 +100,76 @@ def write_report(db: str | Path, out: str | Path, *, since_hours: float | None =
     store = Store(db, read_only=True)
     try:
         since = time.time() - since_hours * 3600 if since_hours else 0.0
-        models, series = _load(store, since)
+        known, series = _load(store, since)
+        models = {c: m for c, m in known.items() if any(s.model == c for s in series)}
         agents = store.agents()
-        alerts = store.db.execute("SELECT * FROM alerts WHERE created_at >= ? ORDER BY created_at DESC LIMIT ?",
-                                  (since, ALERTS_SHOWN)).fetchall()
+        evidence = ", ".join("?" * len(EVIDENCE_KINDS))
+        alerts = store.db.execute(f"SELECT * FROM alerts WHERE created_at >= ? AND kind NOT IN ({evidence}) "
+                                  f"ORDER BY created_at DESC LIMIT ?",
+                                  (since, *EVIDENCE_KINDS, ALERTS_SHOWN)).fetchall()
+        evidence_alerts = store.db.execute(f"SELECT count(*) FROM alerts WHERE created_at >= ? AND kind IN "
+                                           f"({evidence})", (since, *EVIDENCE_KINDS)).fetchone()[0]
         agent_models = store.db.execute(
             "SELECT w.agent_id, m.name, m.version, count(*) AS windows, max(w.end) AS last FROM windows w "
             "JOIN models m ON m.checksum = w.model_checksum WHERE w.end >= ? GROUP BY w.agent_id, m.checksum "
             "ORDER BY w.agent_id, last", (since,)).fetchall()
+        open_incidents = _incidents(store, "status = 'open'", ())
+        closed = _incidents(store, "status = 'closed' AND closed_at >= ?", (since,), CLOSED_SHOWN)
+        closed_total = store.db.execute("SELECT count(*) FROM incidents WHERE status = 'closed' AND closed_at >= ?",
+                                        (since,)).fetchone()[0]
     finally:
         store.close()
     page = _Page(f"Fleet drift report: {Path(db).name}")
-    page.text(f"Generated {_iso(time.time())} from {html.escape(str(db))}; "
-              f"{sum(len(s.ends) for s in series)} site-windows of {len({s.agent_id for s in series})} agent(s)"
-              + (f" over the last {since_hours:g} h." if since_hours else "."))
-    page.heading("Retrain recommendation per model")
-    recommendations = [(model, _recommend(model, [s for s in series if s.model == model.checksum], config))
-                       for model in models.values()]
-    page.table(["model", "recommendation", "reason"],
-               [(m.label, verdict, reason) for m, (verdict, reason) in recommendations] or [("-", "no data", "")])
-    page.heading("Agents and their model versions")
+    page.text(f"Generated {_iso(time.time())} from {db}"
+              + (f", the last {since_hours:g} h" if since_hours else "") + f": {len(open_incidents)} open "
+              f"incident(s); {closed_total} incident(s) closed"
+              + (f" (the latest {len(closed)} shown)" if closed_total > len(closed) else "")
+              + f"; {len(models)} model(s); {len(agents)} agent(s); {len(series)} tester/site(s) with "
+              f"{sum(len(s.ends) for s in series)} site-windows; {len(alerts)} operational alert(s) shown.")
+    page.heading(f"Open incidents ({len(open_incidents)})")
+    page.table(["#", "diagnosis", "where", "model", "tests: PSI against baseline (noise level)", "since", "parts",
+                "what it says"], [_incident_row(i, tests) for i, tests in open_incidents])
+    page.heading(f"Retrain recommendation per model ({len(models)})")
+    page.table(["model", "recommendation", "why"], [_recommendation(m, open_incidents) for m in models.values()])
+    page.heading(f"Closed incidents ({closed_total})")
+    page.table(["#", "diagnosis", "where", "model", "tests: PSI against baseline (noise level)", "from", "closed",
+                "why closed"], [_closed_row(i, tests) for i, tests in closed])
+    page.heading(f"Agents and their model versions ({len(agents)})")
     page.table(["agent", "tester", "current model", "models in range (windows)", "last seen", "last seq",
                 "windows", "spool losses", "status"],
-               _agent_rows(agents, agent_models, models, config))
+               _agent_rows(agents, agent_models, known, config))
     for model in models.values():
         model_series = [s for s in series if s.model == model.checksum]
-        page.heading(f"Model {model.label}: PSI of tests by tester/site")
-        page.image(_overview_heatmap(model, model_series, config),
-                   f"PSI heat map of tests by tester/site, {model.label}")
-        page.heading(f"Model {model.label}: PSI over time")
+        page.heading(f"Model {model.label}: PSI of tests by tester/site against each site's own baseline")
+        page.raw(_heat_table(model, model_series, config, baseline=True))
+        page.heading(f"Model {model.label}: recent PSI of tests by tester/site against the training reference")
+        page.raw(_heat_table(model, model_series, config, baseline=False))
+        page.heading(f"Model {model.label}: PSI over time against the training reference")
         page.image(_time_heatmap(model, model_series, config), f"PSI over time, {model.label}")
-        page.heading(f"Model {model.label}: worst-drifting tests, reference vs recent")
-        page.image(_worst_histograms(model, model_series, config), f"worst-drifting tests, {model.label}")
+        page.heading(f"Model {model.label}: the most moved tests, histograms")
+        page.image(_worst_histograms(model, model_series, config), f"most moved tests, {model.label}")
     page.heading("Outlier rate per tester over time")
     page.image(_outlier_rates(series, models), "outlier rate per tester over time")
-    page.heading(f"Latest alerts (at most {ALERTS_SHOWN})")
+    page.heading(f"Latest operational alerts ({len(alerts)}, at most {ALERTS_SHOWN})")
+    page.text(f"Drift evidence ({', '.join(EVIDENCE_KINDS)}: {evidence_alerts} in range) is in the alerts table of "
+              f"the database; the incidents above are what it amounts to.")
     page.table(["time", "kind", "tester", "message"],
                [(_iso(a["created_at"]), a["kind"], a["tester"] or "", a["message"]) for a in alerts])
     Path(out).write_text(page.render(), encoding="utf-8")
-    return (f"wrote {out}: {len(models)} model(s), {len(series)} tester/site series, {page.images} plot(s), "
-            f"{len(alerts)} alert(s)")
+    return (f"wrote {out}: {len(open_incidents)} open incident(s), {len(models)} model(s), {len(series)} tester/site "
+            f"series, {page.images} plot(s), {len(alerts)} alert(s)")
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
 
 def _load(store: Store, since: float) -> tuple[dict[str, _Model], list[_Series]]:
+    """Every model (by checksum), and the tester/site series with windows in range."""
     models = {}
     for row in store.db.execute("SELECT * FROM models"):
         reference = decode_trusted(row["reference"])
-        proportions = reference["proportions"]
-        padded = np.zeros((len(proportions), max((len(p) for p in proportions), default=1)))
-        for t, p in enumerate(proportions):
-            padded[t, :len(p)] = p
         models[row["checksum"]] = _Model(row["checksum"], row["name"], row["version"], decode_trusted(row["columns"]),
-                                         row["expected_outlier_rate"], padded, reference["edges"])
+                                         row["expected_outlier_rate"], _padded(reference["proportions"]),
+                                         reference["edges"])
     series: dict[tuple, _Series] = {}
     rows = store.db.execute(
         "SELECT w.model_checksum, w.agent_id, w.tester, w.end, s.head, s.site, s.parts, s.outliers, s.counts "
@@ -150,88 +180,130 @@ def _load(store: Store, since: float) -> tuple[dict[str, _Model], list[_Series]]
         if key not in series:
             series[key] = _Series(row["model_checksum"], row["agent_id"], row["tester"], row["head"], row["site"])
         s = series[key]
-        counts = np.zeros(model.reference.shape, dtype=np.int64)
-        for t, c in enumerate(decode_trusted(row["counts"])):
-            counts[t, :len(c)] = c
         s.ends.append(row["end"])
         s.parts.append(row["parts"])
         s.outliers.append(row["outliers"])
-        s.counts.append(counts)
-    used = {s.model for s in series.values()}
-    return ({c: m for c, m in models.items() if c in used},
-            sorted(series.values(), key=lambda s: (s.tester, s.head, s.site)))
+        s.counts.append(_padded(decode_trusted(row["counts"]), model.reference.shape))
+    for (agent_id, checksum, head, site), (counts, _, _, _) in store.baselines().items():
+        s = series.get((checksum, agent_id, head, site))
+        if s is not None and counts.sum() > 0:
+            s.baseline = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    for (agent_id, checksum, head, site), (values, _) in store.judged_psi().items():
+        s = series.get((checksum, agent_id, head, site))
+        if s is not None:
+            s.judged = np.array([np.nan if v is None else v for v in values])
+    return models, sorted(series.values(), key=lambda s: (s.tester, s.head, s.site))
 
 
-# ---- analysis ------------------------------------------------------------------------------------------------
+def _padded(rows: list[list[float]], shape: tuple[int, int] | None = None) -> np.ndarray:
+    out = np.zeros(shape or (len(rows), max((len(r) for r in rows), default=1)))
+    for t, r in enumerate(rows):
+        out[t, :len(r)] = r
+    return out
 
-def _recent_psi(model: _Model, s: _Series, config: AlertConfig) -> tuple[np.ndarray, np.ndarray]:
-    """PSI per test over the series' recent counts (NaN below ``psi_min_parts`` readings), and the sample sizes."""
+
+def _incidents(store: Store, where: str, parameters: tuple, limit: int = -1) -> list[tuple]:
+    rows = store.db.execute(f"SELECT * FROM incidents WHERE {where} ORDER BY opened_at DESC LIMIT ?",
+                            (*parameters, limit)).fetchall()
+    return [(row, store.db.execute("SELECT * FROM incident_tests WHERE incident_id = ? ORDER BY psi_peak DESC",
+                                    (row["id"],)).fetchall()) for row in rows]
+
+
+# ---- incidents and the recommendation -------------------------------------------------------------------------
+
+def _where(incident) -> str:
+    if incident["scope"] == "site":
+        return f"{incident['tester']} h{incident['head']}/s{incident['site']}"
+    if incident["scope"] == "tester":
+        return f"{incident['tester']} (most of its sites)"
+    testers = sorted(tester for _, tester, _ in decode_trusted(incident["members"]))
+    return f"{len(testers)} testers: {', '.join(testers)}"
+
+
+def _tests(tests) -> str:
+    shown = [f"{t['test']} {_psi_text(t['psi_peak'])} ({_psi_text(t['noise'])})" for t in tests[:TESTS_SHOWN]]
+    return "; ".join(shown) + (f"; and {len(tests) - TESTS_SHOWN} more" if len(tests) > TESTS_SHOWN else "")
+
+
+def _incident_row(incident, tests) -> tuple:
+    return (incident["id"], incident["diagnosis"], _where(incident), incident["model"], _tests(tests),
+            _iso(incident["start"]), incident["parts"], incident["summary"])
+
+
+def _closed_row(incident, tests) -> tuple:
+    return (incident["id"], incident["diagnosis"], _where(incident), incident["model"], _tests(tests),
+            _iso(incident["start"]), _iso(incident["closed_at"]), incident["closed_because"] or "")
+
+
+def _recommendation(model: _Model, open_incidents: list[tuple]) -> tuple[str, str, str]:
+    """Retrain only when an open fleet incident found the model's outputs moved with the process."""
+    mine = [row for row, _ in open_incidents if row["model_checksum"] == model.checksum]
+    retrain = [row for row in mine if row["retrain"]]
+    if retrain:
+        return model.label, "retrain", " ".join(row["recommendation"] for row in retrain)
+    if mine:
+        return model.label, "no retrain", " ".join(f"#{row['id']}: {row['recommendation']}" for row in mine)
+    return model.label, "no retrain needed", "no open incident: every tester/site is at its own baseline"
+
+
+# ---- heat maps -------------------------------------------------------------------------------------------------
+
+def _recent_psi(model: _Model, s: _Series, config: AlertConfig) -> np.ndarray:
+    """PSI per test over the series' recent counts against the training reference (NaN below ``psi_min_parts``)."""
     counts, _, _ = s.recent()
-    n = counts.sum(axis=1)
-    values = psi(counts, model.reference)
-    return np.where(n >= config.psi_min_parts, values, np.nan), n
+    return np.where(counts.sum(axis=1) >= config.psi_min_parts, psi(counts, model.reference), np.nan)
 
 
-def _recommend(model: _Model, series: list[_Series], config: AlertConfig) -> tuple[str, str]:
-    """A verdict and its reason. Drift on most of the fleet means the population moved (retrain); drift on a
-    few testers/sites while the rest matches the reference points at those testers (do not retrain on it)."""
-    if not series:
-        return "no data", "no windows in the report's range"
-    drifting: dict[int, list[tuple[_Series, float]]] = {}      # test -> (tester/site, recent PSI) above threshold
-    measured, worst = [], (-1.0, "", "", 0)
-    for s in series:
-        values, n = _recent_psi(model, s, config)
-        if np.all(np.isnan(values)):
-            continue
-        measured.append(s)
-        t = int(np.nanargmax(values))
-        if values[t] > worst[0]:
-            worst = (float(values[t]), model.columns[t], s.label, int(n[t]))
-        for t in np.flatnonzero(values > config.psi_threshold):
-            drifting.setdefault(int(t), []).append((s, float(values[t])))
-    if not measured:
-        return "not enough data", (f"no tester/site has {config.psi_min_parts} readings of a test yet "
-                                   f"({len(series)} tester/site(s) reporting)")
-    several_testers = len({s.tester for s in measured}) > 1
-    fleet_wide = {t: where for t, where in drifting.items() if len(where) * 2 >= len(measured)
-                  and (not several_testers or len({s.tester for s, _ in where}) > 1)}
-    excess = [s for s in series if (r := s.recent())[1] >= config.outlier_min_parts
-              and r[2] / r[1] > model.expected_outlier_rate + config.outlier_margin]
-    if fleet_wide:
-        widest = sorted(fleet_wide.items(), key=lambda item: -len(item[1]))[:3]
-        named = "; ".join(f"{model.columns[t]} on {len(where)} of {len(measured)} tester/sites (max PSI "
-                          f"{max(v for _, v in where):.2f})" for t, where in widest)
-        return "retrain", (f"{len(fleet_wide)} test(s) drift (PSI > {config.psi_threshold}) on most of the fleet "
-                           f"running it: {named}. The process or product moved away from the training data.")
-    if len(excess) * 2 >= len(series):
-        return "retrain or recalibrate", (f"outlier rate above {model.expected_outlier_rate:.2%} + "
-                                          f"{config.outlier_margin:.2%} on {len(excess)} of {len(series)} "
-                                          f"tester/sites: the score threshold no longer fits the population")
-    if drifting:
-        places = sorted({s.label for where in drifting.values() for s, _ in where})
-        strongest = sorted(drifting, key=lambda t: -max(v for _, v in drifting[t]))[:3]
-        return "do not retrain; investigate", (
-            f"drift is confined to {', '.join(places[:5])}{' ...' if len(places) > 5 else ''} (tests "
-            f"{', '.join(model.columns[t] for t in strongest)}); the rest of the fleet matches the reference. "
-            f"Check the tester, probe card or setup there: retraining would teach the model a fault.")
-    return "no retrain needed", (f"no test above PSI {config.psi_threshold} on {len(measured)} tester/site(s); "
-                                 f"worst PSI {worst[0]:.3f} ({worst[1]} at {worst[2]}, n = {worst[3]})")
+def _against(model: _Model, s: _Series, config: AlertConfig, baseline: bool) -> np.ndarray:
+    """What a heat table shows: the latest judged block against the site's baseline, or recent PSI against the
+    training reference."""
+    if not baseline:
+        return _recent_psi(model, s, config)
+    return s.judged if s.judged is not None else np.full(len(model.columns), np.nan)
 
 
-# ---- plots ---------------------------------------------------------------------------------------------------
+def _band(value: float) -> int:
+    return int(np.searchsorted(BAND_EDGES, value, side="right") - 1)
 
-def _overview_heatmap(model: _Model, series: list[_Series], config: AlertConfig) -> bytes:
-    matrix = np.array([_recent_psi(model, s, config)[0] for s in series]).T      # [T, series]
+
+def _psi_text(value) -> str:
+    return "-" if value is None or np.isnan(value) else f"{value:.2g}"
+
+
+def _heat_table(model: _Model, series: list[_Series], config: AlertConfig, *, baseline: bool) -> str:
+    """Tests (the most moved first) x tester/site as an HTML table: banded colour and the value in every cell."""
+    matrix = np.array([_against(model, s, config, baseline) for s in series]).T                 # [T, series]
+    if not series or np.isnan(matrix).all():
+        missing = "a baseline (sites learn one from their first blocks)" if baseline else \
+            f"{config.psi_min_parts} readings"
+        return f"<p>No tester/site has {html.escape(missing)} yet.</p>"
     order = np.argsort(-np.nan_to_num(np.nanmax(matrix, axis=1, initial=0.0), nan=-1.0))[:OVERVIEW_TESTS]
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.5 * len(series) + 3), max(3.0, 0.3 * len(order) + 1.5)))
-    image = axes.imshow(np.ma.masked_invalid(matrix[order]), aspect="auto", cmap="viridis", vmin=0,
-                        vmax=PSI_COLOR_MAX)
-    axes.set_xticks(range(len(series)), [s.label for s in series], rotation=60, ha="right", fontsize=8)
-    axes.set_yticks(range(len(order)), [model.columns[t] for t in order], fontsize=8)
-    axes.set_title(f"recent PSI (latest {RECENT_PARTS} parts per tester/site; blank: < {config.psi_min_parts} "
-                   f"readings)", fontsize=9)
-    figure.colorbar(image, ax=axes, label="PSI (0.1 watch, 0.2 act)")
-    return _png(figure)
+    head = "".join(f"<th>{html.escape(s.label)}</th>" for s in series)
+    body = []
+    for t in order:
+        cells = "".join(_heat_cell(v) for v in matrix[t])
+        body.append(f"<tr><th>{html.escape(model.columns[t])}</th>{cells}</tr>")
+    what = ("PSI of each tester/site's latest judged block against its own baseline (as the incidents judged it; "
+            "'-': not judged, no baseline yet)" if baseline else
+            f"PSI of each tester/site's latest {RECENT_PARTS} parts against the training reference ('-': fewer than "
+            f"{config.psi_min_parts} readings)")
+    return (f'<div class="wide"><table class="heat"><thead><tr><th>test</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div><p class="note">{what}; the {len(order)} most moved of '
+            f"{len(model.columns)} tests.</p>{_legend()}")
+
+
+def _heat_cell(value: float) -> str:
+    if np.isnan(value):
+        return '<td class="heat">-</td>'
+    _, colour, _ = PSI_BANDS[_band(value)]
+    ink = "#fff" if value >= 1.0 else "#000"
+    return f'<td class="heat" data-psi="{value:.6g}" style="background:{colour};color:{ink}">{_psi_text(value)}</td>'
+
+
+def _legend() -> str:
+    swatches = "".join(f'<td data-psi="{edge:g}" style="background:{colour};color:{"#fff" if edge >= 1 else "#000"}">'
+                       f"{html.escape(label)}</td>" for edge, colour, label in PSI_BANDS)
+    return f'<table class="legend"><tr><th>PSI</th>{swatches}</tr></table>'
 
 
 def _time_heatmap(model: _Model, series: list[_Series], config: AlertConfig) -> bytes:
@@ -242,7 +314,7 @@ def _time_heatmap(model: _Model, series: list[_Series], config: AlertConfig) -> 
         bucket = np.searchsorted(edges, s.ends, side="right") - 1
         summed = np.zeros((len(edges) - 1, *model.reference.shape), dtype=np.int64)
         for b, counts in zip(bucket, s.counts):
-            summed[b] += counts
+            summed[b] += counts.astype(np.int64)
         values = psi(summed, model.reference)                                      # [buckets, T]
         values = np.where(summed.sum(axis=2) >= config.psi_min_parts, values, np.nan)
         for t in range(len(model.columns)):
@@ -250,39 +322,57 @@ def _time_heatmap(model: _Model, series: list[_Series], config: AlertConfig) -> 
             labels.append(f"{s.label} {model.columns[t]}")
     matrix = np.array(rows)
     order = np.argsort(-np.nan_to_num(np.nanmax(matrix, axis=1, initial=0.0), nan=-1.0))[:HEATMAP_ROWS]
-    figure, axes = plt.subplots(figsize=(10, max(3.0, 0.3 * len(order) + 1.5)))
-    image = axes.imshow(np.ma.masked_invalid(matrix[order]), aspect="auto", cmap="viridis", vmin=0,
-                        vmax=PSI_COLOR_MAX, extent=(0, len(edges) - 1, len(order), 0))
+    shown = matrix[order]
+    figure, axes = plt.subplots(figsize=(max(10.0, 0.45 * shown.shape[1] + 4), max(3.0, 0.3 * len(order) + 1.5)))
+    colours = ListedColormap([colour for _, colour, _ in PSI_BANDS])
+    norm = BoundaryNorm([*BAND_EDGES, 1e12], colours.N)
+    image = axes.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap=colours, norm=norm,
+                        extent=(0, len(edges) - 1, len(order), 0))
+    for (row, column), value in np.ndenumerate(shown):
+        if not np.isnan(value):
+            axes.text(column + 0.5, row + 0.5, _psi_text(value), ha="center", va="center", fontsize=6,
+                      color="white" if value >= 1.0 else "black")
     axes.set_yticks(np.arange(len(order)) + 0.5, [labels[i] for i in order], fontsize=8)
     ticks = np.linspace(0, len(edges) - 1, min(6, len(edges)))
-    axes.set_xticks(ticks, [_hhmm(edges[0] + (edges[-1] - edges[0]) * x / (len(edges) - 1)) for x in ticks],
+    clock = "%H:%M:%S" if edges[-1] - edges[0] < 3600 else "%m-%d %H:%M"
+    axes.set_xticks(ticks, [_clock(edges[0] + (edges[-1] - edges[0]) * x / (len(edges) - 1), clock) for x in ticks],
                     fontsize=8)
-    axes.set_title(f"PSI per time bucket (counts summed per bucket); the {len(order)} worst tester/site x test",
+    axes.set_title(f"PSI per time bucket (counts summed per bucket); the {len(order)} most moved tester/site x test",
                    fontsize=9)
-    figure.colorbar(image, ax=axes, label="PSI")
+    bar = figure.colorbar(image, ax=axes, label="PSI (banded)", ticks=BAND_EDGES)
+    bar.ax.set_yticklabels([f"{edge:g}" for edge in BAND_EDGES])
     return _png(figure)
 
 
 def _worst_histograms(model: _Model, series: list[_Series], config: AlertConfig) -> bytes:
+    """The most moved (series, test) pairs: as judged against the site's own baseline where it has been, else
+    recent parts against the reference."""
     candidates = []
     for s in series:
-        values, n = _recent_psi(model, s, config)
+        values = _against(model, s, config, s.judged is not None)
         counts = s.recent()[0]
-        candidates += [(float(values[t]), s, t, int(n[t]), counts[t]) for t in range(len(model.columns))
+        candidates += [(float(values[t]), s, t, counts[t]) for t in range(len(model.columns))
                        if not np.isnan(values[t])]
     worst = sorted(candidates, key=lambda c: -c[0])[:WORST_SHOWN]
-    figure, grid = plt.subplots(2, 3, figsize=(12, 6), squeeze=False)
+    figure, grid = plt.subplots(2, 3, figsize=(12, 6.5), squeeze=False)
     for axes in grid.flat[len(worst):]:
         axes.axis("off")
     if not worst:
         grid[0, 0].text(0.5, 0.5, f"no test has {config.psi_min_parts} readings yet", ha="center")
-    for axes, (value, s, t, n, counts) in zip(grid.flat, worst):
+    for axes, (value, s, t, counts) in zip(grid.flat, worst):
         bins = len(model.edges[t]) + 1
         x = np.arange(bins)
-        axes.bar(x - 0.2, model.reference[t, :bins], width=0.4, label="reference")
-        axes.bar(x + 0.2, counts[:bins] / max(n, 1), width=0.4, label="recent")
-        axes.set_xticks(x, _bin_labels(model.edges[t]), rotation=60, fontsize=6)
-        axes.set_title(f"{model.columns[t]} @ {s.label}\nPSI {value:.2f}, n = {n}", fontsize=8)
+        bars = [("training reference", model.reference[t, :bins])]
+        if s.judged is not None and s.baseline is not None:
+            bars.append(("site baseline", s.baseline[t, :bins]))
+        bars.append(("recent", counts[:bins] / max(counts[:bins].sum(), 1)))
+        width = 0.8 / len(bars)
+        for i, (name, heights) in enumerate(bars):
+            axes.bar(x + (i - (len(bars) - 1) / 2) * width, heights, width=width, label=name)
+        axes.set_xticks(x, bin_labels(model.edges[t]), rotation=60, fontsize=6)
+        against = "latest judged block against its baseline" if s.judged is not None else "recent against reference"
+        axes.set_title(f"{model.columns[t]} @ {s.label}\nPSI {value:.2f} ({against}); recent n = "
+                       f"{int(counts[:bins].sum())}", fontsize=8)
         axes.legend(fontsize=6)
     figure.tight_layout()
     return _png(figure)
@@ -312,11 +402,19 @@ def _outlier_rates(series: list[_Series], models: dict[str, _Model]) -> bytes:
     return _png(figure)
 
 
-def _bin_labels(edges: list[float]) -> list[str]:
+def bin_labels(edges: list[float]) -> list[str]:
+    """Bin labels with the fewest significant digits (3 at least) that keep every edge distinct.
+
+    >>> bin_labels([1.2001, 1.2002, 1.2004])
+    ['<1.2001', '1.2001..1.2002', '1.2002..1.2004', '>=1.2004']
+    >>> bin_labels([0.5, 1.25])
+    ['<0.5', '0.5..1.25', '>=1.25']
+    """
     if not edges:
         return ["all"]
-    return ([f"<{edges[0]:.3g}"] + [f"{a:.3g}..{b:.3g}" for a, b in zip(edges, edges[1:])]
-            + [f">={edges[-1]:.3g}"])
+    digits = next((d for d in range(3, 16) if len({f"{e:.{d}g}" for e in edges}) == len(set(edges))), 16)
+    text = [f"{e:.{digits}g}" for e in edges]
+    return [f"<{text[0]}"] + [f"{a}..{b}" for a, b in zip(text, text[1:])] + [f">={text[-1]}"]
 
 
 def _png(figure) -> bytes:
@@ -338,7 +436,7 @@ def _agent_rows(agents, agent_models, models: dict[str, _Model], config: AlertCo
         model = models.get(a["model_checksum"])
         status = "silent" if a["silent_since"] is not None or now - a["last_seen"] > config.silent_after_s else "alive"
         rows.append((a["agent_id"], a["tester"], model.label if model else a["model_checksum"][:12],
-                     ", ".join(seen.get(a["agent_id"], [])),
+                     ", ".join(seen.get(a["agent_id"], [])) or "none in range",
                      f"{_iso(a['last_seen'])} ({now - a['last_seen']:.0f} s ago)",
                      a["last_seq"], a["windows"], a["dropped_total"] + a["unspooled_lost"], status))
     return rows
@@ -355,6 +453,9 @@ class _Page:
 
     def text(self, text: str) -> None:
         self.parts.append(f"<p>{html.escape(text)}</p>")
+
+    def raw(self, markup: str) -> None:
+        self.parts.append(markup)
 
     def table(self, header: list[str], rows: list[tuple]) -> None:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -376,13 +477,14 @@ class _Page:
 
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left;vertical-align:top}"
-        "th{background:#f0f0f0}img.plot{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:12px}")
+        "th{background:#f0f0f0}img.plot{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:12px}"
+        "table.heat td,table.heat th{font-size:11px;padding:2px 4px;text-align:right;white-space:nowrap}"
+        "table.legend td{font-size:11px;padding:2px 8px}p.note{color:#666;font-size:12px}div.wide{overflow-x:auto}")
 
 
 def _iso(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _hhmm(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%m-%d %H:%M")
-
+def _clock(timestamp: float, layout: str) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime(layout)

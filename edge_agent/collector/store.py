@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from ..errors import EdgeError
-from ..wire.codec import encode
+from ..wire.codec import decode_trusted, encode
 from ..wire.stats import StatsWindow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2        # 2: baselines, incidents, incident_tests (a version 1 database gains them when opened)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -49,7 +51,30 @@ CREATE TABLE IF NOT EXISTS alerts (
     head INTEGER, site INTEGER, test TEXT, model TEXT, value REAL, threshold REAL, sample_size INTEGER,
     window_id INTEGER REFERENCES windows(id), message TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS alerts_by_time ON alerts (created_at);
+CREATE TABLE IF NOT EXISTS baselines (
+    agent_id TEXT NOT NULL, model_checksum TEXT NOT NULL REFERENCES models(checksum), head INTEGER NOT NULL,
+    site INTEGER NOT NULL, counts BLOB NOT NULL, score_counts BLOB NOT NULL, parts REAL NOT NULL,
+    outliers REAL NOT NULL, updated_at REAL NOT NULL, judged_psi BLOB NOT NULL, judged_end REAL NOT NULL,
+    PRIMARY KEY (agent_id, model_checksum, head, site));
+CREATE TABLE IF NOT EXISTS incidents (
+    id INTEGER PRIMARY KEY, model_checksum TEXT NOT NULL REFERENCES models(checksum), model TEXT NOT NULL,
+    scope TEXT NOT NULL, diagnosis TEXT NOT NULL, status TEXT NOT NULL, agent_id TEXT, tester TEXT, head INTEGER,
+    site INTEGER, members BLOB NOT NULL, start REAL NOT NULL, end REAL NOT NULL, opened_at REAL NOT NULL,
+    updated_at REAL NOT NULL, closed_at REAL, closed_because TEXT, opened_window_id INTEGER REFERENCES windows(id),
+    last_window_id INTEGER REFERENCES windows(id), blocks INTEGER NOT NULL, parts INTEGER NOT NULL,
+    others_held INTEGER, retrain INTEGER NOT NULL, recommendation TEXT NOT NULL, score_psi REAL, score_noise REAL,
+    outlier_rate REAL, baseline_outlier_rate REAL, summary TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS incidents_by_status ON incidents (status, opened_at);
+CREATE TABLE IF NOT EXISTS incident_tests (
+    incident_id INTEGER NOT NULL REFERENCES incidents(id), test TEXT NOT NULL, psi REAL, psi_peak REAL,
+    noise REAL, n INTEGER NOT NULL, n_baseline INTEGER NOT NULL, psi_siblings REAL, psi_fleet REAL,
+    psi_reference REAL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    PRIMARY KEY (incident_id, test));
 """
+INCIDENT_COLUMNS = ("model_checksum", "model", "scope", "diagnosis", "status", "agent_id", "tester", "head", "site",
+                    "members", "start", "end", "opened_at", "updated_at", "closed_at", "closed_because",
+                    "opened_window_id", "last_window_id", "blocks", "parts", "others_held", "retrain",
+                    "recommendation", "score_psi", "score_noise", "outlier_rate", "baseline_outlier_rate", "summary")
 
 
 class StoreError(EdgeError):
@@ -80,6 +105,9 @@ class Store:
                 self.db.execute("PRAGMA synchronous=FULL")
                 self.db.executescript(SCHEMA)
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                # Version 1 lacks only tables, which SCHEMA has just created.
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version' AND value = '1'",
+                                (str(SCHEMA_VERSION),))
             version = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:
             raise StoreError(f"{self.path}: cannot be used as the stats database ({error})") from None
@@ -161,3 +189,42 @@ class Store:
                                "GROUP BY kind, agent_id, head, site, test").fetchall()
         return {tuple(row[:5]): row[5] for row in rows}
 
+    # ---- baselines and incidents (incidents.py) -------------------------------------------------------------------
+
+    def save_baseline(self, key: tuple[str, str, int, int], counts, score_counts, parts: float, outliers: float,
+                      now: float, judged_psi: list, judged_end: float) -> None:
+        self.db.execute("INSERT OR REPLACE INTO baselines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*key, encode(counts.tolist()), encode(score_counts.tolist()), parts, outliers, now,
+                         encode(judged_psi), judged_end))
+
+    def baselines(self) -> dict[tuple[str, str, int, int], tuple]:
+        """(agent, model checksum, head, site) -> (counts [T, bins], score counts, parts, outliers)."""
+        return {(row["agent_id"], row["model_checksum"], row["head"], row["site"]):
+                (np.array(decode_trusted(row["counts"]), dtype=np.float64),
+                 np.array(decode_trusted(row["score_counts"]), dtype=np.float64), row["parts"], row["outliers"])
+                for row in self.db.execute("SELECT * FROM baselines")}
+
+    def save_incident(self, row: dict) -> int:
+        """Insert (``row["id"]`` None) or update an incident; its id."""
+        if row["id"] is None:
+            cursor = self.db.execute(f"INSERT INTO incidents ({', '.join(INCIDENT_COLUMNS)}) VALUES "
+                                     f"({', '.join(':' + c for c in INCIDENT_COLUMNS)})", row)
+            return cursor.lastrowid
+        self.db.execute(f"UPDATE incidents SET {', '.join(f'{c} = :{c}' for c in INCIDENT_COLUMNS)} WHERE id = :id",
+                        row)
+        return row["id"]
+
+    def save_incident_test(self, incident_id: int, test: str, evidence: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO incident_tests VALUES (:incident_id, :test, :psi, :psi_peak, :noise, "
+                        ":n, :n_baseline, :psi_siblings, :psi_fleet, :psi_reference, :first_seen, :last_seen)",
+                        {**evidence, "incident_id": incident_id, "test": test})
+
+    def judged_psi(self) -> dict[tuple[str, str, int, int], tuple[list, float]]:
+        """(agent, model checksum, head, site) -> PSI per test of the latest judged block against the baseline it
+        was judged with (None: not judged), and that block's end."""
+        return {(row[0], row[1], row[2], row[3]): (decode_trusted(row[4]), row[5]) for row in
+                self.db.execute("SELECT agent_id, model_checksum, head, site, judged_psi, judged_end FROM baselines")}
+
+    def open_incidents(self) -> list[tuple[sqlite3.Row, list[sqlite3.Row]]]:
+        return [(row, self.db.execute("SELECT * FROM incident_tests WHERE incident_id = ?", (row["id"],)).fetchall())
+                for row in self.db.execute("SELECT * FROM incidents WHERE status = 'open' ORDER BY id").fetchall()]

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "signature.json"     # beside the manifest, never listed in it (package/signing.py)
 MODEL_CARD_FILE = "model_card.md"
 SAMPLE_ROWS_FILE = "sample_rows.npz"
 OUTLIER_FILE = "outlier.onnx"
@@ -33,7 +34,13 @@ YIELD_FILE = "yield.onnx"
 YIELD_INT8_FILE = "yield.int8.onnx"
 REQUIRED_FILES = (MODEL_CARD_FILE, SAMPLE_ROWS_FILE)
 YIELD_KINDS = ("random_forest", "logistic", "mlp")
+HELD_OUT_SPLITS = ("lot", "time", "random")          # how the held-out parts were chosen (trainer.evaluation)
+THRESHOLD_OBJECTIVES = ("fail_f1", "fail_precision", "fixed")   # what the yield threshold was chosen for
 VARIANTS = ("float32", "int8")
+# PAT rules by the shape of a test's readings, and what the self-check does to a test whose limits flag too many
+# passing training parts (edge_agent.package.rules applies them).
+PAT_SHAPES = ("normal", "lognormal", "skewed", "discrete", "bimodal", "constant")
+PAT_ON_EXCESS = ("widen", "disable")
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # model names and package file names
 VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
@@ -105,6 +112,40 @@ class OutlierModel:
 
 
 @dataclass(frozen=True, kw_only=True)
+class YieldLabel:
+    """What the yield model learned to predict, and what that is worth (trainer.labels, trainer.outcomes)."""
+
+    column: str
+    source: str                 # "outcomes": a later step's result joined by part identity; "pass_flag": this
+                                # step's own pass flag (the model relearns the test limits); "column": as given
+    meaning: str                # the sentence the model card shows
+    pass_value: str | None = optional()   # the label value that means pass (--label-pass-value)
+    outcomes: dict | None = optional()    # the join: files, keys, match counts
+
+
+@dataclass(frozen=True, kw_only=True)
+class YieldThreshold:
+    """How the threshold was chosen: for an objective, on held-out parts the reported measures do not use."""
+
+    objective: str              # "fail_f1", "fail_precision" or "fixed"
+    target_precision: float | None = optional()
+    tuning_parts: int
+    evaluation_parts: int
+    note: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class QualityGate:
+    """The yield model against chance on held-out parts. A package that did not pass is published as a candidate
+    and the registry promotes it to staging or production only when forced, with a reason."""
+
+    min_auc: float
+    roc_auc: float | None
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class YieldModel:
     kind: str
     files: dict[str, str]       # variant ("float32", "int8") -> package file
@@ -113,6 +154,9 @@ class YieldModel:
     label: str
     params: dict
     quantization: Quantization
+    label_source: YieldLabel | None = optional()
+    threshold_choice: YieldThreshold | None = optional()
+    gate: QualityGate | None = optional()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,15 +171,28 @@ class Models:
 
 @dataclass(frozen=True, kw_only=True)
 class PatLimit:
-    """Static PAT limits of one test (None: too few parts for a limit); median and sigma in the test's units."""
+    """Static PAT limits of one test (None: no limit, see ``self_check``); median and sigma in the test's units.
+
+    The fields from ``shape`` on are the rule the limits follow (``edge_agent.package.rules``); packages written
+    before them read as a linear test without a resolution floor whose limits were kept as computed.
+    """
 
     column: str
     median: float | None
-    robust_sigma: float | None
+    robust_sigma: float | None        # IQR/1.35, never below the resolution floor
     scale: str = optional("linear")   # "log": limits set on log(reading) (edge_agent.package.rules)
     low: float | None
     high: float | None
     n: int
+    shape: str | None = optional()          # one of rules.SHAPES
+    resolution: float | None = optional()   # smallest step between distinct readings (None: fewer than 2 values)
+    k_sigma: float | None = optional()      # this test's k: the package's, or wider after the self-check
+    typical_low: float | None = optional()  # the rule's limits at k = 3: the typical range explanations quote
+    typical_high: float | None = optional()
+    self_check: str | None = optional()     # "kept", "widened" or "disabled" (then low and high are None)
+    flag_rate: float | None = optional()    # share of passing training parts outside low..high
+    flag_rate_before: float | None = optional()   # the same for the rule's limits before the self-check
+    reason: str | None = optional()         # what the self-check found, in words
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,6 +201,9 @@ class Pat:
     method: str
     min_parts: int
     limits: list[PatLimit]
+    resolution_floor: float | None = optional()   # robust sigma >= this many resolution steps
+    max_flag_rate: float | None = optional()      # the self-check's bound on flagged passing training parts
+    on_excess: str | None = optional()            # "widen" or "disable": what the self-check does above it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +244,18 @@ class ReferenceBins:
     rows: int = optional(0)    # reference parts
     tests: list[FeatureBins]
     outlier_score: ScoreBins
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldOut:
+    """Which parts the models were evaluated on, and why those (trainer.evaluation)."""
+
+    split: str                  # "lot": the latest lot(s); "time": the latest time slice; "random"
+    reason: str
+    parts: int
+    held_out_lots: list[str]
+    training_lots: list[str]
+    time_from: float | None = optional()   # split "time": the first held-out timestamp (unix seconds)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,6 +323,7 @@ class Manifest:
     fidelity: dict[str, FidelityCheck]   # "<model>.<variant>" -> the check of that graph
     validation: dict
     lineage: Lineage
+    held_out: HeldOut | None = optional()
     files: dict[str, str] = field(default_factory=dict)   # package file -> sha256
 
     @property
@@ -316,6 +389,11 @@ def read_manifest(document: bytes | dict) -> tuple[Manifest | None, list[str]]:
                                 if (entry := _read_fidelity_entry(check, key, value)) is not None}
     if "lineage" in top:
         sections["lineage"] = _read_lineage(check, top["lineage"])
+    if top.get("held_out") is not None:
+        held_out = check.fields(top["held_out"], "manifest.held_out", HeldOut)
+        if "split" in held_out:
+            check.one_of(held_out["split"], "manifest.held_out.split", HELD_OUT_SPLITS)
+        sections["held_out"] = _partial(HeldOut, held_out)
     return _partial(Manifest, {**top, **sections}), check.problems
 
 
@@ -541,6 +619,8 @@ def _read_files(check: _Checker, files: Any) -> dict:
         path = f"manifest.files[{name!r}]"
         if name == MANIFEST_FILE:
             check.fail(path, "the manifest cannot list itself (the package checksum is its sha256)")
+        elif name == SIGNATURE_FILE:
+            check.fail(path, "the manifest cannot list the signature that signs it")
         elif not NAME_PATTERN.fullmatch(name):
             check.fail(path, "expected a plain file name inside the package (letters, digits, . _ -)")
         if check.typed(digest, path, "string") is not _INVALID and not SHA256_PATTERN.fullmatch(digest):
@@ -573,6 +653,13 @@ def _read_models(check: _Checker, models: dict, shipped: set[str]) -> Models:
             check.one_of(spec["output"], f"{path}.output", ("pass_probability",))
         if "threshold" in spec:
             check.fraction(spec["threshold"], f"{path}.threshold")
+        for key, section in (("label_source", YieldLabel), ("threshold_choice", YieldThreshold),
+                             ("gate", QualityGate)):
+            if spec.get(key) is not None:
+                spec[key] = check.section(spec[key], f"{path}.{key}", section)
+        if spec.get("threshold_choice") is not None and spec["threshold_choice"].objective is not None:
+            check.one_of(spec["threshold_choice"].objective, f"{path}.threshold_choice.objective",
+                         THRESHOLD_OBJECTIVES)
         read["yield_model"] = _read_model(check, YieldModel, path, spec, shipped)
     return _partial(Models, read)
 
@@ -599,11 +686,22 @@ def _read_model(check: _Checker, cls: type, path: str, spec: dict, shipped: set[
 
 def _read_pat(check: _Checker, pat: dict, columns: list[str | None] | None) -> Pat:
     valid = check.fields(pat, "manifest.pat", Pat)
+    if "on_excess" in valid:
+        check.one_of(valid["on_excess"], "manifest.pat.on_excess", PAT_ON_EXCESS)
+    if "max_flag_rate" in valid:
+        check.fraction(valid["max_flag_rate"], "manifest.pat.max_flag_rate")
     limits = []
     for path, limit in check.objects(valid.get("limits", ()), "manifest.pat.limits"):
         entry = check.fields(limit, path, PatLimit)
         if "scale" in entry:
             check.one_of(entry["scale"], f"{path}.scale", ("linear", "log"))
+        if "shape" in entry:
+            check.one_of(entry["shape"], f"{path}.shape", PAT_SHAPES)
+        if "self_check" in entry:
+            check.one_of(entry["self_check"], f"{path}.self_check", ("kept", "widened", "disabled"))
+        for name in ("flag_rate", "flag_rate_before"):
+            if name in entry:
+                check.fraction(entry[name], f"{path}.{name}")
         _known_column(check, entry, path, columns)
         low, high = entry.get("low"), entry.get("high")
         if low is not None and high is not None and low > high:

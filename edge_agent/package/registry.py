@@ -2,7 +2,7 @@
 
 Layout of one model's folder::
 
-    <root>/<name>/1/, 2/, ...     packages (read-only once published)
+    <root>/<name>/1/, 2/, ...     packages (read-only once published), each signed in its signature.json
     <root>/<name>/registry.json   {"name", "stages": {version: stage}} -- replaced atomically
     <root>/<name>/history.jsonl   one JSON line per change (time, action, version, stages, reason, user)
     <root>/<name>/.lock           fcntl lock serialising every state change of this model
@@ -11,7 +11,8 @@ Layout of one model's folder::
 A package appears under its version number only by one ``os.rename`` of a complete, verified folder, so a
 writer that crashes leaves at most a ``.staging-*`` folder that no reader looks at.
 
-stdlib only: the edge agent imports this module to find, verify and load packages.
+stdlib and ``cryptography`` (signatures) only: the edge agent imports this module to find, verify and load packages.
+A registry given a ``Trust`` checks every package's signature as part of verifying it (package/signing.py).
 """
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import RegistryError
+from ..keys import SigningKey
 from .files import (BLOCK, READ_ONLY_DIR, READ_ONLY_FILE, WRITABLE_DIR, abandoned, append_lines, atomic_write,
                     fsync_dir, remove_tree, rename_no_replace, sha256_file)
-from .manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN, Manifest, fidelity_problems, read_manifest
+from .manifest import (MANIFEST_FILE, NAME_PATTERN, SIGNATURE_FILE, VERSION_PATTERN, Manifest, fidelity_problems,
+                       read_manifest)
+from .signing import SignatureCheck, Trust, check_signature, sign_record, write_signature
 
 STAGES = ("candidate", "staging", "production", "archived")
 SINGLE_HOLDER_STAGES = ("staging", "production")   # at most one version of a model holds each
@@ -60,12 +64,14 @@ class VerifyResult:
 
     ``checksum`` is the sha256 of its manifest.json and ``manifest`` what was read from exactly the bytes that
     were checked (partial when there are problems, None when unreadable), so a loader uses what was verified.
+    ``signature``: how its signature stood, when the registry checks signatures (None: not checked).
     """
 
     path: Path
     problems: list[str] = field(default_factory=list)
     checksum: str | None = None
     manifest: Manifest | None = field(default=None, repr=False)
+    signature: SignatureCheck | None = None
 
     @property
     def ok(self) -> bool:
@@ -100,7 +106,7 @@ def verify_dir(path: str | Path) -> VerifyResult:
 def _file_problems(path: Path, listed: dict) -> list[str]:
     problems = []
     for name, expected in listed.items():
-        if not NAME_PATTERN.fullmatch(name) or name == MANIFEST_FILE:
+        if not NAME_PATTERN.fullmatch(name) or name in (MANIFEST_FILE, SIGNATURE_FILE):
             continue   # read_manifest names it; never follow such a name out of the package
         file = path / name
         if not file.is_file():
@@ -110,7 +116,7 @@ def _file_problems(path: Path, listed: dict) -> list[str]:
         if got != expected:
             problems.append(f"{name}: checksum mismatch, expected sha256 {expected}, got {got}")
     for entry in sorted(os.listdir(path)):
-        if entry != MANIFEST_FILE and entry not in listed:
+        if entry not in (MANIFEST_FILE, SIGNATURE_FILE) and entry not in listed:
             kind = "folder" if (path / entry).is_dir() else "file"
             problems.append(f"{entry}: {kind} in the package but not listed in manifest.files")
     return problems
@@ -119,10 +125,12 @@ def _file_problems(path: Path, listed: dict) -> list[str]:
 
 
 class Registry:
-    """Models and their versions under one root folder (``models/`` by default in the CLI)."""
+    """Models and their versions under one root folder (``models/`` by default in the CLI); ``trust``: the signing
+    keys a package must be signed by to verify (None: signatures are not checked, only integrity)."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, trust: Trust | None = None):
         self.root = Path(root)
+        self.trust = trust
 
     # ---- reading ---------------------------------------------------------------------------------------------
 
@@ -181,7 +189,8 @@ class Registry:
             raise RegistryError(f"{path}: cannot be read ({error.strerror})") from error
 
     def verify(self, ref: PackageRef) -> VerifyResult:
-        """``verify_dir`` plus: the manifest names this package's model and version."""
+        """``verify_dir`` plus: the manifest names this package's model and version, and (with a ``trust``) a
+        trusted key signed this manifest for this name and version."""
         ref = self._existing(ref.name, ref.version)
         result = verify_dir(self.package_dir(ref))
         for key, expected in (("name", ref.name), ("version", ref.version)):
@@ -189,6 +198,9 @@ class Registry:
             if found != expected:
                 result.problems.append(f"{MANIFEST_FILE}: manifest.{key} is {found!r} but the package sits at "
                                        f"{ref}, expected {expected!r}")
+        if self.trust is not None and result.checksum is not None:
+            result.signature = check_signature(result.path, ref.name, ref.version, result.checksum, self.trust)
+            result.problems += result.signature.problems
         return result
 
     def history(self, name: str) -> list[dict]:
@@ -212,10 +224,12 @@ class Registry:
     # ---- writing ---------------------------------------------------------------------------------------------
 
     def publish(self, name: str, files: dict[str, bytes | Path], manifest: Manifest, *,
-                reason: str = "trained") -> PackageRef:
+                reason: str = "trained", signer: SigningKey | None = None) -> PackageRef:
         """Write a new immutable version of ``name`` and make it a candidate.
 
-        The published manifest is ``manifest`` with name, version and the sha256 of every file filled in.
+        The published manifest is ``manifest`` with name, version and the sha256 of every file filled in. With a
+        ``signer`` the version appears signed (signature.json is written before the folder is renamed into place);
+        without one it is unsigned, and a reader that checks signatures refuses it.
         """
         _check_name(name)
         sources = _check_files(files)
@@ -247,6 +261,9 @@ class Registry:
                     if not result.ok:
                         raise RegistryError(f"refusing to publish {name}: the package does not verify:\n"
                                             + "\n".join(f"  - {p}" for p in result.problems))
+                    if signer is not None:
+                        write_signature(staging, signer, name, version, result.checksum)
+                        os.chmod(staging / SIGNATURE_FILE, READ_ONLY_FILE)
                     os.chmod(staging, READ_ONLY_DIR)
                     try:
                         rename_no_replace(staging, model_dir / version)
@@ -257,18 +274,21 @@ class Registry:
                         version = str(int(version) + 1)
                 published = True
                 fsync_dir(model_dir)
-                self._apply(name, [(version, "candidate", "publish", reason)])
+                self._apply(name, [(version, "candidate", "publish", reason)], signer=signer)
         finally:
             os.close(staging_fd)
             if not published:
                 remove_tree(staging)
         return PackageRef(name, version)
 
-    def promote(self, name: str, version: str | int, stage: str, reason: str) -> PackageRef:
+    def promote(self, name: str, version: str | int, stage: str, reason: str, *, force: bool = False,
+                signer: SigningKey | None = None) -> PackageRef:
         """Move a version to ``stage``; the previous holder of staging/production steps down.
 
-        Promotion to production requires the package to verify. Promoting to the stage a version already
-        holds changes nothing and records nothing.
+        Promotion to production requires the package to verify. A package whose manifest says its yield model did
+        not pass the gate against chance goes to staging or production only with ``force``; the history line then
+        records what was overridden. Promoting to the stage a version already holds changes nothing and records
+        nothing. With a ``signer`` the history lines carry its key id and signature.
         """
         _check_stage(stage)
         _check_reason(reason)
@@ -279,15 +299,21 @@ class Registry:
                 return ref
             if stage == "production":
                 self._require_verified(ref)
+            held = self._quality_hold(ref) if stage in SINGLE_HOLDER_STAGES else None
+            if held is not None and not force:
+                raise RegistryError(f"{ref} cannot go to {stage}: {held}. It stays {stages[ref.version]}; to promote "
+                                    "it anyway, force it with a reason (edge-train registry promote ... --force "
+                                    "--reason '...'), which the history records")
             changes = [(ref.version, stage, "promote", reason)]
-            for holder, held in stages.items():
-                if stage in SINGLE_HOLDER_STAGES and held == stage and holder != ref.version:
+            for holder, held_stage in stages.items():
+                if stage in SINGLE_HOLDER_STAGES and held_stage == stage and holder != ref.version:
                     changes.insert(0, (holder, DISPLACED_TO[stage], "superseded",
                                        f"version {ref.version} promoted to {stage}: {reason}"))
-            self._apply(name, changes)
+            self._apply(name, changes, forced=held, signer=signer)
         return ref
 
-    def rollback(self, name: str, stage: str = "production", reason: str = "") -> PackageRef:
+    def rollback(self, name: str, stage: str = "production", reason: str = "", *,
+                 signer: SigningKey | None = None) -> PackageRef:
         """Give ``stage`` back to the version that held it before the current one; the current one is archived."""
         if stage not in SINGLE_HOLDER_STAGES:
             raise RegistryError(f"rollback applies to {' and '.join(SINGLE_HOLDER_STAGES)}, not {stage!r}")
@@ -305,8 +331,31 @@ class Registry:
             ref = PackageRef(name, earlier[-1])
             if stage == "production":
                 self._require_verified(ref)
-            self._apply(name, [(current, "archived", "rollback", reason), (ref.version, stage, "rollback", reason)])
+            self._apply(name, [(current, "archived", "rollback", reason), (ref.version, stage, "rollback", reason)],
+                        signer=signer)
         return ref
+
+    def sign(self, ref: PackageRef, signer: SigningKey, reason: str) -> dict:
+        """Sign a published package (one published unsigned, or again with a new key in a rotation): its files
+        must verify first. Replaces signature.json, changes no package file and no identity; the history records
+        it. Returns the signed statement."""
+        _check_reason(reason)
+        with self._locked(ref.name):
+            ref = self._existing(ref.name, ref.version)
+            result = verify_dir(self.package_dir(ref))
+            if not result.ok:
+                raise RegistryError(f"{ref} does not verify, it is not signed:\n"
+                                    + "\n".join(f"  - {p}" for p in result.problems))
+            folder = self.package_dir(ref)
+            os.chmod(folder, WRITABLE_DIR)
+            try:
+                statement = write_signature(folder, signer, ref.name, ref.version, result.checksum)
+                os.chmod(folder / SIGNATURE_FILE, READ_ONLY_FILE)
+            finally:
+                os.chmod(folder, READ_ONLY_DIR)
+            stage = self.stages(ref.name)[ref.version]
+            self._apply(ref.name, [(ref.version, stage, "sign", reason)], signer=signer)
+        return statement
 
     def gc(self, name: str | None = None, older_than_s: float = STALE_STAGING_S) -> list[Path]:
         """Remove staging folders left by crashed writers (no live writer, older than ``older_than_s``)."""
@@ -379,6 +428,16 @@ class Registry:
             raise RegistryError(f"{ref} does not verify, it cannot go to production:\n"
                                 + "\n".join(f"  - {p}" for p in result.problems))
 
+    def _quality_hold(self, ref: PackageRef) -> str | None:
+        """Why the package must not be promoted unforced (its yield model failed the gate against chance), else
+        None. A manifest that cannot be read holds nothing here: verification is what judges it."""
+        try:
+            manifest, _ = read_manifest((self.package_dir(ref) / MANIFEST_FILE).read_bytes())
+        except OSError:
+            return None
+        gate = manifest.models.yield_model.gate if manifest is not None else None
+        return None if gate is None or gate.passed is not False else gate.reason
+
     def _read_state(self, name: str) -> dict[str, str]:
         path = self._model_dir(name) / STATE_FILE
         try:
@@ -400,8 +459,11 @@ class Registry:
         finally:
             os.close(fd)   # closing drops the lock
 
-    def _apply(self, name: str, changes: list[tuple[str, str, str, str]]) -> None:
-        """Record (version, to_stage, action, reason) changes: history first, so no change goes unrecorded."""
+    def _apply(self, name: str, changes: list[tuple[str, str, str, str]], forced: str | None = None,
+               signer: SigningKey | None = None) -> None:
+        """Record (version, to_stage, action, reason) changes: history first, so no change goes unrecorded.
+        ``forced``: the gate a forced promotion overrode, written on the promotion's line; ``signer``: the key that
+        signs each line (its id is recorded with the user)."""
         model_dir = self._model_dir(name)
         stages = self._read_state(name)
         now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -409,8 +471,11 @@ class Registry:
         lines = []
         for version, to_stage, action, reason in changes:
             from_stage = stages.get(version, None if action == "publish" else "candidate")
-            lines.append(json.dumps({"time": now, "action": action, "version": version, "from_stage": from_stage,
-                                     "to_stage": to_stage, "reason": reason, "user": user}))
+            entry = {"time": now, "action": action, "version": version, "from_stage": from_stage,
+                     "to_stage": to_stage, "reason": reason, "user": user}
+            if forced is not None and action == "promote":
+                entry["forced"] = forced
+            lines.append(json.dumps(entry if signer is None else sign_record(entry, signer)))
             stages[version] = to_stage
         append_lines(model_dir / HISTORY_FILE, lines)
         state = {"name": name, "updated_at": now, "stages": dict(sorted(stages.items(), key=lambda i: int(i[0])))}
@@ -471,9 +536,9 @@ def _check_reason(reason: str) -> None:
 def _check_files(files: dict[str, bytes | Path]) -> dict[str, bytes | Path]:
     sources = {}
     for name, data in files.items():
-        if name == MANIFEST_FILE or not NAME_PATTERN.fullmatch(name):
+        if name in (MANIFEST_FILE, SIGNATURE_FILE) or not NAME_PATTERN.fullmatch(name):
             raise RegistryError(f"invalid package file name {name!r}: expected a plain file name other than "
-                                f"{MANIFEST_FILE} (letters, digits, '.', '_', '-')")
+                                f"{MANIFEST_FILE} and {SIGNATURE_FILE} (letters, digits, '.', '_', '-')")
         if isinstance(data, (bytes, bytearray, memoryview)):
             sources[name] = data
         elif isinstance(data, (str, os.PathLike)) and Path(data).is_file():

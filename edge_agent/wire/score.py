@@ -18,12 +18,12 @@ from .codec import short_repr
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
 MAX_PAT_LISTED = 16            # PAT breaks listed per part in a reply (``pat_total`` counts them all)
-# Identity as STDF writes it: strings are Cn (at most 255 bytes), head and site U1, x and y I2; integer wafer and
-# part ids (not STDF, accepted for convenience) U4. Nothing larger can reach drift state or the collector.
+# Identity as STDF writes it: strings are Cn (at most 255 bytes), head and site U1, x and y I2; integer sublot,
+# wafer and part ids (not STDF, accepted for convenience) U4. Nothing larger can reach drift state or the collector.
 MAX_IDENTITY_BYTES = 255
 INTEGER_RANGES = {"head": (0, 255, "STDF U1"), "site": (0, 255, "STDF U1"), "x": (-32768, 32767, "STDF I2"),
-                  "y": (-32768, 32767, "STDF I2"), "wafer": (0, 2 ** 32 - 1, "STDF U4"),
-                  "part_id": (0, 2 ** 32 - 1, "STDF U4")}
+                  "y": (-32768, 32767, "STDF I2"), "sublot": (0, 2 ** 32 - 1, "STDF U4"),
+                  "wafer": (0, 2 ** 32 - 1, "STDF U4"), "part_id": (0, 2 ** 32 - 1, "STDF U4")}
 # A score_batch larger than this is decoded a slice of parts at a time, as they are scored (``BatchParts``).
 STREAM_PARTS_ABOVE_BYTES = 64 << 10
 
@@ -41,7 +41,7 @@ BATCH_ITEM_FIELDS = {"part", "readings"}
 
 # Part identity: field -> accepted Python types after msgpack decoding.
 PART_FIELDS: dict[str, tuple[type, ...]] = {
-    "lot": (str,), "sublot": (str,), "wafer": (str, int), "x": (int,), "y": (int,), "head": (int,), "site": (int,),
+    "lot": (str,), "sublot": (str, int), "wafer": (str, int), "x": (int,), "y": (int,), "head": (int,), "site": (int,),
     "part_id": (str, int),
 }
 DEFAULT_HEAD, DEFAULT_SITE = 1, 1
@@ -70,6 +70,7 @@ class Code:
     OVERLOADED = "overloaded"
     UNKNOWN_VERSION = "unknown_version"
     NOTHING_TO_ROLL_BACK = "nothing_to_roll_back"
+    NOT_AUTHORIZED = "not_authorized"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -84,10 +85,10 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Part:
-    """Identity of one device. Only head, site and lot steer the agent (dynamic PAT windows)."""
+    """Identity of one device. Only head, site, lot, sublot and wafer steer the agent (dynamic PAT windows)."""
 
     lot: str | None = None
-    sublot: str | None = None
+    sublot: str | int | None = None
     wafer: str | int | None = None
     x: int | None = None
     y: int | None = None
@@ -460,14 +461,19 @@ def error_reply(rid: int | str | None, code: str, message: str) -> dict:
     return {"v": PROTOCOL_VERSION, "type": ERROR, "id": rid, "code": code, "message": message}
 
 
-def part_result(outlier_score: float, outlier: bool, pass_probability: float, predicted_fail: bool, bin_number: int,
-                bin_name: str, why: str, flags: list[str], breaks: list) -> dict:
-    """One part's decision as a score_result (and each result of a score_batch_result) carries it. ``breaks``: the
-    PAT limits broken (objects with ``to_wire()``), of which the first MAX_PAT_LISTED are listed and all counted, so
-    a reply's size does not grow with the number of tests."""
+def part_result(outlier_score: float | None, outlier: bool | None, pass_probability: float | None,
+                predicted_fail: bool | None, decision, breaks: list, drivers, tests_present: int, *,
+                insufficient: bool = False) -> dict:
+    """One part's decision as a score_result (and each result of a score_batch_result) carries it. ``decision``:
+    its ``bin``, ``name``, ``why`` and ``flags`` (edge_agent.binning.Decision); ``breaks``: the PAT limits broken
+    and ``drivers`` the tests behind a flag (objects with ``to_wire()``), of the breaks the first MAX_PAT_LISTED
+    listed and all counted, so a reply's size does not grow with the number of tests; ``insufficient``: too few
+    readings to score (the scores are then None)."""
     return {"outlier_score": outlier_score, "outlier": outlier, "pass_probability": pass_probability,
-            "predicted_fail": predicted_fail, "bin": bin_number, "bin_name": bin_name, "why": why, "flags": flags,
-            "pat": [b.to_wire() for b in breaks[:MAX_PAT_LISTED]], "pat_total": len(breaks)}
+            "predicted_fail": predicted_fail, "bin": decision.bin, "bin_name": decision.name, "why": decision.why,
+            "flags": decision.flags, "pat": [b.to_wire() for b in breaks[:MAX_PAT_LISTED]], "pat_total": len(breaks),
+            "drivers": [d.to_wire() for d in drivers], "insufficient_readings": insufficient,
+            "tests_present": tests_present}
 
 
 def encode_batch_reply(reply: dict, results: list[bytes]) -> bytes:

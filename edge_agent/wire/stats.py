@@ -26,6 +26,7 @@ class Code:
     INVALID_MESSAGE = "invalid_message"   # the window fails validation: it can never be stored
     UNSTORABLE = "unstorable"             # valid, but its store failed STORE_ATTEMPTS times with the database working
     STORE_FAILED = "store_failed"         # the collector could not write it now (disk full, database locked)
+    AGENT_ID_MISMATCH = "agent_id_mismatch"   # agent_id is not the id the sender's CURVE key is bound to
 
 
 class Reply(enum.Enum):
@@ -40,7 +41,7 @@ class Reply(enum.Enum):
 # Every refusal code and what the agent does with it. A code missing here (a newer collector's) is transient:
 # retrying a window costs a resend, dropping one loses it for good.
 REFUSALS: dict[str, Reply] = {Code.INVALID_MESSAGE: Reply.PERMANENT, Code.UNSTORABLE: Reply.PERMANENT,
-                               Code.STORE_FAILED: Reply.TRANSIENT}
+                              Code.STORE_FAILED: Reply.TRANSIENT, Code.AGENT_ID_MISMATCH: Reply.PERMANENT}
 
 
 class InvalidMessage(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import gzip
 import re
+from typing import Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -31,8 +32,9 @@ FALSE_TOKENS = frozenset({"false", "f", "0", "0.0", "no", "n", "fail"})
 _NUMBERED = re.compile(r"^\s*(\d+)\s*:\s*(.+?)\s*$")
 
 
-def read_csv(path: str) -> tuple[ParametricTable, list[Finding]]:
-    """Read a CSV (or .csv.gz); rows with the wrong number of fields are fatal and listed by line."""
+def read_csv(path: str, set_aside: Sequence[str] = ()) -> tuple[ParametricTable, list[Finding]]:
+    """Read a CSV (or .csv.gz); rows with the wrong number of fields are fatal and listed by line. Columns in
+    ``set_aside`` are read as text and kept out of the tests (trainer.ingest.read_table)."""
     header, metadata_rows = _peek_csv(path)
     findings: list[Finding] = []
     declared = _csv_metadata(path, header, metadata_rows, findings)
@@ -43,7 +45,8 @@ def read_csv(path: str) -> tuple[ParametricTable, list[Finding]]:
         return "skip"
 
     text_columns = {name: pa.string() for name in header
-                    if _canonical(name) in LABEL_COLUMNS or IDENTITY_COLUMNS.get(_canonical(name) or "") == "str"}
+                    if _canonical(name) in LABEL_COLUMNS or IDENTITY_COLUMNS.get(_canonical(name) or "") == "str"
+                    or (name in set_aside and _canonical(name) is None)}
     try:
         arrow = pa_csv.read_csv(
             path,
@@ -59,11 +62,11 @@ def read_csv(path: str) -> tuple[ParametricTable, list[Finding]]:
                         file=path)
     first_data_line = 2 + len(metadata_rows)
     # Line numbers assume one physical line per row (no blank lines or quoted line breaks before the row).
-    return _build(arrow.to_pandas(), path, declared, lambda i: f"line {first_data_line + i}", findings)
+    return _build(arrow.to_pandas(), path, declared, lambda i: f"line {first_data_line + i}", findings, set_aside)
 
 
-def read_parquet(path: str) -> tuple[ParametricTable, list[Finding]]:
-    """Read a Parquet file; test metadata from the schema metadata key if present."""
+def read_parquet(path: str, set_aside: Sequence[str] = ()) -> tuple[ParametricTable, list[Finding]]:
+    """Read a Parquet file; test metadata from the schema metadata key if present; ``set_aside`` as for CSV."""
     try:
         arrow = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
@@ -83,7 +86,7 @@ def read_parquet(path: str) -> tuple[ParametricTable, list[Finding]]:
     except (pa.ArrowException, TypeError, ValueError) as error:
         raise DataError(f"Parquet columns cannot be converted: {_first_line(error)}", file=path) from None
     frame = frame.drop(columns=[c for c in frame.columns if str(c).startswith("__index_level_")])
-    return _build(frame, path, declared, lambda i: f"row {i + 1}", findings)
+    return _build(frame, path, declared, lambda i: f"row {i + 1}", findings, set_aside)
 
 
 def _peek_csv(path: str) -> tuple[list[str], list[list[str]]]:
@@ -169,8 +172,8 @@ def _infer_meta(column: str) -> TestMeta:
     return TestMeta(column=column, name=name, number=int(match.group(1)), pin=pin)
 
 
-def _build(frame: pd.DataFrame, path: str, declared: dict[str, TestMeta], row_name,
-           findings: list[Finding]) -> tuple[ParametricTable, list[Finding]]:
+def _build(frame: pd.DataFrame, path: str, declared: dict[str, TestMeta], row_name, findings: list[Finding],
+           set_aside: Sequence[str]) -> tuple[ParametricTable, list[Finding]]:
     """Rename identity/label columns, give them their types, take test metadata, clean the tests."""
     renames = {column: _canonical(column) for column in frame.columns if _canonical(column)}
     targets = list(renames.values())
@@ -181,19 +184,27 @@ def _build(frame: pd.DataFrame, path: str, declared: dict[str, TestMeta], row_na
     frame = frame.rename(columns=renames)
     for column in targets:
         frame[column] = _typed(frame[column], column, path, row_name, findings)
-    tests = [declared.get(c) or _infer_meta(c) for c in frame.columns if c not in renames.values()]
+    aside = [c for c in frame.columns if c in set_aside and c not in renames.values()]
+    tests = [declared.get(c) or _infer_meta(c) for c in frame.columns if c not in renames.values() and c not in aside]
     frame, tests, test_findings = clean_tests(frame, tests, path, row_name)
     findings += test_findings
     if len(frame) == 0:
         findings.append(Finding.at("warning", "NO_ROWS", "the file has a header but no data rows", files=path,
                                    count=0))
-    order = [c for c in IDENTITY_COLUMNS if c in frame.columns] + [c for c in LABEL_COLUMNS if c in frame.columns]
+    order = ([c for c in IDENTITY_COLUMNS if c in frame.columns] + [c for c in LABEL_COLUMNS if c in frame.columns]
+             + aside)
     return ParametricTable(frame[order + [t.column for t in tests]].reset_index(drop=True), tests, [path]), findings
 
 
 def _typed(column: pd.Series, name: str, path: str, row_name, findings: list[Finding]) -> pd.Series:
-    """An identity or label column in its type; unreadable values become missing and a BAD_VALUE finding."""
-    kind = IDENTITY_COLUMNS.get(name, "float" if name == "final_pass" else "str")
+    """An identity or label column in its type; unreadable values become missing and a BAD_VALUE finding.
+
+    ``final_pass`` is a number where every value is one, else kept as text: a label coded -1/1 or PASS/FAIL is
+    mapped (or refused, naming its values) by trainer.labels, never half turned into missing cells here."""
+    if name == "final_pass":
+        numbers = pd.to_numeric(column, errors="coerce")
+        return numbers if numbers.notna().sum() == column.notna().sum() else column
+    kind = IDENTITY_COLUMNS.get(name, "str")
     if kind == "str":
         text = column.astype(object).where(column.notna(), None)
         text = text.map(lambda v: v if v is None else (str(int(v)) if isinstance(v, float) and v.is_integer()
