@@ -162,7 +162,9 @@ def test_twenty_flooding_connections_leave_a_fail_open_client_its_decisions_and_
     decided = sum(d for _, d in during["parts"]) / len(during["parts"])
     print(f"\nflood: {flooded['sent']} requests of {len(request)} bytes sent; fail-open client decided "
           f"{decided:.1%} of {len(during['parts'])} during, {sum(d for _, d in after['parts'])}/{len(after['parts'])}"
-          f" after; agent RSS {baseline / 1e6:.0f} MB before, peak {peak[0] / 1e6:.0f} MB; errors {health['errors']};"
+          f" after; agent RSS {baseline / 1e6:.0f} MB before, peak {peak[0] / 1e6:.0f} MB, documented bound "
+          f"{(baseline + 21 * limits['per_connection_bytes'] + (32 << 20)) / 1e6:.0f} MB ({limits}); "
+          f"errors {health['errors']};"
           f" client {after['no_decision']}; {sum(not d for _, d in before['parts'])} missed in 2 s before; load "
           f"average {os.getloadavg()[0]:.1f}; after at {[t for t, d in after['parts'] if not d]}")
     assert flooded["sent"] > 100 and health["requests"]["score_batch"] > 0   # the flood was served, fairly
