@@ -28,7 +28,9 @@ from bench.e2e_latency import MODEL, WARM_UP_PARTS, score_message
 from bench.open_loop import LATE_S, behind_schedule, dealer, send_on_schedule
 from bench.site import AgentSite
 from edge_agent.client import AgentClient
+from edge_agent.keys import load_trusted_keys
 from edge_agent.package.registry import Registry
+from edge_agent.package.signing import Trust
 from edge_agent.scoring import load_package
 
 SPEC_US = 10_000.0          # the spec: a decision within 10 ms for every device
@@ -189,8 +191,9 @@ def worst(figures: dict, quick: bool) -> dict:
 
 
 def models_inproc(site: AgentSite) -> dict:
-    """Both graphs of the benchmark package on one row, in this process, loaded by the agent's own code."""
-    registry = Registry(site.registry_root)
+    """Both graphs of the benchmark package on one row, in this process, loaded by the agent's own code (trusting
+    the benchmark's signer, as its agents do)."""
+    registry = Registry(site.registry_root, trust=Trust(load_trusted_keys(site.keys.trusted), str(site.keys.trusted)))
     model = load_package(registry, registry.resolve(MODEL, stage="production"))
     rows = site.readings[:MODEL_TIMED_ROWS]
     took = np.empty(len(rows))

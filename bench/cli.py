@@ -9,7 +9,8 @@ round trip, with the agent's per-stage breakdown), throughput (score_batch on on
 (start-up time, memory), curve (the score round trip with and without CURVE), inproc (scikit-learn vs skl2onnx
 vs compact vs int8 on the same rows), scaling (latency vs trees, tests, depth), stdf (read speed), training (fit
 time), drift (the drift kernel's cost per part), explain (the cost of explaining a flagged part, and of the
-agent's judging step). Every figure is in the JSON under the keys documented in bench/KEYS.md. ``--quick`` runs every section small (under a minute on 2 cores).
+agent's judging step). Every figure is in the JSON under the keys documented in bench/KEYS.md. ``--quick`` runs
+every section small (under a minute on 2 cores).
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def run(tests: int = 200, parts: int | None = None, quick: bool = False) -> dict
         explained = 0
         for i, row in enumerate(rows):
             start = clock()
-            reply = agent._judge(model, part_ids[i], row, float(scores[i]), float(probabilities[i]))
+            reply = agent._judge(model, agent.dynamic, part_ids[i], row, float(scores[i]), float(probabilities[i]))
             judge_ns[i] = clock() - start
             explained += bool(reply["drivers"])
         explained /= parts

@@ -342,7 +342,7 @@ def test_health_and_prometheus_endpoint(agent, packages):
 def test_sampled_stages_cover_the_score_path_and_an_idle_agent_rehearses_without_a_trace(packages, tmp_path):
     endpoint = free_tcp_endpoint()
     process = start_agent(packages.root, packages.model, endpoint, "--stage-sample-every", "1", "--keep-warm-ms",
-                          "1", log_path=tmp_path / "agent.log")
+                          "1", *packages.keys.trust_args, log_path=tmp_path / "agent.log")
     try:
         with AgentClient(endpoint, timeout_ms=REPLY_S * 1000) as client:
             taken = client.health(timeout_ms=REPLY_S * 1000)["stages"]["taken"]
