@@ -344,9 +344,6 @@ class Agent:
         frames = [*request.envelope, payload]
         try:
             router.send_multipart(frames, zmq.NOBLOCK)
-            if sample is not None:
-                sample[SEND] = time.perf_counter_ns()
-                self.stages.end(sample)
         except zmq.Again:
             if not (hold and self.inbox.hold(request.envelope[0], frames)):
                 self.metrics.replies_dropped["queue_full"] += 1
@@ -356,6 +353,9 @@ class Agent:
             # The client went away before its reply; what else it sent can never be answered either.
             self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.gone(request.envelope[0], 1,
                                                                               time.perf_counter())
+        if sample is not None:   # a held reply's send is its hand-over to the inbox (fairness.py), not the retry
+            sample[SEND] = time.perf_counter_ns()
+            self.stages.end(sample)
         self.metrics.latency.record(time.perf_counter() - request.received)
 
     def _send_held(self, router: zmq.Socket) -> None:
