@@ -9,6 +9,10 @@ followed by the other clients' turns, on the model it started with. One client's
 its replies come back in the order of its requests; models are swapped only between turns
 (``_take_reload_outcomes``), so a request never sees two models. What the agent holds for its clients is bounded
 by edge_agent/limits.py.
+
+Every ``stage_sample_every``-th request is timed stage by stage (edge_agent/stages.py, the health reply's
+``stages``). With no request for ``keep_warm_ms`` the loop rehearses the last score request (``_rehearse``), so a
+tester's next touchdown after a pause does not meet cold caches.
 """
 from __future__ import annotations
 
