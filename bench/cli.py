@@ -4,12 +4,13 @@
     edge-bench --readme-table results.json
 
 Sections: e2e (latency from a client process to real agents, tcp and ipc, 100/1,000/5,000 parts/s, drift on
-and off), throughput (score_batch on one and two cores), agent (start-up time, memory), curve (the score round
-trip with and without CURVE), inproc (scikit-learn
-vs skl2onnx vs compact vs int8 on the same rows), scaling (latency vs trees, tests, depth), stdf (read
-speed), training (fit time), drift (the drift kernel's cost per part), explain (the cost of explaining a flagged
-part, and of the agent's judging step). Every figure is in the JSON under the
-keys documented in bench/KEYS.md. ``--quick`` runs every section small (under a minute on 2 cores).
+and off), cadence (a tester's cadence: steady 1 to 1,000 parts/s and touchdown bursts, against the bare pyzmq
+round trip, with the agent's per-stage breakdown), throughput (score_batch on one and two cores), agent
+(start-up time, memory), curve (the score round trip with and without CURVE), inproc (scikit-learn vs skl2onnx
+vs compact vs int8 on the same rows), scaling (latency vs trees, tests, depth), stdf (read speed), training (fit
+time), drift (the drift kernel's cost per part), explain (the cost of explaining a flagged part, and of the
+agent's judging step). Every figure is in the JSON under the keys documented in bench/KEYS.md. ``--quick`` runs
+every section small (under a minute on 2 cores).
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ from edge_agent.errors import run_command
 from edge_agent.package.files import output_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("e2e", "throughput", "agent", "curve", "inproc", "scaling", "stdf", "training", "drift", "explain",
-            "lifecycle")
-AGENT_SECTIONS = ("e2e", "throughput", "agent", "curve")
+SECTIONS = ("e2e", "cadence", "throughput", "agent", "curve", "inproc", "scaling", "stdf", "training", "drift",
+            "explain", "lifecycle")
+AGENT_SECTIONS = ("e2e", "cadence", "throughput", "agent", "curve")
 QUICK_YIELD_KINDS = ("random_forest", "logistic")   # logistic has an int8 variant; the MLP takes long to fit
 # Every section trains or reads data with the trainer's libraries, and the plots need matplotlib: a role that is
 # not installed is named before the first section runs, not after minutes of measuring.
@@ -98,6 +99,10 @@ def run(quick: bool, sections: list[str]) -> tuple[dict, dict, dict]:
                 e2e, latencies = latency_suite.run(site, quick)
                 figures.update(e2e)
                 clock.lap("e2e")
+            if "cadence" in sections:
+                from bench import cadence
+                figures.update(cadence.run(site, quick))
+                clock.lap("cadence")
             if "throughput" in sections:
                 figures.update(throughput.run(site, quick))
                 clock.lap("throughput")

@@ -33,17 +33,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pandas as pd
-import zmq
 
+from bench.open_loop import dealer, send_on_schedule
 from bench.keys import BenchKeys
 from edge_agent.client import AgentClient
 from edge_agent.keys import SigningKey
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
-from edge_agent.wire.score import PROTOCOL_VERSION, REPLY_TYPES, SCORE
+from edge_agent.wire.score import PROTOCOL_VERSION, SCORE
 from trainer.table import ParametricTable, TestMeta, test_column_name
 
 MODEL = "bench"
@@ -202,54 +201,32 @@ def measure_pipelined(client: AgentClient, readings: np.ndarray, identities: lis
     gc.freeze()
     readings, identities = readings[WARM_UP_PARTS:], identities[WARM_UP_PARTS:]
     n = len(readings)
-    due_at, sent_at, done_at = np.empty(n), np.empty(n), np.full(n, np.nan)
-    agent_us = np.full(n, np.nan)
-    refused = np.zeros(n, dtype=bool)
-    no_decision: Counter[str] = Counter()
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(client.endpoint)
-    first_id = 1 << 40   # ids of this run cannot be taken for anything else on this fresh socket anyway
-
-    def receive(timeout_ms: int) -> None:
-        while socket.poll(timeout_ms, zmq.POLLIN):
-            now = time.perf_counter()
-            reply = msgpack.unpackb(socket.recv(), raw=False)
-            i = reply.get("id", -1) - first_id
-            if not 0 <= i < n:
-                continue
-            if reply.get("type") == REPLY_TYPES[SCORE]:
-                done_at[i] = now
-                agent_us[i] = reply.get("agent_us", np.nan)
-            else:
-                refused[i] = True
-                no_decision[str(reply.get("code"))] += 1
-            timeout_ms = 0
-
+    socket = dealer(client.endpoint)
     try:
-        interval = 1.0 / rate
-        start = time.perf_counter() + 0.01
-        for i in range(n):
-            due_at[i] = due = start + i * interval
-            while time.perf_counter() < due:
-                receive(0)
-            sent_at[i] = time.perf_counter()
-            # The wire form the client library sends: readings as little-endian float32 bytes (PROTOCOL.md).
-            socket.send(msgpack.packb({"v": PROTOCOL_VERSION, "type": SCORE, "id": first_id + i,
-                                       "readings": np.asarray(readings[i], "<f4").tobytes(),
-                                       "part": identities[i]}, use_bin_type=True))
-        deadline = time.perf_counter() + drain_timeout_s
-        while (np.isnan(done_at) & ~refused).any() and time.perf_counter() < deadline:
-            receive(10)
-        elapsed = np.nanmax(done_at) - start if not np.isnan(done_at).all() else float("nan")
+        sent = send_on_schedule([socket], np.arange(n) / rate, np.zeros(n, dtype=int),
+                                lambda i, rid: score_message(rid, readings[i], identities[i]), drain_timeout_s)
     finally:
         socket.close(linger=0)
-    replied = ~np.isnan(done_at)
-    if (~replied & ~refused).any():
-        no_decision["timeout"] += int((~replied & ~refused).sum())
-    return {"from_due_us": (done_at[replied] - due_at[replied]) * 1e6,
-            "round_trip_us": (done_at[replied] - sent_at[replied]) * 1e6,
-            "agent_us": agent_us[~np.isnan(agent_us)], "no_decision": dict(no_decision),
+    return scheduled_figures(sent)
+
+
+def score_message(rid: int, readings: np.ndarray, part: dict) -> dict:
+    """A score request as the client library sends it: readings as little-endian float32 bytes (PROTOCOL.md)."""
+    return {"v": PROTOCOL_VERSION, "type": SCORE, "id": rid, "readings": np.asarray(readings, "<f4").tobytes(),
+            "part": part}
+
+
+def scheduled_figures(sent: dict, which: np.ndarray | None = None) -> dict:
+    """``send_on_schedule``'s arrays (of the ``which`` mask) as ``measure_open_loop`` returns them: latency from
+    the due time and from the send of the answered requests, the agent's own time, the rate achieved."""
+    which = np.ones(len(sent["due_at"]), dtype=bool) if which is None else which
+    done, due_at, sent_at = sent["done_at"][which], sent["due_at"][which], sent["sent_at"][which]
+    replied = ~np.isnan(done)
+    agent_us = sent["agent_us"][which]
+    elapsed = np.nanmax(done) - due_at[0] if replied.any() else float("nan")
+    return {"from_due_us": (done[replied] - due_at[replied]) * 1e6,
+            "round_trip_us": (done[replied] - sent_at[replied]) * 1e6,
+            "agent_us": agent_us[~np.isnan(agent_us)], "no_decision": sent["no_decision"],
             "achieved_rate": int(replied.sum()) / elapsed}
 
 

@@ -19,12 +19,12 @@ REQUIRED_KEYS = ("e2e.tcp.rate_1000.p50_us", "e2e.tcp.rate_1000.p99_us", "e2e.tc
 class Target:
     label: str
     key: str
-    comparison: str      # "<" or ">="
+    comparison: str      # "<", "<=" or ">="
     value: float
     unit: str
 
     def met(self, measured: float) -> bool:
-        return {"<": operator.lt, ">=": operator.ge}[self.comparison](measured, self.value)
+        return {"<": operator.lt, "<=": operator.le, ">=": operator.ge}[self.comparison](measured, self.value)
 
 
 TARGETS = (
@@ -37,7 +37,20 @@ TARGETS = (
     Target("agent RSS after load", "agent.rss_mb", "<", 200.0, "MB"),
     Target("agent RSS after scoring (see agent.rss_after_parts_count)", "agent.rss_after_parts_mb", "<", 200.0,
            "MB"),
+    # Cadence (bench/cadence.py): ratios measured in one run, the worst profile each target names.
+    Target("e2e p50 over the bare pyzmq round trip, 1,000 parts/s and bursts (worst)",
+           "cadence.worst.ratio_e2e_over_floor_p50", "<=", 1.5, "x"),
+    Target("agent's own p50 over its models in process, every cadence (worst)",
+           "cadence.worst.ratio_agent_over_models_p50", "<=", 2.0, "x"),
+    Target("e2e p99 over p50, 1,000 parts/s and bursts (worst)", "cadence.worst.ratio_e2e_p99_over_p50", "<=", 2.0,
+           "x"),
+    Target("replies over 10 ms, 1,000 parts/s and bursts", "cadence.over_10ms", "<", 1, "replies"),
 )
+CADENCE_COLUMNS = (("parts", "parts"), ("e2e p50", "e2e.p50_us"), ("floor p50", "floor.p50_us"),
+                   ("e2e / floor", "ratio_e2e_over_floor_p50"), ("agent p50", "agent.p50_us"),
+                   ("agent / models", "ratio_agent_over_models_p50"), ("e2e p99", "e2e.p99_us"),
+                   ("p99 / p50", "ratio_e2e_p99_over_p50"), ("p99.9", "e2e.p999_us"), ("max", "e2e.max_us"),
+                   ("over 10 ms", "e2e.over_10ms"), ("client late sends", "late_sends"))
 
 
 def target_rows(figures: dict) -> list[dict]:
@@ -54,15 +67,52 @@ def target_rows(figures: dict) -> list[dict]:
 def readme_table(figures: dict) -> str:
     """The README performance table: target, measured, met, and the machine line under it."""
     lines = ["| | target | measured | met |", "|---|---|---|---|"]
+    behind = figures.get("cadence.behind_schedule")
     for row in target_rows(figures):
         measured = "not measured" if row["measured"] is None else f"{_number(row['measured'])} {row['unit']}"
+        if behind and row["key"].startswith("cadence.") and row["measured"] is not None:
+            measured += " (client behind schedule: see cadence.behind_schedule)"
+        elif row["key"].endswith("_p50") and f"{row['key']}_profile" in figures:
+            measured += f" ({figures[row['key'] + '_profile']})"
         met = "n/a" if row["met"] is None else ("yes" if row["met"] else "no")
         lines.append(f"| {row['label']} | {row['target']} | {measured} | {met} |")
+    lines += cadence_table(figures)
     lines += ["", f"Measured by `edge-bench{' --quick' if figures.get('run.quick') else ''}` on "
                   f"{summary_line(figures['machine'])}."]
     if "agent.rss_after_parts_count" in figures:
         lines.append(f"RSS after scoring: after {figures['agent.rss_after_parts_count']:,} parts.")
     return "\n".join(lines)
+
+
+def cadence_table(figures: dict) -> list[str]:
+    """The cadence profiles (bench/cadence.py), one row each, us from the scheduled send; [] when not run."""
+    profiles = [k.split(".")[1] for k in figures if k.startswith("cadence.") and k.endswith(".e2e.over_10ms")]
+    if not profiles:
+        return []
+    lines = ["", f"Cadence (tcp, drift on; us from the scheduled send; floor: bare pyzmq echo of the same payload; "
+                 f"models in process p50 {_number(figures['cadence.models_inproc.p50_us'])} us):", "",
+             "| profile | " + " | ".join(title for title, _ in CADENCE_COLUMNS) + " |",
+             "|---|" + "---:|" * len(CADENCE_COLUMNS)]
+    for profile in profiles:
+        cells = [figures.get(f"cadence.{profile}.{key}") for _, key in CADENCE_COLUMNS]
+        lines.append(f"| {profile} | " + " | ".join("" if c is None else _number(c) for c in cells) + " |")
+    return lines
+
+
+def stage_table(figures: dict) -> list[str]:
+    """The agent's own time by stage (p50 / p99 us) per cadence profile; [] when not run."""
+    profiles = [k.split(".")[1] for k in figures if k.startswith("cadence.") and k.endswith(".stage.samples")]
+    if not profiles:
+        return []
+    from edge_agent.stages import STAGES
+    lines = ["", "## Where the agent's own time goes (p50 / p99 us per stage, sampled requests)", "",
+             "| profile | samples | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * (len(STAGES) + 1)]
+    for profile in profiles:
+        key = f"cadence.{profile}.stage"
+        cells = [f"{figures.get(f'{key}.{stage}.p50_us', '')} / {figures.get(f'{key}.{stage}.p99_us', '')}"
+                 for stage in STAGES]
+        lines.append(f"| {profile} | {figures[f'{key}.samples']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summary(figures: dict) -> str:
@@ -81,6 +131,7 @@ def summary(figures: dict) -> str:
             cells = [figures.get(f"{key}.{f}", "") for f in ("parts", "achieved_rate", "p50_us", "p90_us", "p99_us",
                                                               "p999_us", "max_us", "agent.p50_us")]
             out.append(f"| {key} | " + " | ".join(str(c) for c in cells) + " |")
+    out += stage_table(figures)
     if "throughput.batched_parts_per_s" in figures:
         out += ["", "## Batched throughput", "", "| cores | agent CPUs | client CPUs | parts/s |", "|---|---|---|---:|"]
         for name in ("one_core", "two_cores"):
@@ -156,5 +207,5 @@ def _save(figure, path: Path) -> Path:
 
 def _number(value: float) -> str:
     if isinstance(value, float) and not value.is_integer():
-        return f"{value:,.1f}"
+        return f"{value:.2f}" if abs(value) < 10 else f"{value:,.1f}"   # ratios: 1.52 is not 1.5
     return f"{int(value):,}"

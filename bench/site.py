@@ -72,13 +72,13 @@ class AgentSite:
             return f"ipc://{self.root}/agent-{next(self._names)}.sock"
         raise ValueError(f"transport must be 'tcp' or 'ipc', got {transport!r}")
 
-    def start_agent(self, endpoint: str, *, drift: bool, curve: bool = False) -> subprocess.Popen:
-        """``edge-agent run`` on the benchmark package (``curve``: a CURVE score socket that lets in
-        ``keys.client``); returns once it answers a health request."""
+    def start_agent(self, endpoint: str, *extra: str, drift: bool, curve: bool = False) -> subprocess.Popen:
+        """``edge-agent run`` on the benchmark package (``extra``: more of its options; ``curve``: a CURVE score
+        socket that lets in ``keys.client``); returns once it answers a health request."""
         name = f"agent-{next(self._names)}"
         drift_args = (["--collector", self.collector_endpoint, "--spool-dir", str(self.root / f"{name}.spool")]
                       if drift else ["--no-drift"])
-        agent = start_agent(self.registry_root, MODEL, endpoint, *drift_args, "--log-level", "WARNING",
+        agent = start_agent(self.registry_root, MODEL, endpoint, *drift_args, "--log-level", "WARNING", *extra,
                             *self.keys.agent_args(curve=curve), log_path=self.root / f"{name}.log",
                             curve=self.keys.client if curve else None)
         self._agents.append(agent)

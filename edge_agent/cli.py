@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="Prometheus /metrics port, 0 = off (default: 9464)")
     run.add_argument("--metrics-host", help="Prometheus listen address (default: 127.0.0.1)")
     run.add_argument("--watch-interval-s", type=float, help="how often the followed stage is checked")
+    run.add_argument("--stage-sample-every", type=int,
+                     help="time the stages of every Nth request (kept if a score), 0 = never (default: 100)")
+    run.add_argument("--keep-warm-ms", type=int,
+                     help="idle this long, rehearse the last score request to keep caches warm; 0 = never (default: 5)")
     run.add_argument("--collector", help="fleet collector endpoint for drift windows (default: tcp://127.0.0.1:5560)")
     run.add_argument("--no-drift", dest="drift", action="store_false", default=None,
                      help="no drift statistics and nothing shipped upstream")
@@ -107,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, {
         "registry": args.registry, "model": args.model, "stage": args.stage, "version": args.version,
         "bind": args.bind, "yield_variant": args.yield_variant, "watch_interval_s": args.watch_interval_s,
+        "stage_sample_every": args.stage_sample_every, "keep_warm_ms": args.keep_warm_ms,
         "metrics.port": args.metrics_port, "metrics.host": args.metrics_host,
         "logging.format": args.log_format, "logging.level": args.log_level,
         "drift.enabled": args.drift, "drift.collector": args.collector, "drift.agent_id": args.agent_id,

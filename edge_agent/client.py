@@ -134,8 +134,10 @@ class AgentClient:
 
     # ---- administration ------------------------------------------------------------------------------------
 
-    def health(self, timeout_ms: float = 1000.0) -> dict:
-        return self._admin("health", {}, timeout_ms)
+    def health(self, timeout_ms: float = 1000.0, stages_since: int | None = None) -> dict:
+        """``stages_since``: the per-stage breakdown covers only the samples after this one (``stages.taken`` of an
+        earlier health reply)."""
+        return self._admin("health", {} if stages_since is None else {"stages_since": stages_since}, timeout_ms)
 
     def reload(self, version: str | None = None, timeout_ms: float = 1000.0) -> dict:
         return self._admin("reload", {} if version is None else {"version": str(version)}, timeout_ms)

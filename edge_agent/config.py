@@ -20,6 +20,8 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     watch_interval_s = 2.0           # how often the followed stage is checked
     shutdown_timeout_s = 5.0         # SIGTERM: answer what arrived, for at most this long
     drain_quiet_ms = 100             # SIGTERM: stop after the socket was quiet this long
+    stage_sample_every = 100         # time every Nth request's stages, kept if a score (health: stages); 0: never
+    keep_warm_ms = 5                 # idle this long, the last score request is rehearsed (warm caches); 0: never
 
     [metrics]
     port = 9464                      # Prometheus /metrics; 0 turns it off
@@ -367,7 +369,8 @@ class AgentConfig(_AgentSection):
                    "max_message_bytes": NON_NEGATIVE_INT, "transport_max_message_bytes": NON_NEGATIVE_INT,
                    "max_batch": POSITIVE_INT, "queue_length": POSITIVE_INT, "turn_parts": POSITIVE_INT,
                    "max_request_age_ms": NON_NEGATIVE_INT, "max_queued_bytes": POSITIVE_INT,
-                   "watch_interval_s": POSITIVE, "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT}
+                   "watch_interval_s": POSITIVE, "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT,
+                   "stage_sample_every": NON_NEGATIVE_INT, "keep_warm_ms": NON_NEGATIVE_INT}
     RULES = (Rule(("bind",), _bind_problems), Rule((), _upstream_problems, scope=DriftConfig.SCOPE),
              Rule((), _service_problems, scope=FleetConfig.SCOPE),
              Rule(("max_message_bytes", "transport_max_message_bytes"), _room_for_error_replies))
@@ -388,6 +391,8 @@ class AgentConfig(_AgentSection):
     watch_interval_s: float = 2.0
     shutdown_timeout_s: float = 5.0
     drain_quiet_ms: int = 100
+    stage_sample_every: int = 100              # edge_agent/stages.py; 0: no per-stage timing
+    keep_warm_ms: int = 5                      # server.py _rehearse; 0: the serving thread sleeps until a request
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pat: PatConfig = field(default_factory=PatConfig)

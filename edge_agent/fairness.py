@@ -26,7 +26,10 @@ import itertools
 import time
 from collections import OrderedDict, deque
 
-HOLD_RETRY_S = 0.0005       # a held reply is offered to ZeroMQ again after this, ...
+# A held reply is offered to ZeroMQ again after HOLD_RETRY_S, ... Its queue holds one large reply (limits.py): a
+# reply that finds it full is most often a touchdown's second reply while ZeroMQ's I/O thread still moves the first
+# out, gone in tens of microseconds; the client waits for the retry, so the first one comes soon.
+HOLD_RETRY_S = 50e-6
 HOLD_RETRY_MAX_S = 0.1      # ... doubling up to this (a client that never reads costs ten tries a second)
 GONE_FORGET_S = 2.0         # requests still arriving from a client that has gone are dropped for this long
 

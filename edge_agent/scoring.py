@@ -24,6 +24,7 @@ from .package.runtime import make_session, warm_up
 from .explain import Explainer
 from .package.signing import TRUSTED
 from .pat import StaticPat
+from .stages import OUTLIER, YIELD
 from .wire.score import ReadingsParser
 
 log = logging.getLogger("edge_agent.scoring")
@@ -64,11 +65,16 @@ class LoadedModel:
     _input: str = field(repr=False)
     _outputs: tuple[str, str] = field(repr=False)
 
-    def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Outlier scores and pass probabilities of float32 rows [n, n_features]."""
+    def score(self, rows: np.ndarray, sample: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Outlier scores and pass probabilities of float32 rows [n, n_features]; ``sample``: a stage sample
+        (edge_agent/stages.py) timing each graph."""
         feed = {self._input: rows}
         score = self._outlier.run([self._outputs[0]], feed)[0]
+        if sample is not None:
+            sample[OUTLIER] = time.perf_counter_ns()
         probability = self._yield.run([self._outputs[1]], feed)[0]
+        if sample is not None:
+            sample[YIELD] = time.perf_counter_ns()
         return score.reshape(-1), probability.reshape(-1)
 
     def describe(self) -> dict:

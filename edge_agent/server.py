@@ -9,6 +9,10 @@ followed by the other clients' turns, on the model it started with. One client's
 its replies come back in the order of its requests; models are swapped only between turns
 (``_take_reload_outcomes``), so a request never sees two models. What the agent holds for its clients is bounded
 by edge_agent/limits.py.
+
+Every ``stage_sample_every``-th request is timed stage by stage (edge_agent/stages.py, the health reply's
+``stages``). With no request for ``keep_warm_ms`` the loop rehearses the last score request (``_rehearse``), so a
+tester's next touchdown after a pause does not meet cold caches.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
 from .security import AgentSecurity
+from .stages import AUDIT, BIN, DECODE, DRIFT, ENCODE, EXPLAIN, PAT, SEND, VALIDATE, StageSampler
 from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
                          Part, ProtocolError, check_deadline, check_envelope, decode, encode_batch_reply, error_reply,
@@ -139,6 +144,9 @@ class Agent:
         self._control_handlers = {SCORE: self._score, HEALTH: self._health, RELOAD: self._reload,
                                   ROLLBACK: self._rollback}
         self._handlers = {**self._control_handlers, RELOAD: self._refuse_control, ROLLBACK: self._refuse_control}
+        self.stages = StageSampler(config.stage_sample_every)
+        self._sample: list[int] | None = None   # the stage sample of the score request being served, if any
+        self._warm_payload: zmq.Frame | None = None   # the last score request: keep_warm_ms rehearses it when idle
         self._watcher: ReloadWatcher | None = None
 
     def request_stop(self, *_signal_args) -> None:
@@ -225,7 +233,7 @@ class Agent:
                 self.draining = True
                 deadline = time.monotonic() + self.config.shutdown_timeout_s
                 log.info("stop requested: answering the requests already received, then exiting")
-            quiet_ms = POLL_MS if deadline is None else self.config.drain_quiet_ms
+            quiet_ms = (self.config.keep_warm_ms or POLL_MS) if deadline is None else self.config.drain_quiet_ms
             retry_s = self.inbox.next_retry_in(time.perf_counter())
             wait_ms = quiet_ms if retry_s is None else min(quiet_ms, max(0.0, retry_s * 1000))
             if not self.inbox.due and not poller.poll(wait_ms):
@@ -236,6 +244,8 @@ class Agent:
                     self.drift.tick()   # closes a window whose time is up while no parts arrive
                 if self.lifecycle is not None:
                     self.lifecycle.tick()
+                if self.config.keep_warm_ms and self._warm_payload is not None:
+                    self._rehearse()
             else:
                 if wake.get(zmq.EVENTS) & zmq.POLLIN:
                     self._take_reload_outcomes(wake)
@@ -298,8 +308,13 @@ class Agent:
         handlers, hold = (self._control_handlers, False) if control else (self._handlers, True)
         try:
             if request.batch is None:
+                self._sample = self.stages.begin(request.received)
                 message = self._open(request)
                 kind = message["type"]
+                if kind != SCORE:
+                    self._sample = None   # only single score requests are sampled
+                elif self.config.keep_warm_ms:
+                    self._warm_payload = request.payload
                 if kind != SCORE_BATCH:
                     self._reply(socket, request, handlers[kind](message, request.rid), hold=hold)
                     return True
@@ -340,6 +355,8 @@ class Agent:
         self.metrics.requests[kind] += 1
         if "deadline" in message:
             check_deadline(message["deadline"], time.time())
+        if self._sample is not None:
+            self._sample[DECODE] = time.perf_counter_ns()
         return message
 
     def _reply(self, router: zmq.Socket, request: Request, reply: dict, results: list[bytes] | None = None, *,
@@ -348,6 +365,9 @@ class Agent:
         (fairness.py); with ``hold`` False (a refusal outside the client's turns) it is dropped instead."""
         reply["agent_us"] = round((time.perf_counter() - request.received) * 1e6, 1)
         payload = encode(reply) if results is None else encode_batch_reply(reply, results)
+        sample, self._sample = self._sample, None
+        if sample is not None:
+            sample[ENCODE] = time.perf_counter_ns()
         frames = [*request.envelope, payload]
         try:
             router.send_multipart(frames, zmq.NOBLOCK)
@@ -360,6 +380,9 @@ class Agent:
             # The client went away before its reply; what else it sent can never be answered either.
             self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.gone(request.envelope[0], 1,
                                                                               time.perf_counter())
+        if sample is not None:   # a held reply's send is its hand-over to the inbox (fairness.py), not the retry
+            sample[SEND] = time.perf_counter_ns()
+            self.stages.end(sample)
         self.metrics.latency.record(time.perf_counter() - request.received)
 
     def _send_held(self, router: zmq.Socket) -> None:
@@ -380,19 +403,24 @@ class Agent:
             self.inbox.release(client)
 
     def _error(self, rid, code: str, message: str) -> dict:
+        self._sample = None   # a refused request's stages say nothing about scoring
         self.metrics.errors[code] += 1
         self._error_log.warning(code, "request %r refused: %s: %s", rid, code, message)
         return error_reply(rid, code, message)
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def _score(self, message: dict, rid) -> dict:
+    def _score(self, message: dict, rid, live: bool = True) -> dict:
+        """``live`` False: a rehearsal (``_rehearse``), which leaves no trace in PAT windows, drift or counters."""
         model = self.model
         part = parse_part(message.get("part"))
         row = model.parser.parse(message.get("readings"))
-        scores, probabilities = model.score(row[None, :])
+        if self._sample is not None:
+            self._sample[VALIDATE] = time.perf_counter_ns()
+        scores, probabilities = model.score(row[None, :], self._sample)
         return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": rid,
-                **self._judge(model, self.dynamic, part, row, float(scores[0]), float(probabilities[0])),
+                **self._judge(model, self.dynamic if live else None, part, row, float(scores[0]),
+                              float(probabilities[0]), live),
                 "model": model.identity}
 
     def _others_wait(self, router: zmq.Socket) -> bool:
@@ -425,7 +453,7 @@ class Agent:
         return len(batch.results) == len(batch.parts)
 
     def _judge(self, model: LoadedModel, dynamic: DynamicPat | None, part: Part, row: np.ndarray, score: float,
-               probability: float) -> dict:
+               probability: float, live: bool = True) -> dict:
         """PAT, drift and the bin for one scored part; the part joins its site's dynamic PAT window. A batch that
         began before a model swap finishes on its model and windows, without drift (which follows the new model).
 
@@ -433,25 +461,38 @@ class Agent:
         on what it has, and stays out of the dynamic PAT window and the drift statistics (its scores describe the
         imputed medians, and its empty readings would take a window slot from a real part).
         """
+        sample = self._sample
         present = int(np.count_nonzero(row == row))   # NaN != NaN: readings present
         static = model.static_pat.breaks(row)
         if present < self.policy.needed_readings(len(row)):
             decision = decide_insufficient(self.policy, present=present, tests=len(row), static=static)
-            self._count(decision)
-            if self.lifecycle is not None:
-                self.lifecycle.decided(model, part, row, None, None, decision)
+            if live:
+                self._count(decision)
+                if self.lifecycle is not None:
+                    self.lifecycle.decided(model, part, row, None, None, decision)
             return part_result(None, None, None, None, decision, static, (), present, insufficient=True)
         breaks = dynamic.check_and_add(part, row) if dynamic is not None else []
-        if self.drift is not None and model is self.model:
+        if sample is not None:
+            sample[PAT] = time.perf_counter_ns()
+        if self.drift is not None and model is self.model and live:
             self.drift.update(model, part, row, score)
+            if sample is not None:
+                sample[DRIFT] = time.perf_counter_ns()
         outlier = score < model.outlier_threshold
         drivers = model.explainer.drivers(row) if outlier or static or breaks else []
+        if sample is not None:
+            sample[EXPLAIN] = time.perf_counter_ns()
         decision = decide(self.policy, static=static, dynamic=breaks, score=score,
                           score_threshold=model.outlier_threshold, pass_probability=probability,
                           pass_threshold=model.pass_threshold, drivers=drivers)
-        self._count(decision)
-        if self.lifecycle is not None:
-            self.lifecycle.decided(model, part, row, score, probability, decision)
+        if live:
+            self._count(decision)
+            if sample is not None:
+                sample[BIN] = time.perf_counter_ns()
+            if self.lifecycle is not None:
+                self.lifecycle.decided(model, part, row, score, probability, decision)
+                if sample is not None:
+                    sample[AUDIT] = time.perf_counter_ns()
         return part_result(score, outlier, probability, probability < model.pass_threshold, decision, static + breaks,
                            drivers, present)
 
@@ -461,7 +502,20 @@ class Agent:
         for flag in decision.flags:
             self.metrics.flags[flag] += 1
 
+    def _rehearse(self) -> None:
+        """Between parts (idle ``keep_warm_ms``): the last score request's path again, decode to encode, without its
+        effects and without a reply, so the next part finds the code, the graphs and the buffers in the caches.
+        A request arriving meanwhile waits for at most this one rehearsal."""
+        try:
+            encode(self._score(decode(self._warm_payload.buffer), None, live=False))
+        except ProtocolError:   # a model swapped in since takes other readings: rehearse its first real part
+            self._warm_payload = None
+
     def _health(self, message: dict, rid) -> dict:
+        since = message.get("stages_since", 0)
+        if isinstance(since, bool) or not isinstance(since, int):
+            raise ProtocolError(Code.WRONG_TYPE, f"field 'stages_since': expected a sample number (integer), got "
+                                                 f"{type(since).__name__}")
         watcher = self._watcher
         return {
             "v": PROTOCOL_VERSION, "type": REPLY_TYPES[HEALTH], "id": rid,
@@ -479,6 +533,7 @@ class Agent:
             "drift": None if self.drift is None else self.drift.status(),
             "inbox": {"requests": self.inbox.requests, "bytes": self.inbox.bytes, "clients": self.inbox.clients()},
             "limits": self.limits.describe(),
+            "stages": self.stages.summary(since),
             "security": self.security.status(),
             "lifecycle": None if self.lifecycle is None else self.lifecycle.status(),
             **self.metrics.snapshot(),

@@ -34,6 +34,7 @@ from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from edge_agent.scoring import SMOKE_SLACK, ModelRefused, load_package
+from edge_agent.stages import STAGES
 from edge_agent.wire.score import Code, Part
 from trainer.package import build_package
 from trainer.replay import feature_columns, stream_lot
@@ -336,6 +337,42 @@ def test_health_and_prometheus_endpoint(agent, packages):
     assert any(e["logger"] == "edge_agent.server" and e["message"].startswith(f"serving {packages.model}/1")
                for e in entries)
     assert {"time", "level", "logger", "message", "pid"} <= set(entries[0])
+
+
+def test_sampled_stages_cover_the_score_path_and_an_idle_agent_rehearses_without_a_trace(packages, tmp_path):
+    endpoint = free_tcp_endpoint()
+    process = start_agent(packages.root, packages.model, endpoint, "--stage-sample-every", "1", "--keep-warm-ms",
+                          "1", *packages.keys.trust_args, log_path=tmp_path / "agent.log")
+    try:
+        with AgentClient(endpoint, timeout_ms=REPLY_S * 1000) as client:
+            taken = client.health(timeout_ms=REPLY_S * 1000)["stages"]["taken"]
+            assert all(client.score(row).decided for row in packages.stream[:9])
+            assert all(r.decided for r in client.score_batch([(None, row) for row in packages.stream[9:12]]))
+            time.sleep(0.3)   # idle: about 300 rehearsals of the last score request at 1 ms
+            health = client.health(timeout_ms=REPLY_S * 1000, stages_since=taken)
+            later = client.health(timeout_ms=REPLY_S * 1000, stages_since=health["stages"]["taken"])
+        raw = Raw(endpoint)
+        refused = raw.ask({"v": 1, "type": "health", "id": 1, "stages_since": "all"})
+        raw.close()
+    finally:
+        assert stop(process) == 0
+    stages = health["stages"]
+    # Single score requests are sampled (every one here); the batch and the health requests are not.
+    assert stages["every"] == 1 and stages["taken"] == taken + 9 and stages["samples"] == 9
+    assert list(stages["by_stage"]) == list(STAGES)
+    for stage, summary in stages["by_stage"].items():
+        assert 0 <= summary["p50_us"] <= summary["p99_us"] <= summary["max_us"], stage
+    for stage in ("decode", "validate", "outlier", "yield", "pat", "drift", "bin", "audit", "encode", "send"):
+        assert stages["by_stage"][stage]["p50_us"] > 0, stage   # audit: on with drift shipping
+    assert later["stages"]["samples"] == 0 and later["stages"]["by_stage"] == {}
+    assert refused["type"] == "error" and refused["code"] == Code.WRONG_TYPE and "stages_since" in refused["message"]
+    # The rehearsals left no trace: every count is of the 12 parts sent, the site's PAT window holds those 12.
+    assert health["parts_scored"] == 12 and sum(health["bins"].values()) == 12
+    assert health["requests"]["score"] == 9 and health["requests"]["score_batch"] == 1
+    assert health["dynamic_pat"]["sites"]["1/1"]["parts"] == 12
+    assert health["drift"]["open_window_parts"] == 12
+    audit = health["lifecycle"]["audit"]
+    assert audit["recorded"] + audit["open_batch"] == 12
 
 
 def test_a_req_socket_is_served_too(agent):

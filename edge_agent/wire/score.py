@@ -34,7 +34,7 @@ REPLY_TYPES = {SCORE: "score_result", SCORE_BATCH: "score_batch_result", HEALTH:
 ERROR = "error"
 
 # Fields each request may carry (besides v, type, id).
-REQUEST_FIELDS = {SCORE: {"part", "readings"}, SCORE_BATCH: {"parts"}, HEALTH: set(), RELOAD: {"version"},
+REQUEST_FIELDS = {SCORE: {"part", "readings"}, SCORE_BATCH: {"parts"}, HEALTH: {"stages_since"}, RELOAD: {"version"},
                   ROLLBACK: set()}
 ENVELOPE_FIELDS = {"v", "type", "id", "deadline"}
 BATCH_ITEM_FIELDS = {"part", "readings"}
