@@ -92,6 +92,12 @@ def test_every_cadence_profile_has_its_floor_breakdown_and_ratios(quick_run):
             figures[f"{key}.e2e.p50_us"] / figures[f"{key}.floor.p50_us"], rel=0.01)
         assert _number(figures, f"{key}.ratio_agent_over_models_p50") == pytest.approx(
             figures[f"{key}.agent.p50_us"] / models, rel=0.01)
+        # The models timed on the profile's own schedule, within the profile's part count and the time budget.
+        at_cadence = figures[f"{key}.models_at_cadence.p50_us"]
+        assert 0 < at_cadence <= figures[f"{key}.models_at_cadence.p99_us"]
+        assert 1 <= figures[f"{key}.models_at_cadence.parts"] <= profile.parts(quick=True)
+        assert _number(figures, f"{key}.ratio_agent_over_models_at_cadence_p50") == pytest.approx(
+            figures[f"{key}.agent.p50_us"] / at_cadence, rel=0.01)
         # A part's latency from its scheduled send includes the agent's own time for it.
         assert figures[f"{key}.e2e.max_us"] >= figures[f"{key}.agent.p50_us"]
         assert figures[f"{key}.behind_schedule"] == (figures[f"{key}.late_sends"] > 0)
