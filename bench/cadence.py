@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from bench.e2e_latency import MODEL, WARM_UP_PARTS, score_message
-from bench.open_loop import LATE_S, behind_schedule, dealer, send_on_schedule
+from bench.e2e_latency import MODEL, WARM_UP_PARTS, _percentiles, score_message
+from bench.open_loop import LATE_S, behind_schedule, dealer, scheduled_figures, send_on_schedule
 from bench.site import AgentSite
 from edge_agent.client import AgentClient
 from edge_agent.keys import load_trusted_keys
@@ -145,7 +145,6 @@ def measure(profile: Profile, parts: int, floor_parts: int, site: AgentSite, age
 
 def profile_figures(key: str, measured: dict, stages: dict, models_us: float, models_at_cadence_us: float) -> dict:
     """e2e, agent, floor and stage figures of one profile, with the ratios the targets are stated in."""
-    from bench.e2e_latency import scheduled_figures
     agent_sent, agent_mask = measured["agent"]
     floor_sent, floor_mask = measured["floor"]
     agent, floor = scheduled_figures(agent_sent, agent_mask), scheduled_figures(floor_sent, floor_mask)
@@ -170,12 +169,7 @@ def profile_figures(key: str, measured: dict, stages: dict, models_us: float, mo
 
 def tail(prefix: str, values: np.ndarray) -> dict:
     """p50, p99, p99.9, max and the count over the 10 ms spec, in us."""
-    if len(values) == 0:
-        return {f"{prefix}.over_10ms": 0}
-    p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
-    return {f"{prefix}.p50_us": round(float(p50), 1), f"{prefix}.p99_us": round(float(p99), 1),
-            f"{prefix}.p999_us": round(float(p999), 1), f"{prefix}.max_us": round(float(np.max(values)), 1),
-            f"{prefix}.over_10ms": int(np.sum(values > SPEC_US))}
+    return {**_percentiles(prefix, values, (50, 99, 99.9)), f"{prefix}.over_10ms": int(np.sum(values > SPEC_US))}
 
 
 def worst(figures: dict, quick: bool) -> dict:
@@ -207,12 +201,7 @@ def load_bench_model(site: AgentSite):
 
 def models_inproc(model, rows: np.ndarray) -> dict:
     """Both graphs on one row, in this process, back to back: the models' time with every cache warm."""
-    took = np.empty(len(rows))
-    for i, row in enumerate(rows):
-        start = time.perf_counter()
-        model.score(row[None, :])
-        took[i] = time.perf_counter() - start
-    took *= 1e6
+    took = _scored_us(model, rows, np.zeros(len(rows)))
     return {"cadence.models_inproc.p50_us": round(float(np.median(took)), 1),
             "cadence.models_inproc.p99_us": round(float(np.percentile(took, 99)), 1)}
 
@@ -227,20 +216,25 @@ def models_at_cadence(model, readings: np.ndarray, profile: Profile, quick: bool
     with the warm figure, so the ratio says what the agent adds, not what the machine takes back."""
     budget = CADENCE_MODEL_S[quick]
     parts = min(profile.parts(quick), len(readings), max(profile.sites, int(budget / profile.every_s) * profile.sites))
-    due = profile.due(parts)
-    took = np.empty(parts)
+    took = _scored_us(model, readings[:parts], profile.due(parts))
+    key = f"cadence.{profile.name}.models_at_cadence"
+    return {f"{key}.parts": parts, f"{key}.p50_us": round(float(np.median(took)), 1),
+            f"{key}.p99_us": round(float(np.percentile(took, 99)), 1)}
+
+
+def _scored_us(model, rows: np.ndarray, due: np.ndarray) -> np.ndarray:
+    """Microseconds of ``model.score`` on each row, row i called ``due[i]`` seconds after the start (sleeping until
+    then; all zeros: back to back)."""
+    took = np.empty(len(rows))
     start = time.perf_counter()
-    for i in range(parts):
+    for i, row in enumerate(rows):
         wait = start + due[i] - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
         began = time.perf_counter()
-        model.score(readings[i][None, :])
+        model.score(row[None, :])
         took[i] = time.perf_counter() - began
-    took *= 1e6
-    key = f"cadence.{profile.name}.models_at_cadence"
-    return {f"{key}.parts": parts, f"{key}.p50_us": round(float(np.median(took)), 1),
-            f"{key}.p99_us": round(float(np.percentile(took, 99)), 1)}
+    return took * 1e6
 
 
 def start_echo(endpoint: str) -> tuple[subprocess.Popen, str]:

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.open_loop import dealer, send_on_schedule
 from bench.keys import BenchKeys
+from bench.open_loop import dealer, scheduled_figures, send_on_schedule
 from edge_agent.client import AgentClient
 from edge_agent.keys import SigningKey
 from edge_agent.package.registry import PackageRef, Registry
@@ -216,20 +216,6 @@ def score_message(rid: int, readings: np.ndarray, part: dict) -> dict:
             "part": part}
 
 
-def scheduled_figures(sent: dict, which: np.ndarray | None = None) -> dict:
-    """``send_on_schedule``'s arrays (of the ``which`` mask) as ``measure_open_loop`` returns them: latency from
-    the due time and from the send of the answered requests, the agent's own time, the rate achieved."""
-    which = np.ones(len(sent["due_at"]), dtype=bool) if which is None else which
-    done, due_at, sent_at = sent["done_at"][which], sent["due_at"][which], sent["sent_at"][which]
-    replied = ~np.isnan(done)
-    agent_us = sent["agent_us"][which]
-    elapsed = np.nanmax(done) - due_at[0] if replied.any() else float("nan")
-    return {"from_due_us": (done[replied] - due_at[replied]) * 1e6,
-            "round_trip_us": (done[replied] - sent_at[replied]) * 1e6,
-            "agent_us": agent_us[~np.isnan(agent_us)], "no_decision": sent["no_decision"],
-            "achieved_rate": int(replied.sum()) / elapsed}
-
-
 def open_loop_figures(key: str, measured: dict) -> dict:
     """The figures of one ``measure_open_loop`` run under ``key`` (e.g. ``e2e.tcp.rate_1000``)."""
     e2e, round_trip, agent_us = measured["from_due_us"], measured["round_trip_us"], measured["agent_us"]
@@ -293,13 +279,12 @@ class _Reloader(threading.Thread):
         self.join()
 
 
-def _percentiles(prefix: str, values: np.ndarray) -> dict:
+def _percentiles(prefix: str, values: np.ndarray, points: tuple[float, ...] = (50, 90, 95, 99, 99.9)) -> dict:
+    """``<prefix>.p50_us`` (p99.9: ``p999_us``) ... of ``points`` and ``<prefix>.max_us``; {} without values."""
     if len(values) == 0:
         return {}
-    p50, p90, p95, p99, p999 = np.percentile(values, [50, 90, 95, 99, 99.9])
-    return {f"{prefix}.p50_us": round(float(p50), 1), f"{prefix}.p90_us": round(float(p90), 1),
-            f"{prefix}.p95_us": round(float(p95), 1),
-            f"{prefix}.p99_us": round(float(p99), 1), f"{prefix}.p999_us": round(float(p999), 1),
+    at = np.percentile(values, points)
+    return {**{f"{prefix}.p{str(point).replace('.', '')}_us": round(float(v), 1) for point, v in zip(points, at)},
             f"{prefix}.max_us": round(float(np.max(values)), 1)}
 
 

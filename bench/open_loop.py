@@ -98,3 +98,17 @@ def behind_schedule(sent: dict, which: np.ndarray | None = None) -> int:
     """How many sends (of the ``which`` mask) left more than ``LATE_S`` after their due time."""
     late = sent["sent_at"] - sent["due_at"]
     return int(np.sum(late[which] > LATE_S if which is not None else late > LATE_S))
+
+
+def scheduled_figures(sent: dict, which: np.ndarray | None = None) -> dict:
+    """``send_on_schedule``'s arrays (of the ``which`` mask) as ``bench.e2e_latency.measure_open_loop`` returns them:
+    latency from the due time and from the send of the answered requests, the agent's own time, the rate achieved."""
+    which = np.ones(len(sent["due_at"]), dtype=bool) if which is None else which
+    done, due_at, sent_at = sent["done_at"][which], sent["due_at"][which], sent["sent_at"][which]
+    replied = ~np.isnan(done)
+    agent_us = sent["agent_us"][which]
+    elapsed = np.nanmax(done) - due_at[0] if replied.any() else float("nan")
+    return {"from_due_us": (done[replied] - due_at[replied]) * 1e6,
+            "round_trip_us": (done[replied] - sent_at[replied]) * 1e6,
+            "agent_us": agent_us[~np.isnan(agent_us)], "no_decision": sent["no_decision"],
+            "achieved_rate": int(replied.sum()) / elapsed}

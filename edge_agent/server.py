@@ -42,9 +42,9 @@ from .security import AgentSecurity
 from .stages import AUDIT, BIN, DECODE, DRIFT, ENCODE, EXPLAIN, PAT, SEND, VALIDATE, StageSampler
 from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
-                         Part, ProtocolError, check_deadline, check_envelope, decode, encode_batch_reply, error_reply,
-                         largest_request_bytes, parse_batch, parse_batch_item, parse_part, part_result, peek_id,
-                         request_id)
+                         Part, ProtocolError, check_deadline, check_envelope, check_stages_since, decode,
+                         encode_batch_reply, error_reply, largest_request_bytes, parse_batch, parse_batch_item,
+                         parse_part, part_result, peek_id, request_id)
 
 log = logging.getLogger("edge_agent.server")
 
@@ -512,10 +512,7 @@ class Agent:
             self._warm_payload = None
 
     def _health(self, message: dict, rid) -> dict:
-        since = message.get("stages_since", 0)
-        if isinstance(since, bool) or not isinstance(since, int):
-            raise ProtocolError(Code.WRONG_TYPE, f"field 'stages_since': expected a sample number (integer), got "
-                                                 f"{type(since).__name__}")
+        since = check_stages_since(message.get("stages_since", 0))
         watcher = self._watcher
         return {
             "v": PROTOCOL_VERSION, "type": REPLY_TYPES[HEALTH], "id": rid,

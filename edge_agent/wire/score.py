@@ -257,6 +257,15 @@ def check_deadline(deadline: Any, now: float) -> None:
                                                     f"it; not scored")
 
 
+def check_stages_since(since: Any) -> int:
+    """A health request's ``stages_since``: the sample number (``stages.taken`` of an earlier reply) after which the
+    per-stage breakdown starts."""
+    if type(since) is not int:
+        raise ProtocolError(Code.WRONG_TYPE, f"field 'stages_since': expected a sample number (integer), got "
+                                             f"{_kind(since)}")
+    return since
+
+
 def parse_part(value: Any, where: str = "part") -> Part:
     """The part identity map; absent or nil fields are unknown (head and site default to 1). Every value is checked
     against its STDF range (INTEGER_RANGES, MAX_IDENTITY_BYTES): nothing larger reaches PAT, drift or the collector."""
