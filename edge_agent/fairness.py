@@ -13,11 +13,14 @@ Bounds: one client may have at most ``client_bytes`` of requests waiting and all
 a client with nothing waiting always gets one request in (at most ZeroMQ's message size cap), so a flooding client
 can never shut a quiet one out. A request beyond a bound is not taken: the caller refuses it at once.
 
-Replies: ZeroMQ queues only a few replies per connection (its high-water mark is sized in bytes). A reply that does
-not fit (the client reads slowly, or not at all) is held here, one per client, and that client gets no turn until
-it has been sent: a client that stops reading stops being served, instead of filling memory with replies. A client
-whose reply cannot be routed has gone: its waiting requests are dropped, and so is what still arrives from it for
-GONE_FORGET_S (ZeroMQ delivers what a closed connection had buffered, megabytes of a flood nobody waits for).
+Replies: ZeroMQ queues only a few replies per connection (its high-water mark counts messages, sized for the
+largest reply: often one). A reply that does not fit is held here, in order, with the client's later replies behind
+it: a touchdown's replies follow each other faster than ZeroMQ's I/O thread wakes to move them, and the client's
+next parts are served meanwhile. Once a client has ``held_bytes`` of replies held (it reads slowly, or not at all)
+it gets no turn until they have been sent: a client that stops reading stops being served, instead of filling
+memory with replies. A client whose reply cannot be routed has gone: its waiting requests and held replies are
+dropped, and so is what still arrives from it for GONE_FORGET_S (ZeroMQ delivers what a closed connection had
+buffered, megabytes of a flood nobody waits for).
 """
 from __future__ import annotations
 
@@ -26,12 +29,22 @@ import itertools
 import time
 from collections import OrderedDict, deque
 
-# A held reply is offered to ZeroMQ again after HOLD_RETRY_S, ... Its queue holds one large reply (limits.py): a
-# reply that finds it full is most often a touchdown's second reply while ZeroMQ's I/O thread still moves the first
-# out, gone in tens of microseconds; the client waits for the retry, so the first one comes soon.
+# A held reply is offered to ZeroMQ again at the loop's next pass, or when idle after HOLD_RETRY_S, ... Its queue
+# holds one large reply (limits.py): a reply that finds it full is most often a touchdown's next reply while
+# ZeroMQ's I/O thread still moves the one before out, gone in tens of microseconds.
 HOLD_RETRY_S = 50e-6
 HOLD_RETRY_MAX_S = 0.1      # ... doubling up to this (a client that never reads costs ten tries a second)
 GONE_FORGET_S = 2.0         # requests still arriving from a client that has gone are dropped for this long
+
+
+class _Held:
+    __slots__ = ("replies", "bytes", "due", "interval")
+
+    def __init__(self, now: float):
+        self.replies: deque = deque()   # (reply, size), oldest first
+        self.bytes = 0
+        self.due = now                  # when to offer the oldest to ZeroMQ again
+        self.interval = HOLD_RETRY_S
 
 
 class _Client:
@@ -47,16 +60,17 @@ class Inbox:
     """Per-client FIFO queues of requests, the order of service and the replies held back. Single-threaded (the
     serving loop)."""
 
-    def __init__(self, client_bytes: int, total_bytes: int):
+    def __init__(self, client_bytes: int, total_bytes: int, held_bytes: int):
         self.client_bytes = client_bytes
         self.total_bytes = total_bytes
+        self.held_bytes = held_bytes
         self.requests = 0
         self.bytes = 0
         self._clients: dict[bytes, _Client] = {}
         self._ready: list[tuple[float, int, int, bytes]] = []   # (tag, 0 if it just began waiting, order, client)
         self._order = itertools.count()
         self._virtual = 0.0                                 # the tag of the turn in service
-        self._held: dict[bytes, list] = {}                  # client -> [reply, next try, retry interval]
+        self._held: dict[bytes, _Held] = {}
         self._gone: OrderedDict[bytes, float] = OrderedDict()  # client -> when it was found gone, oldest first
 
     # ---- requests --------------------------------------------------------------------------------------------
@@ -97,11 +111,18 @@ class Inbox:
         else:
             del self._clients[client]
 
+    def queued(self):
+        """Every waiting request, client by client, each client's oldest first (the one in its turn included)."""
+        for state in self._clients.values():
+            for item, _ in state.waiting:
+                yield item
+
     def gone(self, client: bytes, keep: int, now: float) -> int:
-        """The client has gone (its reply could not be routed): forget its requests but the first ``keep`` (1: the one
-        in its turn now) and mark it gone; returns how many were forgotten."""
+        """The client has gone (its reply could not be routed): forget its held replies and its requests but the
+        first ``keep`` (1: the one in its turn now) and mark it gone; returns how many were forgotten."""
+        held = self._held.pop(client, None)
+        dropped = 0 if held is None else len(held.replies)
         state = self._clients.get(client)
-        dropped = 0
         while state is not None and len(state.waiting) > keep:
             _, size = state.waiting.pop()
             self._forget(state, size)
@@ -124,47 +145,62 @@ class Inbox:
 
     @property
     def due(self) -> bool:
-        """Some client is due a turn (its requests wait and no reply of its is held)."""
+        """Some client is due a turn (its requests wait and it has less than ``held_bytes`` of replies held)."""
         return bool(self._ready)
 
     # ---- held replies --------------------------------------------------------------------------------------------
 
-    def hold(self, client: bytes, reply) -> bool:
-        """Keep a reply ZeroMQ would not queue; the client gets no turn until ``release``. False when the client has
-        one held already (the caller drops this one)."""
-        if client in self._held:
-            return False
-        self._held[client] = [reply, time.perf_counter() + HOLD_RETRY_S, HOLD_RETRY_S]
-        return True
+    def holds(self, client: bytes) -> bool:
+        """The client has replies held: its next reply goes behind them."""
+        return client in self._held
+
+    def hold(self, client: bytes, reply, size: int) -> None:
+        """Keep a reply ZeroMQ would not queue (or that must follow the client's held ones). A client with
+        ``held_bytes`` held gets no turn until ``release`` brings it under."""
+        held = self._held.get(client)
+        if held is None:
+            held = self._held[client] = _Held(time.perf_counter() + HOLD_RETRY_S)
+        held.replies.append((reply, size))
+        held.bytes += size
 
     def held_due(self, now: float) -> list[tuple[bytes, object]]:
-        """The held replies due another try at ``now`` (time.perf_counter())."""
-        return [(client, entry[0]) for client, entry in self._held.items() if entry[1] <= now]
+        """Each client's oldest held reply, of those due another try at ``now`` (time.perf_counter())."""
+        return [(client, held.replies[0][0]) for client, held in self._held.items() if held.due <= now]
 
     def retry_later(self, client: bytes, now: float) -> None:
-        entry = self._held[client]
-        entry[2] = min(entry[2] * 2, HOLD_RETRY_MAX_S)
-        entry[1] = now + entry[2]
+        held = self._held[client]
+        held.interval = min(held.interval * 2, HOLD_RETRY_MAX_S)
+        held.due = now + held.interval
 
-    def release(self, client: bytes) -> None:
-        """The held reply was sent (or its client is gone): the client may have turns again."""
-        del self._held[client]
+    def release(self, client: bytes):
+        """The client's oldest held reply was sent: returns the next one (None when none is left); under
+        ``held_bytes`` again, the client may have turns again."""
+        held = self._held[client]
+        blocked = held.bytes >= self.held_bytes
+        _, size = held.replies.popleft()
+        held.bytes -= size
+        held.interval = HOLD_RETRY_S
+        if not held.replies:
+            del self._held[client]
         state = self._clients.get(client)
-        if state is not None:
+        if state is not None and blocked and held.bytes < self.held_bytes:
             self._schedule(client, state)
+        return held.replies[0][0] if held.replies else None
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        """Replies held, all clients."""
+        return sum(len(held.replies) for held in self._held.values())
 
     def next_retry_in(self, now: float) -> float | None:
         """Seconds until the next held reply is due (None: none held)."""
-        return min(entry[1] for entry in self._held.values()) - now if self._held else None
+        return min(held.due for held in self._held.values()) - now if self._held else None
 
     # ---- internals -----------------------------------------------------------------------------------------
 
     def _schedule(self, client: bytes, state: _Client, fresh: bool = False) -> None:
-        if client not in self._held:
+        held = self._held.get(client)
+        if held is None or held.bytes < self.held_bytes:
             heapq.heappush(self._ready, (state.tag, 0 if fresh else 1, next(self._order), client))
 
     def _forget(self, state: _Client, size: int) -> None:

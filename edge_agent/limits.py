@@ -6,8 +6,9 @@ Memory held for clients, whatever they send (RSS = the agent after loading its m
   ``transport_max_message_bytes`` (ZMQ_MAXMSGSIZE: a larger one makes ZeroMQ drop the connection), and
   ``send_hwm`` replies plus the one being written, each at most ``largest_reply_bytes``;
 - per connection, in the agent: its waiting requests, at most ``client_queue_bytes`` (its first one always gets
-  in) and at most ``max_queued_bytes`` over all connections, and the results of its batch in progress (at most
-  ``largest_reply_bytes``);
+  in) and at most ``max_queued_bytes`` over all connections, the results of its batch in progress (at most
+  ``largest_reply_bytes``) and its replies ZeroMQ could not take yet, under ``held_reply_bytes`` before its last
+  turn (fairness.py);
 - one request being decoded at a time (a batch larger than 64 KiB is decoded a slice at a time).
 
 ``per_connection_bytes`` adds the per-connection terms up. The sizes come from the model: the largest valid request
@@ -37,6 +38,7 @@ SEND_BUFFER_BYTES = 1 << 20       # ... and at least one message
 MIN_RECEIVE_HWM = 2
 TRANSPORT_SLACK_BYTES = 64 << 10  # a request this much over max_message_bytes still gets its message_too_large reply
 ERROR_RESULT_BYTES = 2048         # the largest error entry of a batch result (messages are cut to a few lines)
+HELD_REPLY_BYTES = 64 << 10       # a client's replies held in the agent before it waits for them: a touchdown's worth
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,13 @@ class Limits:
     largest_reply_bytes: int
     client_queue_bytes: int           # requests of one client waiting in the agent (its first one always gets in)
     max_queued_bytes: int             # requests of all clients waiting in the agent
+    held_reply_bytes: int = HELD_REPLY_BYTES   # replies of one client held in the agent before it gets no turn
 
     @property
     def per_connection_bytes(self) -> int:
         return ((self.receive_hwm + 1) * self.transport_max_message_bytes
                 + (self.send_hwm + 1) * self.largest_reply_bytes
-                + self.client_queue_bytes + self.largest_reply_bytes)
+                + self.client_queue_bytes + self.largest_reply_bytes + self.held_reply_bytes)
 
     def describe(self) -> dict:
         return {**dataclasses.asdict(self), "per_connection_bytes": self.per_connection_bytes}

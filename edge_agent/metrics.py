@@ -82,6 +82,7 @@ class Metrics:
         self.reloads: Counter[str] = Counter()        # "loaded", "refused"
         self.rollbacks = 0
         self.parts_scored = 0
+        self.parts_scored_ahead = 0                   # their graphs ran in an earlier request's call (server.py)
         self.latency = LatencyHistogram()             # receipt of a request to its reply sent
 
     def uptime_s(self) -> float:
@@ -89,6 +90,7 @@ class Metrics:
 
     def snapshot(self) -> dict:
         return {"uptime_s": round(self.uptime_s(), 3), "parts_scored": self.parts_scored,
+                "parts_scored_ahead": self.parts_scored_ahead,
                 "requests": dict(self.requests), "errors": dict(self.errors), "bins": dict(self.bins),
                 "flags": dict(self.flags), "replies_dropped": dict(self.replies_dropped),
                 "reloads": dict(self.reloads), "rollbacks": self.rollbacks, "latency_us": self.latency.summary_us()}
@@ -111,6 +113,8 @@ class PrometheusCollector:
         yield _labelled(CounterMetricFamily("edge_agent_errors", "Error replies, by protocol error code",
                                             labels=["code"]), m.errors)
         yield CounterMetricFamily("edge_agent_parts_scored", "Parts scored", value=m.parts_scored)
+        yield CounterMetricFamily("edge_agent_parts_scored_ahead", "Parts whose graphs ran in an earlier waiting "
+                                  "request's onnxruntime call", value=m.parts_scored_ahead)
         yield _labelled(CounterMetricFamily("edge_agent_bins", "Recommended bins, by name", labels=["bin"]), m.bins)
         yield _labelled(CounterMetricFamily("edge_agent_flags", "Parts for which a condition fired",
                                             labels=["condition"]), m.flags)

@@ -84,19 +84,35 @@ class LifecycleHook(Protocol):
 
 class Request:
     """One request from its receipt to its reply: where the reply goes, its bytes (ZeroMQ's frame, read in place),
-    its id once read, and a score_batch's progress between its turns."""
+    its id once read, a score_batch's progress between its turns, and for a score request scored ahead of its turn
+    (``Agent._read_ahead``) its message and ``Ahead``."""
 
-    __slots__ = ("envelope", "payload", "received", "rid", "batch")
+    __slots__ = ("envelope", "payload", "received", "rid", "batch", "message", "ahead")
 
     def __init__(self, client: bytes, frames: list[zmq.Frame], received: float):
         self.envelope, self.payload = _split_frames(client, frames)
         self.received = received              # time.perf_counter() when the agent took it from ZeroMQ
         self.rid: int | str | None = None
         self.batch: _Batch | None = None
+        self.message: dict | None = None      # a score request decoded ahead of its turn
+        self.ahead: Ahead | None = None
 
     @property
     def size(self) -> int:
         return 0 if self.payload is None else len(self.payload)
+
+
+class Ahead:
+    """A waiting score request's readings and scores, computed in another request's graph call: used at its turn if
+    the same model still serves."""
+
+    __slots__ = ("model", "row", "score", "probability")
+
+    def __init__(self, model: LoadedModel | None, row: np.ndarray | None, score: float, probability: float):
+        self.model, self.row, self.score, self.probability = model, row, score, probability
+
+
+NOT_AHEAD = Ahead(None, None, float("nan"), float("nan"))   # looked at: not a score request that reads ahead
 
 
 class _Batch:
@@ -134,7 +150,7 @@ class Agent:
         # Socket options are set once, at bind, from the model served then (a reload warns if it needs more).
         self.limits: Limits = derive(config.max_message_bytes, config.transport_max_message_bytes, config.max_batch,
                                      config.queue_length, config.max_queued_bytes, model.parser, self.policy)
-        self.inbox = Inbox(self.limits.client_queue_bytes, self.limits.max_queued_bytes)
+        self.inbox = Inbox(self.limits.client_queue_bytes, self.limits.max_queued_bytes, self.limits.held_reply_bytes)
         self._max_age_s = config.max_request_age_ms / 1000.0
         self._stop_requested = False
         self._error_log = _ThrottledLog(ERROR_LOG_INTERVAL_S)
@@ -261,16 +277,19 @@ class Agent:
                 return
 
     def _receive(self, router: zmq.Socket) -> None:
-        """Take what ZeroMQ holds into the inbox, at most one round of its fair queue: each connection's next request
-        once, so a flooding connection is read no faster than the others. A request over its client's share of the
-        inbox is answered overloaded at once."""
-        seen = set()
+        """Take what ZeroMQ holds into the inbox, at most one round of its fair queue in which each connection gives
+        up to ``turn_parts`` requests (a touchdown's sites, read together so they can be scored ahead together): the
+        round ends at a connection's request past that, or at one over its share of the inbox from a connection read
+        before in the round, so a flooding connection is read no faster than the others. A request over its
+        client's share of the inbox is answered overloaded at once."""
+        read: dict[bytes, int] = {}
         while router.get(zmq.EVENTS) & zmq.POLLIN:   # cheaper than a recv that raises zmq.Again
             client = router.recv()
             frames = [router.recv(copy=False)]
             while router.get(zmq.RCVMORE):
                 frames.append(router.recv(copy=False))
             request = Request(client, frames, time.perf_counter())
+            before = read.get(client, 0)
             if self.inbox.is_gone(client, request.received):
                 self.metrics.replies_dropped["unroutable"] += 1   # sent before its client went away
             elif not self.inbox.take(client, request, request.size):
@@ -279,9 +298,11 @@ class Agent:
                     request.rid, Code.OVERLOADED, f"this client already has {self.inbox.client_bytes} bytes of "
                                                   f"requests waiting (or all clients {self.inbox.total_bytes}); "
                                                   f"wait for replies before sending more"), hold=False)
-            if client in seen:
+                if before:
+                    return
+            if before >= self.config.turn_parts:
                 return
-            seen.add(client)
+            read[client] = before + 1
 
     def _turn(self, router: zmq.Socket) -> None:
         picked = self.inbox.next()
@@ -316,7 +337,7 @@ class Agent:
                 elif self.config.keep_warm_ms:
                     self._warm_payload = request.payload
                 if kind != SCORE_BATCH:
-                    self._reply(socket, request, handlers[kind](message, request.rid), hold=hold)
+                    self._reply(socket, request, handlers[kind](message, request), hold=hold)
                     return True
                 request.batch = _Batch(request.rid, self.model, self.dynamic,
                                        parse_batch(message, self.config.max_batch))
@@ -340,14 +361,7 @@ class Agent:
                                                         f"longer than max_request_age_ms "
                                                         f"{self.config.max_request_age_ms}; not scored")
         try:
-            if request.payload is None:
-                raise ProtocolError(Code.MALFORMED_MESSAGE, "expected one payload frame (DEALER) or an empty "
-                                                            "delimiter and one payload frame (REQ)")
-            if request.size > self.limits.max_message_bytes:
-                raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"message of {request.size} bytes exceeds "
-                                                            f"max_message_bytes {self.limits.max_message_bytes}")
-            message = decode(request.payload.buffer)
-            request.rid = request_id(message)
+            message = request.message if request.message is not None else self._decode(request)
             kind = check_envelope(message)
         except ProtocolError:
             self.metrics.requests["invalid"] += 1
@@ -359,20 +373,39 @@ class Agent:
             self._sample[DECODE] = time.perf_counter_ns()
         return message
 
+    def _decode(self, request: Request) -> dict:
+        """Framing, size and msgpack; the request id read."""
+        if request.payload is None:
+            raise ProtocolError(Code.MALFORMED_MESSAGE, "expected one payload frame (DEALER) or an empty "
+                                                        "delimiter and one payload frame (REQ)")
+        if request.size > self.limits.max_message_bytes:
+            raise ProtocolError(Code.MESSAGE_TOO_LARGE, f"message of {request.size} bytes exceeds "
+                                                        f"max_message_bytes {self.limits.max_message_bytes}")
+        message = decode(request.payload.buffer)
+        request.rid = request_id(message)
+        return message
+
     def _reply(self, router: zmq.Socket, request: Request, reply: dict, results: list[bytes] | None = None, *,
                hold: bool = True) -> None:
-        """Send a reply. One ZeroMQ will not queue now is held, and its client gets no more turns until it has been sent
-        (fairness.py); with ``hold`` False (a refusal outside the client's turns) it is dropped instead."""
+        """Send a reply. One ZeroMQ will not queue now, or that must follow the client's replies held already, is held
+        (fairness.py: in order; a client with too much held gets no more turns until it has been sent); with ``hold``
+        False (a refusal outside the client's turns) it is dropped instead."""
         reply["agent_us"] = round((time.perf_counter() - request.received) * 1e6, 1)
         payload = encode(reply) if results is None else encode_batch_reply(reply, results)
         sample, self._sample = self._sample, None
         if sample is not None:
             sample[ENCODE] = time.perf_counter_ns()
+        client = request.envelope[0]
         frames = [*request.envelope, payload]
         try:
-            router.send_multipart(frames, zmq.NOBLOCK)
+            if hold and self.inbox.holds(client):
+                self.inbox.hold(client, frames, len(payload))
+            else:
+                router.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            if not (hold and self.inbox.hold(request.envelope[0], frames)):
+            if hold:
+                self.inbox.hold(client, frames, len(payload))
+            else:
                 self.metrics.replies_dropped["queue_full"] += 1
         except zmq.ZMQError as error:
             if error.errno != errno.EHOSTUNREACH:
@@ -386,21 +419,23 @@ class Agent:
         self.metrics.latency.record(time.perf_counter() - request.received)
 
     def _send_held(self, router: zmq.Socket) -> None:
-        """Offer the held replies that are due to ZeroMQ again; a client whose reply leaves is served again."""
+        """Offer the held replies that are due to ZeroMQ again, each client's in order, as many as it takes now."""
         if not self.inbox.held:
             return
         now = time.perf_counter()
         for client, frames in self.inbox.held_due(now):
-            try:
-                router.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                self.inbox.retry_later(client, now)
-                continue
-            except zmq.ZMQError as error:
-                if error.errno != errno.EHOSTUNREACH:
-                    raise
-                self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.gone(client, 0, now)
-            self.inbox.release(client)
+            while frames is not None:
+                try:
+                    router.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    self.inbox.retry_later(client, now)
+                    break
+                except zmq.ZMQError as error:
+                    if error.errno != errno.EHOSTUNREACH:
+                        raise
+                    self.metrics.replies_dropped["unroutable"] += self.inbox.gone(client, 0, now)
+                    break
+                frames = self.inbox.release(client)
 
     def _error(self, rid, code: str, message: str) -> dict:
         self._sample = None   # a refused request's stages say nothing about scoring
@@ -410,18 +445,55 @@ class Agent:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def _score(self, message: dict, rid, live: bool = True) -> dict:
-        """``live`` False: a rehearsal (``_rehearse``), which leaves no trace in PAT windows, drift or counters."""
+    def _score(self, message: dict, request: Request | None) -> dict:
+        """``request`` None: a rehearsal (``_rehearse``), which leaves no trace in PAT windows, drift or counters."""
         model = self.model
+        live = request is not None
         part = parse_part(message.get("part"))
-        row = model.parser.parse(message.get("readings"))
-        if self._sample is not None:
-            self._sample[VALIDATE] = time.perf_counter_ns()
-        scores, probabilities = model.score(row[None, :], self._sample)
-        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": rid,
-                **self._judge(model, self.dynamic if live else None, part, row, float(scores[0]),
-                              float(probabilities[0]), live),
+        ahead = request.ahead if live else None
+        if ahead is not None and ahead.model is model:
+            row, score, probability = ahead.row, ahead.score, ahead.probability
+            self.metrics.parts_scored_ahead += 1
+            if self._sample is not None:
+                self._sample[VALIDATE] = time.perf_counter_ns()
+        else:
+            row = model.parser.parse(message.get("readings"))
+            waiting = self._read_ahead(model, request) if live and self.inbox.requests > 1 else []
+            if self._sample is not None:
+                self._sample[VALIDATE] = time.perf_counter_ns()
+            scores, probabilities = model.score(np.stack([row, *(row for _, row in waiting)]) if waiting
+                                                else row[None, :], self._sample)
+            for k, (other, other_row) in enumerate(waiting, 1):
+                other.ahead = Ahead(model, other_row, float(scores[k]), float(probabilities[k]))
+            score, probability = float(scores[0]), float(probabilities[0])
+        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": request.rid if live else None,
+                **self._judge(model, self.dynamic if live else None, part, row, score, probability, live),
                 "model": model.identity}
+
+    def _read_ahead(self, model: LoadedModel, serving: Request) -> list[tuple[Request, np.ndarray]]:
+        """Score ahead: the readings of the score requests waiting in the inbox (a touchdown's other sites, a
+        backlog after a stall), at most ``turn_parts - 1``, to be scored in the serving request's graph call. One call
+        of n rows costs far less than n calls (onnxruntime's per-call cost, and each part's first touch of the
+        graphs), so the last site of a touchdown no longer waits for every earlier site's graphs. Each keeps its
+        own turn, order and reply; only the graphs run early. A request that cannot be read ahead (not a score
+        request, malformed, too large) is left for its turn, which refuses it as before."""
+        waiting = []
+        for request in self.inbox.queued():
+            if len(waiting) >= self.config.turn_parts - 1:
+                break
+            if request is serving or request.batch is not None or request.ahead is NOT_AHEAD or (
+                    request.ahead is not None and request.ahead.model is model):
+                continue
+            request.ahead = NOT_AHEAD
+            try:
+                message = request.message if request.message is not None else self._decode(request)
+                if message.get("type") != SCORE:
+                    continue   # decoded again at its turn: only score requests are kept decoded while they wait
+                request.message = message
+                waiting.append((request, model.parser.parse(message.get("readings"))))
+            except ProtocolError:
+                continue       # refused at its turn
+        return waiting
 
     def _others_wait(self, router: zmq.Socket) -> bool:
         """Another client is due a turn, or a request waits unread in ZeroMQ."""
@@ -507,15 +579,15 @@ class Agent:
         effects and without a reply, so the next part finds the code, the graphs and the buffers in the caches.
         A request arriving meanwhile waits for at most this one rehearsal."""
         try:
-            encode(self._score(decode(self._warm_payload.buffer), None, live=False))
+            encode(self._score(decode(self._warm_payload.buffer), None))
         except ProtocolError:   # a model swapped in since takes other readings: rehearse its first real part
             self._warm_payload = None
 
-    def _health(self, message: dict, rid) -> dict:
+    def _health(self, message: dict, request: Request) -> dict:
         since = check_stages_since(message.get("stages_since", 0))
         watcher = self._watcher
         return {
-            "v": PROTOCOL_VERSION, "type": REPLY_TYPES[HEALTH], "id": rid,
+            "v": PROTOCOL_VERSION, "type": REPLY_TYPES[HEALTH], "id": request.rid,
             "status": "draining" if self.draining else "serving",
             "model": self.model.describe(),
             "previous_model": None if self.previous is None else self.previous.identity,
@@ -536,7 +608,7 @@ class Agent:
             **self.metrics.snapshot(),
         }
 
-    def _reload(self, message: dict, rid) -> dict:
+    def _reload(self, message: dict, request: Request) -> dict:
         version = message.get("version")
         if version is not None:
             if isinstance(version, bool) or not isinstance(version, (str, int)):
@@ -549,21 +621,21 @@ class Agent:
         version = version or self.config.version or None   # a pinned agent reloads its pinned version
         self._watcher.request(version)
         what = f"version {version}" if version is not None else f"the {self.config.stage} version"
-        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[RELOAD], "id": rid, "accepted": True,
+        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[RELOAD], "id": request.rid, "accepted": True,
                 "message": f"loading {what} of {self.model.ref.name} in the background; the health reply's "
                            f"last_reload and model tell the outcome"}
 
-    def _refuse_control(self, message: dict, rid) -> dict:
+    def _refuse_control(self, message: dict, request: Request) -> dict:
         raise ProtocolError(Code.NOT_AUTHORIZED, self.security.control_refusal(message["type"]))
 
-    def _rollback(self, message: dict, rid) -> dict:
+    def _rollback(self, message: dict, request: Request) -> dict:
         if self.previous is None:
             raise ProtocolError(Code.NOTHING_TO_ROLL_BACK, f"no previous model is kept; {self.model.ref} is the "
                                                            f"only model this agent has served")
         replaced = self.model.ref
         self._swap(self.previous, "rollback request")
         self.metrics.rollbacks += 1
-        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[ROLLBACK], "id": rid, "model": self.model.identity,
+        return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[ROLLBACK], "id": request.rid, "model": self.model.identity,
                 "message": f"serving {self.model.ref} again in place of {replaced}"}
 
     # ---- model swaps -----------------------------------------------------------------------------------------

@@ -217,6 +217,48 @@ def test_batch_equals_the_same_parts_one_by_one(agent, packages):
     assert mixed[0].outlier_score == singles[0].outlier_score
 
 
+def test_a_touchdown_sent_at_once_is_scored_ahead_and_each_site_answered_in_order(agent, packages):
+    """16 sites sent back to back behind a batch that keeps the agent busy, with a malformed request and a health
+    request among them: the waiting score requests have their graphs run in an earlier one's call
+    (``parts_scored_ahead``), and each still gets its own reply, in order, with the scores of its part alone. The
+    touchdown is sent again until some parts were scored ahead (a loaded machine may deliver it late)."""
+    rows = packages.stream[300:316]
+    expected_score, expected_probability = packages.offline("1", rows)
+    busy = [{"readings": row.tobytes()} for row in packages.stream[:50]]
+    raw = Raw(agent["endpoint"])
+    try:
+        start = raw.ask({"v": 1, "type": "health", "id": "start"})["parts_scored_ahead"]
+        for attempt in range(5):
+            raw.send({"v": 1, "type": "score_batch", "id": "busy", "parts": busy})
+            sent = []
+            for site, row in enumerate(rows, 1):
+                if site == 5:
+                    raw.send(score_request("short", row[:3].tobytes()))
+                    sent.append("short")
+                if site == 9:
+                    raw.send({"v": 1, "type": "health", "id": "between"})
+                    sent.append("between")
+                raw.send(score_request(site, row.tobytes(), part={"lot": "TD", "site": site}))
+                sent.append(site)
+            replies = [raw.receive() for _ in range(len(sent) + 1)]
+            assert all(replies), "a request of the touchdown got no reply"
+            assert [r["id"] for r in replies] == ["busy", *sent]
+            by_id = {r["id"]: r for r in replies}
+            assert by_id["short"]["code"] == Code.WRONG_READING_COUNT
+            assert by_id["between"]["type"] == "health_result"
+            scored = [by_id[site] for site in range(1, 17)]
+            assert all(r["type"] == "score_result" for r in scored)
+            np.testing.assert_allclose([r["outlier_score"] for r in scored], expected_score, rtol=0, atol=1e-6)
+            np.testing.assert_allclose([r["pass_probability"] for r in scored], expected_probability, rtol=0,
+                                       atol=1e-6)
+            ahead = raw.ask({"v": 1, "type": "health", "id": attempt})["parts_scored_ahead"] - start
+            if ahead:
+                break
+    finally:
+        raw.close()
+    assert 0 < ahead <= 15 * (attempt + 1)   # the first site of a touchdown is scored in its own turn
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 
 def _bad_requests(row: list[float], columns: list[str], names: list[str]) -> list[tuple[str, object, str, str]]:

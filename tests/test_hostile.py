@@ -486,8 +486,8 @@ def test_requests_over_a_clients_share_are_refused_at_once_and_the_rest_answered
 
 # ---- the fair queue, alone -----------------------------------------------------------------------------------------
 
-def test_the_fair_queue_serves_a_light_client_next_and_holds_one_whose_reply_is_held():
-    inbox = Inbox(client_bytes=300, total_bytes=10_000)
+def test_the_fair_queue_serves_a_light_client_next_and_holds_one_whose_replies_are_held():
+    inbox = Inbox(client_bytes=300, total_bytes=10_000, held_bytes=100)
     for i in range(3):
         assert inbox.take(b"heavy", f"h{i}", 100)
     assert not inbox.take(b"heavy", "h3", 100)           # its share is full
@@ -500,15 +500,19 @@ def test_the_fair_queue_serves_a_light_client_next_and_holds_one_whose_reply_is_
     assert served == ["h0", "g0", "h0"]
     assert inbox.take(b"light", "l0", 10) and inbox.take(b"light", "l1", 10)
     assert inbox.next() == (b"light", "l0")             # next, however long the others keep it busy
-    assert inbox.hold(b"light", "its reply") and not inbox.hold(b"light", "another")
+    inbox.hold(b"light", "its reply", 60)
+    inbox.hold(b"light", "the next", 60)                 # behind it, in order: 120 bytes held, over its 100
+    assert inbox.holds(b"light") and inbox.held == 2
     inbox.served(b"light", 0.0001, finished=True)
-    for _ in range(4):                                    # its reply held: no turn for it, l1 waits
+    for _ in range(4):                                    # too much held: no turn for it, l1 waits
         client, _ = inbox.next()
         assert client != b"light"
         inbox.served(client, 0.010, finished=False)
     assert inbox.held_due(time.perf_counter() + 1) == [(b"light", "its reply")]
-    inbox.release(b"light")
+    assert inbox.release(b"light") == "the next"         # sent: the next is offered at once; 60 held, under 100
     assert inbox.next() == (b"light", "l1") and inbox.requests == 5 and inbox.bytes == 410
+    inbox.served(b"light", 0.0001, finished=False)
+    assert inbox.release(b"light") is None and not inbox.holds(b"light") and inbox.held == 0
     # A client whose reply could not be routed has gone: its requests go, and so does what still arrives for a while.
     assert inbox.gone(b"heavy", 0, now=100.0) == 3 and inbox.requests == 2
     assert inbox.is_gone(b"heavy", now=101.0) and not inbox.is_gone(b"heavy", now=102.5)
