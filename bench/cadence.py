@@ -98,13 +98,14 @@ def run(site: AgentSite, quick: bool) -> dict:
             gc.collect()
             gc.freeze()
             for profile in plan(quick):
-                before = client.health(timeout_ms=10_000)["stages"]["taken"]
+                before = client.health(timeout_ms=10_000)
                 measured = measure(profile, profile.parts(quick), FLOOR_PARTS_UNPAUSED[quick], site, endpoint,
                                    echo[1])
-                stages = client.health(timeout_ms=10_000, stages_since=before)["stages"]
+                after = client.health(timeout_ms=10_000, stages_since=before["stages"]["taken"])
                 key = f"cadence.{profile.name}"
-                figures.update(profile_figures(key, measured, stages, figures["cadence.models_inproc.p50_us"],
-                                               figures[f"{key}.models_at_cadence.p50_us"]))
+                figures.update(profile_figures(key, measured, after["stages"], figures["cadence.models_inproc.p50_us"],
+                                               figures[f"{key}.models_at_cadence.p50_us"],
+                                               after["parts_scored_ahead"] - before["parts_scored_ahead"]))
     finally:
         figures["cadence.agent_exit_status"] = site.stop_agent(agent)
         stop_echo(echo[0])
@@ -143,8 +144,10 @@ def measure(profile: Profile, parts: int, floor_parts: int, site: AgentSite, age
             socket.close(linger=0)
 
 
-def profile_figures(key: str, measured: dict, stages: dict, models_us: float, models_at_cadence_us: float) -> dict:
-    """e2e, agent, floor and stage figures of one profile, with the ratios the targets are stated in."""
+def profile_figures(key: str, measured: dict, stages: dict, models_us: float, models_at_cadence_us: float,
+                    scored_ahead: int) -> dict:
+    """e2e, agent, floor and stage figures of one profile, with the ratios the targets are stated in;
+    ``scored_ahead``: the agent's parts whose graphs ran in an earlier request's call (health parts_scored_ahead)."""
     agent_sent, agent_mask = measured["agent"]
     floor_sent, floor_mask = measured["floor"]
     agent, floor = scheduled_figures(agent_sent, agent_mask), scheduled_figures(floor_sent, floor_mask)
@@ -164,6 +167,7 @@ def profile_figures(key: str, measured: dict, stages: dict, models_us: float, mo
     figures.update({f"{key}.stage.{name}.{figure}": value for name, summary in stages["by_stage"].items()
                     for figure, value in summary.items()})
     figures[f"{key}.stage.samples"] = stages["samples"]
+    figures[f"{key}.scored_ahead_share"] = round(scored_ahead / len(e2e), 3) if len(e2e) else None
     return figures
 
 

@@ -111,12 +111,17 @@ def stage_table(figures: dict) -> list[str]:
         return []
     from edge_agent.stages import STAGES
     lines = ["", "## Where the agent's own time goes (p50 / p99 us per stage, sampled requests)", "",
-             "| profile | samples | " + " | ".join(STAGES) + " |", "|---|" + "---:|" * (len(STAGES) + 1)]
+             "A part scored ahead had its graphs run in an earlier waiting request's call: its outlier and yield "
+             "stages count 0, the call's time is in that request's.", "",
+             "| profile | samples | scored ahead | " + " | ".join(STAGES) + " |",
+             "|---|" + "---:|" * (len(STAGES) + 2)]
     for profile in profiles:
         key = f"cadence.{profile}.stage"
+        ahead = figures.get(f"cadence.{profile}.scored_ahead_share")
         cells = [f"{figures.get(f'{key}.{stage}.p50_us', '')} / {figures.get(f'{key}.{stage}.p99_us', '')}"
                  for stage in STAGES]
-        lines.append(f"| {profile} | {figures[f'{key}.samples']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {profile} | {figures[f'{key}.samples']} | {'' if ahead is None else f'{ahead:.0%}'} | "
+                     + " | ".join(cells) + " |")
     return lines
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import logging
 import os
 import sys
@@ -44,7 +45,7 @@ from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
                          Part, ProtocolError, check_deadline, check_envelope, check_stages_since, decode,
                          encode_batch_reply, error_reply, largest_request_bytes, parse_batch, parse_batch_item,
-                         parse_part, part_result, peek_id, request_id)
+                         STREAM_PARTS_ABOVE_BYTES, parse_part, part_result, peek_id, request_id)
 
 log = logging.getLogger("edge_agent.server")
 
@@ -59,6 +60,7 @@ IO_THREADS = 2
 # While the reload thread (or a Prometheus scrape) runs Python code, the serving thread waits for the GIL up to
 # the switch interval: 5 ms by default, 0.2 ms here. Only costs anything while two threads want the GIL.
 GIL_SWITCH_INTERVAL_S = 200e-6
+READ_AHEAD_SCAN = 4           # waiting requests looked at for scoring ahead, in turn_parts (not a flood's thousands)
 
 
 class DriftHook(Protocol):
@@ -476,13 +478,16 @@ class Agent:
         of n rows costs far less than n calls (onnxruntime's per-call cost, and each part's first touch of the
         graphs), so the last site of a touchdown no longer waits for every earlier site's graphs. Each keeps its
         own turn, order and reply; only the graphs run early. A request that cannot be read ahead (not a score
-        request, malformed, too large) is left for its turn, which refuses it as before."""
+        request, malformed, too large) is left for its turn, which refuses it as before. Bounded whatever waits: at
+        most ``READ_AHEAD_SCAN * turn_parts`` waiting requests looked at, and none over STREAM_PARTS_ABOVE_BYTES
+        decoded ahead (64 KiB: a score request of a few hundred tests is a few KB; a large score_batch is not)."""
         waiting = []
-        for request in self.inbox.queued():
+        for request in itertools.islice(self.inbox.queued(), READ_AHEAD_SCAN * self.config.turn_parts):
             if len(waiting) >= self.config.turn_parts - 1:
                 break
-            if request is serving or request.batch is not None or request.ahead is NOT_AHEAD or (
-                    request.ahead is not None and request.ahead.model is model):
+            if (request is serving or request.batch is not None or request.ahead is NOT_AHEAD
+                    or request.size > STREAM_PARTS_ABOVE_BYTES
+                    or (request.ahead is not None and request.ahead.model is model)):
                 continue
             request.ahead = NOT_AHEAD
             try:
