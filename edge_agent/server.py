@@ -463,7 +463,7 @@ class Agent:
             waiting = self._read_ahead(model, request) if live and self.inbox.requests > 1 else []
             if self._sample is not None:
                 self._sample[VALIDATE] = time.perf_counter_ns()
-            scores, probabilities = model.score(np.stack([row, *(row for _, row in waiting)]) if waiting
+            scores, probabilities = model.score(np.stack([row, *(other_row for _, other_row in waiting)]) if waiting
                                                 else row[None, :], self._sample)
             for k, (other, other_row) in enumerate(waiting, 1):
                 other.ahead = Ahead(model, other_row, float(scores[k]), float(probabilities[k]))
