@@ -189,8 +189,8 @@ class Inbox:
 
     @property
     def held(self) -> int:
-        """Replies held, all clients."""
-        return sum(len(held.replies) for held in self._held.values())
+        """Replies held, all clients (checked on every pass of the serving loop: nothing to add up when none)."""
+        return sum(len(held.replies) for held in self._held.values()) if self._held else 0
 
     def next_retry_in(self, now: float) -> float | None:
         """Seconds until the next held reply is due (None: none held)."""

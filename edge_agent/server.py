@@ -399,22 +399,21 @@ class Agent:
             sample[ENCODE] = time.perf_counter_ns()
         client = request.envelope[0]
         frames = [*request.envelope, payload]
-        try:
-            if hold and self.inbox.holds(client):
-                self.inbox.hold(client, frames, len(payload))
-            else:
+        if hold and self.inbox.holds(client):
+            self.inbox.hold(client, frames, len(payload))   # behind the client's held replies, in order
+        else:
+            try:
                 router.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            if hold:
-                self.inbox.hold(client, frames, len(payload))
-            else:
-                self.metrics.replies_dropped["queue_full"] += 1
-        except zmq.ZMQError as error:
-            if error.errno != errno.EHOSTUNREACH:
-                raise
-            # The client went away before its reply; what else it sent can never be answered either.
-            self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.gone(request.envelope[0], 1,
-                                                                              time.perf_counter())
+            except zmq.Again:
+                if hold:
+                    self.inbox.hold(client, frames, len(payload))
+                else:
+                    self.metrics.replies_dropped["queue_full"] += 1
+            except zmq.ZMQError as error:
+                if error.errno != errno.EHOSTUNREACH:
+                    raise
+                # The client went away before its reply; what else it sent can never be answered either.
+                self.metrics.replies_dropped["unroutable"] += 1 + self.inbox.gone(client, 1, time.perf_counter())
         if sample is not None:   # a held reply's send is its hand-over to the inbox (fairness.py), not the retry
             sample[SEND] = time.perf_counter_ns()
             self.stages.end(sample)
