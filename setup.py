@@ -14,12 +14,12 @@ AGENT = [                      # `pip install .`: the agent daemon, its client a
     "msgpack>=1.0,<1.3",
     "prometheus_client>=0.20,<0.27",
     "cryptography>=42,<49",     # Ed25519 package signatures (edge_agent/package/signing.py); 48.0.0 verified
+    "onnx>=1.17,<1.24",         # the agent runs a package's two graphs as one (edge_agent/package/runtime.py)
 ]
 TRAINER = [                    # ingestion, training, ONNX export (and the benchmark's comparisons)
     "pandas>=2.2,<3.2",
     "pyarrow>=15,<27",
     "scikit-learn>=1.6,<1.10",
-    "onnx>=1.17,<1.24",
     "skl2onnx>=1.18,<1.21",
     "numba>=0.60,<0.69",
 ]

@@ -111,8 +111,8 @@ def stage_table(figures: dict) -> list[str]:
         return []
     from edge_agent.stages import STAGES
     lines = ["", "## Where the agent's own time goes (p50 / p99 us per stage, sampled requests)", "",
-             "A part scored ahead had its graphs run in an earlier waiting request's call: its outlier and yield "
-             "stages count 0, the call's time is in that request's.", "",
+             "A part scored ahead had its graphs run in an earlier waiting request's call: its graphs stage counts 0, "
+             "the call's time is in that request's.", "",
              "| profile | samples | scored ahead | " + " | ".join(STAGES) + " |",
              "|---|" + "---:|" * (len(STAGES) + 2)]
     for profile in profiles:

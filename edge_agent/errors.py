@@ -61,8 +61,8 @@ class RegistryError(EdgeError):
 
 
 # The extra that installs each optional library: `pip install .` installs the agent and its client only.
-EXTRA_OF_MODULE = {"sklearn": "trainer", "skl2onnx": "trainer", "onnx": "trainer", "pandas": "trainer",
-                   "pyarrow": "trainer", "numba": "trainer", "scipy": "trainer", "matplotlib": "collector"}
+EXTRA_OF_MODULE = {"sklearn": "trainer", "skl2onnx": "trainer", "pandas": "trainer", "pyarrow": "trainer",
+                   "numba": "trainer", "scipy": "trainer", "matplotlib": "collector"}
 
 
 def run_command(program: str, command: Callable[[], int | None]) -> int:

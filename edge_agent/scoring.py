@@ -2,9 +2,10 @@
 per-test statistics explanations use.
 
 Loading refuses a package (``ModelRefused``, naming every problem) unless it verifies (manifest schema,
-fidelity gate, sha256 of every file, and its signature when the registry has a ``Trust``), the ONNX bytes
-handed to onnxruntime are the verified ones, and a smoke score of the package's own sample rows reproduces the
-expected scores within the fidelity the manifest records.
+fidelity gate, sha256 of every file, and its signature when the registry has a ``Trust``), the ONNX graphs
+handed to onnxruntime are the verified bytes (combined into one graph, ``runtime.combined_graph``: one call per
+part), and a smoke score of the package's own sample rows through that combined graph reproduces the expected
+scores within the fidelity the manifest records.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import numpy as np
 from .errors import EdgeError, ExportError, RegistryError
 from .package.manifest import SAMPLE_ROWS_FILE, FidelityCheck, Manifest
 from .package.registry import PackageRef, Registry
-from .package.runtime import make_session, warm_up
+from .package.runtime import YIELD_PREFIX, combined_graph, make_session, warm_up
 from .explain import Explainer
 from .package.signing import TRUSTED
 from .pat import StaticPat
-from .stages import OUTLIER, YIELD
+from .stages import GRAPHS
 from .wire.score import ReadingsParser
 
 log = logging.getLogger("edge_agent.scoring")
@@ -60,21 +61,16 @@ class LoadedModel:
     smoke: dict                    # what the load-time smoke score found
     signature: dict                # who signed it and whether that key is trusted (signing.SignatureCheck)
     loaded_at: float
-    _outlier: object = field(repr=False)
-    _yield: object = field(repr=False)
+    _session: object = field(repr=False)       # both graphs as one (runtime.combined_graph)
     _input: str = field(repr=False)
-    _outputs: tuple[str, str] = field(repr=False)
+    _outputs: list[str] = field(repr=False)    # [outlier score, pass probability]
 
     def score(self, rows: np.ndarray, sample: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Outlier scores and pass probabilities of float32 rows [n, n_features]; ``sample``: a stage sample
-        (edge_agent/stages.py) timing each graph."""
-        feed = {self._input: rows}
-        score = self._outlier.run([self._outputs[0]], feed)[0]
+        """Outlier scores and pass probabilities of float32 rows [n, n_features], in one onnxruntime call;
+        ``sample``: a stage sample (edge_agent/stages.py) timing it."""
+        score, probability = self._session.run(self._outputs, {self._input: rows})
         if sample is not None:
-            sample[OUTLIER] = time.perf_counter_ns()
-        probability = self._yield.run([self._outputs[1]], feed)[0]
-        if sample is not None:
-            sample[YIELD] = time.perf_counter_ns()
+            sample[GRAPHS] = time.perf_counter_ns()
         return score.reshape(-1), probability.reshape(-1)
 
     def describe(self) -> dict:
@@ -107,8 +103,10 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
     yield_bytes = _verified_bytes(folder, yield_model.files[yield_variant], manifest)
     sample_bytes = _verified_bytes(folder, SAMPLE_ROWS_FILE, manifest)
     try:
-        outlier, yield_session = make_session(outlier_bytes), make_session(yield_bytes)
-    except Exception as error:   # onnxruntime raises its own exception types for graphs it cannot load
+        session = make_session(combined_graph(outlier_bytes, yield_bytes, manifest.input.name))
+    except ExportError as error:
+        raise ModelRefused(ref, [str(error)]) from None
+    except Exception as error:   # onnx and onnxruntime raise their own exception types for graphs they cannot load
         raise ModelRefused(ref, [f"onnxruntime cannot load the graphs: {error}"]) from None
     columns = manifest.columns
     model = LoadedModel(
@@ -119,11 +117,10 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
         explainer=Explainer(columns, manifest.pat.limits),
         outlier_threshold=float(outlier_model.threshold), pass_threshold=float(yield_model.threshold),
         identity={"name": ref.name, "version": ref.version, "checksum": result.checksum},
-        smoke={}, signature=signature, loaded_at=time.time(), _outlier=outlier, _yield=yield_session,
-        _input=manifest.input.name, _outputs=(outlier_model.output, yield_model.output))
+        smoke={}, signature=signature, loaded_at=time.time(), _session=session,
+        _input=manifest.input.name, _outputs=[outlier_model.output, YIELD_PREFIX + yield_model.output])
     try:
-        for session in (outlier, yield_session):
-            warm_up(session, len(columns))
+        warm_up(session, len(columns))
     except ExportError as error:   # a graph whose input width is not the manifest's feature count
         raise ModelRefused(ref, [str(error)]) from None
     except Exception as error:      # onnxruntime's own exception types

@@ -8,13 +8,14 @@ counter decrement and one ``is None`` test per stage), a sampled one about 3 us 
 0.03 us a request on average).
 
 Stages, in the order the serving path runs them: ``wait`` (receipt to the start of its turn: the inbox), ``decode``
-(msgpack and envelope), ``validate`` (part identity and readings), ``outlier`` and ``yield`` (the two onnxruntime
-graphs), ``pat`` (static and dynamic PAT), ``drift`` (the drift statistics), ``explain`` (drivers of a flagged part:
-next to nothing for the others), ``bin`` (the bin decision and counters), ``audit`` (the audit record and shadow
-challenger queueing of edge_agent.lifecycle; zero when neither is on), ``encode`` (the reply built and packed) and
-``send`` (handing it to ZeroMQ). A stage a request skips (drift when it is off, all but wait/decode/validate/pat for
-a part with too few readings) counts zero, its time going to the next stage that ran. Only single score requests are
-filed: the sample of any other request (health, score_batch, a refused one) is dropped.
+(msgpack and envelope), ``validate`` (part identity and readings), ``graphs`` (the onnxruntime call running the
+outlier and yield graphs as one), ``pat`` (static and dynamic PAT), ``drift`` (the drift statistics), ``explain``
+(drivers of a flagged part: next to nothing for the others), ``bin`` (the bin decision and counters), ``audit`` (the
+audit record and shadow challenger queueing of edge_agent.lifecycle; zero when neither is on), ``encode`` (the reply
+built and packed) and ``send`` (handing it to ZeroMQ). A stage a request skips (drift when it is off, all but
+wait/decode/validate/pat for a part with too few readings) counts zero, its time going to the next stage that ran.
+Only single score requests are filed: the sample of any other request (health, score_batch, a refused one) is
+dropped.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ import time
 
 import numpy as np
 
-STAGES = ("wait", "decode", "validate", "outlier", "yield", "pat", "drift", "explain", "bin", "audit", "encode",
-          "send")
-(WAIT, DECODE, VALIDATE, OUTLIER, YIELD, PAT, DRIFT, EXPLAIN, BIN, AUDIT, ENCODE, SEND) = range(1, len(STAGES) + 1)
+STAGES = ("wait", "decode", "validate", "graphs", "pat", "drift", "explain", "bin", "audit", "encode", "send")
+(WAIT, DECODE, VALIDATE, GRAPHS, PAT, DRIFT, EXPLAIN, BIN, AUDIT, ENCODE, SEND) = range(1, len(STAGES) + 1)
 RING = 4096          # samples kept: at the default every 100th request, the last ~400,000 requests
 
 

@@ -22,15 +22,18 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+import onnx
 import pytest
 import zmq
 
 from edge_agent.binning import BinPolicy, decide
 from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
 from edge_agent.config import ConfigError, load_config
+from edge_agent.errors import ExportError
 from edge_agent.package import rules
 from edge_agent.package.manifest import MANIFEST_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, SIGNATURE_FILE, YIELD_INT8_FILE
 from edge_agent.package.registry import PackageRef, Registry
+from edge_agent.package.runtime import YIELD_PREFIX, combined_graph, make_session
 from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from edge_agent.scoring import SMOKE_SLACK, ModelRefused, load_package
@@ -404,7 +407,7 @@ def test_sampled_stages_cover_the_score_path_and_an_idle_agent_rehearses_without
     assert list(stages["by_stage"]) == list(STAGES)
     for stage, summary in stages["by_stage"].items():
         assert 0 <= summary["p50_us"] <= summary["p99_us"] <= summary["max_us"], stage
-    for stage in ("decode", "validate", "outlier", "yield", "pat", "drift", "bin", "audit", "encode", "send"):
+    for stage in ("decode", "validate", "graphs", "pat", "drift", "bin", "audit", "encode", "send"):
         assert stages["by_stage"][stage]["p50_us"] > 0, stage   # audit: on with drift shipping
     assert later["stages"]["samples"] == 0 and later["stages"]["by_stage"] == {}
     assert refused["type"] == "error" and refused["code"] == Code.WRONG_TYPE and "stages_since" in refused["message"]
@@ -708,13 +711,39 @@ def test_cli_refuses_unusable_configuration(packages, tmp_path):
 def test_loaded_sessions_are_tuned_for_one_row_and_a_missing_variant_is_refused(packages):
     registry = Registry(packages.root)
     model = load_package(registry, PackageRef(packages.model, "1"))
-    for session in (model._outlier, model._yield):
-        options = session.get_session_options()
-        assert options.intra_op_num_threads == 1
-        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    options = model._session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert model.smoke["score"]["rows"] > 0 and model.smoke["score"]["max_abs_diff"] <= model.smoke["score"]["allowed"]
     with pytest.raises(ModelRefused, match="int8"):
         load_package(registry, PackageRef(packages.model, "1"), yield_variant="int8")   # a forest has no int8 graph
+
+
+@pytest.mark.parametrize("variant", ["float32", "int8"])
+def test_the_combined_graph_gives_each_graphs_own_outputs_bit_for_bit_and_refuses_graphs_that_cannot_combine(
+        unpublished, variant):
+    """The agent runs a package's outlier and yield graphs as one (one onnxruntime call per part): on this CPU, the
+    combined graph's two outputs are each graph's own, on complete rows, rows with missing readings and an empty
+    row, for the float32 and the int8 yield graph."""
+    files, manifest = unpublished.package(int8=True)
+    outlier, yield_model, name = manifest.models.outlier, manifest.models.yield_model, manifest.input.name
+    with np.load(io.BytesIO(files[SAMPLE_ROWS_FILE])) as sample:
+        rows = np.asarray(sample["readings"], np.float32)
+    rows = np.vstack([rows, np.where(np.arange(rows.shape[1]) % 3 == 0, np.nan, rows[:1]),
+                      np.full((1, rows.shape[1]), np.nan)]).astype(np.float32)
+    outlier_bytes, yield_bytes = files[outlier.files["float32"]], files[yield_model.files[variant]]
+    combined = make_session(combined_graph(outlier_bytes, yield_bytes, name))
+    score, probability = combined.run([outlier.output, YIELD_PREFIX + yield_model.output], {name: rows})
+    assert np.array_equal(score, make_session(outlier_bytes).run([outlier.output], {name: rows})[0])
+    assert np.array_equal(probability, make_session(yield_bytes).run([yield_model.output], {name: rows})[0])
+    assert len(np.unique(probability)) > 1   # the outputs are not a constant that any graph would match
+
+    other_opset = onnx.load_from_string(yield_bytes)
+    other_opset.opset_import[0].version += 1
+    with pytest.raises(ExportError, match="versions"):
+        combined_graph(outlier_bytes, other_opset.SerializeToString(), name)
+    with pytest.raises(ExportError, match="expected only 'x'"):
+        combined_graph(outlier_bytes, yield_bytes, "x")
 
 
 # ---- components ---------------------------------------------------------------------------------------------------

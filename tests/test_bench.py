@@ -111,9 +111,9 @@ def test_every_cadence_profile_has_its_floor_breakdown_and_ratios(quick_run):
         # A part scored ahead counts 0 for its graphs, the part whose call scored it the call's time.
         ahead = figures[f"{key}.scored_ahead_share"]
         assert 0 <= ahead * parts <= parts + no_decision.get(TIMEOUT, 0)
-        assert figures[f"{key}.stage.outlier.max_us"] > 0
+        assert figures[f"{key}.stage.graphs.max_us"] > 0
         if ahead < 0.4:
-            assert figures[f"{key}.stage.outlier.p50_us"] > 0
+            assert figures[f"{key}.stage.graphs.p50_us"] > 0
     assert figures["cadence.behind_schedule"] == [p.name for p in profiles
                                                   if figures[f"cadence.{p.name}.behind_schedule"]]
     assert figures["cadence.agent_exit_status"] == 0

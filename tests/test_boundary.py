@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 WITHOUT_ROLES = Path(__file__).with_name("without_roles")
 DISTRIBUTION = "edge-inference"
 # Top-level modules of the [trainer] and [collector] extras (and scipy, which scikit-learn brings).
-ROLE_MODULES = {"sklearn": "trainer", "skl2onnx": "trainer", "onnx": "trainer", "numba": "trainer",
-                "pandas": "trainer", "pyarrow": "trainer", "scipy": "trainer", "matplotlib": "collector"}
+ROLE_MODULES = {"sklearn": "trainer", "skl2onnx": "trainer", "numba": "trainer", "pandas": "trainer",
+                "pyarrow": "trainer", "scipy": "trainer", "matplotlib": "collector"}
 DAEMON_MODULES = ("server", "drift", "shipping", "config", "upstream", "scoring", "reload", "pat")
 SCORE_ROWS = 120
 CLIENT = """
