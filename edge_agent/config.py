@@ -21,7 +21,8 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     shutdown_timeout_s = 5.0         # SIGTERM: answer what arrived, for at most this long
     drain_quiet_ms = 100             # SIGTERM: stop after the socket was quiet this long
     stage_sample_every = 100         # time every Nth request's stages, kept if a score (health: stages); 0: never
-    keep_warm_ms = 5                 # idle this long, the last score request is rehearsed (warm caches); 0: never
+    keep_warm_ms = 5                 # idle this long, the last score request is rehearsed (warm caches), and
+                                     # once just before the next touchdown is due; 0: never
 
     [metrics]
     port = 9464                      # Prometheus /metrics; 0 turns it off
@@ -392,7 +393,7 @@ class AgentConfig(_AgentSection):
     shutdown_timeout_s: float = 5.0
     drain_quiet_ms: int = 100
     stage_sample_every: int = 100              # edge_agent/stages.py; 0: no per-stage timing
-    keep_warm_ms: int = 5                      # server.py _rehearse; 0: the serving thread sleeps until a request
+    keep_warm_ms: int = 5                      # server.py _rehearse, touchdowns.py; 0: sleep until a request
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pat: PatConfig = field(default_factory=PatConfig)

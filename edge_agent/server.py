@@ -11,8 +11,9 @@ its replies come back in the order of its requests; models are swapped only betw
 by edge_agent/limits.py.
 
 Every ``stage_sample_every``-th request is timed stage by stage (edge_agent/stages.py, the health reply's
-``stages``). With no request for ``keep_warm_ms`` the loop rehearses the last score request (``_rehearse``), so a
-tester's next touchdown after a pause does not meet cold caches.
+``stages``). With no request for ``keep_warm_ms`` the loop rehearses the last score request (``_rehearse``), and
+once more just before the tester's next touchdown is due (edge_agent/touchdowns.py), so the touchdown after a
+pause does not meet cold caches.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
 from .security import AgentSecurity
+from .touchdowns import TouchdownClock
 from .stages import AUDIT, BIN, DECODE, DRIFT, ENCODE, EXPLAIN, PAT, SEND, VALIDATE, StageSampler
 from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
@@ -166,6 +168,7 @@ class Agent:
         self._sample: list[int] | None = None   # the stage sample of the score request being served, if any
         self._warm_payload: zmq.Frame | None = None   # the last score request: keep_warm_ms rehearses it when idle
         self._watcher: ReloadWatcher | None = None
+        self._touchdowns = TouchdownClock()   # when to rehearse before the next touchdown
 
     def request_stop(self, *_signal_args) -> None:
         """Finish: answer what has arrived, then return from serve(). Safe from a signal handler."""
@@ -254,6 +257,9 @@ class Agent:
             quiet_ms = (self.config.keep_warm_ms or POLL_MS) if deadline is None else self.config.drain_quiet_ms
             retry_s = self.inbox.next_retry_in(time.perf_counter())
             wait_ms = quiet_ms if retry_s is None else min(quiet_ms, max(0.0, retry_s * 1000))
+            touchdown_s = self._touchdown_rehearsal_in() if deadline is None else None
+            if touchdown_s is not None:
+                wait_ms = min(wait_ms, max(0.0, touchdown_s * 1000))
             if not self.inbox.due and not poller.poll(wait_ms):
                 self._send_held(router)
                 if deadline is not None and wait_ms == quiet_ms and not self.inbox.requests and not self.inbox.held:
@@ -262,8 +268,12 @@ class Agent:
                     self.drift.tick()   # closes a window whose time is up while no parts arrive
                 if self.lifecycle is not None:
                     self.lifecycle.tick()
-                if self.config.keep_warm_ms and self._warm_payload is not None:
+                due_s = self._touchdown_rehearsal_in() if touchdown_s is not None else None
+                if due_s is not None and due_s <= 0:
+                    self._touchdowns.rehearsed = True
                     self._rehearse()
+                elif self.config.keep_warm_ms and self._warm_payload is not None:
+                    self._rehearse()   # also when ZeroMQ's poll (whole ms) woke just before the touchdown's is due
             else:
                 if wake.get(zmq.EVENTS) & zmq.POLLIN:
                     self._take_reload_outcomes(wake)
@@ -291,6 +301,7 @@ class Agent:
             while router.get(zmq.RCVMORE):
                 frames.append(router.recv(copy=False))
             request = Request(client, frames, time.perf_counter())
+            self._touchdowns.arrived(request.received)
             before = read.get(client, 0)
             if self.inbox.is_gone(client, request.received):
                 self.metrics.replies_dropped["unroutable"] += 1   # sent before its client went away
@@ -577,6 +588,13 @@ class Agent:
         self.metrics.bins[decision.name] += 1
         for flag in decision.flags:
             self.metrics.flags[flag] += 1
+
+    def _touchdown_rehearsal_in(self) -> float | None:
+        """Seconds until the rehearsal before the tester's next touchdown (edge_agent/touchdowns.py); None when none
+        is planned or keep-warm is off."""
+        if not self.config.keep_warm_ms or self._warm_payload is None:
+            return None
+        return self._touchdowns.rehearse_in(time.perf_counter())
 
     def _rehearse(self) -> None:
         """Between parts (idle ``keep_warm_ms``): the last score request's path again, decode to encode, without its

@@ -38,6 +38,7 @@ from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
 from edge_agent.scoring import SMOKE_SLACK, ModelRefused, load_package
 from edge_agent.stages import STAGES
+from edge_agent.touchdowns import LEAD_S, MAX_GAP_S, TouchdownClock
 from edge_agent.wire.score import Code, Part
 from trainer.package import build_package
 from trainer.replay import feature_columns, stream_lot
@@ -747,6 +748,24 @@ def test_the_combined_graph_gives_each_graphs_own_outputs_bit_for_bit_and_refuse
 
 
 # ---- components ---------------------------------------------------------------------------------------------------
+
+def test_the_touchdown_clock_plans_one_rehearsal_just_before_a_regular_testers_next_touchdown():
+    clock = TouchdownClock()
+    clock.arrived(10.0)
+    assert clock.rehearse_in(10.1) is None        # one touchdown: no index time yet
+    for site in range(16):                         # 16 sites sent at once: one touchdown
+        clock.arrived(11.0 + site * 1e-5)
+    assert clock.started == 11.0 and clock.gap == pytest.approx(1.0)
+    assert clock.rehearse_in(11.5) == pytest.approx(0.5 - LEAD_S)
+    assert clock.rehearse_in(12.0) < 0             # due until done
+    clock.rehearsed = True
+    assert clock.rehearse_in(12.0) is None         # once per touchdown
+    for part in range(1, 1001):                    # then 1,000 parts/s: a stream with no pause is no touchdown
+        clock.arrived(12.0 + part * 1e-3)
+    assert clock.started == pytest.approx(12.001) and clock.rehearse_in(12.5) is not None
+    clock.arrived(13.001 + MAX_GAP_S + 1)          # a stop longer than an index time: nothing planned
+    assert clock.rehearse_in(13.001 + MAX_GAP_S + 1.5) is None
+
 
 def test_client_library_needs_only_numpy_pyzmq_and_msgpack():
     code = ("import sys, edge_agent.client; "
