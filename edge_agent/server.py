@@ -255,9 +255,10 @@ class Agent:
                 deadline = time.monotonic() + self.config.shutdown_timeout_s
                 log.info("stop requested: answering the requests already received, then exiting")
             quiet_ms = (self.config.keep_warm_ms or POLL_MS) if deadline is None else self.config.drain_quiet_ms
-            retry_s = self.inbox.next_retry_in(time.perf_counter())
+            now = time.perf_counter()
+            retry_s = self.inbox.next_retry_in(now)
             wait_ms = quiet_ms if retry_s is None else min(quiet_ms, max(0.0, retry_s * 1000))
-            touchdown_s = self._touchdown_rehearsal_in() if deadline is None else None
+            touchdown_s = self._touchdown_rehearsal_in(now) if deadline is None else None
             if touchdown_s is not None:
                 wait_ms = min(wait_ms, max(0.0, touchdown_s * 1000))
             if not self.inbox.due and not poller.poll(wait_ms):
@@ -268,12 +269,11 @@ class Agent:
                     self.drift.tick()   # closes a window whose time is up while no parts arrive
                 if self.lifecycle is not None:
                     self.lifecycle.tick()
-                due_s = self._touchdown_rehearsal_in() if touchdown_s is not None else None
-                if due_s is not None and due_s <= 0:
-                    self._touchdowns.rehearsed = True
+                if self.config.keep_warm_ms and self._warm_payload is not None:
+                    # ZeroMQ's poll counts whole ms: it may wake just before the touchdown's rehearsal is due, and
+                    # this keep-warm one does not count for it.
+                    self._touchdowns.rehearsing(time.perf_counter())
                     self._rehearse()
-                elif self.config.keep_warm_ms and self._warm_payload is not None:
-                    self._rehearse()   # also when ZeroMQ's poll (whole ms) woke just before the touchdown's is due
             else:
                 if wake.get(zmq.EVENTS) & zmq.POLLIN:
                     self._take_reload_outcomes(wake)
@@ -589,12 +589,12 @@ class Agent:
         for flag in decision.flags:
             self.metrics.flags[flag] += 1
 
-    def _touchdown_rehearsal_in(self) -> float | None:
-        """Seconds until the rehearsal before the tester's next touchdown (edge_agent/touchdowns.py); None when none
-        is planned or keep-warm is off."""
+    def _touchdown_rehearsal_in(self, now: float) -> float | None:
+        """Seconds from ``now`` until the rehearsal before the tester's next touchdown (edge_agent/touchdowns.py);
+        None when none is planned or keep-warm is off."""
         if not self.config.keep_warm_ms or self._warm_payload is None:
             return None
-        return self._touchdowns.rehearse_in(time.perf_counter())
+        return self._touchdowns.rehearse_in(now)
 
     def _rehearse(self) -> None:
         """Between parts (idle ``keep_warm_ms``): the last score request's path again, decode to encode, without its

@@ -41,3 +41,9 @@ class TouchdownClock:
         if self.rehearsed or not self.gap < MAX_GAP_S:
             return None
         return self.started + self.gap - LEAD_S - now
+
+    def rehearsing(self, now: float) -> None:
+        """A rehearsal runs at ``now``: the one before the next touchdown, if that one is due."""
+        due = self.rehearse_in(now)
+        if due is not None and due <= 0:
+            self.rehearsed = True

@@ -758,7 +758,9 @@ def test_the_touchdown_clock_plans_one_rehearsal_just_before_a_regular_testers_n
     assert clock.started == 11.0 and clock.gap == pytest.approx(1.0)
     assert clock.rehearse_in(11.5) == pytest.approx(0.5 - LEAD_S)
     assert clock.rehearse_in(12.0) < 0             # due until done
-    clock.rehearsed = True
+    clock.rehearsing(11.5)                         # a keep-warm rehearsal before it is due does not count
+    assert clock.rehearse_in(12.0) < 0
+    clock.rehearsing(12.0)
     assert clock.rehearse_in(12.0) is None         # once per touchdown
     for part in range(1, 1001):                    # then 1,000 parts/s: a stream with no pause is no touchdown
         clock.arrived(12.0 + part * 1e-3)
