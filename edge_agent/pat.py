@@ -15,9 +15,14 @@ limits come from the window at once and are refreshed as below.
 Cost per part is bounded and small: limits are not recomputed for every test on every part. Tests are cut
 into slices of at least ``MIN_SLICE_TESTS`` tests, and every ``stride`` parts one slice is refreshed from the
 window (one sort of window x slice values), round robin, with ``stride`` chosen so that every test's limits
-are at most ``refresh_parts`` parts old. A refresh costs the same whatever the number of tests, and most parts
-pay nothing. The one exception is the part that completes a site's warm-up baseline: it computes every
-test's limits at once, so dynamic PAT starts with all its limits.
+are at most ``refresh_parts`` parts old. A refresh costs the same whatever the number of tests. The part that
+completes a site's warm-up baseline makes every test's limits due at once, so dynamic PAT starts with all its
+limits.
+
+No part waits for a refresh: the part that makes one due only marks it, and the agent does it between parts
+(``refresh_due``, when no request waits), or at the latest just before the site's next part is checked. The
+window cannot change in between (only a part of that site adds to it, after its check), so every part is judged
+against the same limits as if each refresh had been done at once.
 """
 from __future__ import annotations
 
@@ -102,6 +107,7 @@ class DynamicPat:
         self.columns = columns
         n_tests = len(columns)
         self.window, self.min_parts, self.k_sigma = window, min_parts, k_sigma
+        self._due: OrderedDict[tuple[int, int], None] = OrderedDict()   # sites with a refresh due, oldest first
         self.set_rules(np.full(n_tests, NORMAL, np.int8) if shape is None else shape,
                        np.zeros(n_tests, np.float32) if min_sigma is None else min_sigma,
                        np.ones(n_tests, np.float32) if k_factor is None else k_factor)
@@ -117,7 +123,10 @@ class DynamicPat:
     def set_rules(self, shape: np.ndarray, min_sigma: np.ndarray, k_factor: np.ndarray) -> None:
         """Each test's rule (a new package of the same tests brings its own); windows keep their parts and apply
         it from their next refresh. A test without a window rule (bimodal, constant) or disabled by the
-        self-check gets k NaN: no dynamic limits."""
+        self-check gets k NaN: no dynamic limits. The refreshes already due are done under the rules they were due
+        under."""
+        while self.refresh_due():
+            pass
         shape = np.asarray(shape, np.int8)
         self.shape = shape
         self.min_sigma = np.asarray(min_sigma, np.float32)
@@ -145,10 +154,25 @@ class DynamicPat:
             state = self._new_site(key, group)
         else:
             self._sites.move_to_end(key)
+            if state.due is not None:   # not done between parts: the agent had no idle moment since
+                del self._due[key]
+                self._refresh(state)
         outside = np.flatnonzero((row < state.low) | (row > state.high))
         breaks = [_break(self.columns, "dynamic", row, state.low, state.high, i) for i in outside]
-        self._add(state, row)
+        self._add(key, state, row)
         return breaks
+
+    def refresh_due(self) -> bool:
+        """Do the refresh due longest (between parts); False when none is due."""
+        if not self._due:
+            return False
+        key, _ = self._due.popitem(last=False)
+        self._refresh(self._sites[key])
+        return True
+
+    @property
+    def refreshes_due(self) -> int:
+        return len(self._due)
 
     def sites(self, limit: int | None = None) -> dict[str, dict]:
         """Per-site window state, the ``limit`` most recently tested sites (all when None)."""
@@ -160,33 +184,39 @@ class DynamicPat:
         """For the health reply, its size bounded whatever sites and groups came in: the ``listed`` most recently
         tested sites, how many are tracked and how many were dropped to make room."""
         return {"window": self.window, "min_parts": self.min_parts, "sites": self.sites(listed),
-                "sites_tracked": len(self._sites), "max_sites": self.max_sites, "sites_evicted": self.evicted}
+                "sites_tracked": len(self._sites), "max_sites": self.max_sites, "sites_evicted": self.evicted,
+                "refreshes_due": len(self._due)}
 
     def _new_site(self, key: tuple[int, int], group: object) -> "_SiteWindow":
         self._sites.pop(key, None)
+        self._due.pop(key, None)
         if len(self._sites) >= self.max_sites:
-            self._sites.popitem(last=False)   # least recently tested site: bounded memory against bad site numbers
+            evicted, _ = self._sites.popitem(last=False)   # least recently tested: bounded against bad site numbers
+            self._due.pop(evicted, None)
             self.evicted += 1
         state = _SiteWindow(self.window, len(self.columns), group)
         self._sites[key] = state
         return state
 
-    def _add(self, state: "_SiteWindow", row: np.ndarray) -> None:
+    def _add(self, key: tuple[int, int], state: "_SiteWindow", row: np.ndarray) -> None:
         state.values[state.parts % self.window] = row
         state.parts += 1
         if state.parts < self.min_parts:
             return
         if state.parts == self.min_parts:
-            self._refresh(state, slice(0, len(self.columns)))
+            state.due = slice(0, len(self.columns))
+        elif state.parts % self.stride:
             return
-        if state.parts % self.stride:
-            return
-        start = state.cursor
-        stop = min(start + self.slice, len(self.columns))
-        self._refresh(state, slice(start, stop))
-        state.cursor = 0 if stop >= len(self.columns) else stop
+        else:
+            start = state.cursor
+            stop = min(start + self.slice, len(self.columns))
+            state.due = slice(start, stop)
+            state.cursor = 0 if stop >= len(self.columns) else stop
+        self._due[key] = None
 
-    def _refresh(self, state: "_SiteWindow", tests: slice) -> None:
+    def _refresh(self, state: "_SiteWindow") -> None:
+        """The limits of the tests due (``state.due``) from the site's window as it is."""
+        tests, state.due = state.due, None
         filled = min(state.parts, self.window)
         q1, median, q3, counts = nan_quartiles(state.values[:filled, tests])
         min_sigma = self.min_sigma[tests]
@@ -202,12 +232,13 @@ GROUPS = {"lot": lambda part: (part.lot,), "sublot": lambda part: (part.lot, par
 
 
 class _SiteWindow:
-    __slots__ = ("values", "parts", "cursor", "group", "low", "high")
+    __slots__ = ("values", "parts", "cursor", "due", "group", "low", "high")
 
     def __init__(self, window: int, n_tests: int, group: object):
         self.values = np.full((window, n_tests), np.nan, dtype=np.float32)
         self.parts = 0          # parts seen since the window (re)started; the ring position is parts % window
         self.cursor = 0         # first test of the next slice to refresh
+        self.due: slice | None = None   # tests whose refresh is due (DynamicPat.refresh_due)
         self.group = group
         self.low = np.full(n_tests, np.nan, dtype=np.float32)
         self.high = np.full(n_tests, np.nan, dtype=np.float32)

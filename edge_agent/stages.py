@@ -9,7 +9,8 @@ counter decrement and one ``is None`` test per stage), a sampled one about 3 us 
 
 Stages, in the order the serving path runs them: ``wait`` (receipt to the start of its turn: the inbox), ``decode``
 (msgpack and envelope), ``validate`` (part identity and readings), ``graphs`` (the onnxruntime call running the
-outlier and yield graphs as one), ``pat`` (static and dynamic PAT), ``drift`` (the drift statistics), ``explain``
+outlier and yield graphs as one), ``pat`` (static and dynamic PAT; a site's due refresh only if the agent had no
+moment between parts to do it), ``drift`` (queueing the part's drift statistics, taken between parts), ``explain``
 (drivers of a flagged part: next to nothing for the others), ``bin`` (the bin decision and counters), ``audit`` (the
 audit record and shadow challenger queueing of edge_agent.lifecycle; zero when neither is on), ``encode`` (the reply
 built and packed) and ``send`` (handing it to ZeroMQ). A stage a request skips (drift when it is off, all but

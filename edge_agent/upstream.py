@@ -4,11 +4,17 @@ Wiring (the serving thread owns the monitor; the shipper has its own thread)::
 
     drift = AgentDrift(config.drift, curve=security.upstream)   # SpoolError: unusable spool folder
     drift.start(model)                      # before serving: starts the shipper thread
-    drift.update(model, part, row, score)   # per scored part, on the request path (bench: drift.update_us_per_part)
+    drift.update(model, part, row, score)   # per scored part, on the request path: queues it
+    drift.take_queued(1)                    # between parts (no request waiting): one queued part's statistics
     drift.tick()                            # when the serving loop is idle: closes a window whose time is up
     drift.stop(timeout_s)                   # at shutdown: ships the open window, or leaves it spooled
 
-A model swap is noticed by ``update`` (another checksum): the old model's window closes ("model_change")
+The statistics of a part are taken after its reply, when the agent has a moment (bench:
+drift.update_us_per_part), in the order the parts were scored, so windows hold the same parts as if taken at
+once. At most QUEUED_PARTS wait: past that, the oldest is taken on the request path (an agent with no moment
+between parts for that long, under overload, pays as it did before the queue).
+
+A model swap is noticed when a part of another checksum is taken: the old model's window closes ("model_change")
 and a new monitor starts with the new package's reference. A drift failure never fails a part: it is
 logged and drift stops for that model.
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import deque
 
 import numpy as np
 
@@ -25,6 +32,10 @@ from .shipping import DiskSpool, Shipper
 from .wire.links import CurveClient
 
 log = logging.getLogger("edge_agent.upstream")
+
+# Scored parts whose statistics may wait for a moment between parts: their rows are 4 bytes a test (0.2 MB at 200
+# tests, 10 MB at 10,000); a touchdown's sites, or a quarter second's backlog at 1,000 parts/s, fit.
+QUEUED_PARTS = 256
 
 
 class AgentDrift:
@@ -42,6 +53,8 @@ class AgentDrift:
         self._change = ChangeParams(config.change_delta, config.change_threshold, config.change_min_parts)
         self._monitor: DriftMonitor | None = None
         self._checksum: str | None = None
+        self._queued: deque[tuple] = deque()
+        self.taken_on_path = 0   # parts whose statistics were taken on the request path: the queue was full
         self.shadow = None   # a shadow.ShadowScorer: its agreement counts travel with each window
 
     def _submit(self, window) -> None:
@@ -57,6 +70,22 @@ class AgentDrift:
                  self.tester, self.config.spool_dir, self.shipper.spool.pending)
 
     def update(self, model, part, readings: np.ndarray, score: float) -> None:
+        """Queue a scored part's statistics (``readings`` is kept, not copied: the caller's own row)."""
+        if len(self._queued) >= QUEUED_PARTS:
+            self.taken_on_path += 1
+            self._take(*self._queued.popleft())
+        self._queued.append((model, part, readings, score))
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def take_queued(self, parts: int | None = None) -> None:
+        """Take the statistics of the ``parts`` oldest queued parts (all when None)."""
+        for _ in range(len(self._queued) if parts is None else min(parts, len(self._queued))):
+            self._take(*self._queued.popleft())
+
+    def _take(self, model, part, readings: np.ndarray, score: float) -> None:
         if model.checksum != self._checksum:
             self._switch(model)
         monitor = self._monitor
@@ -74,11 +103,13 @@ class AgentDrift:
 
     def tick(self) -> None:
         """Close the window if its time is up (call when idle; parts also close windows as they arrive)."""
+        self.take_queued()
         if self._monitor is not None and (window := self._monitor.maybe_close()) is not None:
             self._submit(window)
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Ship the open window ("shutdown"); what is not acknowledged within ``timeout_s`` stays spooled."""
+        self.take_queued()
         if self._monitor is not None:
             self._submit(self._monitor.close("shutdown"))
         self.shipper.stop(timeout_s)
@@ -90,6 +121,7 @@ class AgentDrift:
         return {**self.shipper.status(), "tester": self.tester, "window_parts": self.config.window_parts,
                 "window_seconds": self.config.window_seconds,
                 "open_window_parts": None if monitor is None else monitor.parts,
+                "queued_parts": len(self._queued), "parts_taken_on_path": self.taken_on_path,
                 "sites_tracked": None if monitor is None else monitor.sites, "max_sites": self.config.max_sites,
                 "sites_evicted": None if monitor is None else monitor.evicted}
 

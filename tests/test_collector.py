@@ -618,6 +618,10 @@ def test_agent_drift_hook_ships_windows_of_each_served_model(tmp_path, two_versi
         scores, _ = model.score(rows[:n])
         for i in range(n):
             drift.update(model, Part(head=1, site=1 + i % 2), rows[i], float(scores[i]))
+    # No moment between parts here: 256 parts wait (QUEUED_PARTS), the 24 before them were taken on the request
+    # path, and the windows below hold the same parts as if each had been taken at once.
+    queued = drift.status()
+    assert (queued["queued_parts"], queued["parts_taken_on_path"]) == (256, 24)
     drift.stop(timeout_s=10.0)
     assert drift.status()["spooled"] == 0
     with sqlite3.connect(running.db) as connection:

@@ -187,7 +187,38 @@ def test_dynamic_pat_follows_each_tests_rule_floor_disabled_and_bimodal():
     quantized = np.where(rng.random(100) < 0.9, 10.0, 10.5)     # IQR 0 in 0.5 steps
     for value in quantized:
         pat.check_and_add(Part(lot="L", site=1), np.float32([value, rng.normal(), rng.choice([-6.0, 6.0])]))
+    while pat.refresh_due():   # the agent does them between parts
+        pass
     state = pat._sites[(1, 1)]
     assert state.low[0] == pytest.approx(10.0 - 6 * 0.5) and state.high[0] == pytest.approx(10.0 + 6 * 0.5)
     assert np.isnan(state.low[1:]).all() and np.isnan(state.high[1:]).all()
     assert [b.test for b in pat.check_and_add(Part(lot="L", site=1), np.float32([14.0, 50.0, 0.0]))] == ["Q"]
+
+
+def test_dynamic_pat_refreshes_left_for_between_parts_judge_every_part_as_refreshes_done_at_once():
+    """The agent does a due refresh between parts when it has a moment, else just before the site's next part.
+    Three sites, a sublot change, a site evicted and a new package's rules midway: whether every due refresh is done
+    at once, at random moments or never between parts, every part gets the same breaks."""
+    rng = np.random.default_rng(11)
+    columns = [f"T{i}" for i in range(150)]
+    rows = rng.normal(0.0, 1.0, (900, len(columns))).astype(np.float32)
+    rows[rng.random(rows.shape) < 0.01] = 9.0                  # outliers to break the dynamic limits
+    parts = [Part(lot="L", sublot="A" if i < 500 else "B", site=1 + i % 3 if i < 700 else 1 + i % 4)
+             for i in range(len(rows))]
+    wider = np.full(len(columns), 1.5, np.float32)
+
+    def breaks(between_parts) -> list[list[tuple[str, float, float]]]:
+        pat = DynamicPat(columns, window=60, min_parts=30, refresh_parts=8, max_sites=3)
+        seen = []
+        for i, (part, row) in enumerate(zip(parts, rows)):
+            if i == 600:
+                pat.set_rules(np.zeros(len(columns), np.int8), np.zeros(len(columns), np.float32), wider)
+            seen.append([(b.test, b.low, b.high) for b in pat.check_and_add(part, row)])
+            while between_parts() and pat.refresh_due():
+                pass
+        return seen
+
+    at_once = breaks(lambda: True)
+    assert sum(map(len, at_once)) > 100    # the windows did set limits that parts break
+    assert breaks(lambda: False) == at_once
+    assert breaks(lambda: rng.random() < 0.3) == at_once
