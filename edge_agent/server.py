@@ -607,8 +607,9 @@ class Agent:
                     or (self.drift is not None and self.drift.queued))
 
     def _work_between_parts(self) -> None:
-        """One piece of the work left for when no request waits: a site's due dynamic PAT refresh (up to 64 tests
-        sorted, 0.1-0.3 ms), else one part's drift statistics (20-50 us)."""
+        """One piece of the work left for when no request waits: a site's due dynamic PAT refresh (64 tests'
+        quartiles, 0.1-0.3 ms; every test's once, at the end of a site's warm-up), else one part's drift statistics
+        (20-50 us)."""
         if self.dynamic is None or not self.dynamic.refresh_due():
             self.drift.take_queued(1)
 
