@@ -45,8 +45,8 @@ from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
 from .security import AgentSecurity
-from .touchdowns import TouchdownClock
 from .stages import AUDIT, BIN, DECODE, DRIFT, ENCODE, EXPLAIN, PAT, SEND, VALIDATE, StageSampler
+from .touchdowns import TouchdownClock
 from .wire.codec import encode
 from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
                          Part, ProtocolError, check_deadline, check_envelope, check_stages_since, decode,
@@ -610,7 +610,9 @@ class Agent:
         """One piece of the work left for when no request waits: a site's due dynamic PAT refresh (64 tests'
         quartiles, 0.1-0.3 ms; every test's once, at the end of a site's warm-up), else one part's drift statistics
         (20-50 us)."""
-        if self.dynamic is None or not self.dynamic.refresh_due():
+        if self.dynamic is not None and self.dynamic.refresh_due():
+            return
+        if self.drift is not None:
             self.drift.take_queued(1)
 
     def _touchdown_rehearsal_in(self, now: float) -> float | None:

@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.errors import EXTRA_OF_MODULE
 from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
 
 REPO = Path(__file__).resolve().parents[1]
 WITHOUT_ROLES = Path(__file__).with_name("without_roles")
 DISTRIBUTION = "edge-inference"
-# Top-level modules of the [trainer] and [collector] extras (and scipy, which scikit-learn brings).
-ROLE_MODULES = {"sklearn": "trainer", "skl2onnx": "trainer", "numba": "trainer", "pandas": "trainer",
-                "pyarrow": "trainer", "scipy": "trainer", "matplotlib": "collector"}
+# Top-level modules of the [trainer] and [collector] extras (and scipy, which scikit-learn brings): the table the
+# agent's "install the extra" hint uses, checked below against setup.py and against what the agent imports.
+ROLE_MODULES = EXTRA_OF_MODULE
 DAEMON_MODULES = ("server", "drift", "shipping", "config", "upstream", "scoring", "reload", "pat")
 SCORE_ROWS = 120
 CLIENT = """
