@@ -158,8 +158,11 @@ def profile_figures(key: str, measured: dict, stages: dict, models_us: float, mo
                f"{key}.late_sends": late, f"{key}.behind_schedule": late > 0}
     if len(e2e) and len(floor["from_due_us"]):
         p50, p99 = np.percentile(e2e, [50, 99])
-        figures[f"{key}.ratio_e2e_over_floor_p50"] = round(float(p50 / np.median(floor["from_due_us"])), 2)
+        floor_p50, floor_p99 = np.percentile(floor["from_due_us"], [50, 99])
+        figures[f"{key}.ratio_e2e_over_floor_p50"] = round(float(p50 / floor_p50), 2)
         figures[f"{key}.ratio_e2e_p99_over_p50"] = round(float(p99 / p50), 2)
+        # The same tail ratio of the bare echo: what this machine allows any program answering over this transport.
+        figures[f"{key}.ratio_floor_p99_over_p50"] = round(float(floor_p99 / floor_p50), 2)
     if len(own):
         figures[f"{key}.ratio_agent_over_models_p50"] = round(float(np.median(own) / models_us), 2)
         figures[f"{key}.ratio_agent_over_models_at_cadence_p50"] = round(float(np.median(own) / models_at_cadence_us),
@@ -178,7 +181,8 @@ def tail(prefix: str, values: np.ndarray) -> dict:
 
 def worst(figures: dict, quick: bool) -> dict:
     """The figures the targets are judged on: the worst ratio over the profiles each target names, the replies
-    over 10 ms at 1,000 parts/s and in the bursts, and whether the client fell behind in any of them."""
+    over 10 ms at 1,000 parts/s and in the bursts, and whether the client fell behind in any of them; beside the
+    tail targets, the bare echo's own figures over the same profiles."""
     profiles = plan(quick)
     paced = [p.name for p in profiles if p.burst or p.name == "steady_1000"]   # the e2e and 10 ms targets
     out = {}
@@ -187,11 +191,13 @@ def worst(figures: dict, quick: bool) -> dict:
                                 [p.name for p in profiles]),
                                ("ratio_agent_over_models_at_cadence_p50", "ratio_agent_over_models_at_cadence_p50",
                                 [p.name for p in profiles]),
-                               ("ratio_e2e_p99_over_p50", "ratio_e2e_p99_over_p50", paced)):
+                               ("ratio_e2e_p99_over_p50", "ratio_e2e_p99_over_p50", paced),
+                               ("ratio_floor_p99_over_p50", "ratio_floor_p99_over_p50", paced)):
         values = [(figures[f"cadence.{p}.{ratio}"], p) for p in among if f"cadence.{p}.{ratio}" in figures]
         if values:
             out[f"cadence.worst.{name}"], out[f"cadence.worst.{name}_profile"] = max(values)
     out["cadence.over_10ms"] = sum(figures.get(f"cadence.{p}.e2e.over_10ms", 0) for p in paced)
+    out["cadence.floor_over_10ms"] = sum(figures.get(f"cadence.{p}.floor.over_10ms", 0) for p in paced)
     out["cadence.behind_schedule"] = [p.name for p in profiles if figures.get(f"cadence.{p.name}.behind_schedule")]
     out["cadence.late_send_threshold_us"] = LATE_S * 1e6
     return out

@@ -92,6 +92,8 @@ def test_every_cadence_profile_has_its_floor_breakdown_and_ratios(quick_run):
             figures[f"{key}.e2e.p50_us"] / figures[f"{key}.floor.p50_us"], rel=0.01)
         assert _number(figures, f"{key}.ratio_agent_over_models_p50") == pytest.approx(
             figures[f"{key}.agent.p50_us"] / models, rel=0.01)
+        assert _number(figures, f"{key}.ratio_floor_p99_over_p50") == pytest.approx(
+            figures[f"{key}.floor.p99_us"] / figures[f"{key}.floor.p50_us"], rel=0.01)
         # The models timed on the profile's own schedule, within the profile's part count and the time budget.
         at_cadence = figures[f"{key}.models_at_cadence.p50_us"]
         assert 0 < at_cadence <= figures[f"{key}.models_at_cadence.p99_us"]
@@ -183,6 +185,10 @@ def test_readme_table_met_column_follows_the_figures(quick_run):
         expected = {"<": measured < target.value, "<=": measured <= target.value,
                     ">=": measured >= target.value}[target.comparison]
         assert cells[target.label] == ("yes" if expected else "no"), target.label
+        # The tail targets carry the bare echo's own figure, from the same run, beside the agent's.
+        line = next(line for line in printed.splitlines() if line.startswith(f"| {target.label} |"))
+        floor = f"the bare echo itself: {report._number(figures[target.floor_key])}" if target.floor_key else None
+        assert (floor in line) if floor else ("bare echo" not in line), line
     assert f"{figures['machine']['cores']} cores" in printed
 
     # Flip every figure to the other side of its target: the met column must flip with it.
