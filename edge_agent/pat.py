@@ -107,7 +107,7 @@ class DynamicPat:
         self.columns = columns
         n_tests = len(columns)
         self.window, self.min_parts, self.k_sigma = window, min_parts, k_sigma
-        self._due: OrderedDict[tuple[int, int], None] = OrderedDict()   # sites with a refresh due, oldest first
+        self._due: OrderedDict[tuple[int, int], slice] = OrderedDict()   # site -> tests due a refresh, oldest first
         self.set_rules(np.full(n_tests, NORMAL, np.int8) if shape is None else shape,
                        np.zeros(n_tests, np.float32) if min_sigma is None else min_sigma,
                        np.ones(n_tests, np.float32) if k_factor is None else k_factor)
@@ -154,9 +154,9 @@ class DynamicPat:
             state = self._new_site(key, group)
         else:
             self._sites.move_to_end(key)
-            if state.due is not None:   # not done between parts: the agent had no idle moment since
-                del self._due[key]
-                self._refresh(state)
+            tests = self._due.pop(key, None)
+            if tests is not None:   # not done between parts: the agent had no idle moment since
+                self._refresh(state, tests)
         outside = np.flatnonzero((row < state.low) | (row > state.high))
         breaks = [_break(self.columns, "dynamic", row, state.low, state.high, i) for i in outside]
         self._add(key, state, row)
@@ -166,8 +166,8 @@ class DynamicPat:
         """Do the refresh due longest (between parts); False when none is due."""
         if not self._due:
             return False
-        key, _ = self._due.popitem(last=False)
-        self._refresh(self._sites[key])
+        key, tests = self._due.popitem(last=False)
+        self._refresh(self._sites[key], tests)
         return True
 
     @property
@@ -185,7 +185,7 @@ class DynamicPat:
         tested sites, how many are tracked and how many were dropped to make room."""
         return {"window": self.window, "min_parts": self.min_parts, "sites": self.sites(listed),
                 "sites_tracked": len(self._sites), "max_sites": self.max_sites, "sites_evicted": self.evicted,
-                "refreshes_due": len(self._due)}
+                "refreshes_due": self.refreshes_due}
 
     def _new_site(self, key: tuple[int, int], group: object) -> "_SiteWindow":
         self._sites.pop(key, None)
@@ -204,19 +204,15 @@ class DynamicPat:
         if state.parts < self.min_parts:
             return
         if state.parts == self.min_parts:
-            state.due = slice(0, len(self.columns))
-        elif state.parts % self.stride:
-            return
-        else:
+            self._due[key] = slice(0, len(self.columns))
+        elif not state.parts % self.stride:
             start = state.cursor
             stop = min(start + self.slice, len(self.columns))
-            state.due = slice(start, stop)
+            self._due[key] = slice(start, stop)
             state.cursor = 0 if stop >= len(self.columns) else stop
-        self._due[key] = None
 
-    def _refresh(self, state: "_SiteWindow") -> None:
-        """The limits of the tests due (``state.due``) from the site's window as it is."""
-        tests, state.due = state.due, None
+    def _refresh(self, state: "_SiteWindow", tests: slice) -> None:
+        """The limits of ``tests`` from the site's window as it is."""
         filled = min(state.parts, self.window)
         q1, median, q3, counts = nan_quartiles(state.values[:filled, tests])
         min_sigma = self.min_sigma[tests]
@@ -232,13 +228,12 @@ GROUPS = {"lot": lambda part: (part.lot,), "sublot": lambda part: (part.lot, par
 
 
 class _SiteWindow:
-    __slots__ = ("values", "parts", "cursor", "due", "group", "low", "high")
+    __slots__ = ("values", "parts", "cursor", "group", "low", "high")
 
     def __init__(self, window: int, n_tests: int, group: object):
         self.values = np.full((window, n_tests), np.nan, dtype=np.float32)
         self.parts = 0          # parts seen since the window (re)started; the ring position is parts % window
         self.cursor = 0         # first test of the next slice to refresh
-        self.due: slice | None = None   # tests whose refresh is due (DynamicPat.refresh_due)
         self.group = group
         self.low = np.full(n_tests, np.nan, dtype=np.float32)
         self.high = np.full(n_tests, np.nan, dtype=np.float32)
