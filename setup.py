@@ -33,7 +33,7 @@ setup(
     version=VERSION,
     description="Edge inference runtime for semiconductor test: trainer, ONNX model registry, edge agent, benchmark",
     packages=find_packages(include=["trainer", "trainer.*", "edge_agent", "edge_agent.*", "bench", "bench.*"]),
-    package_data={"edge_agent": ["wire/*.md", "collector/*.md", "deploy/*"]},
+    package_data={"edge_agent": ["wire/*.md", "collector/*.md", "daemon/deploy/*"]},
     python_requires=">=3.11",
     install_requires=AGENT,
     extras_require={
@@ -45,7 +45,7 @@ setup(
     entry_points={
         "console_scripts": [
             "edge-train=trainer.cli:main",
-            "edge-agent=edge_agent.cli:main",
+            "edge-agent=edge_agent.daemon.cli:main",
             "edge-replay=trainer.replay:main",
             "edge-collector=edge_agent.collector.cli:main",
             "edge-bench=bench.cli:main",

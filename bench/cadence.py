@@ -7,7 +7,7 @@ on, tcp loopback) and, in the same run, the same payloads to a bare pyzmq echo i
 (``bench.echo``): the floor. For paused cadences the floor's sends sit half a period after the agent's, so both
 see the same pauses and never overlap; at 1,000 parts/s the floor runs just before the agent.
 
-The agent samples its own stages (``--stage-sample-every 1`` here; edge_agent/stages.py): each profile's
+The agent samples its own stages (``--stage-sample-every 1`` here; edge_agent/daemon/stages.py): each profile's
 breakdown comes from the health reply (``stages_since``). The models' in-process time is measured in this
 process on the same rows with the agent's own loading code: the yardstick of the agent's own time.
 
@@ -31,7 +31,7 @@ from edge_agent.client import AgentClient
 from edge_agent.keys import load_trusted_keys
 from edge_agent.package.registry import Registry
 from edge_agent.package.signing import Trust
-from edge_agent.scoring import load_package
+from edge_agent.daemon.scoring import load_package
 
 SPEC_US = 10_000.0          # the spec: a decision within 10 ms for every device
 INTERLEAVE_MIN_PERIOD_S = 0.01   # below this the floor runs before the agent instead of between its parts

@@ -29,10 +29,10 @@ import time
 import msgpack
 import numpy as np
 
-from edge_agent.drift import DriftMonitor, DriftReference
+from edge_agent.daemon.drift import DriftMonitor, DriftReference
 from edge_agent.processes import free_tcp_endpoint
-from edge_agent.shipping import DiskSpool, Shipper
-from edge_agent.upstream import DriftConfig
+from edge_agent.daemon.shipping import DiskSpool, Shipper
+from edge_agent.daemon.upstream import DriftConfig
 from trainer.reference import drift_reference
 
 DEFAULT_WINDOW_PARTS = DriftConfig().window_parts

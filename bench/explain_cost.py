@@ -26,11 +26,11 @@ import numpy as np
 from bench.drift_cost import summary_us, timer_pair_ns
 from bench.e2e_latency import MODEL, build_bench_package, package_stream
 from bench.keys import BenchKeys
-from edge_agent.config import load_config
+from edge_agent.daemon.config import load_config
 from edge_agent.package.registry import Registry
-from edge_agent.scoring import load_package
-from edge_agent.security import AgentSecurity
-from edge_agent.server import Agent
+from edge_agent.daemon.scoring import load_package
+from edge_agent.daemon.security import AgentSecurity
+from edge_agent.daemon.server import Agent
 from edge_agent.wire.score import Part
 
 

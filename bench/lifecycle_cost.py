@@ -2,11 +2,11 @@
 on the agent's own objects (a loaded benchmark package, ``Agent._score``-like steps: the models, then
 ``Agent._judge`` with dynamic PAT on and drift off).
 
-- audit: ``Agent._judge`` with and without the audit recorder (``edge_agent.audit``; its shipper thread running and
+- audit: ``Agent._judge`` with and without the audit recorder (``edge_agent.daemon.audit``; its shipper thread running and
   spooling to disk, no collector listening), and ``AuditRecorder.decided`` alone;
 - shadow: the models and ``_judge`` per part, paced at ``--rate`` parts/s (sleeping between parts, as the serving
   loop waits in its poll), in alternating blocks of 500 parts without and with a shadow challenger (the same
-  package; ``edge_agent.shadow``) scored on its own thread meanwhile: what the serving thread pays, the CPU and the
+  package; ``edge_agent.daemon.shadow``) scored on its own thread meanwhile: what the serving thread pays, the CPU and the
   GIL shared with the shadow thread included; and ``ShadowScorer.record`` alone;
 - fetch: the package fetched from a real registry service (``edge_agent.fleet.service``, on a thread, plain
   loopback) into an empty cache and verified, in chunks of 256 KiB.
@@ -32,17 +32,17 @@ import numpy as np
 from bench.drift_cost import summary_us, timer_pair_ns
 from bench.e2e_latency import MODEL, build_bench_package, package_stream
 from bench.keys import BenchKeys
-from edge_agent.audit import AuditRecorder
-from edge_agent.config import load_config
+from edge_agent.daemon.audit import AuditRecorder
+from edge_agent.daemon.config import load_config
 from edge_agent.fleet.follower import PackageCache, ServiceLink
 from edge_agent.fleet.service import RegistryService
-from edge_agent.lifecycle import Lifecycle
+from edge_agent.daemon.lifecycle import Lifecycle
 from edge_agent.package.registry import Registry
 from edge_agent.processes import free_tcp_endpoint
-from edge_agent.scoring import load_package
-from edge_agent.security import AgentSecurity
-from edge_agent.server import GIL_SWITCH_INTERVAL_S, Agent
-from edge_agent.shadow import ShadowScorer
+from edge_agent.daemon.scoring import load_package
+from edge_agent.daemon.security import AgentSecurity
+from edge_agent.daemon.server import GIL_SWITCH_INTERVAL_S, Agent
+from edge_agent.daemon.shadow import ShadowScorer
 from edge_agent.wire.packages import assignment_request
 from edge_agent.wire.score import Part
 

@@ -116,7 +116,7 @@ def stage_table(figures: dict) -> list[str]:
     profiles = [k.split(".")[1] for k in figures if k.startswith("cadence.") and k.endswith(".stage.samples")]
     if not profiles:
         return []
-    from edge_agent.stages import STAGES
+    from edge_agent.daemon.stages import STAGES
     lines = ["", "## Where the agent's own time goes (p50 / p99 us per stage, sampled requests)", "",
              "A part scored ahead had its graphs run in an earlier waiting request's call: its graphs stage counts 0, "
              "the call's time is in that request's.", "",

@@ -17,7 +17,7 @@ import time
 
 from bench.site import AgentSite, pin
 from edge_agent.client import AgentClient
-from edge_agent.config import AgentConfig
+from edge_agent.daemon.config import AgentConfig
 
 BATCH_PARTS = AgentConfig().max_batch
 CLIENTS = 2

@@ -49,7 +49,7 @@ def start_agent(registry_root: str | Path, model: str, endpoint: str, *extra: st
     agent whose score socket is a CURVE server)."""
     # Drift windows that no collector acknowledges wait in a spool beside the log, not in the working folder.
     spool = [] if "--spool-dir" in extra else ["--spool-dir", str(Path(log_path).with_suffix(".spool"))]
-    command = [sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(registry_root), "--model", model,
+    command = [sys.executable, "-m", "edge_agent.daemon.cli", "run", "--registry", str(registry_root), "--model", model,
                "--bind", endpoint, "--metrics-port", "0", *spool, *extra]
     process = _spawn(command, log_path)
     deadline = time.monotonic() + timeout_s

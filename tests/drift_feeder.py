@@ -26,10 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script from a checkout, installed or not
 
-from edge_agent.drift import DriftMonitor, DriftReference  # noqa: E402
+from edge_agent.daemon.drift import DriftMonitor, DriftReference  # noqa: E402
 from edge_agent.keys import load_curve_pair, load_curve_public  # noqa: E402
 from edge_agent.package.registry import Registry  # noqa: E402
-from edge_agent.shipping import DiskSpool, Shipper  # noqa: E402
+from edge_agent.daemon.shipping import DiskSpool, Shipper  # noqa: E402
 from edge_agent.wire.links import CurveClient  # noqa: E402
 
 

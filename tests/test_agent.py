@@ -26,19 +26,19 @@ import onnx
 import pytest
 import zmq
 
-from edge_agent.binning import BinPolicy, decide
+from edge_agent.daemon.binning import BinPolicy, decide
 from edge_agent.client import BACKING_OFF, ENCODE_FAILED, TIMEOUT, AgentClient
-from edge_agent.config import ConfigError, load_config
+from edge_agent.daemon.config import ConfigError, load_config
 from edge_agent.errors import ExportError
 from edge_agent.package import rules
 from edge_agent.package.manifest import MANIFEST_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, SIGNATURE_FILE, YIELD_INT8_FILE
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.package.runtime import YIELD_PREFIX, combined_graph, make_session
-from edge_agent.pat import DynamicPat, PatBreak, nan_quartiles
+from edge_agent.daemon.pat import DynamicPat, PatBreak, nan_quartiles
 from edge_agent.processes import free_tcp_endpoint, start_agent, stop
-from edge_agent.scoring import SMOKE_SLACK, ModelRefused, load_package
-from edge_agent.stages import STAGES
-from edge_agent.touchdowns import LEAD_S, MAX_GAP_S, TouchdownClock
+from edge_agent.daemon.scoring import SMOKE_SLACK, ModelRefused, load_package
+from edge_agent.daemon.stages import STAGES
+from edge_agent.daemon.touchdowns import LEAD_S, MAX_GAP_S, TouchdownClock
 from edge_agent.wire.score import Code, Part
 from trainer.package import build_package
 from trainer.replay import feature_columns, stream_lot
@@ -380,7 +380,7 @@ def test_health_and_prometheus_endpoint(agent, packages):
     assert samples['edge_agent_requests_total{type="score"}'] >= 10
 
     entries = [json.loads(line) for line in agent["log"].read_text().splitlines() if line.startswith("{")]
-    assert any(e["logger"] == "edge_agent.server" and e["message"].startswith(f"serving {packages.model}/1")
+    assert any(e["logger"] == "edge_agent.daemon.server" and e["message"].startswith(f"serving {packages.model}/1")
                for e in entries)
     assert {"time", "level", "logger", "message", "pid"} <= set(entries[0])
 
@@ -435,17 +435,17 @@ def test_a_req_socket_is_served_too(agent):
 
 
 def test_cli_health_and_reload_talk_to_a_running_agent(agent, packages):
-    health = subprocess.run([sys.executable, "-m", "edge_agent.cli", "health", "--connect", agent["endpoint"]],
+    health = subprocess.run([sys.executable, "-m", "edge_agent.daemon.cli", "health", "--connect", agent["endpoint"]],
                             capture_output=True, text=True, timeout=60)
     assert health.returncode == 0, health.stderr
     assert json.loads(health.stdout)["status"] == "serving"
     keys = packages.keys
-    reload = subprocess.run([sys.executable, "-m", "edge_agent.cli", "reload", "--config", str(agent["config"]),
+    reload = subprocess.run([sys.executable, "-m", "edge_agent.daemon.cli", "reload", "--config", str(agent["config"]),
                              "--key", str(keys.secret("control"))], capture_output=True, text=True, timeout=120)
     assert reload.returncode == 0, reload.stderr
     outcome = json.loads(reload.stdout)["last_reload"]
     assert outcome["outcome"] == "unchanged" and outcome["ref"] == f"{packages.model}/1"   # verified again, same one
-    without_key = subprocess.run([sys.executable, "-m", "edge_agent.cli", "rollback", "--config",
+    without_key = subprocess.run([sys.executable, "-m", "edge_agent.daemon.cli", "rollback", "--config",
                                   str(agent["config"])], capture_output=True, text=True, timeout=60)
     assert without_key.returncode == 2 and "--key" in without_key.stderr
     with control_client(keys, agent["control"]) as client:
@@ -700,7 +700,7 @@ def test_sigterm_answers_every_request_already_sent(packages, tmp_path):
 
 def test_cli_refuses_unusable_configuration(packages, tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--registry", str(packages.root),
+        return subprocess.run([sys.executable, "-m", "edge_agent.daemon.cli", "run", "--registry", str(packages.root),
                                "--metrics-port", "0", *args], capture_output=True, text=True, timeout=120)
 
     everywhere = run("--model", packages.model, "--bind", "tcp://0.0.0.0:5555")
@@ -860,7 +860,7 @@ def test_configuration_file_then_command_line(tmp_path):
 
 def test_shipped_deployment_configuration_loads():
     """The example a site copies to /etc/edge-agent must stay valid as configuration keys change."""
-    config = load_config(Path(__file__).parents[1] / "edge_agent" / "deploy" / "agent.toml")
+    config = load_config(Path(__file__).parents[1] / "edge_agent" / "daemon" / "deploy" / "agent.toml")
     assert config.model == "demo" and config.bind == "tcp://127.0.0.1:5555"
     assert config.drift.enabled and config.drift.spool_dir == "/var/lib/edge-agent/spool"
     assert config.binning.bins["ml_outlier"] == 23

@@ -20,7 +20,7 @@ import zmq
 from bench import cadence, report
 from bench.latency_suite import QUICK_PARTS
 from edge_agent.client import TIMEOUT
-from edge_agent.stages import STAGES
+from edge_agent.daemon.stages import STAGES
 from edge_agent.wire.score import Code
 
 REPO = Path(__file__).resolve().parents[1]

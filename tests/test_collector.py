@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_agent.collector.alerts import AlertConfig, AlertRules
 from edge_agent.collector.store import Store
-from edge_agent.drift import DriftMonitor, DriftReference
-from edge_agent.metrics import Metrics, PrometheusCollector
+from edge_agent.daemon.drift import DriftMonitor, DriftReference
+from edge_agent.daemon.metrics import Metrics, PrometheusCollector
 from edge_agent.package.manifest import SAMPLE_ROWS_FILE
-from edge_agent.shipping import DiskSpool, Shipper
+from edge_agent.daemon.shipping import DiskSpool, Shipper
 from edge_agent.wire.codec import decode_trusted as decode
 from edge_agent.wire.stats import InvalidMessage, parse_stats
 
@@ -599,8 +599,8 @@ def two_versions(tmp_path_factory):
 
 
 def test_agent_drift_hook_ships_windows_of_each_served_model(tmp_path, two_versions, collector):
-    from edge_agent.scoring import load_package
-    from edge_agent.upstream import AgentDrift, DriftConfig
+    from edge_agent.daemon.scoring import load_package
+    from edge_agent.daemon.upstream import AgentDrift, DriftConfig
     from edge_agent.wire.score import Part
 
     registry, refs = two_versions

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from edge_agent.binning import INSUFFICIENT, BinPolicy, decide_insufficient
+from edge_agent.daemon.binning import INSUFFICIENT, BinPolicy, decide_insufficient
 from edge_agent.client import AgentClient
-from edge_agent.config import ConfigError, load_config
+from edge_agent.daemon.config import ConfigError, load_config
 from trainer.ingest import load_tables
 from trainer.stdf_writer import write_stdf
 from trainer.synth import SynthConfig, write

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from edge_agent.drift import ChangeParams, DriftMonitor, DriftReference, PageHinkley
+from edge_agent.daemon.drift import ChangeParams, DriftMonitor, DriftReference, PageHinkley
 from edge_agent.errors import DataError
 from edge_agent.wire.distances import js_distance, ks_statistic, psi
 from trainer.reference import drift_reference

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_agent.client import AgentClient
-from edge_agent.explain import Explainer
+from edge_agent.daemon.explain import Explainer
 
 REPLY_MS = 30_000.0
 PART = {"lot": "EXPLAIN", "head": 2, "site": 1}   # its own dynamic PAT window, apart from other tests' parts

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from edge_agent.client import AgentClient
 from edge_agent.collector.store import Store
-from edge_agent.fairness import Inbox
+from edge_agent.daemon.fairness import Inbox
 from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
 from edge_agent.wire.score import (INTEGER_RANGES, MAX_IDENTITY_BYTES, REPLY_TYPES, Code, ReadingsParser,
                                    largest_request_bytes)
@@ -546,7 +546,7 @@ def test_each_command_line_mistake_gives_one_line_and_its_exit_status(tmp_path, 
     sqlite_db = tmp_path / "stats.sqlite"
     Store(sqlite_db).close()   # an empty collector database to report on
 
-    _one_line(_run("edge_agent.cli", "health", "--connect", "127.0.0.1:5555"), 2,
+    _one_line(_run("edge_agent.daemon.cli", "health", "--connect", "127.0.0.1:5555"), 2,
               "--connect", "tcp://host:port", "'127.0.0.1:5555'")
     _one_line(_run("trainer.replay", str(stdf), "--features-from-agent", "--connect", "127.0.0.1:5555"), 2,
               "--connect", "tcp://host:port")
@@ -562,7 +562,7 @@ def test_each_command_line_mistake_gives_one_line_and_its_exit_status(tmp_path, 
     holder = zmq.Context.instance().socket(zmq.ROUTER)
     holder.bind(endpoint)
     try:
-        taken = _run("edge_agent.cli", "run", "--registry", str(packages.root), "--model", packages.model, "--bind",
+        taken = _run("edge_agent.daemon.cli", "run", "--registry", str(packages.root), "--model", packages.model, "--bind",
                      endpoint, "--metrics-port", "0", "--no-drift", *packages.keys.trust_args)
     finally:
         holder.close(linger=0)

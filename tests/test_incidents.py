@@ -16,7 +16,7 @@ from edge_agent.collector import baselines, report
 from edge_agent.collector.incidents import IncidentConfig, IncidentTracker
 from edge_agent.collector.prometheus import FleetState
 from edge_agent.collector.store import Store
-from edge_agent.drift import DriftMonitor, DriftReference
+from edge_agent.daemon.drift import DriftMonitor, DriftReference
 from edge_agent.wire.stats import parse_stats
 
 SITES = (1, 2, 3, 4)

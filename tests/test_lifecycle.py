@@ -325,11 +325,11 @@ def test_a_forced_promotion_past_a_failing_fleet_gate_is_recorded_with_what_it_o
 # ---- without the fleet: the audit spool's bounds, deployments' selection --------------------------------------------
 
 def test_an_audit_spool_that_fills_up_counts_the_loss_and_the_collector_alerts_it(packages, tmp_path):
-    from edge_agent.audit import AuditRecorder
-    from edge_agent.binning import BinPolicy, decide_insufficient
-    from edge_agent.config import AuditConfig, DriftConfig
-    from edge_agent.lifecycle import Lifecycle
-    from edge_agent.scoring import load_package
+    from edge_agent.daemon.audit import AuditRecorder
+    from edge_agent.daemon.binning import BinPolicy, decide_insufficient
+    from edge_agent.daemon.config import AuditConfig, DriftConfig
+    from edge_agent.daemon.lifecycle import Lifecycle
+    from edge_agent.daemon.scoring import load_package
     from edge_agent.wire.score import Part
     registry = Registry(packages.root)
     model = load_package(registry, PackageRef(packages.model, "1"))
@@ -362,7 +362,7 @@ def test_an_audit_spool_that_fills_up_counts_the_loss_and_the_collector_alerts_i
 def _prometheus(model, lifecycle) -> str:
     """What the agent's /metrics shows of ``lifecycle`` (the collector the agent registers, read in place)."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from edge_agent.metrics import Metrics, PrometheusCollector
+    from edge_agent.daemon.metrics import Metrics, PrometheusCollector
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PrometheusCollector(Metrics(), lambda: model.identity, lifecycle=lifecycle.status))
     return generate_latest(registry).decode()

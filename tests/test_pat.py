@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.package import rules
 from edge_agent.package.manifest import read_manifest
-from edge_agent.pat import DynamicPat, StaticPat
+from edge_agent.daemon.pat import DynamicPat, StaticPat
 from edge_agent.wire.score import Part
 from trainer.reference import static_pat_limits
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from edge_agent import drift
-from edge_agent.shipping import DiskSpool, Shipper
+from edge_agent.daemon import drift
+from edge_agent.daemon.shipping import DiskSpool, Shipper
 from edge_agent.wire import audit, links, packages, score, stats
 from edge_agent.wire.codec import decode_trusted, encode
 

@@ -20,10 +20,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_agent import cli as agent_cli
+from edge_agent.daemon import cli as agent_cli
 from edge_agent.client import TIMEOUT, AgentClient, AgentUnavailable
 from edge_agent.collector import cli as collector_cli
-from edge_agent.config import ConfigError, load_config
+from edge_agent.daemon.config import ConfigError, load_config
 from edge_agent.keys import KeyFileError, load_curve_pair, load_signing_key
 from edge_agent.package.manifest import MANIFEST_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, SIGNATURE_FILE
 from edge_agent.package.registry import PackageRef, Registry

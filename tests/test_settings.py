@@ -13,7 +13,7 @@ from edge_agent import settings
 from edge_agent.collector.alerts import AlertConfig, AlertConfigError, load_alert_config
 from edge_agent.collector.cli import main as collector_main
 from edge_agent.collector.incidents import IncidentConfig
-from edge_agent.config import (AgentConfig, BinningConfig, ConfigError, DriftConfig, LoggingConfig, MetricsConfig,
+from edge_agent.daemon.config import (AgentConfig, BinningConfig, ConfigError, DriftConfig, LoggingConfig, MetricsConfig,
                                PatConfig, SecurityConfig, load_config)
 from trainer.synth import SynthConfig
 from trainer.train import TrainConfig, TrainConfigError, fit

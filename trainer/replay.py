@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 import numpy as np
 
 from edge_agent.client import AgentClient, AgentUnavailable, ScoreResult
-from edge_agent.config import check_endpoint
+from edge_agent.daemon.config import check_endpoint
 from edge_agent.errors import EdgeError, run_command
 from edge_agent.package.manifest import MANIFEST_FILE, read_manifest
 from edge_agent.summary import ReplySummary

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import zmq
 
-from ..config import FleetConfig
+from ..daemon.config import FleetConfig
 from ..errors import EdgeError
 from ..package.files import READ_ONLY_DIR, READ_ONLY_FILE, atomic_write, remove_tree, sha256_file
 from ..package.manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN
 from ..package.registry import PackageRef, Registry
 from ..package.signing import Trust
-from ..reload import yield_cpu_to_serving
+from ..daemon.reload import yield_cpu_to_serving
 from ..wire.codec import decode_trusted, encode
 from ..wire.links import CurveClient, connect_curve
 from ..wire.packages import ERROR, assignment_request, chunk_request

@@ -27,7 +27,7 @@ above ``max_rate`` is widened (its k raised until at most that share is outside)
 
 The agent's drift counting does not call ``bin_index``: it follows the same convention (a reading on an inner
 edge goes to the bin on its right) with one comparison against every test's edges per part
-(``edge_agent.drift``), and tests/test_drift.py checks its counts against numpy's histogram.
+(``edge_agent.daemon.drift``), and tests/test_drift.py checks its counts against numpy's histogram.
 
 numpy only (and the manifest's names of shapes).
 """

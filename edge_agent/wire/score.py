@@ -474,7 +474,7 @@ def part_result(outlier_score: float | None, outlier: bool | None, pass_probabil
                 predicted_fail: bool | None, decision, breaks: list, drivers, tests_present: int, *,
                 insufficient: bool = False) -> dict:
     """One part's decision as a score_result (and each result of a score_batch_result) carries it. ``decision``:
-    its ``bin``, ``name``, ``why`` and ``flags`` (edge_agent.binning.Decision); ``breaks``: the PAT limits broken
+    its ``bin``, ``name``, ``why`` and ``flags`` (edge_agent.daemon.binning.Decision); ``breaks``: the PAT limits broken
     and ``drivers`` the tests behind a flag (objects with ``to_wire()``), of the breaks the first MAX_PAT_LISTED
     listed and all counted, so a reply's size does not grow with the number of tests; ``insufficient``: too few
     readings to score (the scores are then None)."""

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .package.manifest import PatLimit
-from .package.rules import BIMODAL, CONSTANT, LOGNORMAL, NORMAL, SHAPES, SKEWED, pat_limits
-from .wire.score import Part
+from ..package.manifest import PatLimit
+from ..package.rules import BIMODAL, CONSTANT, LOGNORMAL, NORMAL, SHAPES, SKEWED, pat_limits
+from ..wire.score import Part
 
 MIN_SLICE_TESTS = 64          # below this, numpy's per-call overhead dominates a refresh
 

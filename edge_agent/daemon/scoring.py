@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgeError, ExportError, RegistryError
-from .package.manifest import SAMPLE_ROWS_FILE, FidelityCheck, Manifest
-from .package.registry import PackageRef, Registry
-from .package.runtime import YIELD_PREFIX, combined_graph, make_session, warm_up
+from ..errors import EdgeError, ExportError, RegistryError
+from ..package.manifest import SAMPLE_ROWS_FILE, FidelityCheck, Manifest
+from ..package.registry import PackageRef, Registry
+from ..package.runtime import YIELD_PREFIX, combined_graph, make_session, warm_up
 from .explain import Explainer
-from .package.signing import TRUSTED
+from ..package.signing import TRUSTED
 from .pat import StaticPat
 from .stages import GRAPHS
-from .wire.score import ReadingsParser
+from ..wire.score import ReadingsParser
 
-log = logging.getLogger("edge_agent.scoring")
+log = logging.getLogger("edge_agent.daemon.scoring")
 
 # The sample rows' expected values were computed by scikit-learn in float64 and stored as float32, and the
 # agent's sessions may sum trees in another order than the exporter's: allow that much beyond the fidelity.
@@ -67,7 +67,7 @@ class LoadedModel:
 
     def score(self, rows: np.ndarray, sample: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Outlier scores and pass probabilities of float32 rows [n, n_features], in one onnxruntime call;
-        ``sample``: a stage sample (edge_agent/stages.py) timing it."""
+        ``sample``: a stage sample (edge_agent/daemon/stages.py) timing it."""
         score, probability = self._session.run(self._outputs, {self._input: rows})
         if sample is not None:
             sample[GRAPHS] = time.perf_counter_ns()

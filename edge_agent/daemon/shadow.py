@@ -22,7 +22,7 @@ import numpy as np
 from .binning import PASS, BinPolicy, deciding_condition
 from .reload import yield_cpu_to_serving
 
-log = logging.getLogger("edge_agent.shadow")
+log = logging.getLogger("edge_agent.daemon.shadow")
 
 
 class SiteAgreement:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 
 from .audit import AuditRecorder
-from .fleet.follower import Follower
-from .package.registry import PackageRef
+from ..fleet.follower import Follower
+from ..package.registry import PackageRef
 from .scoring import ModelRefused, load_package
 from .shadow import ShadowScorer
 
-log = logging.getLogger("edge_agent.lifecycle")
+log = logging.getLogger("edge_agent.daemon.lifecycle")
 
 
 class Lifecycle:

@@ -11,7 +11,7 @@ The policy's ``order`` lists the conditions that may decide, most important firs
 fired gives the bin. A condition left out of ``order`` is still reported in the reply's ``flags`` but never
 changes the bin: that is how a new model is watched beside PAT before it is allowed to bin parts. The ``why``
 gives the deciding condition's reason first, then the reasons of the other conditions that fired, then for an ML
-outlier or a PAT break the tests furthest from typical in robust sigmas (``edge_agent.explain``).
+outlier or a PAT break the tests furthest from typical in robust sigmas (``edge_agent.daemon.explain``).
 
 Before any of them: a part with readings for fewer than ``min_readings_share`` of the model's tests gets the
 ``insufficient_readings`` bin. The models would score its missing readings as training medians, so its outlier
@@ -81,7 +81,7 @@ def check_policy(order: tuple[str, ...] | list[str], bins: dict[str, int]) -> li
 def decide(policy: BinPolicy, *, static: list[PatBreak], dynamic: list[PatBreak], score: float,
            score_threshold: float, pass_probability: float, pass_threshold: float,
            drivers: list[Driver] = ()) -> Decision:
-    """``drivers``: the tests furthest from typical (``edge_agent.explain``), named at the end of the why: what
+    """``drivers``: the tests furthest from typical (``edge_agent.daemon.explain``), named at the end of the why: what
     drove an ML outlier, and how far out a PAT break is (the outlier score saturates; robust sigmas do not)."""
     fired = {"static_pat": bool(static), "dynamic_pat": bool(dynamic), "ml_outlier": score < score_threshold,
              "predicted_fail": pass_probability < pass_threshold}

@@ -13,7 +13,7 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     max_message_bytes = 0            # larger requests get message_too_large; 0: the model's largest valid request
     transport_max_message_bytes = 0  # larger still: ZeroMQ drops the connection; 0: max_message_bytes + 64 KiB
     max_batch = 500                  # parts per score_batch
-    queue_length = 1000              # upper bound of ZeroMQ's high-water marks (sized in bytes: edge_agent/limits.py)
+    queue_length = 1000              # upper bound of ZeroMQ's high-water marks (sized in bytes: edge_agent/daemon/limits.py)
     turn_parts = 16                  # parts of a score_batch per turn while other clients wait (else all at once)
     max_request_age_ms = 1000        # a request waiting in the agent longer is answered deadline_exceeded; 0: never
     max_queued_bytes = 67108864      # requests of all clients waiting in the agent (each client's first always gets in)
@@ -103,10 +103,10 @@ from pathlib import Path
 from typing import Any
 
 from .binning import CONDITIONS, BinPolicy, check_policy
-from .errors import EdgeError
+from ..errors import EdgeError
 from .pat import GROUPS
-from .settings import NON_EMPTY, Checked, Instance, Interval, OneOf, Rule, load
-from .wire.links import is_local, listen_problems
+from ..settings import NON_EMPTY, Checked, Instance, Interval, OneOf, Rule, load
+from ..wire.links import is_local, listen_problems
 
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -257,7 +257,7 @@ class FleetConfig(_AgentSection):
 
 @dataclass
 class AuditConfig(_AgentSection):
-    """``[audit]``: every decision recorded and shipped (edge_agent/audit.py)."""
+    """``[audit]``: every decision recorded and shipped (edge_agent/daemon/audit.py)."""
 
     SCOPE = "audit"
     CONSTRAINTS = {"enabled": FLAG, "spool_dir": TEXT, "batch_parts": POSITIVE_INT, "batch_seconds": POSITIVE,
@@ -276,7 +276,7 @@ class AuditConfig(_AgentSection):
 
 @dataclass
 class ShadowConfig(_AgentSection):
-    """``[shadow]``: the challenger's queue (edge_agent/shadow.py)."""
+    """``[shadow]``: the challenger's queue (edge_agent/daemon/shadow.py)."""
 
     SCOPE = "shadow"
     CONSTRAINTS = {"queue_parts": POSITIVE_INT, "batch_parts": POSITIVE_INT}
@@ -382,7 +382,7 @@ class AgentConfig(_AgentSection):
     version: str = ""
     bind: str = "tcp://127.0.0.1:5555"
     yield_variant: str = "float32"
-    max_message_bytes: int = 0                 # 0: the served model's largest valid request (edge_agent/limits.py)
+    max_message_bytes: int = 0                 # 0: the served model's largest valid request (edge_agent/daemon/limits.py)
     transport_max_message_bytes: int = 0       # 0: max_message_bytes + 64 KiB
     max_batch: int = 500
     queue_length: int = 1000                   # upper bound of ZeroMQ's high-water marks, which are sized in bytes
@@ -392,7 +392,7 @@ class AgentConfig(_AgentSection):
     watch_interval_s: float = 2.0
     shutdown_timeout_s: float = 5.0
     drain_quiet_ms: int = 100
-    stage_sample_every: int = 100              # edge_agent/stages.py; 0: no per-stage timing
+    stage_sample_every: int = 100              # edge_agent/daemon/stages.py; 0: no per-stage timing
     keep_warm_ms: int = 5                      # server.py _rehearse, touchdowns.py; 0: sleep until a request
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 from .config import AuditConfig, DriftConfig
-from .package.files import fsync_dir
+from ..package.files import fsync_dir
 from .shipping import MESSAGE_SUFFIX, DiskSpool, Shipper
-from .wire.audit import FIELDS, audit_message
-from .wire.links import CurveClient
+from ..wire.audit import FIELDS, audit_message
+from ..wire.links import CurveClient
 
-log = logging.getLogger("edge_agent.audit")
+log = logging.getLogger("edge_agent.daemon.audit")
 
 LOG_DIR = "log"
 

@@ -151,7 +151,7 @@ class PrometheusCollector:
 
 
 def _lifecycle_families(status: dict):
-    """The audit's batches, the shadow challenger's parts and the registry service link (edge_agent/lifecycle.py)."""
+    """The audit's batches, the shadow challenger's parts and the registry service link (edge_agent/daemon/lifecycle.py)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
     audit, shadow, fleet = status["audit"], status["shadow"], status["fleet"]
     if audit is not None:

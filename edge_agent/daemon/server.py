@@ -8,15 +8,15 @@ service is fairness.py's). The hot path is ``_serve``: decode -> validate -> dea
 followed by the other clients' turns, on the model it started with. One client's requests are served in order, so
 its replies come back in the order of its requests; models are swapped only between turns
 (``_take_reload_outcomes``), so a request never sees two models. What the agent holds for its clients is bounded
-by edge_agent/limits.py.
+by edge_agent/daemon/limits.py.
 
 Work a reply does not need waits until no request does (``_work_between_parts``): a part's drift statistics
 (queued by the drift hook) and its site's dynamic PAT refresh (marked due by DynamicPat), one piece per pass of
 the loop, so a request arriving meanwhile waits for at most one piece.
 
-Every ``stage_sample_every``-th request is timed stage by stage (edge_agent/stages.py, the health reply's
+Every ``stage_sample_every``-th request is timed stage by stage (edge_agent/daemon/stages.py, the health reply's
 ``stages``). With no request for ``keep_warm_ms`` the loop rehearses the last score request (``_rehearse``), and
-once more just before the tester's next touchdown is due (edge_agent/touchdowns.py), so the touchdown after a
+once more just before the tester's next touchdown is due (edge_agent/daemon/touchdowns.py), so the touchdown after a
 pause does not meet cold caches.
 """
 from __future__ import annotations
@@ -33,27 +33,27 @@ from typing import Protocol
 import numpy as np
 import zmq
 
-from . import __version__
+from .. import __version__
 from .binning import Decision, decide, decide_insufficient
 from .config import AgentConfig
-from .errors import listen_error
+from ..errors import listen_error
 from .fairness import Inbox
 from .limits import Limits, derive
 from .metrics import Metrics, start_prometheus
-from .package.registry import Registry
+from ..package.registry import Registry
 from .pat import DynamicPat
 from .reload import ReloadOutcome, ReloadWatcher
 from .scoring import LoadedModel
 from .security import AgentSecurity
 from .stages import AUDIT, BIN, DECODE, DRIFT, ENCODE, EXPLAIN, PAT, SEND, VALIDATE, StageSampler
 from .touchdowns import TouchdownClock
-from .wire.codec import encode
-from .wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
+from ..wire.codec import encode
+from ..wire.score import (HEALTH, PROTOCOL_VERSION, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, BatchParts, Code,
                          Part, ProtocolError, check_deadline, check_envelope, check_stages_since, decode,
                          encode_batch_reply, error_reply, largest_request_bytes, parse_batch, parse_batch_item,
                          STREAM_PARTS_ABOVE_BYTES, parse_part, part_result, peek_id, request_id)
 
-log = logging.getLogger("edge_agent.server")
+log = logging.getLogger("edge_agent.daemon.server")
 
 POLL_MS = 100                 # how soon a stop request (SIGTERM) is noticed when no request arrives
 BURST = 64                    # control requests served before the clients' next turn
@@ -70,7 +70,7 @@ READ_AHEAD_SCAN = 4           # waiting requests looked at for scoring ahead, in
 
 
 class DriftHook(Protocol):
-    """Streaming drift statistics (edge_agent.upstream.AgentDrift): every scored part, idle ticks, status."""
+    """Streaming drift statistics (edge_agent.daemon.upstream.AgentDrift): every scored part, idle ticks, status."""
 
     def update(self, model: LoadedModel, part: Part, readings: np.ndarray, score: float) -> None: ...
 
@@ -85,7 +85,7 @@ class DriftHook(Protocol):
 
 
 class LifecycleHook(Protocol):
-    """Audit and shadow challenger (edge_agent.lifecycle.Lifecycle): every decided part, idle ticks, status."""
+    """Audit and shadow challenger (edge_agent.daemon.lifecycle.Lifecycle): every decided part, idle ticks, status."""
 
     def decided(self, model: LoadedModel, part: Part, row: np.ndarray, score: float | None,
                 probability: float | None, decision: Decision) -> None: ...
@@ -168,7 +168,7 @@ class Agent:
         self._stop_requested = False
         self._error_log = _ThrottledLog(ERROR_LOG_INTERVAL_S)
         self.security = security or AgentSecurity.load(config.security)
-        # Control messages are served on the authenticated control socket only (edge_agent/security.py); a
+        # Control messages are served on the authenticated control socket only (edge_agent/daemon/security.py); a
         # score_batch is served a turn at a time by ``_serve``, not by a handler.
         self._control_handlers = {SCORE: self._score, HEALTH: self._health, RELOAD: self._reload,
                                   ROLLBACK: self._rollback}
@@ -233,7 +233,7 @@ class Agent:
                      f", metrics on http://{self.config.metrics.host}:{self.config.metrics.port}/metrics"
                      if prometheus else "")
             log.info("requests up to %d bytes (ZeroMQ drops a connection past %d); per connection at most %.1f MB "
-                     "held (edge_agent/limits.py)", self.limits.max_message_bytes,
+                     "held (edge_agent/daemon/limits.py)", self.limits.max_message_bytes,
                      self.limits.transport_max_message_bytes, self.limits.per_connection_bytes / 1e6)
             self._loop(router, wake, control)
         finally:
@@ -616,7 +616,7 @@ class Agent:
             self.drift.take_queued(1)
 
     def _touchdown_rehearsal_in(self, now: float) -> float | None:
-        """Seconds from ``now`` until the rehearsal before the tester's next touchdown (edge_agent/touchdowns.py);
+        """Seconds from ``now`` until the rehearsal before the tester's next touchdown (edge_agent/daemon/touchdowns.py);
         None when none is planned or keep-warm is off."""
         if not self.config.keep_warm_ms or self._warm_payload is None:
             return None

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import zmq
 
-from .errors import RegistryError
-from .package.registry import PackageRef, Registry
+from ..errors import RegistryError
+from ..package.registry import PackageRef, Registry
 from .scoring import LoadedModel, ModelRefused, load_package
 
-log = logging.getLogger("edge_agent.reload")
+log = logging.getLogger("edge_agent.daemon.reload")
 
 LOADER_NICENESS = 10
 

@@ -29,9 +29,9 @@ import numpy as np
 from .config import DriftConfig
 from .drift import ChangeParams, DriftMonitor, DriftReference
 from .shipping import DiskSpool, Shipper
-from .wire.links import CurveClient
+from ..wire.links import CurveClient
 
-log = logging.getLogger("edge_agent.upstream")
+log = logging.getLogger("edge_agent.daemon.upstream")
 
 # Scored parts whose statistics may wait for a moment between parts: their rows are 4 bytes a test (0.2 MB at 200
 # tests, 10 MB at 10,000); a touchdown's sites, or a quarter second's backlog at 1,000 parts/s, fit.

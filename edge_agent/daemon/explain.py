@@ -18,8 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .package.manifest import PatLimit
-from .package.rules import TYPICAL_SIGMA
+from ..package.manifest import PatLimit
+from ..package.rules import TYPICAL_SIGMA
 
 DRIVERS = 3   # tests named per explained part
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DataError
-from .package.manifest import Manifest, ReferenceBins
-from .wire.distances import js_distance, ks_statistic, psi
-from .wire.stats import CLOSED_BY
+from ..errors import DataError
+from ..package.manifest import Manifest, ReferenceBins
+from ..wire.distances import js_distance, ks_statistic, psi
+from ..wire.stats import CLOSED_BY
 
 # Normal quantile of 0.99: (p99 - p01) / (2 * 2.326) is one sigma of a normal reference score.
 Z99 = 2.3263

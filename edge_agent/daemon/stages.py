@@ -12,7 +12,7 @@ Stages, in the order the serving path runs them: ``wait`` (receipt to the start 
 outlier and yield graphs as one), ``pat`` (static and dynamic PAT; a site's due refresh only if the agent had no
 moment between parts to do it), ``drift`` (queueing the part's drift statistics, taken between parts), ``explain``
 (drivers of a flagged part: next to nothing for the others), ``bin`` (the bin decision and counters), ``audit`` (the
-audit record and shadow challenger queueing of edge_agent.lifecycle; zero when neither is on), ``encode`` (the reply
+audit record and shadow challenger queueing of edge_agent.daemon.lifecycle; zero when neither is on), ``encode`` (the reply
 built and packed) and ``send`` (handing it to ZeroMQ). A stage a request skips (drift when it is off, all but
 wait/decode/validate/pat for a part with too few readings) counts zero, its time going to the next stage that ran.
 Only single score requests are filed: the sample of any other request (health, score_batch, a refused one) is

@@ -21,12 +21,12 @@ import logging
 import zmq
 
 from .config import SecurityConfig
-from .errors import listen_error
-from .keys import load_allow_list, load_curve_pair, load_curve_public, load_trusted_keys
-from .package.signing import Trust
-from .wire.links import CurveClient, CurvePair, Gatekeeper, serve_curve
+from ..errors import listen_error
+from ..keys import load_allow_list, load_curve_pair, load_curve_public, load_trusted_keys
+from ..package.signing import Trust
+from ..wire.links import CurveClient, CurvePair, Gatekeeper, serve_curve
 
-log = logging.getLogger("edge_agent.security")
+log = logging.getLogger("edge_agent.daemon.security")
 
 SCORE_DOMAIN, CONTROL_DOMAIN = "score", "control"
 CONTROL_QUEUE = 100   # messages queued per control client (people and tools, not a test program)

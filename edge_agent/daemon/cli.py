@@ -25,15 +25,15 @@ import sys
 import time
 
 from .config import AgentConfig, check_endpoint, load_config
-from .errors import EdgeError, run_command
-from .keys import CURVE_PUBLIC, CURVE_SECRET, add_keys_command
+from ..errors import EdgeError, run_command
+from ..keys import CURVE_PUBLIC, CURVE_SECRET, add_keys_command
 
 DEFAULT_CONNECT = "tcp://127.0.0.1:5555"
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_NO_REPLY = 0, 1, 3   # 2: unusable input (edge_agent.errors.run_command)
 RELOAD_POLL_S = 0.1
 DRIFT_STOP_TIMEOUT_S = 2.0   # at shutdown the open window gets this long to be acknowledged, else it stays spooled
 
-log = logging.getLogger("edge_agent.cli")
+log = logging.getLogger("edge_agent.daemon.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def run_agent(config: AgentConfig) -> int:
     """Load the configured package and serve until SIGTERM/SIGINT; SIGHUP asks for a reload."""
     # Imported here: health/reload/rollback need neither onnxruntime nor the registry.
-    from .logs import setup_logging
-    from .package.registry import Registry
+    from ..logs import setup_logging
+    from ..package.registry import Registry
     from .scoring import load_package
     from .security import AgentSecurity
     from .server import Agent
@@ -172,9 +172,9 @@ def run_agent(config: AgentConfig) -> int:
 
 def _follower(config: AgentConfig, security):
     """The registry service's follower, with this agent's CURVE key when the service has one."""
-    from .fleet.follower import Follower
-    from .keys import load_curve_public
-    from .wire.links import CurveClient
+    from ..fleet.follower import Follower
+    from ..keys import load_curve_public
+    from ..wire.links import CurveClient
     curve = (CurveClient(security.pair, load_curve_public(config.fleet.service_key))
              if config.fleet.service_key else None)
     agent_id = config.drift.agent_id or socket.gethostname()
@@ -234,9 +234,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace, *, control: bool):
     """A client of the score socket, or (``control``) of the control socket with the operator's CURVE key."""
-    from .client import AgentClient
-    from .keys import load_curve_pair, load_curve_public
-    from .wire.links import CurveClient
+    from ..client import AgentClient
+    from ..keys import load_curve_pair, load_curve_public
+    from ..wire.links import CurveClient
     config = load_config(args.config, require_model=False) if args.config else None
     if control and not args.key:
         raise EdgeError(f"{args.command} is a control message: it goes to the agent's CURVE control socket with your "
@@ -260,7 +260,7 @@ def _client(args: argparse.Namespace, *, control: bool):
 
 
 def _admin(call, timeout_ms: float) -> dict | None:
-    from .client import AgentUnavailable
+    from ..client import AgentUnavailable
     try:
         return call(timeout_ms=timeout_ms)
     except AgentUnavailable as error:

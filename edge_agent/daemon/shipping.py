@@ -28,13 +28,13 @@ from typing import Callable, Protocol
 
 import zmq
 
-from .errors import EdgeError
-from .package.files import atomic_write
-from .wire.codec import decode_trusted, encode
-from .wire.links import CurveClient, connect_curve
-from .wire.stats import Reply, classify_reply, stats_message
+from ..errors import EdgeError
+from ..package.files import atomic_write
+from ..wire.codec import decode_trusted, encode
+from ..wire.links import CurveClient, connect_curve
+from ..wire.stats import Reply, classify_reply, stats_message
 
-log = logging.getLogger("edge_agent.shipping")
+log = logging.getLogger("edge_agent.daemon.shipping")
 
 MESSAGE_SUFFIX = ".msg"
 REASON_SUFFIX = ".why"

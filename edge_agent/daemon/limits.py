@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from .binning import BinPolicy, decide
 from .explain import DRIVERS, Driver
 from .pat import PatBreak
-from .wire.codec import encode
-from .wire.score import (MAX_ID_CHARS, PROTOCOL_VERSION, REPLY_TYPES, SCORE_BATCH, ReadingsParser,
+from ..wire.codec import encode
+from ..wire.score import (MAX_ID_CHARS, PROTOCOL_VERSION, REPLY_TYPES, SCORE_BATCH, ReadingsParser,
                          largest_request_bytes, part_result)
 
 RECEIVE_BUFFER_BYTES = 1 << 20    # ZeroMQ's queue per connection and direction holds about this much ...
