@@ -9,16 +9,16 @@ holds which key and where it lives: README, "Security".
 A key folder this module creates is owner-only (0700) and every secret file is written owner-only (0600) from the
 start (umask 077 while it is created); a secret file that others can read or write is refused when loaded, as ssh
 refuses such a private key. Public files (0644) are meant to be copied. A key id (16 hex digits of the sha256 of
-the raw public key) names a signing key in signatures, history lines and messages.
+the raw public key, ``package.signing.key_id``) names a signing key in signatures, history lines and messages.
+This module sits above the package contract: it loads keys into ``package.signing.SigningKey``; package/ never
+imports it (tests/test_boundary.py).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -30,35 +30,18 @@ from zmq.utils import z85
 
 from .errors import EdgeError
 from .package.manifest import NAME_PATTERN
+from .package.signing import SigningKey, key_id
 from .wire.links import CurvePair
 
 KINDS = ("signing", "curve")
 SIGNING_SECRET, SIGNING_PUBLIC = ".ed25519", ".ed25519.pub"
 CURVE_PUBLIC, CURVE_SECRET = ".key", ".key_secret"          # zmq.auth.create_certificates' names
 OWNER_ONLY_DIR, OWNER_ONLY_FILE, PUBLIC_FILE = 0o700, 0o600, 0o644
-KEY_ID_HEX = 16
 Z85_KEY_CHARS = 40   # a 32-byte Curve25519 key in z85
 
 
 class KeyFileError(EdgeError):
     """A key file that cannot be created or used (names the file and what is wrong)."""
-
-
-@dataclass(frozen=True)
-class SigningKey:
-    """The trainer's Ed25519 private key, loaded; signs package statements and history lines."""
-
-    private: Ed25519PrivateKey = field(repr=False)
-    key_id: str
-    source: str
-
-    def sign(self, data: bytes) -> bytes:
-        return self.private.sign(data)
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX]
 
 
 # ---- creating -------------------------------------------------------------------------------------------------------

@@ -247,6 +247,16 @@ def test_no_module_under_edge_agent_imports_trainer():
     assert offending == []
 
 
+def test_the_package_contract_never_imports_the_key_files_module():
+    """keys.py reads key files into package.signing.SigningKey, above the contract: package/ never imports it, so
+    the two cannot import each other."""
+    assert "edge_agent.package.signing" in {m for _, m in _imports(REPO / "edge_agent" / "keys.py")}
+    offending = [f"{path.relative_to(REPO)}:{line}: {module}"
+                 for path in sorted((REPO / "edge_agent" / "package").rglob("*.py"))
+                 for line, module in _imports(path) if module.split(".")[:2] == ["edge_agent", "keys"]]
+    assert offending == []
+
+
 def test_the_collector_reaches_none_of_the_daemons_modules():
     """Follows imports from module to module (function-level ones too), so a contract module that pulled in
     a daemon module would be caught as well."""

@@ -17,9 +17,9 @@ import numpy as np
 from edge_agent import __version__
 from edge_agent.keys import SigningKey
 from edge_agent.package.manifest import (MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_ROWS_FILE, YIELD_FILE, YIELD_INT8_FILE,
-                                         Feature, FidelityCheck, HeldOut, Imputation, InputSpec, Lineage, Manifest,
-                                         Metrics, Models, OutlierModel, Pat, Quantization, QualityGate, SourceFile,
-                                         YieldLabel, YieldModel, YieldThreshold)
+                                         Feature, FidelityCheck, HeldOut, HeldOutMetrics, ImputationMethod, InputSpec,
+                                         Lineage, Manifest, Models, OutlierModel, Pat, Quantization, QualityGate,
+                                         SourceFile, YieldLabel, YieldModel, YieldThreshold)
 from edge_agent.package.registry import PackageRef, Registry
 from edge_agent.package.rules import RESOLUTION_FLOOR
 
@@ -105,9 +105,9 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
         features=[Feature(index=i, column=t.column, name=t.name, number=t.number, units=t.units or "", low=t.low,
                           high=t.high, pin=t.pin, impute=float(imputer_values[i]))
                   for i, t in enumerate(features)],
-        imputation=Imputation(strategy="median", where="inside the ONNX graphs",
-                              values_from="passing training parts (outlier model); the yield graph carries its "
-                                          "own medians over all training parts"),
+        imputation=ImputationMethod(strategy="median", where="inside the ONNX graphs",
+                                    values_from="passing training parts (outlier model); the yield graph carries "
+                                                "its own medians over all training parts"),
         input=InputSpec(name=INPUT_NAME, dtype="float32", shape=[None, len(features)], missing="NaN"),
         models=Models(
             outlier=OutlierModel(
@@ -132,8 +132,8 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
                 on_excess=trained.config.pat_on_excess),
         drift_reference=drift_reference(X[reference_rows], trained.columns, reference_scores,
                                         trained.outlier_threshold, trained.config.drift_bins),
-        metrics=Metrics(outlier=trained.metrics["outlier"], yield_model=trained.metrics["yield"],
-                        timings_s=trained.timings_s),
+        metrics=HeldOutMetrics(outlier=trained.metrics["outlier"], yield_model=trained.metrics["yield"],
+                               timings_s=trained.timings_s),
         fidelity=fidelity,
         validation=validation,
         lineage=Lineage(

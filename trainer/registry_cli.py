@@ -1,5 +1,11 @@
-"""`edge-train registry ...`: list, show, history, promote, roll back, verify, sign and clean model packages; deploy
-versions to groups of testers, score a challenger in shadow, and judge a version by the fleet's evidence (gate).
+"""`edge-train registry <command>`, twelve commands:
+
+- packages: ``list`` (models, versions, stages), ``show`` (one package's summary), ``history`` (every stage change),
+  ``verify`` (signature, checksums, manifest, fidelity), ``sign``, ``gc`` (remove half-written packages);
+- stages: ``promote``, ``rollback`` (a stage or a deployment group back to its previous version);
+- the fleet: ``deploy`` (a version to a group of testers), ``shadow`` (score a challenger beside the champion),
+  ``deployment`` (groups, shadow and what given agents run), ``gate`` (judge a canary or shadow version by the
+  collector's evidence).
 
 The registry itself (store, stages, history, verification) is the package contract in
 ``edge_agent.package.registry``; this module is only its command line and the package summary people read.

@@ -2,7 +2,7 @@
 when its scope is back at its baseline.
 
 Each tester's blocks are judged against each site's own baseline (``baselines.py``); what moved becomes an
-incident of one of three scopes, each with its diagnosis (``DIAGNOSES``) and what to do:
+incident of one of three scopes, each with its diagnosis (``diagnosis.DIAGNOSES``) and what to do:
 
 - ``site``: one (head, site) of one tester moved, its sibling sites held: "site fault"; check contacts, probe
   card and site calibration;
@@ -51,21 +51,14 @@ import numpy as np
 
 from ..settings import Checked, Interval
 from ..wire.codec import decode_trusted, encode
-from ..wire.distances import psi
 from ..wire.stats import StatsWindow
-from .baselines import Block, ModelBins, SiteCounts, Verdict, binomial_z, judge, noise_and_threshold
+from .baselines import Block, ModelBins, SiteCounts, Verdict, judge
+from .diagnosis import DIAGNOSES, FLEET, SITE, TESTER, Evidence, describe, event, site_evidence, tester_evidence
 from .store import Added, Store
 
 log = logging.getLogger("edge_agent.collector.incidents")
 
-SITE, TESTER, FLEET = "site", "tester", "fleet"
-SCOPES = (SITE, TESTER, FLEET)
-DIAGNOSES = {SITE: "site fault", TESTER: "tester or handler fault", FLEET: "process or material moved"}
-CHECKS = {SITE: "check contacts, probe card and site calibration there",
-          TESTER: "check the tester and handler there (calibration, temperature, contactor, instruments)"}
-RATE_Z = 4.0                   # an outlier-rate rise this many standard errors above the baseline rate is real
 HISTORY = 32                   # judged blocks kept per agent for the fleet comparison
-TESTS_NAMED = 5
 
 
 @dataclass
@@ -97,29 +90,6 @@ class IncidentConfig(Checked):
 
 
 # ---- an incident ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Evidence:
-    """One test of an incident: its latest and largest PSI against the baseline, the noise level at the latest
-    sample sizes, and the comparisons beside it (NaN where they do not apply)."""
-
-    psi: float
-    psi_peak: float
-    noise: float
-    n: int
-    n_baseline: int
-    psi_siblings: float        # site: median of the sibling sites against their own baselines
-    psi_fleet: float           # tester: this tester's block against the other testers' blocks of the same period
-    psi_reference: float       # against the training reference
-    first_seen: float
-    last_seen: float
-
-    def update(self, new: Evidence) -> None:
-        self.psi_peak = max(self.psi_peak, new.psi)
-        self.psi, self.noise, self.n, self.n_baseline = new.psi, new.noise, new.n, new.n_baseline
-        self.psi_siblings, self.psi_fleet, self.psi_reference = new.psi_siblings, new.psi_fleet, new.psi_reference
-        self.last_seen = new.last_seen
-
 
 @dataclass
 class Incident:
@@ -300,7 +270,7 @@ class IncidentTracker:
             incident = self._find(SITE, model.checksum, agent.agent_id, head, site)
             moved = np.flatnonzero(verdict.site_moved[row])
             if moved.size:
-                evidence = {model.columns[t]: self._site_evidence(verdict, row, t) for t in moved}
+                evidence = {model.columns[t]: site_evidence(verdict, row, t) for t in moved}
                 if incident is None:
                     incident = self._new(SITE, agent, verdict, now, head=head, site=site)
                 events += self._moved(incident, agent, evidence, verdict, now)
@@ -309,12 +279,6 @@ class IncidentTracker:
                 if not np.isnan(verdict.psi[row, judged]).all():
                     events += self._quiet(incident, agent, verdict, now)
         return events
-
-    def _site_evidence(self, verdict: Verdict, row: int, t: int) -> Evidence:
-        block = verdict.block
-        return Evidence(float(verdict.psi[row, t]), float(verdict.psi[row, t]), float(verdict.noise[row, t]),
-                        int(verdict.n[row, t]), int(verdict.n_baseline[row, t]), float(verdict.psi_siblings[row, t]),
-                        float("nan"), float(verdict.psi_reference[row, t]), block.start, block.end)
 
     # ---- testers and the fleet -------------------------------------------------------------------------------
 
@@ -329,7 +293,7 @@ class IncidentTracker:
             if moved & tests and (member or incident.scope == FLEET):
                 # The same tester moving on (its own incident, or a further tester of a process change): the tests
                 # that moved with the incident's belong to it.
-                events += self._moved(incident, agent, self._tester_evidence(agent, verdict, moved), verdict, now)
+                events += self._moved(incident, agent, tester_evidence(model, verdict, moved), verdict, now)
                 moved = set()
             elif member and judged[list(tests)].any():
                 events += self._quiet(incident, agent, verdict, now)
@@ -341,24 +305,6 @@ class IncidentTracker:
                 waiting.tests |= moved
         return events
 
-    def _tester_evidence(self, agent: _Agent, verdict: Verdict, tests: set[int],
-                         others: list[_Judged] = ()) -> dict[str, Evidence]:
-        """Per test: the median site PSI against their own baselines, and this tester's pooled block against the
-        training reference and against ``others`` (the other testers' blocks of the same period)."""
-        block, model = verdict.block, agent.model
-        pooled = block.pooled().counts
-        reference = psi(pooled, model.reference)
-        fleet = np.full(len(model.columns), np.nan)
-        if others:
-            rest = sum(j.pooled.counts for j in others)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                fleet = psi(pooled, rest / np.maximum(rest.sum(axis=1, keepdims=True), 1.0))
-        return {model.columns[t]: Evidence(float(verdict.tester_psi[t]), float(verdict.tester_psi[t]),
-                                           float(verdict.tester_noise[t]), int(np.nansum(verdict.n[:, t])),
-                                           int(np.nansum(verdict.n_baseline[:, t])), float("nan"), float(fleet[t]),
-                                           float(reference[t]), block.start, block.end)
-                for t in sorted(tests)}
-
     def _decide(self, pending: _Pending, now: float) -> list[dict]:
         agent, c = pending.agent, self.config
         for incident in self._open.values():       # another tester already showed it is the process
@@ -366,7 +312,7 @@ class IncidentTracker:
             if incident.scope == FLEET and incident.checksum == agent.model.checksum and pending.tests & tests:
                 self._pending.remove(pending)
                 latest = agent.judged[-1].verdict
-                return self._moved(incident, agent, self._tester_evidence(agent, latest, pending.tests), latest, now)
+                return self._moved(incident, agent, tester_evidence(agent.model, latest, pending.tests), latest, now)
         others = [a for a in self._agents.values() if a is not agent and a.model.checksum == agent.model.checksum
                   and a.judged and a.judged[-1].end >= pending.start - c.fleet_period_s]
         # A tester moved with this one if a block of it overlapping or after this one's first moved block moved on
@@ -401,20 +347,21 @@ class IncidentTracker:
                 blocks = ([j for j in agent.judged if j.start >= pending.start] if member is agent
                           else since[member.agent_id])
                 for judged in [j for j in blocks if j.moved & fleet]:
-                    self._moved(incident, member, self._tester_evidence(member, judged.verdict, judged.moved & fleet),
+                    self._moved(incident, member, tester_evidence(member.model, judged.verdict, judged.moved & fleet),
                                 judged.verdict, now, announce=False)
             for other in [p for p in self._pending if p.agent.agent_id in members]:
                 other.tests -= fleet            # their movement is this incident's
                 if not other.tests:
                     self._pending.remove(other)
-            events.append(self._event(incident, "opened" if opened else "updated", now))
+            events.append(event(incident, "opened" if opened else "updated", now))
         rest = pending.tests - fleet
         if rest:
             held = [j for a in reported for j in since[a.agent_id] if not j.moved & rest]
             incident = self._find(TESTER, agent.model.checksum, agent.agent_id) or self._new(TESTER, agent, latest,
                                                                                              now)
             incident.others = len(reported)
-            events += self._moved(incident, agent, self._tester_evidence(agent, latest, rest, held), latest, now)
+            evidence = tester_evidence(agent.model, latest, rest, [j.pooled for j in held])
+            events += self._moved(incident, agent, evidence, latest, now)
         return events
 
     def _fleet_incident(self, agent: _Agent, tests: set[int], verdict: Verdict, now: float) -> tuple[Incident,
@@ -466,12 +413,12 @@ class IncidentTracker:
                 incident.moved_outputs.score_counts += pooled.score_counts
                 incident.moved_outputs.parts += pooled.parts
                 incident.moved_outputs.outliers += pooled.outliers
-        self._describe(incident, agent.model)
+        describe(incident, agent.model, self._baselines, self.config)
         self._save(incident, now)
         if opened:
-            return [self._event(incident, "opened", now)] if announce else []
+            return [event(incident, "opened", now)] if announce else []
         changed = before != (set(incident.tests), set(incident.members), incident.retrain)
-        return [self._event(incident, "updated", now)] if changed and announce else []
+        return [event(incident, "updated", now)] if changed and announce else []
 
     def _quiet(self, incident: Incident, agent: _Agent, verdict: Verdict, now: float) -> list[dict]:
         """A block of the incident's scope judged back at its baseline."""
@@ -486,7 +433,7 @@ class IncidentTracker:
         incident.closed_at, incident.closed_because = now, because
         self._save(incident, now)
         del self._open[incident.id]
-        return [self._event(incident, "closed", now)]
+        return [event(incident, "closed", now)]
 
     def _model_replaced(self, agent_id: str, old: str, new_label: str, now: float) -> list[dict]:
         """An agent serves another model: its incidents under the old one can never be judged again."""
@@ -544,77 +491,3 @@ class IncidentTracker:
     @staticmethod
     def _indices(incident: Incident, model: ModelBins) -> list[int]:
         return [model.columns.index(name) for name in incident.tests if name in model.columns]
-
-    # ---- what it says ------------------------------------------------------------------------------------------
-
-    def _describe(self, incident: Incident, model: ModelBins) -> None:
-        tests = sorted(incident.tests.items(), key=lambda item: -item[1].psi_peak)
-        named = ", ".join(name for name, _ in tests[:TESTS_NAMED]) + (
-            f" and {len(tests) - TESTS_NAMED} more" if len(tests) > TESTS_NAMED else "")
-        peaks = [e.psi_peak for _, e in tests]
-        spread = f"PSI {min(peaks):.2f}" + (f" to {max(peaks):.2f}" if len(peaks) > 1 else "")
-        noise = max(e.noise for _, e in tests)
-        what = f"{len(tests)} test(s) ({named})"
-        if incident.scope == SITE:
-            siblings = np.nanmax([e.psi_siblings for _, e in tests])
-            incident.summary = (f"site fault at {incident.tester} head {incident.head} site {incident.site} "
-                                f"({model.label}): {what} moved against the site's own baseline ({spread}, noise "
-                                f"level {noise:.3f}, n = {tests[0][1].n} vs {tests[0][1].n_baseline} readings) "
-                                f"while its sibling sites held (their median PSI at most {siblings:.2f}); "
-                                f"{CHECKS[SITE]}.")
-            incident.recommendation = (f"No retrain: one site of {incident.tester} is off (head {incident.head} site "
-                                       f"{incident.site}); retraining would teach the model the fault.")
-        elif incident.scope == TESTER:
-            others = incident.others
-            fleet = [e.psi_fleet for _, e in tests if not np.isnan(e.psi_fleet)]
-            against = (f"while {others} other tester(s) of this model held in the same period (this tester "
-                       f"against them: PSI up to {max(fleet):.2f})" if others and fleet else
-                       "with no other tester of this model reporting in the same period (a tester fault cannot "
-                       "be told from a process change without one)")
-            incident.summary = (f"tester or handler fault at {incident.tester} ({model.label}): {what} moved on most "
-                                f"of its sites against their own baselines (median {spread}, noise level "
-                                f"{noise:.3f}) {against}; {CHECKS[TESTER]}.")
-            incident.recommendation = (f"No retrain: {incident.tester} moved alone; retraining would teach the model "
-                                       f"the fault.")
-        else:
-            self._judge_outputs(incident, model)
-            incident.summary = (f"process or material moved ({model.label}): {what} moved together on "
-                                f"{len(incident.members)} testers ({', '.join(incident.testers())}) against each "
-                                f"tester's own baseline ({spread}, noise level {noise:.3f}). "
-                                + incident.recommendation)
-
-    def _judge_outputs(self, incident: Incident, model: ModelBins) -> None:
-        """Did the model's outputs move with the process? Score histogram and outlier rate of the moved blocks
-        against the same testers' baselines."""
-        moved = incident.moved_outputs
-        if moved is None:                   # reloaded after a restart: the verdict stored stays until new blocks
-            return
-        bases = [b for (agent_id, checksum, _, _), b in self._baselines.items()
-                 if checksum == incident.checksum and agent_id in incident.members]
-        base_scores = sum(b.score_counts for b in bases)
-        base_parts, base_outliers = sum(b.parts for b in bases), sum(b.outliers for b in bases)
-        n, n_base = moved.score_counts.sum(), base_scores.sum()
-        incident.score_psi = float(psi(moved.score_counts, base_scores / max(n_base, 1.0)))
-        incident.score_noise, significant = noise_and_threshold(model.score_bins, n, n_base, self.config.false_alarm)
-        incident.outlier_rate = moved.outliers / max(moved.parts, 1.0)
-        incident.baseline_outlier_rate = base_outliers / max(base_parts, 1.0)
-        rose = (incident.outlier_rate > incident.baseline_outlier_rate + self.config.outlier_margin
-                and binomial_z(incident.outlier_rate, moved.parts, incident.baseline_outlier_rate, base_parts) > RATE_Z)
-        incident.retrain = incident.score_psi > max(self.config.score_psi, significant) or rose
-        outputs = (f"score histogram PSI {incident.score_psi:.2f} against the same testers' baselines (noise level "
-                   f"{incident.score_noise:.3f}), outlier rate {incident.outlier_rate:.2%} against "
-                   f"{incident.baseline_outlier_rate:.2%} before (model expects {model.expected_outlier_rate:.2%}; "
-                   f"{int(moved.parts)} parts)")
-        incident.recommendation = (f"Retrain {model.label}: the process moved on {len(incident.members)} testers and "
-                                   f"the model's outputs moved with it: {outputs}." if incident.retrain else
-                                   f"No retrain: the process moved on {len(incident.members)} testers but the "
-                                   f"model's outputs did not: {outputs}.")
-
-    def _event(self, incident: Incident, what: str, now: float) -> dict:
-        tests = sorted(incident.tests, key=lambda name: -incident.tests[name].psi_peak)
-        return {"kind": f"incident_{what}", "incident_id": incident.id, "scope": incident.scope,
-                "diagnosis": incident.diagnosis, "model": incident.model, "agent_id": incident.agent_id,
-                "tester": incident.tester or ", ".join(incident.testers()), "head": incident.head,
-                "site": incident.site, "test": tests[0] if tests else None, "tests": tests,
-                "retrain": incident.retrain, "recommendation": incident.recommendation, "created_at": now,
-                "message": f"incident #{incident.id} {what}: {incident.summary}"}

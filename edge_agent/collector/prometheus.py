@@ -8,7 +8,7 @@ from collections import Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .alerts import KINDS
-from .incidents import SCOPES
+from .diagnosis import SCOPES
 
 
 class FleetState:

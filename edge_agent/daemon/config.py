@@ -237,8 +237,9 @@ class DriftConfig(_AgentSection):
 
 
 @dataclass
-class FleetConfig(_AgentSection):
-    """``[fleet]``: where packages come from when the registry service serves them (edge_agent/fleet/)."""
+class FollowerConfig(_AgentSection):
+    """``[fleet]``: where the agent's follower (edge_agent/fleet/follower.py) fetches packages when the registry
+    service serves them."""
 
     SCOPE = "fleet"
     CONSTRAINTS = {"service": TEXT, "service_key": TEXT, "cache_dir": [NON_EMPTY], "cache_versions": [Interval(int, 2,
@@ -373,7 +374,7 @@ class AgentConfig(_AgentSection):
                    "watch_interval_s": POSITIVE, "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT,
                    "stage_sample_every": NON_NEGATIVE_INT, "keep_warm_ms": NON_NEGATIVE_INT}
     RULES = (Rule(("bind",), _bind_problems), Rule((), _upstream_problems, scope=DriftConfig.SCOPE),
-             Rule((), _service_problems, scope=FleetConfig.SCOPE),
+             Rule((), _service_problems, scope=FollowerConfig.SCOPE),
              Rule(("max_message_bytes", "transport_max_message_bytes"), _room_for_error_replies))
 
     registry: str = "models"
@@ -399,7 +400,7 @@ class AgentConfig(_AgentSection):
     pat: PatConfig = field(default_factory=PatConfig)
     binning: BinningConfig = field(default_factory=BinningConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
-    fleet: FleetConfig = field(default_factory=FleetConfig)
+    fleet: FollowerConfig = field(default_factory=FollowerConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     shadow: ShadowConfig = field(default_factory=ShadowConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import zmq
 
-from ..daemon.config import FleetConfig
+from ..daemon.config import FollowerConfig
 from ..errors import EdgeError
 from ..package.files import READ_ONLY_DIR, READ_ONLY_FILE, atomic_write, remove_tree, sha256_file
 from ..package.manifest import MANIFEST_FILE, NAME_PATTERN, VERSION_PATTERN
@@ -208,7 +208,7 @@ class PackageCache:
 class Follower:
     """Follows the service's assignment for one model on its own thread (see the module)."""
 
-    def __init__(self, config: FleetConfig, model: str, agent_id: str, tester: str, trust: Trust,
+    def __init__(self, config: FollowerConfig, model: str, agent_id: str, tester: str, trust: Trust,
                  curve: CurveClient | None = None):
         self.config, self.model, self.agent_id, self.tester = config, model, agent_id, tester
         self.cache = PackageCache(config.cache_dir, trust, config.cache_versions)

@@ -76,7 +76,7 @@ class Feature:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Imputation:
+class ImputationMethod:
     strategy: str
     where: str
     values_from: str
@@ -259,7 +259,7 @@ class HeldOut:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Metrics:
+class HeldOutMetrics:
     """Held-out measures, free-form per model (the model card and the summary show what they know)."""
 
     outlier: dict
@@ -314,12 +314,12 @@ class Manifest:
     version: str = ""
     created_at: str
     features: list[Feature]
-    imputation: Imputation
+    imputation: ImputationMethod
     input: InputSpec
     models: Models
     pat: Pat
     drift_reference: ReferenceBins
-    metrics: Metrics
+    metrics: HeldOutMetrics
     fidelity: dict[str, FidelityCheck]   # "<model>.<variant>" -> the check of that graph
     validation: dict
     lineage: Lineage
@@ -373,7 +373,7 @@ def read_manifest(document: bytes | dict) -> tuple[Manifest | None, list[str]]:
     files = _read_files(check, top.get("files"))
     sections = {"features": features, "files": files}
     if "imputation" in top:
-        sections["imputation"] = check.section(top["imputation"], "manifest.imputation", Imputation)
+        sections["imputation"] = check.section(top["imputation"], "manifest.imputation", ImputationMethod)
     if "input" in top:
         sections["input"] = _read_input(check, top["input"], None if columns is None else len(columns))
     if "models" in top:
@@ -383,7 +383,7 @@ def read_manifest(document: bytes | dict) -> tuple[Manifest | None, list[str]]:
     if "drift_reference" in top:
         sections["drift_reference"] = _read_drift_reference(check, top["drift_reference"], columns)
     if "metrics" in top:
-        sections["metrics"] = check.section(top["metrics"], "manifest.metrics", Metrics)
+        sections["metrics"] = check.section(top["metrics"], "manifest.metrics", HeldOutMetrics)
     if "fidelity" in top:
         sections["fidelity"] = {key: entry for key, value in top["fidelity"].items()
                                 if (entry := _read_fidelity_entry(check, key, value)) is not None}

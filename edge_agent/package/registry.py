@@ -8,6 +8,8 @@ Layout of one model's folder::
     <root>/<name>/.lock           fcntl lock serialising every state change of this model
     <root>/<name>/.staging-*      a package being written; never listed, removed by gc once its writer is gone
 
+Stages, history and the lock are read and written by stage_records.py; this module decides the changes.
+
 A package appears under its version number only by one ``os.rename`` of a complete, verified folder, so a
 writer that crashes leaves at most a ``.staging-*`` folder that no reader looks at.
 
@@ -16,33 +18,25 @@ A registry given a ``Trust`` checks every package's signature as part of verifyi
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import fcntl
-import getpass
 import hashlib
-import json
 import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import RegistryError
-from ..keys import SigningKey
-from .files import (BLOCK, READ_ONLY_DIR, READ_ONLY_FILE, WRITABLE_DIR, abandoned, append_lines, atomic_write,
+from .files import (BLOCK, READ_ONLY_DIR, READ_ONLY_FILE, WRITABLE_DIR, abandoned, atomic_write,
                     fsync_dir, remove_tree, rename_no_replace, sha256_file)
 from .manifest import (MANIFEST_FILE, NAME_PATTERN, SIGNATURE_FILE, VERSION_PATTERN, Manifest, fidelity_problems,
                        read_manifest)
-from .signing import SignatureCheck, Trust, check_signature, sign_record, write_signature
+from .signing import SignatureCheck, SigningKey, Trust, check_signature, write_signature
+from .stage_records import append_history, apply_changes, holders, model_lock, read_history, recorded_stages
 
 STAGES = ("candidate", "staging", "production", "archived")
 SINGLE_HOLDER_STAGES = ("staging", "production")   # at most one version of a model holds each
 DISPLACED_TO = {"staging": "candidate", "production": "archived"}
-STATE_FILE = "registry.json"
-HISTORY_FILE = "history.jsonl"
-LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
 STALE_STAGING_S = 300.0   # gc leaves younger staging folders alone even when no writer holds them
 
@@ -122,8 +116,6 @@ def _file_problems(path: Path, listed: dict) -> list[str]:
     return problems
 
 
-
-
 class Registry:
     """Models and their versions under one root folder (``models/`` by default in the CLI); ``trust``: the signing
     keys a package must be signed by to verify (None: signatures are not checked, only integrity)."""
@@ -147,7 +139,7 @@ class Registry:
 
     def stages(self, name: str) -> dict[str, str]:
         """Stage of every published version of ``name``; a version the state file does not know is a candidate."""
-        recorded = self._read_state(name)
+        recorded = recorded_stages(self._model_dir(name))
         return {ref.version: recorded.get(ref.version, "candidate") for ref in self.versions(name)}
 
     def stage_of(self, name: str, version: str | int) -> str:
@@ -205,21 +197,7 @@ class Registry:
 
     def history(self, name: str) -> list[dict]:
         """Every recorded change of ``name``, oldest first."""
-        path = self._model_dir(name) / HISTORY_FILE
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        lines = text.split("\n")
-        # A line without its newline is an append cut short by a crash: it never happened.
-        complete = lines[:-1]
-        events = []
-        for number, line in enumerate(complete, 1):
-            try:
-                events.append(json.loads(line))
-            except ValueError as error:
-                raise RegistryError(f"{path}, line {number}: not a JSON history entry ({error})") from error
-        return events
+        return read_history(self._model_dir(name))
 
     # ---- writing ---------------------------------------------------------------------------------------------
 
@@ -253,7 +231,7 @@ class Registry:
         try:
             fcntl.flock(staging_fd, fcntl.LOCK_EX)
             digests = {file_name: _write_file(staging / file_name, data) for file_name, data in sources.items()}
-            with self._locked(name):
+            with self.locked(name):
                 version = self._next_version(name)
                 while True:
                     _write_manifest(staging, replace(manifest, name=name, version=version, files=digests))
@@ -274,7 +252,7 @@ class Registry:
                         version = str(int(version) + 1)
                 published = True
                 fsync_dir(model_dir)
-                self._apply(name, [(version, "candidate", "publish", reason)], signer=signer)
+                apply_changes(model_dir, [(version, "candidate", "publish", reason)], signer=signer)
         finally:
             os.close(staging_fd)
             if not published:
@@ -294,7 +272,7 @@ class Registry:
         """
         _check_stage(stage)
         _check_reason(reason)
-        with self._locked(name):
+        with self.locked(name):
             ref = self._existing(name, version)
             stages = self.stages(name)
             if stages[ref.version] == stage:
@@ -313,7 +291,7 @@ class Registry:
                 if stage in SINGLE_HOLDER_STAGES and held_stage == stage and holder != ref.version:
                     changes.insert(0, (holder, DISPLACED_TO[stage], "superseded",
                                        f"version {ref.version} promoted to {stage}: {reason}"))
-            self._apply(name, changes, forced=held, signer=signer)
+            apply_changes(self._model_dir(name), changes, forced=held, signer=signer)
         return ref
 
     def rollback(self, name: str, stage: str = "production", reason: str = "", *,
@@ -322,21 +300,21 @@ class Registry:
         if stage not in SINGLE_HOLDER_STAGES:
             raise RegistryError(f"rollback applies to {' and '.join(SINGLE_HOLDER_STAGES)}, not {stage!r}")
         _check_reason(reason)
-        with self._locked(name):
+        with self.locked(name):
             stages = self.stages(name)
             current = next((v for v, s in stages.items() if s == stage), None)
             if current is None:
                 raise RegistryError(f"model {name!r} has no version in {stage} to roll back; promote one instead "
                                     f"({self._what_exists(name)})")
-            earlier = [v for v in self._holders(name, stage) if v != current and v in stages]
+            earlier = [v for v in holders(self.history(name), stage) if v != current and v in stages]
             if not earlier:
                 raise RegistryError(f"nothing to roll back to: no earlier version of model {name!r} held {stage} "
                                     f"before version {current} ({self._what_exists(name)})")
             ref = PackageRef(name, earlier[-1])
             if stage == "production":
                 self.require_verified(ref)
-            self._apply(name, [(current, "archived", "rollback", reason), (ref.version, stage, "rollback", reason)],
-                        signer=signer)
+            apply_changes(self._model_dir(name), [(current, "archived", "rollback", reason),
+                                                  (ref.version, stage, "rollback", reason)], signer=signer)
         return ref
 
     def sign(self, ref: PackageRef, signer: SigningKey, reason: str) -> dict:
@@ -344,7 +322,7 @@ class Registry:
         must verify first. Replaces signature.json, changes no package file and no identity; the history records
         it. Returns the signed statement."""
         _check_reason(reason)
-        with self._locked(ref.name):
+        with self.locked(ref.name):
             ref = self._existing(ref.name, ref.version)
             result = verify_dir(self.package_dir(ref))
             if not result.ok:
@@ -358,7 +336,7 @@ class Registry:
             finally:
                 os.chmod(folder, READ_ONLY_DIR)
             stage = self.stages(ref.name)[ref.version]
-            self._apply(ref.name, [(ref.version, stage, "sign", reason)], signer=signer)
+            apply_changes(self._model_dir(ref.name), [(ref.version, stage, "sign", reason)], signer=signer)
         return statement
 
     def gc(self, name: str | None = None, older_than_s: float = STALE_STAGING_S) -> list[Path]:
@@ -383,7 +361,7 @@ class Registry:
 
     def locked(self, name: str):
         """The lock that serialises every state change of ``name`` (deployment.py changes under it too)."""
-        return self._locked(name)
+        return model_lock(self._model_dir(name))
 
     def require_verified(self, ref: PackageRef, what: str = "go to production") -> None:
         """RegistryError listing every problem unless ``ref`` verifies (with this registry's trust)."""
@@ -395,10 +373,7 @@ class Registry:
     def record(self, name: str, entries: list[dict], *, signer: SigningKey | None = None) -> None:
         """Append history lines (time and user added, signed with ``signer``) for changes outside the stages; the
         caller holds ``locked(name)``."""
-        now, user = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), _user()
-        lines = [{"time": now, **entry, "user": user} for entry in entries]
-        append_lines(self._model_dir(name) / HISTORY_FILE,
-                     [json.dumps(line if signer is None else sign_record(line, signer)) for line in lines])
+        append_history(self._model_dir(name), entries, signer)
 
     # ---- internals -------------------------------------------------------------------------------------------
 
@@ -433,18 +408,6 @@ class Registry:
         numbers = self._version_numbers(name) + [int(e["version"]) for e in self.history(name)]
         return str(max(numbers, default=0) + 1)
 
-    def _holders(self, name: str, stage: str) -> list[str]:
-        """Versions that held ``stage``, oldest first, as a stack: a rollback pops the version it removed."""
-        stack: list[str] = []
-        for event in self.history(name):
-            if event.get("to_stage") != stage:
-                continue
-            if event.get("action") == "rollback" and stack:
-                stack.pop()
-            if not stack or stack[-1] != event["version"]:
-                stack.append(event["version"])
-        return stack
-
     def _quality_hold(self, ref: PackageRef) -> str | None:
         """Why the package must not be promoted unforced (its yield model failed the gate against chance), else
         None. A manifest that cannot be read holds nothing here: verification is what judges it."""
@@ -454,49 +417,6 @@ class Registry:
             return None
         gate = manifest.models.yield_model.gate if manifest is not None else None
         return None if gate is None or gate.passed is not False else gate.reason
-
-    def _read_state(self, name: str) -> dict[str, str]:
-        path = self._model_dir(name) / STATE_FILE
-        try:
-            state = json.loads(path.read_bytes())
-            return dict(state["stages"])
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RegistryError(f"{path}: unreadable registry state ({error!r})") from error
-
-    @contextlib.contextmanager
-    def _locked(self, name: str) -> Iterator[None]:
-        model_dir = self._model_dir(name)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)   # closing drops the lock
-
-    def _apply(self, name: str, changes: list[tuple[str, str, str, str]], forced: str | None = None,
-               signer: SigningKey | None = None) -> None:
-        """Record (version, to_stage, action, reason) changes: history first, so no change goes unrecorded.
-        ``forced``: the gate a forced promotion overrode, written on the promotion's line; ``signer``: the key that
-        signs each line (its id is recorded with the user)."""
-        model_dir = self._model_dir(name)
-        stages = self._read_state(name)
-        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-        user = _user()
-        lines = []
-        for version, to_stage, action, reason in changes:
-            from_stage = stages.get(version, None if action == "publish" else "candidate")
-            entry = {"time": now, "action": action, "version": version, "from_stage": from_stage,
-                     "to_stage": to_stage, "reason": reason, "user": user}
-            if forced is not None and action == "promote":
-                entry["forced"] = forced
-            lines.append(json.dumps(entry if signer is None else sign_record(entry, signer)))
-            stages[version] = to_stage
-        append_lines(model_dir / HISTORY_FILE, lines)
-        state = {"name": name, "updated_at": now, "stages": dict(sorted(stages.items(), key=lambda i: int(i[0])))}
-        atomic_write(model_dir / STATE_FILE, (json.dumps(state, indent=2) + "\n").encode())
 
 
 # ---- file-system steps --------------------------------------------------------------------------------------
@@ -564,10 +484,3 @@ def _check_files(files: dict[str, bytes | Path]) -> dict[str, bytes | Path]:
             raise RegistryError(f"package file {name!r}: expected bytes or the path of an existing file, "
                                 f"got {data!r:.80}")
     return sources
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):   # no login name and no passwd entry (some containers)
-        return f"uid {os.getuid()}"

@@ -28,21 +28,42 @@ import base64
 import binascii
 import datetime as dt
 import getpass
+import hashlib
 import json
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..keys import SigningKey
 from .files import atomic_write
 from .manifest import SIGNATURE_FILE
 
 FORMAT, VERSION = "edge-package-signature", 1
 TRUSTED, UNSIGNED, UNTRUSTED, INVALID = "trusted", "unsigned", "untrusted", "invalid"
 STATEMENT_FIELDS = ("format", "v", "name", "version", "manifest_sha256", "key_id", "signed_by", "signed_at")
+KEY_ID_HEX = 16
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """The trainer's Ed25519 private key, loaded (edge_agent/keys.py loads it from its file); signs package
+    statements and history lines."""
+
+    private: Ed25519PrivateKey = field(repr=False)
+    key_id: str
+    source: str
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private.sign(data)
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """16 hex digits of the sha256 of the raw public key: the name of a signing key in signatures and history."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX]
 
 
 @dataclass(frozen=True)
