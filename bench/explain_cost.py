@@ -1,9 +1,9 @@
 """Cost of explaining a flagged part, and of the agent's whole judging step, per part: in process, on the agent's own
-objects (a loaded benchmark package, ``Agent._judge`` with dynamic PAT on and drift off).
+objects (a loaded benchmark package, ``PartDecider.decide`` with dynamic PAT on and drift off).
 
 ``explain.us_per_explained_part``: what the agent adds for a part whose ML-outlier or PAT flag fired:
 ``Explainer.drivers`` (robust z of every test, the furthest three) and the drivers' wire form and words in
-``why``. Timed on every part of the stream, flagged or not (the work does not depend on it). ``explain.judge_us_per_part``: ``Agent._judge`` per
+``why``. Timed on every part of the stream, flagged or not (the work does not depend on it). ``explain.judge_us_per_part``: ``PartDecider.decide`` per
 part (coverage check, static and dynamic PAT, the explanation where a flag fired, bin and why), the agent's own
 time after the models; ``explain.explained_share``: how many of those parts needed an explanation.
 
@@ -60,7 +60,8 @@ def run(tests: int = 200, parts: int | None = None, quick: bool = False) -> dict
         explained = 0
         for i, row in enumerate(rows):
             start = clock()
-            reply = agent._judge(model, agent.dynamic, part_ids[i], row, float(scores[i]), float(probabilities[i]))
+            reply, = agent.decider.decide(model, agent.models.dynamic, agent.path.live, (part_ids[i],), (row,),
+                                           scores[i:i + 1], probabilities[i:i + 1])
             judge_ns[i] = clock() - start
             explained += bool(reply["drivers"])
         explained /= parts

@@ -1,10 +1,10 @@
 """Cost of the model lifecycle per part on the serving thread, and of moving a package to a controller: in process,
-on the agent's own objects (a loaded benchmark package, ``Agent._score``-like steps: the models, then
-``Agent._judge`` with dynamic PAT on and drift off).
+on the agent's own objects (a loaded benchmark package, ``ScorePath.score``-like steps: the models, then
+``PartDecider.decide`` with dynamic PAT on and drift off).
 
-- audit: ``Agent._judge`` with and without the audit recorder (``edge_agent.daemon.audit``; its shipper thread running and
-  spooling to disk, no collector listening), and ``AuditRecorder.decided`` alone;
-- shadow: the models and ``_judge`` per part, paced at ``--rate`` parts/s (sleeping between parts, as the serving
+- audit: ``PartDecider.decide`` with and without the audit recorder (``edge_agent.daemon.audit``; its shipper thread
+  running and spooling to disk, no collector listening), and ``AuditRecorder.decided`` alone;
+- shadow: the models and the decision per part, paced at ``--rate`` parts/s (sleeping between parts, as the serving
   loop waits in its poll), in alternating blocks of 500 parts without and with a shadow challenger (the same
   package; ``edge_agent.daemon.shadow``) scored on its own thread meanwhile: what the serving thread pays, the CPU and the
   GIL shared with the shadow thread included; and ``ShadowScorer.record`` alone;
@@ -82,7 +82,8 @@ def _judge_loop(agent: Agent, model, rows, part_ids) -> np.ndarray:
     clock, ns = time.perf_counter_ns, np.empty(len(rows), np.int64)
     for i, row in enumerate(rows):
         start = clock()
-        agent._judge(model, agent.dynamic, part_ids[i], row, float(scores[i]), float(probabilities[i]))
+        agent.decider.decide(model, agent.models.dynamic, agent.path.live, (part_ids[i],), (row,), scores[i:i + 1],
+                             probabilities[i:i + 1])
         ns[i] = clock() - start
     return ns
 
@@ -97,7 +98,8 @@ def _audit(config, registry, model, rows, part_ids) -> dict:
                                  part_ids)
         judging = Agent(config, registry, model)   # one decision to record again and again
         scores, probabilities = model.score(rows[:1])
-        reply = judging._judge(model, judging.dynamic, part_ids[0], rows[0], float(scores[0]), float(probabilities[0]))
+        reply, = judging.decider.decide(model, judging.models.dynamic, judging.path.live, (part_ids[0],),
+                                        (rows[0],), scores[:1], probabilities[:1])
         record_ns = _record_loop(lambda i: audit.decided(model, part_ids[i], rows[i], 0.1, 0.9, _Decided(reply)),
                                  len(rows))
     finally:
@@ -112,7 +114,7 @@ def _audit(config, registry, model, rows, part_ids) -> dict:
 
 
 def _shadow(config, registry, model, rows, part_ids, rate: float) -> dict:
-    """The models and _judge per part at ``rate``, in alternating blocks without and with a challenger scored on the
+    """The models and decide per part at ``rate``, in alternating blocks without and with a challenger scored on the
     shadow thread (the machine's other load then falls on both alike); the queue is drained between blocks."""
     shadow = ShadowScorer(config.binning.policy())
     shadow.start()
@@ -135,7 +137,8 @@ def _shadow(config, registry, model, rows, part_ids, rate: float) -> dict:
                 time.sleep(wait / 1e9)
             start = clock()
             scores, probabilities = model.score(rows[i][None, :])
-            agent._judge(model, agent.dynamic, part_ids[i], rows[i], float(scores[0]), float(probabilities[0]))
+            agent.decider.decide(model, agent.models.dynamic, agent.path.live, (part_ids[i],), (rows[i],), scores[:1],
+                                 probabilities[:1])
             agent.lifecycle.tick()
             ns[i] = clock() - start
     deadline = time.monotonic() + 30
@@ -146,7 +149,8 @@ def _shadow(config, registry, model, rows, part_ids, rate: float) -> dict:
     agreement = sum(s["agree"] for b in blocks for s in b["sites"]) / max(1, sum(s["parts"] for b in blocks
                                                                                 for s in b["sites"]))
     judging = Agent(config, registry, model)
-    reply = judging._judge(model, judging.dynamic, part_ids[0], rows[0], float(scores[0]), float(probabilities[0]))
+    reply, = judging.decider.decide(model, judging.models.dynamic, judging.path.live, (part_ids[0],), (rows[0],),
+                                     scores[:1], probabilities[:1])
     shadow.offer(challenger)
     shadow.queue_parts = len(rows) + 1
     record_ns = _record_loop(lambda i: shadow.record(model, part_ids[i], rows[i], 0.1, 0.9, _Decided(reply)),

@@ -28,14 +28,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import numpy as np
 import zmq
 
+from .wire.codec import encode
 from .wire.links import CurveClient, connect_curve
-from .wire.score import ERROR, PROTOCOL_VERSION, REPLY_TYPES, SCORE, SCORE_BATCH
+from .wire.score import (ERROR, HEALTH, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, ProtocolError, decode_reply,
+                         request_message)
 
-# Reasons a call ends without a decision, besides the agent's own error codes (protocol.Code).
+# Reasons a call ends without a decision, besides the agent's own error codes (edge_agent.wire.score.Code).
 TIMEOUT = "timeout"
 BACKING_OFF = "backing_off"
 SEND_QUEUE_FULL = "send_queue_full"
@@ -100,7 +101,7 @@ class AgentClient:
         map test -> value. Never raises; ``result.decided`` is False when the agent gave no decision."""
         rid = next(self._ids)
         try:
-            message = {"v": PROTOCOL_VERSION, "type": SCORE, "id": rid, "readings": _wire_readings(readings)}
+            message = request_message(SCORE, rid, readings=_wire_readings(readings))
         except (TypeError, ValueError) as error:
             return self._no_decision(rid, ENCODE_FAILED, f"readings: {error}", round_trip_us=None)
         if part is not None:
@@ -123,7 +124,7 @@ class AgentClient:
         except (TypeError, ValueError) as error:
             failure = (ENCODE_FAILED, f"parts[{len(items)}].readings: {error}")
         if failure is None:
-            message = {"v": PROTOCOL_VERSION, "type": SCORE_BATCH, "id": rid, "parts": items}
+            message = request_message(SCORE_BATCH, rid, parts=items)
             reply, round_trip_us, failure = self._call(message, rid, timeout_ms)
         if failure is None and not (isinstance(reply.get("results"), list) and len(reply["results"]) == len(parts)):
             failure = (BAD_REPLY, "score_batch_result without one result per part")
@@ -137,13 +138,13 @@ class AgentClient:
     def health(self, timeout_ms: float = 1000.0, stages_since: int | None = None) -> dict:
         """``stages_since``: the per-stage breakdown covers only the samples after this one (``stages.taken`` of an
         earlier health reply)."""
-        return self._admin("health", {} if stages_since is None else {"stages_since": stages_since}, timeout_ms)
+        return self._admin(HEALTH, {} if stages_since is None else {"stages_since": stages_since}, timeout_ms)
 
     def reload(self, version: str | None = None, timeout_ms: float = 1000.0) -> dict:
-        return self._admin("reload", {} if version is None else {"version": str(version)}, timeout_ms)
+        return self._admin(RELOAD, {} if version is None else {"version": str(version)}, timeout_ms)
 
     def rollback(self, timeout_ms: float = 1000.0) -> dict:
-        return self._admin("rollback", {}, timeout_ms)
+        return self._admin(ROLLBACK, {}, timeout_ms)
 
     def close(self) -> None:
         self._socket.close(linger=0)
@@ -159,7 +160,7 @@ class AgentClient:
     def _admin(self, kind: str, fields: dict, timeout_ms: float) -> dict:
         rid = next(self._ids)
         self._backoff_until = 0.0   # an operator asking wants a real attempt
-        reply, _, failure = self._call({"v": PROTOCOL_VERSION, "type": kind, "id": rid, **fields}, rid, timeout_ms)
+        reply, _, failure = self._call(request_message(kind, rid, **fields), rid, timeout_ms)
         if failure is not None and failure[0] in (TIMEOUT, SEND_QUEUE_FULL):
             raise AgentUnavailable(f"no reply from the agent at {self.endpoint} within {timeout_ms:g} ms")
         if failure is not None:
@@ -177,7 +178,7 @@ class AgentClient:
         if self.send_deadline:
             message["deadline"] = time.time() + timeout_s
         try:
-            payload = msgpack.packb(message, use_bin_type=True)
+            payload = encode(message)
         except (TypeError, ValueError, OverflowError) as error:
             return None, None, (ENCODE_FAILED, f"cannot encode the request: {error}")
         if len(payload) > self.max_message_bytes:
@@ -216,8 +217,8 @@ class AgentClient:
             if self._socket.poll(math.floor(remaining * 1000), zmq.POLLIN):
                 frame = self._socket.recv()
                 try:
-                    return msgpack.unpackb(frame, raw=False)
-                except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                    return decode_reply(frame)
+                except ProtocolError:
                     continue   # not a reply we can read: keep waiting for ours
             elif remaining < 0.001:
                 time.sleep(min(remaining, 0.0002))

@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .codec import short_repr
+from .codec import decode_trusted, short_repr
 
 PROTOCOL_VERSION = 1
 MAX_ID_CHARS = 128
@@ -466,8 +466,42 @@ class ReadingsParser:
 _NUMBER_TYPES = frozenset((int, float))
 
 
+def request_message(kind: str, rid: int | str, **fields) -> dict:
+    """A request of type ``kind`` (SCORE, SCORE_BATCH, HEALTH, RELOAD, ROLLBACK) with its ``fields``."""
+    return {"v": PROTOCOL_VERSION, "type": kind, "id": rid, **fields}
+
+
+def decode_reply(payload) -> Any:
+    """An agent's reply as the client reads it (the client checks the fields it uses), or
+    ProtocolError(malformed_message)."""
+    try:
+        return decode_trusted(payload)
+    except ValueError as error:   # msgpack's ExtraData, FormatError, StackError and truncated input
+        raise ProtocolError(Code.MALFORMED_MESSAGE, f"not a valid msgpack reply: {type(error).__name__}") from None
+
+
 def error_reply(rid: int | str | None, code: str, message: str) -> dict:
     return {"v": PROTOCOL_VERSION, "type": ERROR, "id": rid, "code": code, "message": message}
+
+
+def score_reply(rid: int | str | None, result: dict, model: dict) -> dict:
+    """A score_result: one part's ``part_result`` and the identity of the model that decided it."""
+    return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": rid, **result, "model": model}
+
+
+def batch_reply(rid: int | str | None, model: dict) -> dict:
+    """A score_batch_result's fields besides its results (``encode_batch_reply`` adds those)."""
+    return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE_BATCH], "id": rid, "model": model}
+
+
+def batch_item_error(code: str, message: str) -> dict:
+    """The result of a score_batch part that cannot be scored."""
+    return {"error": {"code": code, "message": message}}
+
+
+def control_reply(kind: str, rid: int | str | None, **fields) -> dict:
+    """The reply to a HEALTH, RELOAD or ROLLBACK request, with its ``fields``."""
+    return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[kind], "id": rid, **fields}
 
 
 def part_result(outlier_score: float | None, outlier: bool | None, pass_probability: float | None,
