@@ -9,7 +9,7 @@ import doctest
 
 import pytest
 
-from edge_agent import settings
+from edge_agent import checked
 from edge_agent.collector.alerts import AlertConfig, AlertConfigError, load_alert_config
 from edge_agent.collector.cli import main as collector_main
 from edge_agent.collector.incidents import IncidentConfig
@@ -19,8 +19,8 @@ from trainer.synth import SynthConfig
 from trainer.train import TrainConfig, TrainConfigError, fit
 
 
-def test_the_settings_example_runs():
-    assert doctest.testmod(settings).failed == 0
+def test_the_checked_module_example_runs():
+    assert doctest.testmod(checked).failed == 0
 
 
 @pytest.mark.parametrize("config", [AgentConfig(), MetricsConfig(), LoggingConfig(), PatConfig(), BinningConfig(),

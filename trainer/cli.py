@@ -231,7 +231,7 @@ def cmd_synth(args) -> int:
 def cmd_fit(args) -> int:
     from edge_agent.package.registry import Registry
     from edge_agent.package.signing import Trust
-    from edge_agent.settings import unusable
+    from edge_agent.checked import unusable
 
     from .ingest import load_tables
     from .package import build_and_publish

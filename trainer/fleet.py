@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from edge_agent.checked import Checked, Interval
 from edge_agent.client import AgentClient
 from edge_agent.errors import EdgeError
 from edge_agent.keys import SIGNING_PUBLIC, SIGNING_SECRET, create_signing_key, load_signing_key
 from edge_agent.package.registry import Registry
 from edge_agent.processes import free_tcp_endpoint, start_agent, start_collector, stop
-from edge_agent.settings import Checked, Interval
 from edge_agent.wire.codec import decode_trusted
 
 from .replay import Replay, feature_columns, plan_from_table

@@ -38,8 +38,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from edge_agent.checked import Checked, DistinctNames, Instance, Interval, Rule, Satisfies, unusable
 from edge_agent.errors import DataError, EdgeError
-from edge_agent.settings import Checked, DistinctNames, Instance, Interval, Rule, Satisfies, unusable
 
 from .table import LABEL_COLUMNS, PARQUET_METADATA_KEY, ParametricTable, TestMeta, test_column_name
 

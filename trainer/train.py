@@ -22,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import DataError, EdgeError
 from edge_agent.package.manifest import NAME_PATTERN, PAT_ON_EXCESS, YIELD_KINDS
-from edge_agent.settings import Checked, Interval, OneOf, Satisfies
+from edge_agent.checked import Checked, Interval, OneOf, Satisfies
 
 from .evaluation import SPLITS, THRESHOLD_OBJECTIVES, Gate, Split, Threshold, chance_gate, choose_threshold, split_rows
 from .labels import Label, label_column, read_label

@@ -57,8 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checked import Checked, Instance, Interval, Satisfies, load
 from ..errors import EdgeError
-from ..settings import Checked, Instance, Interval, Satisfies, load
 from ..wire.distances import psi
 from ..wire.stats import StatsWindow
 from .incidents import IncidentConfig

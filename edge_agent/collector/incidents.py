@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..settings import Checked, Interval
+from ..checked import Checked, Interval
 from ..wire.codec import decode_trusted, encode
 from ..wire.stats import StatsWindow
 from .baselines import Block, ModelBins, SiteCounts, Verdict, judge

@@ -1,5 +1,5 @@
 """Agent configuration: defaults, a TOML file, then command-line overrides (in that order of precedence), checked
-against the constraints each section declares (``edge_agent.settings``) before the agent loads a model.
+against the constraints each section declares (``edge_agent.checked``) before the agent loads a model.
 
 Example ``agent.toml`` (every key optional; these are the defaults)::
 
@@ -102,11 +102,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .binning import CONDITIONS, BinPolicy, check_policy
+from ..checked import NON_EMPTY, Checked, Instance, Interval, OneOf, Rule, load
 from ..errors import EdgeError
-from .pat import GROUPS
-from ..settings import NON_EMPTY, Checked, Instance, Interval, OneOf, Rule, load
 from ..wire.links import is_local, listen_problems
+from .binning import CONDITIONS, BinPolicy, check_policy
+from .pat import GROUPS
 
 LOG_FORMATS = ("plain", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

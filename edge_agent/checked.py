@@ -1,4 +1,4 @@
-"""Configuration of every program: declared constraints checked before any work starts, and one TOML loader.
+"""Checked configuration for every program: declared constraints checked before any work starts, one TOML loader.
 
 A configuration object is a dataclass deriving from ``Checked``. Like scikit-learn's ``_parameter_constraints``,
 it declares what each field accepts (``CONSTRAINTS``: field -> the accepted forms, any one will do; ``None`` accepts
