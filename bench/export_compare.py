@@ -2,7 +2,8 @@
 
 Outlier model (imputer + Isolation Forest): scikit-learn ``decision_function``, skl2onnx's default graph and
 the compact one-TreeEnsemble graph, the last two in sessions tuned as the agent tunes them. Yield models
-(random forest, logistic, MLP): scikit-learn ``predict_proba`` and the exported float32 and int8 graphs.
+(every kind in YIELD_KINDS: random forest, logistic, MLP, histogram gradient boosting): scikit-learn
+``predict_proba`` and the exported float32 and int8 graphs.
 Each engine: single-row latency (median, p99, one call per row, Python call included, as the agent pays it),
 throughput on batches of 1000 rows, serialized size, and its largest difference from scikit-learn.
 

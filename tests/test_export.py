@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from onnx.reference import ReferenceEvaluator
 from skl2onnx import to_onnx
-from sklearn.ensemble import GradientBoostingClassifier, IsolationForest
+from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier, IsolationForest
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -21,10 +21,12 @@ from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import ExportError
 from edge_agent.package.manifest import OUTLIER_FILE, YIELD_INT8_FILE
-from edge_agent.package.runtime import make_session, warm_up
+from edge_agent.package.runtime import YIELD_PREFIX, combined_graph, make_session, warm_up
 from trainer import table
+from trainer.evaluation import choose_threshold
 from trainer.export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8,
                             supports_int8, yield_model_to_onnx)
+from trainer.export.graph import float32_at_or_below
 from trainer.ingest import read_table
 from trainer.train import TrainConfig, fit
 
@@ -235,6 +237,134 @@ def test_trees_have_no_int8_variant(yield_models, train_rows):
     assert "float32" in TREE_QUANTIZATION_NOTE and "TreeEnsemble" in TREE_QUANTIZATION_NOTE
     with pytest.raises(ExportError, match="MatMul"):
         quantize_int8(isolation_forest_to_onnx(_forest_pipeline(train_rows, n_trees=3)))
+
+
+def _quantized_readings(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Readings as testers log them: volts at 1 mV resolution, integer trim codes, a current at 10 nA steps, two
+    continuous tests; 5% missing at random. Labels depend on the quantized tests, so the trees split on them."""
+    rng = np.random.default_rng(seed)
+    X = np.column_stack([np.round(rng.normal(1.2, 0.004, rows), 3), rng.integers(0, 16, rows).astype(float),
+                         np.round(rng.normal(2e-6, 1e-7, rows), 8), rng.normal(25, 3, rows),
+                         rng.normal(1.2e9, 4e5, rows)]).astype(np.float32).astype(np.float64)
+    margin = (X[:, 0] - 1.2) / 0.004 + (X[:, 1] - 7.5) / 5 - (X[:, 2] - 2e-6) / 1e-7
+    y = (margin + rng.normal(0, 0.8, rows) > -1.2).astype(int)
+    X[rng.random(X.shape) < 0.05] = np.nan
+    return X, y
+
+
+def _on_every_threshold(model: HistGradientBoostingClassifier, base: np.ndarray) -> tuple[np.ndarray, int]:
+    """For every (feature, threshold) the model splits on: a row at the largest float32 at or below the threshold
+    and one at the next float32 above it, other readings from ``base``; and how many rows sit exactly on one."""
+    splits = {(int(node["feature_idx"]), float(node["num_threshold"]))
+              for predictors in model._predictors for predictor in predictors
+              for node in predictor.nodes if not node["is_leaf"] and np.isfinite(node["num_threshold"])}
+    rows, exactly_on = [], 0
+    for i, (feature, threshold) in enumerate(sorted(splits)):
+        below = float32_at_or_below(np.array([threshold]))[0]
+        exactly_on += int(np.float64(below) == threshold)
+        for value in (below, np.nextafter(below, np.float32(np.inf))):
+            row = base[i % len(base)].astype(np.float32)
+            row[feature] = value
+            rows.append(row)
+    return np.array(rows, np.float32), exactly_on
+
+
+@pytest.mark.parametrize("settings, imputed", [
+    ({"max_iter": 200, "early_stopping": True, "n_iter_no_change": 5}, True),
+    ({"max_iter": 200, "early_stopping": False}, True),
+    ({"max_iter": 60, "max_depth": 3, "max_leaf_nodes": 7, "early_stopping": False}, True),
+    ({"max_iter": 100, "class_weight": "balanced", "early_stopping": False}, True),
+    ({"max_iter": 100, "early_stopping": False}, False),
+], ids=["early-stopping", "200-iterations", "depth-limits", "balanced", "no-imputer"])
+def test_hist_gradient_boosting_graph_equals_predict_proba_and_decides_as_it_does(settings, imputed):
+    """Quantized readings, readings exactly on and one float32 step above every split threshold, missing readings
+    and an empty row: one TreeEnsemble node within 1e-5 of scikit-learn and the same decision at the threshold
+    the trainer's rule picks and at 0.5."""
+    X, y = _quantized_readings(1500, seed=5)
+    model = HistGradientBoostingClassifier(random_state=0, **settings)
+    steps = [("impute", SimpleImputer(strategy="median", keep_empty_features=True))] if imputed else []
+    pipeline = Pipeline(steps + [("model", model)]).fit(X, y)
+    if settings["early_stopping"]:
+        assert model.n_iter_ < settings["max_iter"]   # early stopping really stopped early
+    test_rows, test_labels = _quantized_readings(600, seed=6)
+    boundary, exactly_on = _on_every_threshold(model, test_rows)
+    X32 = np.vstack([test_rows, boundary, np.full((1, X.shape[1]), np.nan)]).astype(np.float32)
+    assert len(boundary) > 100 and exactly_on > 10 and np.isnan(X32).any(axis=1).sum() > 100
+
+    graph = yield_model_to_onnx(pipeline)
+    assert [node.op_type for node in graph.graph.node] == ["TreeEnsemble", "Add", "Sigmoid", "Reshape"]
+    got = _run(graph, X32, "pass_probability")
+    expected = pipeline.predict_proba(X32.astype(np.float64))[:, 1]
+    assert got.shape == (len(X32),) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    assert expected.min() < 0.2 and expected.max() > 0.8   # a model that separates, not a constant
+    chosen = choose_threshold(expected[:600], test_labels, "fail_f1", target_precision=0.9, fixed=0.5).value
+    assert 0 < chosen < 1
+    for threshold in (chosen, 0.5):
+        result = check_fidelity(graph.SerializeToString(), expected, X32, output="pass_probability",
+                                threshold=threshold, outlier_below=False, file="yield.onnx", batch_rows=64)
+        assert result.passed and result.decision_agreement == 1.0 and result.max_abs_diff < TOLERANCE
+
+
+def test_hist_gradient_boosting_graph_sends_a_missing_reading_where_the_float64_median_goes():
+    """A median of quantized readings is the midpoint of two steps, exactly where histogram binning puts a
+    threshold: scikit-learn compares the float64 median (<=, so left), while a float32 copy of it rounds above the
+    threshold. The graph decides missing readings at export, in float64, so the empty reading still goes left."""
+    low, high = np.float32(1.203), np.float32(1.204)
+    median = (np.float64(low) + np.float64(high)) / 2
+    assert np.float64(np.float32(median)) > median   # the float32 median would cross the split
+    x = np.where(np.arange(400) % 2 == 0, low, high).astype(np.float64)
+    X = np.column_stack([x, np.random.default_rng(7).normal(size=400)])
+    pipeline = Pipeline([("impute", SimpleImputer(strategy="median")),
+                         ("model", HistGradientBoostingClassifier(max_iter=5))]).fit(X, (x <= median).astype(int))
+    assert pipeline.named_steps["impute"].statistics_[0] == median == pipeline[-1]._predictors[0][0].nodes[0][
+        "num_threshold"]
+    rows = np.array([[np.nan, 0.0], [low, 0.0], [high, 0.0], [np.float32(median), 0.0]], np.float32)
+    got = _run(yield_model_to_onnx(pipeline), rows, "pass_probability")
+    expected = pipeline.predict_proba(rows.astype(np.float64))[:, 1]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOLERANCE)
+    assert got[0] == got[1] != got[3]   # missing goes with the low step; the float32 median would not
+
+
+def test_hist_gradient_boosting_of_one_leaf_trees_is_its_baseline():
+    """Leaves too large to split anything: every tree is one leaf, and the graph still matches."""
+    X, y = _quantized_readings(300, seed=8)
+    pipeline = Pipeline([("impute", SimpleImputer(strategy="median")),
+                         ("model", HistGradientBoostingClassifier(max_iter=3, min_samples_leaf=200))]).fit(X, y)
+    assert all(predictor.nodes["is_leaf"].all() for predictors in pipeline[-1]._predictors for predictor in predictors)
+    assert supports_int8(pipeline) == (False, TREE_QUANTIZATION_NOTE)   # trees: no int8 variant, boosted or not
+    X32, X64 = _as_served(X)
+    np.testing.assert_allclose(_run(yield_model_to_onnx(pipeline), X32, "pass_probability"),
+                               pipeline.predict_proba(X64)[:, 1], rtol=0, atol=TOLERANCE)
+
+
+def test_hist_gradient_boosting_with_categorical_splits_is_refused():
+    X, y = _quantized_readings(400, seed=9)
+    X[:, 1] = np.nan_to_num(X[:, 1], nan=0.0)
+    pipeline = Pipeline([("impute", SimpleImputer(strategy="median")),
+                         ("model", HistGradientBoostingClassifier(max_iter=3, categorical_features=[1]))]).fit(X, y)
+    with pytest.raises(ExportError, match=r"categorical splits \(categorical features \[1\]\).*"
+                                          r"categorical_features=None"):
+        yield_model_to_onnx(pipeline)
+
+
+def test_hist_gradient_boosting_yield_graph_runs_combined_with_the_outlier_graph(train_rows, test_rows):
+    """The agent runs a package's two graphs as one (runtime.combined_graph): with a gradient boosting yield graph
+    the combined graph's outputs are each graph's own, bit for bit, on rows with missing readings and an empty row."""
+    labels = (np.nan_to_num(train_rows[:, 1], nan=0.8) > 0.8).astype(int)
+    boosting = Pipeline([("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+                         ("model", HistGradientBoostingClassifier(max_iter=50))]).fit(train_rows, labels)
+    outlier_bytes = isolation_forest_to_onnx(_forest_pipeline(train_rows)).SerializeToString()
+    yield_bytes = yield_model_to_onnx(boosting).SerializeToString()
+    rows = test_rows.astype(np.float32)
+    assert np.isnan(rows[0]).all() and np.isnan(rows).any(axis=1).sum() > 100
+    combined = make_session(combined_graph(outlier_bytes, yield_bytes, "readings"))
+    score, probability = combined.run(["score", YIELD_PREFIX + "pass_probability"], {"readings": rows})
+    assert np.array_equal(score, _run(onnx.load_from_string(outlier_bytes), rows, "score"))
+    assert np.array_equal(probability, _run(onnx.load_from_string(yield_bytes), rows, "pass_probability"))
+    np.testing.assert_allclose(probability, boosting.predict_proba(rows.astype(np.float64))[:, 1], rtol=0,
+                               atol=TOLERANCE)
+    assert len(np.unique(probability)) > 10
 
 
 def test_unsupported_yield_pipeline_is_refused(yield_table):

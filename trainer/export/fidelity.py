@@ -18,6 +18,11 @@ def check_fidelity(model_bytes: bytes, expected: np.ndarray, X32: np.ndarray, *,
                    batch_rows: int | None = None) -> FidelityCheck:
     """Compare the graph's ``output`` on ``X32`` with scikit-learn's ``expected`` values.
 
+    ``expected`` must be scikit-learn's values on ``X32`` itself (``X32.astype(np.float64)``), the rows the agent
+    is sent: a HistGradientBoostingClassifier compares float64 readings, so on readings float32 does not represent
+    (CSV data) its values on the float64 originals differ from any float32 graph (up to 0.08-0.19 measured on
+    SECOM) although every split on a float32 reading decides as in scikit-learn.
+
     decision = value < threshold (``outlier_below``) or value >= threshold; passed when every value is
     finite and decisions agree on at least ``min_agreement`` of the rows. With ``refuse`` a failed check
     raises ExportError. ``batch_rows``: also score consecutive batches of that many rows, so that the

@@ -93,14 +93,18 @@ def float32_at_or_below(values: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class TreeLeaves:
     """One fitted scikit-learn tree with the value each of its leaves adds to the ensemble sum."""
-    tree: object               # sklearn.tree._tree.Tree
+    tree: object               # sklearn.tree._tree.Tree, or the same arrays (children_left/right, feature, threshold)
     input_columns: np.ndarray  # graph input column for each feature index the tree uses
     node_values: np.ndarray    # float64 [node_count]; read at leaves only
+    # bool [node_count], read at splits: a NaN reading takes the x <= threshold side. None: the input has no NaN
+    # (imputed before the node), and the node is left without the attribute.
+    missing_goes_left: np.ndarray | None = None
 
 
 def tree_ensemble_node(trees: list[TreeLeaves], input_name: str, output: str) -> onnx.NodeProto:
     """One ai.onnx.ml TreeEnsemble node summing the leaf values of all trees: output [N, 1]."""
-    splits, features, true_ids, true_leaf, false_ids, false_leaf, roots, weights = ([] for _ in range(8))
+    splits, features, true_ids, true_leaf, false_ids, false_leaf, roots, weights, missing_true = (
+        [] for _ in range(9))
     n_splits = n_leaves = 0
     for item in trees:
         tree = item.tree
@@ -122,6 +126,7 @@ def tree_ensemble_node(trees: list[TreeLeaves], input_name: str, output: str) ->
             false_ids.append(leaf_id[[0]])
             true_leaf.append(np.ones(1, np.int64))
             false_leaf.append(np.ones(1, np.int64))
+            missing_true.append(np.zeros(1, np.int64))
             n_splits += 1
         else:
             roots.append(int(split_id[0]))
@@ -132,12 +137,17 @@ def tree_ensemble_node(trees: list[TreeLeaves], input_name: str, output: str) ->
             false_ids.append(np.where(is_leaf[hi], leaf_id[hi], split_id[hi]))
             true_leaf.append(is_leaf[lo].astype(np.int64))
             false_leaf.append(is_leaf[hi].astype(np.int64))
+            missing_true.append(np.zeros(len(inner), np.int64) if item.missing_goes_left is None
+                                else item.missing_goes_left[inner].astype(np.int64))
             n_splits += len(inner)
         n_leaves += len(leaves)
 
     def joined(parts: list) -> list[int]:
         return np.concatenate(parts).astype(np.int64).tolist()
 
+    # Written only when some tree routes NaN, so graphs of imputed input keep their bytes.
+    missing = ({"nodes_missing_value_tracks_true": joined(missing_true)}
+               if any(item.missing_goes_left is not None for item in trees) else {})
     return helper.make_node(
         "TreeEnsemble", [input_name], [output], domain="ai.onnx.ml",
         n_targets=1, aggregate_function=_AGGREGATE_SUM, post_transform=_POST_TRANSFORM_NONE,
@@ -148,7 +158,8 @@ def tree_ensemble_node(trees: list[TreeLeaves], input_name: str, output: str) ->
         nodes_truenodeids=joined(true_ids), nodes_trueleafs=joined(true_leaf),
         nodes_falsenodeids=joined(false_ids), nodes_falseleafs=joined(false_leaf),
         leaf_targetids=[0] * n_leaves,
-        leaf_weights=numpy_helper.from_array(np.concatenate(weights).astype(np.float32), "leaf_weights"))
+        leaf_weights=numpy_helper.from_array(np.concatenate(weights).astype(np.float32), "leaf_weights"),
+        **missing)
 
 
 def scalar(name: str, value: float) -> onnx.TensorProto:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
@@ -51,7 +51,7 @@ def supports_int8(pipeline) -> tuple[bool, str]:
     model = pipeline.steps[-1][1] if hasattr(pipeline, "steps") else pipeline
     if isinstance(model, (LogisticRegression, MLPClassifier)):
         return True, _DENSE_INT8_REASON
-    if isinstance(model, RandomForestClassifier):
+    if isinstance(model, (RandomForestClassifier, HistGradientBoostingClassifier)):
         return False, TREE_QUANTIZATION_NOTE
     return False, f"no int8 export exists for {type(model).__name__}"
 

@@ -1,10 +1,13 @@
 """Yield pipeline -> compact ONNX graph reproducing ``predict_proba[:, 1]`` (the pass probability).
 
 Accepted pipelines are the ones ``trainer.train`` builds: a median SimpleImputer, an optional StandardScaler,
-then a RandomForestClassifier, LogisticRegression or MLPClassifier.
+then a RandomForestClassifier, HistGradientBoostingClassifier, LogisticRegression or MLPClassifier; also a
+HistGradientBoostingClassifier alone (it routes missing readings itself).
 
 - Random forest: ONE TreeEnsemble whose leaves hold (class-1 fraction of the leaf) / n_trees, summed over
   trees; that sum is exactly scikit-learn's average of the trees' probabilities.
+- Histogram gradient boosting: ONE TreeEnsemble summing the trees' leaf values, + baseline, Sigmoid
+  (hist_gradient_boosting.py: how missing readings and float32 thresholds keep every split's decision).
 - Logistic regression and MLP: imputation and scaling in float64 (as scikit-learn does them: a float32 mean
   of readings near 1e9 would be off by tens), then a chain of float32 dense layers, each MatMul + Add +
   activation. MatMul (rather than skl2onnx's LinearClassifier op) is what onnxruntime's int8 quantizer covers.
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
@@ -25,9 +28,11 @@ from edge_agent.errors import ExportError
 
 from .graph import (Imputation, TreeLeaves, flatten_nodes, imputation_nodes, imputation_of, make_model,
                     tree_ensemble_node)
+from .hist_gradient_boosting import hist_gradient_boosting_nodes
 
 OUTPUT_NAME = "pass_probability"
-MODEL_TYPES = (RandomForestClassifier, LogisticRegression, MLPClassifier)
+MODEL_TYPES = (RandomForestClassifier, HistGradientBoostingClassifier, LogisticRegression, MLPClassifier)
+TREE_TYPES = (RandomForestClassifier, HistGradientBoostingClassifier)
 # scikit-learn activation name -> ONNX operator ("identity" needs none).
 _ACTIVATIONS = {"relu": "Relu", "tanh": "Tanh", "logistic": "Sigmoid", "identity": None}
 
@@ -42,8 +47,8 @@ class _Dense:
 def yield_model_to_onnx(pipeline) -> onnx.ModelProto:
     """The graph of an imputer (+ scaler) + classifier pipeline: "readings" [N, F] -> "pass_probability" [N]."""
     imputer, scaler, model = _steps(pipeline)
-    imputation = imputation_of(imputer)
-    if model.n_features_in_ != len(imputation.columns):
+    imputation = imputation_of(imputer) if imputer is not None else None
+    if imputation is not None and model.n_features_in_ != len(imputation.columns):
         raise ExportError(f"the {type(model).__name__} expects {model.n_features_in_} features but the imputer "
                           f"yields {len(imputation.columns)}")
     classes = np.asarray(model.classes_)
@@ -51,9 +56,12 @@ def yield_model_to_onnx(pipeline) -> onnx.ModelProto:
         raise ExportError(f"the yield model must be a binary classifier with classes [0, 1] (1 = pass), "
                           f"got classes {classes.tolist()}")
 
-    if isinstance(model, RandomForestClassifier):
-        if scaler is not None:
-            raise ExportError("a scaler before a random forest is not supported: trees do not need scaling")
+    if scaler is not None and isinstance(model, TREE_TYPES):
+        raise ExportError(f"a scaler before a {type(model).__name__} is not supported: trees do not need scaling")
+    if isinstance(model, HistGradientBoostingClassifier):
+        nodes, initializers = hist_gradient_boosting_nodes(model, imputation, "probability_column")
+        doc = f"HistGradientBoostingClassifier predict_proba[:, 1]: {model.n_iter_} trees"
+    elif isinstance(model, RandomForestClassifier):
         nodes, initializers = imputation_nodes(imputation, "imputed", select_columns=False)
         nodes.append(tree_ensemble_node(_pass_fraction_trees(model, imputation), "imputed", "probability_column"))
         doc = f"RandomForestClassifier predict_proba[:, 1]: {len(model.estimators_)} trees"
@@ -72,25 +80,37 @@ def yield_model_to_onnx(pipeline) -> onnx.ModelProto:
         doc = (f"{type(model).__name__} predict_proba[:, 1]: dense layers "
                f"{[layer.weights.shape[0] for layer in layers] + [1]}")
     flat_nodes, flat_initializers = flatten_nodes("probability_column", OUTPUT_NAME)
-    return make_model(nodes + flat_nodes, initializers + flat_initializers, imputation.n_inputs, OUTPUT_NAME,
-                      doc + "; probability of class 1 (pass)", uses_trees=isinstance(model, RandomForestClassifier))
+    n_inputs = imputation.n_inputs if imputation is not None else model.n_features_in_
+    return make_model(nodes + flat_nodes, initializers + flat_initializers, n_inputs, OUTPUT_NAME,
+                      doc + "; probability of class 1 (pass)", uses_trees=isinstance(model, TREE_TYPES))
 
 
 def _steps(pipeline) -> tuple:
-    """(imputer, scaler or None, classifier) of a fitted pipeline, or ExportError naming what was found."""
+    """(imputer or None, scaler or None, classifier) of a fitted pipeline, or ExportError naming what was found.
+
+    Only a HistGradientBoostingClassifier may come without an imputer: it routes missing readings itself.
+    """
     steps = getattr(pipeline, "steps", None)
     found = [type(step).__name__ for _, step in steps] if steps else type(pipeline).__name__
-    expected = ("Pipeline([SimpleImputer, StandardScaler (optional), "
-                "RandomForestClassifier | LogisticRegression | MLPClassifier])")
-    if steps is None or len(steps) not in (2, 3) or not isinstance(steps[-1][1], MODEL_TYPES):
+    expected = ("Pipeline([SimpleImputer, StandardScaler (optional), RandomForestClassifier | "
+                "HistGradientBoostingClassifier | LogisticRegression | MLPClassifier]) or "
+                "Pipeline([HistGradientBoostingClassifier])")
+    if steps is None or not isinstance(steps[-1][1], MODEL_TYPES):
+        raise ExportError(f"expected {expected}, got {found}")
+    if len(steps) == 1 and isinstance(steps[0][1], HistGradientBoostingClassifier):
+        return None, None, _fitted(steps[0][1])
+    if len(steps) not in (2, 3):
         raise ExportError(f"expected {expected}, got {found}")
     scaler = steps[1][1] if len(steps) == 3 else None
     if scaler is not None and not isinstance(scaler, StandardScaler):
         raise ExportError(f"expected {expected}, got {found}")
-    model = steps[-1][1]
+    return steps[0][1], scaler, _fitted(steps[-1][1])
+
+
+def _fitted(model):
     if not hasattr(model, "classes_"):
         raise ExportError(f"the {type(model).__name__} is not fitted")
-    return steps[0][1], scaler, model
+    return model
 
 
 def _pass_fraction_trees(forest: RandomForestClassifier, imputation: Imputation) -> list[TreeLeaves]:
