@@ -1,6 +1,6 @@
 """Key files of every program: the trainer's package-signing key (Ed25519, from the ``cryptography`` library) and the
 CURVE key pairs (ZeroMQ certificate files, from ``zmq.auth``) of agents, the collector and control clients. Who
-holds which key and where it lives: README, "Security".
+holds which key and where it lives: docs/security.md.
 
     edge-train keys create trainer --kind signing        # keys/trainer.ed25519 (secret) + keys/trainer.ed25519.pub
     edge-agent keys create tester-07-agent --kind curve  # keys/tester-07-agent.key_secret (secret) + .key (public)
@@ -79,7 +79,7 @@ def _new_files(folder: str | Path, name: str, *suffixes: str) -> list[Path]:
     taken = [str(file) for file in files if file.exists()]
     if taken:
         raise KeyFileError(f"{', '.join(taken)}: exists already; a key is never overwritten (rotate by creating a key "
-                           "under a new name: README, Security)")
+                           "under a new name: docs/security.md)")
     return files
 
 

@@ -196,7 +196,7 @@ def _wait_for_rows(db: Path, query: str, expected: int, timeout_s: float = 30.0)
 
 
 def _demo_keys(folder: Path) -> Path:
-    """The demo floor's keys (README, Security): the trainer's signing key, the collector's and the agent's CURVE
+    """The demo floor's keys (docs/security.md): the trainer's signing key, the collector's and the agent's CURVE
     pairs (a second agent for the canary), an operator's control key; the collector's allow-list (which the registry
     service shares) binds each agent's key to its id."""
     create_signing_key(folder, "demo-trainer")

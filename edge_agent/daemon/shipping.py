@@ -234,7 +234,7 @@ class SupportsPayload(Protocol):
 
 class Shipper:
     """Background sender of spooled stats messages to the collector's ROUTER (over CURVE with ``curve``: the
-    collector then knows this agent by its key, README "Security")."""
+    collector then knows this agent by its key, docs/security.md)."""
 
     def __init__(self, endpoint: str, spool: DiskSpool, *, agent_id: str, tester: str, ack_timeout_s: float = 5.0,
                  queue_length: int = 1000, curve: CurveClient | None = None,

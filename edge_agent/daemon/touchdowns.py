@@ -2,7 +2,7 @@
 
 On this project's VM, whatever runs first after the serving thread has slept pays for the wake-up: both graphs took
 623 us after 0.3 s idle against 48 us warm, and a bare ZeroMQ send 127-185 us after 5 ms of sleep against 6 us
-(README, "At a tester's cadence"). Rehearsing every ``keep_warm_ms`` (score_path.py ``KeepWarm``) leaves the caches
+(docs/performance-log.md, "At a tester's cadence"). Rehearsing every ``keep_warm_ms`` (score_path.py ``KeepWarm``) leaves the caches
 warm only for the first part that comes soon after a rehearsal. A tester's index time is regular, so the start of
 its next touchdown is the last start plus the last gap between starts: rehearsing ``LEAD_S`` before then meets
 the part with warm caches. In alternated A/B runs of two agents (2 runs each, AMD EPYC day), the agent's own p50

@@ -56,7 +56,7 @@ def listen_problems(name: str, endpoint: str, *, curve: bool) -> list[str]:
     if curve or _is_loopback_literal(host):
         return []
     return [f"{name}: {endpoint} {_reach(host)}; without CURVE only a loopback address (tcp://127.0.0.1:PORT, "
-            f"tcp://[::1]:PORT) or ipc:// may listen (set up CURVE keys: README, Security)"]
+            f"tcp://[::1]:PORT) or ipc:// may listen (set up CURVE keys: docs/security.md)"]
 
 
 def is_local(endpoint: str) -> bool:
