@@ -157,7 +157,7 @@ def test_collector_refuses_its_configuration_before_opening_the_database(tmp_pat
     ({"contamination": 0.7}, "contamination: expected 'auto' or a number in (0, 0.5], got 0.7"),
     ({"target_outlier_rate": 2}, "target_outlier_rate: expected a number in (0, 0.5), got 2"),
     ({"train_outlier_on": "failing"}, "train_outlier_on: expected one of ('passing', 'all'), got 'failing'"),
-    ({"yield_model": "xgboost"}, "yield_model: expected one of ('random_forest', 'logistic', 'mlp'), got 'xgboost'"),
+    ({"yield_model": "xgboost"}, "yield_model: expected one of ('auto', 'random_forest', 'logistic', 'mlp', 'hist_gradient_boosting'), got 'xgboost'"),
     ({"yield_trees": 0}, "yield_trees: expected a positive number, got 0"),
     ({"yield_max_depth": 0}, "yield_max_depth: expected None or a positive integer, got 0"),
     ({"yield_threshold": 1.0}, "yield_threshold: expected a number in (0, 1), got 1.0"),

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from edge_agent.errors import EdgeError, run_command
-from edge_agent.package.manifest import HELD_OUT_SPLITS, THRESHOLD_OBJECTIVES, YIELD_KINDS
+from edge_agent.package.manifest import THRESHOLD_OBJECTIVES, YIELD_KINDS
 
 DEFAULT_REGISTRY = "models"
 
@@ -98,14 +98,21 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-outlier-rate", type=float, default=0.01,
                         help="share of passing training parts flagged at the calibrated threshold")
     parser.add_argument("--train-outlier-on", choices=["passing", "all"], default="passing")
-    parser.add_argument("--yield-model", choices=YIELD_KINDS, default="random_forest")
-    parser.add_argument("--yield-trees", type=int, default=100)
-    parser.add_argument("--yield-label", default=None,
-                        help="label column (default: final_pass if present, else passed, this step's own pass flag); "
-                             "never a feature")
-    parser.add_argument("--label-pass-value", default=None,
-                        help="the label value that means pass, for labels not coded 0/1 or true/false (e.g. 1 for "
-                             "-1/1, PASS for PASS/FAIL); every other value must be one fail value")
+    parser.add_argument("--yield-model", choices=("auto", *YIELD_KINDS), default="auto",
+                        help="auto: the forward folds choose among logistic L2/L1, histogram gradient boosting and a "
+                             "random forest; a kind trains that one alone (still judged on the forward folds)")
+    parser.add_argument("--yield-trees", type=int, default=100, help="trees of the yield random forest")
+    parser.add_argument("--label-column", "--yield-label", dest="yield_label", default=None,
+                        help="label column, by its name in the file (default: final_pass if present, else passed, "
+                             "this step's own pass flag); never a feature")
+    parser.add_argument("--pass-value", "--label-pass-value", dest="label_pass_value", default=None,
+                        help="the label value that means pass, for labels not coded 0/1 or true/false (e.g. -1 for "
+                             "SECOM's -1/1, PASS for PASS/FAIL); every other value must be one fail value")
+    parser.add_argument("--label-kind", choices=("outcome", "test-flag"), default=None,
+                        help="what the label is: a later step's outcome, or this test step's own pass flag")
+    parser.add_argument("--time-column", default=None,
+                        help="the column holding each part's time (ISO text or unix seconds) under its own name: "
+                             "it orders the forward folds")
     parser.add_argument("--outcomes", action="append", metavar="FILE",
                         help="a later test step's results (final-test STDF, or CSV/Parquet of part identity and "
                              "result), joined to the training parts: the yield model learns them; repeatable")
@@ -115,21 +122,26 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outcome-column", default=None,
                         help="the result column of CSV/Parquet outcome files (default: final_pass, passed, result or "
                              "outcome)")
-    parser.add_argument("--split", choices=("auto", *HELD_OUT_SPLITS), default="auto",
-                        help="held-out parts: the latest lot(s) when there are several lots, else the latest time "
-                             "slice, else random (auto)")
     parser.add_argument("--holdout-fraction", type=float, default=0.2,
-                        help="share of the parts held out to evaluate both models (a lot split takes whole lots)")
+                        help="share of the parts held out at random to evaluate the outlier model")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="forward folds of the yield model: each trains on the parts before its block (by lot, "
+                             "else time, else input order)")
+    parser.add_argument("--min-train-share", type=float, default=0.4,
+                        help="share of the parts (the earliest) the first forward fold trains on")
     parser.add_argument("--threshold-objective", choices=THRESHOLD_OBJECTIVES, default="fail_f1",
-                        help="what the yield threshold is chosen for on held-out parts: the best F1 of the fail "
-                             "class, the most fails at --target-precision, or --yield-threshold as given")
+                        help="what the yield threshold is chosen for on the pooled forward predictions: the best F1 "
+                             "of the fail class, the most fails at --target-precision, or --yield-threshold as given")
     parser.add_argument("--target-precision", type=float, default=0.5,
                         help="fail precision to reach with --threshold-objective fail_precision")
     parser.add_argument("--yield-threshold", type=float, default=0.5,
                         help="threshold of --threshold-objective fixed (and when held-out parts cannot choose one)")
-    parser.add_argument("--min-auc", type=float, default=0.6,
-                        help="below this held-out ROC AUC the yield model is no better than chance: published as a "
-                             "candidate that is promoted only with --force")
+    parser.add_argument("--min-auc", type=float, default=0.55,
+                        help="the lower bound of the forward ROC AUC's 95%% interval must reach this, else the yield "
+                             "model cannot be told from chance and is refused (published only with --advisory)")
+    parser.add_argument("--advisory", action="store_true",
+                        help="publish a yield model that does not pass --min-auc, marked advisory in the manifest "
+                             "and in every agent reply; promoted only with --force")
     parser.add_argument("--pat-max-flag-rate", type=float, default=0.001,
                         help="static PAT self-check: a test whose limits flag more than this share of passing "
                              "training parts is widened to it or disabled (default 0.001)")
@@ -159,7 +171,8 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
 FIT_OPTIONS = {"name": "name", "trees": "n_trees", "max_samples": "max_samples", "max_features": "max_features",
                "target_outlier_rate": "target_outlier_rate", "train_outlier_on": "train_outlier_on",
                "yield_model": "yield_model", "yield_trees": "yield_trees", "yield_label": "yield_label",
-               "label_pass_value": "label_pass_value", "holdout_fraction": "holdout_fraction", "split": "split",
+               "label_pass_value": "label_pass_value", "label_kind": "label_kind",
+               "holdout_fraction": "holdout_fraction", "folds": "forward_folds", "min_train_share": "min_train_share",
                "threshold_objective": "threshold_objective", "target_precision": "target_precision",
                "yield_threshold": "yield_threshold", "min_auc": "min_auc", "seed": "seed",
                "pat_max_flag_rate": "pat_max_flag_rate", "pat_on_excess": "pat_on_excess"}
@@ -245,11 +258,14 @@ def cmd_fit(args) -> int:
         raise unusable(TrainConfigError, "edge-train fit options", problems)
     signer = _fit_signer(args)
     print(f"reading {len(args.data)} file(s)", file=sys.stderr)
-    set_aside = [column for column in (args.yield_label, *(args.join_on or ())) if column]
+    set_aside = [column for column in (args.yield_label, args.time_column, *(args.join_on or ())) if column]
     table, report = load_tables(args.data, retest_policy=args.retest_policy, min_rows=args.min_rows,
                                 set_aside=set_aside, min_readings_share=args.min_readings_share,
                                 keep_sparse_parts=args.keep_sparse_parts)
     print(report.summary(), file=sys.stderr)
+    if args.time_column:
+        from .ingest.tabular import use_time_column
+        table = use_time_column(table, args.time_column)
     outcomes = None
     if args.outcomes:
         from .outcomes import join_outcomes
@@ -258,15 +274,18 @@ def cmd_fit(args) -> int:
                                         outcome_column=args.outcome_column, pass_value=args.label_pass_value)
         print(outcomes.summary(), file=sys.stderr)
     trained = fit(table, config, outcomes=outcomes)
+    print(_parsed_range(table, trained), file=sys.stderr)
     print(_evaluation_summary(trained), file=sys.stderr)
+    if not trained.gate.passed and not args.advisory:
+        raise EdgeError(f"refused: {trained.gate.reason}")
     print("exporting ONNX graphs and checking them against scikit-learn", file=sys.stderr)
     # The summary below checks the signature just written against the signer's own public key.
     registry = Registry(args.registry, None if signer is None else
                         Trust({signer.key_id: signer.private.public_key()}, signer.source))
     ref = build_and_publish(trained, table, report.to_dict(), registry, args.data, signer=signer)
     if not trained.gate.passed:
-        print(f"warning: {trained.gate.reason}; {ref} is published as a candidate and is promoted only with --force "
-              "and a reason", file=sys.stderr)
+        print(f"warning: {trained.gate.reason}; {ref} is published as ADVISORY (--advisory) and is promoted only "
+              "with --force and a reason", file=sys.stderr)
     if args.promote:
         registry.promote(ref.name, ref.version, args.promote, force=args.force,
                          reason=args.reason or f"--promote {args.promote} at fit", signer=signer)
@@ -276,14 +295,34 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def _parsed_range(table, trained) -> str:
+    """First and last time, parts and fails of what the yield model learned from."""
+    known = trained.label.known
+    fails = int((trained.label.values[known] == 0).sum())
+    span = "no times"
+    if "timestamp" in table.frame.columns:
+        import pandas as pd
+        times = pd.to_numeric(table.frame["timestamp"], errors="coerce")
+        if times.notna().any():
+            span = (f"{pd.Timestamp(times.min(), unit='s').isoformat()} to "
+                    f"{pd.Timestamp(times.max(), unit='s').isoformat()} UTC")
+    return f"parsed: {span}; {int(known.sum()):,} parts with a label, {fails:,} failing"
+
+
 def _evaluation_summary(trained) -> str:
-    metrics = trained.metrics["yield"]
-    auc = "n/a" if metrics["roc_auc"] is None else f"{metrics['roc_auc']:.3f}"
+    metrics, forward = trained.metrics["yield"], trained.forward
+    auc = ("n/a" if metrics["roc_auc"] is None else
+           f"{metrics['roc_auc']:.3f} (95% interval {metrics['roc_auc_low']:.3f}-{metrics['roc_auc_high']:.3f})")
+    candidates = "; ".join(f"{c.name} mean {'n/a' if c.mean_auc is None else f'{c.mean_auc:.3f}'}"
+                           for c in forward.candidates)
     return "\n".join([
         f"yield label: {trained.label.source} ({trained.label.column}): {trained.label.meaning}",
-        f"held out ({trained.split.kind}): {trained.split.reason}",
-        f"yield model: held-out ROC AUC {auc} on {metrics['holdout_parts']:,} parts; threshold "
-        f"{trained.yield_threshold:.4g} ({trained.threshold.objective}: {trained.threshold.note})",
+        f"forward folds ({trained.folds.kind}): {trained.folds.reason}",
+        f"candidates (mean forward ROC AUC): {candidates}",
+        f"chosen: {forward.choice}",
+        f"yield model: forward ROC AUC {auc} on {metrics['evaluated_parts']:,} out-of-time parts "
+        f"({metrics['fail_parts']:,} failing); threshold {trained.yield_threshold:.4g} "
+        f"({trained.threshold.objective}: {trained.threshold.note})",
     ])
 
 

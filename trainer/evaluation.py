@@ -29,9 +29,9 @@ import pandas as pd
 from sklearn.metrics import precision_recall_curve
 
 from edge_agent.errors import DataError
-from edge_agent.package.manifest import HELD_OUT_SPLITS, THRESHOLD_OBJECTIVES
+from edge_agent.package.manifest import THRESHOLD_OBJECTIVES
 
-SPLITS = ("auto", *HELD_OUT_SPLITS)
+SPLITS = ("auto", "lot", "time", "random")
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,56 @@ def _by_time(times: np.ndarray, fraction: float, lots: list[str]) -> Split:
     return Split("time", reason, np.sort(order[:len(order) - n_holdout]), holdout, [], lots, start)
 
 
+# ---- forward folds ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Folds:
+    """Rolling-origin folds: each trains on every part before its test block (rows in ``order``)."""
+
+    kind: str                    # "lot", "time" or "input" (what orders the parts)
+    reason: str
+    order: np.ndarray            # every row, earliest first
+    cuts: list[int]              # positions in ``order`` where test blocks start; the last ends at len(order)
+
+    def pairs(self, order: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(train rows, test rows) per fold; ``order`` a thinned copy of ``self.order`` (same relative order)."""
+        rows = self.order if order is None else order
+        share = [cut / len(self.order) for cut in self.cuts] + [1.0]
+        ends = [int(round(s * len(rows))) for s in share]
+        return [(rows[:ends[i]], rows[ends[i]:ends[i + 1]]) for i in range(len(self.cuts))]
+
+
+def forward_folds(frame: pd.DataFrame, k: int = 5, min_train_share: float = 0.4) -> Folds:
+    """``k`` forward folds over the parts in time order (lots in order, whole lots per block where there are
+    more lots than folds; else the input order), the first training on the earliest ``min_train_share``."""
+    n = len(frame)
+    lots, times = _lots(frame), _times(frame)
+    distinct = list(dict.fromkeys(lots)) if lots is not None else []
+    if len(distinct) > 1:
+        last = {lot: times[lots == lot].max() for lot in distinct} if times is not None else {}
+        ranked = sorted(distinct, key=lambda lot: last.get(lot, 0.0))
+        rank = {lot: i for i, lot in enumerate(ranked)}
+        within = times if times is not None else np.arange(n, dtype=float)
+        order = np.lexsort((within, np.array([rank[lot] for lot in lots])))
+        kind, how = "lot", (f"{len(distinct)} lots ordered by their last timestamp" if times is not None
+                            else f"{len(distinct)} lots in the order the input gives them")
+    elif times is not None:
+        order, kind = np.argsort(times, kind="stable"), "time"
+        how = (f"ordered by timestamp, {pd.Timestamp(times.min(), unit='s').isoformat()} to "
+               f"{pd.Timestamp(times.max(), unit='s').isoformat()} UTC")
+    else:
+        order, kind = np.arange(n), "input"
+        how = f"no lots or timestamps ({_times_problem(frame)}): in the order of the input"
+    start = int(round(n * min_train_share))
+    cuts = [start + int(round(i * (n - start) / k)) for i in range(k)]
+    if kind == "lot" and len(distinct) > k:
+        boundaries = np.flatnonzero(np.r_[True, lots[order][1:] != lots[order][:-1]])
+        cuts = sorted({int(boundaries[np.argmin(np.abs(boundaries - c))]) for c in cuts} - {0})
+    reason = (f"{len(cuts)} forward folds, parts {how}: each fold trains on every part before its block "
+              f"(the first on the earliest {cuts[0] / n:.0%}) and is scored on the block")
+    return Folds(kind, reason, order, cuts)
+
+
 # ---- the yield threshold ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -149,7 +199,7 @@ def choose_threshold(prob: np.ndarray, y: np.ndarray, objective: str, *, target_
         return Threshold(fixed, objective, f"fixed at {fixed:g} (--yield-threshold), not chosen on data")
     fails = int((y == 0).sum())
     if fails == 0 or fails == len(y):
-        return Threshold(fixed, "fixed", f"the {len(y):,} tuning parts are all of one class, so no threshold can "
+        return Threshold(fixed, "fixed", f"the {len(y):,} parts of the pooled forward predictions are all of one class, so no threshold can "
                                          f"be chosen on them; fixed at {fixed:g}")
     # The fail class is the positive one, scored by -p (negation is exact, so each cut is minus a probability seen):
     # predicted fail when -p >= cut, i.e. p <= -cut.
@@ -162,13 +212,13 @@ def choose_threshold(prob: np.ndarray, y: np.ndarray, objective: str, *, target_
         if reaching.size:
             most = reaching[recall[reaching] == recall[reaching].max()]
             best = int(most[-1])       # of the cuts catching the most fails, the one flagging the fewest parts
-            note = (f"catches {recall[best]:.0%} of the tuning parts' fails at precision {precision[best]:.0%} "
+            note = (f"catches {recall[best]:.0%} of the pooled forward predictions' fails at precision {precision[best]:.0%} "
                     f"(target {target_precision:.0%})")
             return Threshold(_pass_threshold(cuts[best], prob), objective, note)
-        note = (f"no threshold reaches fail precision {target_precision:.0%} on the tuning parts (best "
+        note = (f"no threshold reaches fail precision {target_precision:.0%} on the pooled forward predictions (best "
                 f"{precision.max():.0%}); fell back to the best F1 of the fail class ({f1[best]:.3f})")
         return Threshold(_pass_threshold(cuts[best], prob), "fail_f1", note)
-    note = f"best F1 of the fail class on the tuning parts: {f1[best]:.3f}"
+    note = f"best F1 of the fail class on the pooled forward predictions: {f1[best]:.3f}"
     return Threshold(_pass_threshold(cuts[best], prob), objective, note)
 
 
@@ -190,14 +240,25 @@ class Gate:
     roc_auc: float | None
     passed: bool
     reason: str
+    auc_low: float | None = None
+    auc_high: float | None = None
+    fails: int = 0
 
 
-def chance_gate(roc_auc: float | None, min_auc: float, holdout_parts: int) -> Gate:
-    """Passed when the held-out ROC AUC reaches ``min_auc``; an AUC that cannot be measured does not pass."""
-    if roc_auc is None:
-        return Gate(min_auc, None, False, f"the held-out ROC AUC cannot be measured: the {holdout_parts:,} "
-                                          "held-out parts with a label are all of one class")
-    if roc_auc < min_auc:
-        return Gate(min_auc, roc_auc, False, f"the yield model is no better than chance on held-out parts: ROC AUC "
-                                             f"{roc_auc:.3f} is below {min_auc:g} (--min-auc)")
-    return Gate(min_auc, roc_auc, True, f"held-out ROC AUC {roc_auc:.3f} reaches {min_auc:g}")
+HOW_TO_HELP = ("more failing parts, a downstream outcome as the label (--outcomes), or other signals would help; "
+               "--advisory publishes it marked as advisory")
+
+
+def chance_gate(auc: float | None, low: float | None, high: float | None, min_auc: float, fails: int,
+                parts: int) -> Gate:
+    """Passed when the LOWER bound of the forward AUC interval reaches ``min_auc``: a point estimate on a handful
+    of failing parts says nothing; an AUC that cannot be measured does not pass."""
+    if auc is None:
+        return Gate(min_auc, None, False, f"the forward ROC AUC cannot be measured: the {parts:,} out-of-time parts "
+                                          f"are all of one class; {HOW_TO_HELP}", None, None, fails)
+    interval = f"forward ROC AUC {auc:.3f} (95% interval {low:.3f}-{high:.3f}, {fails:,} failing of {parts:,} parts)"
+    if low < min_auc:
+        return Gate(min_auc, auc, False, f"the yield model cannot be told from chance: {interval}; the interval's "
+                                         f"lower bound is below {min_auc:g} (--min-auc); {HOW_TO_HELP}",
+                    low, high, fails)
+    return Gate(min_auc, auc, True, f"{interval}: lower bound reaches {min_auc:g}", low, high, fails)

@@ -8,11 +8,12 @@ a wrong guess gives a model that predicts the opposite of what its users read.
 A part whose label is missing (an empty cell, no downstream outcome joined to it) is left out of the yield model
 only; the outlier model needs no label.
 
-What the label is decides what the model is worth. This test step's own pass flag (``passed``) is set by the test
-limits from the very readings the model gets, so a model of it relearns the limits: its held-out AUC is high and it
-tells the engineer nothing the limits did not. The purpose of the yield model is a later step's result (final
-test), which the readings can only partly foresee: joined from outcome files (trainer.outcomes) or given as a label
-column such as ``final_pass``.
+What the label is decides what the model is worth. The user says it (``--label-kind``): an ``outcome`` (a later
+step's result, such as final test or a line test, which the readings can only partly foresee: the purpose of a
+yield model) or a ``test-flag`` (this step's own pass flag). A model of a flag that the test limits set from the
+very readings it gets relearns the limits: its AUC is high and it tells the engineer nothing the limits did not.
+That warning is given only where the data shows it: the readings have limits and the label equals "every reading
+within its limits" on (nearly) every part (``limits_agreement``).
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ DOWNSTREAM_LABEL = "final_pass"    # the conventional name of a downstream resul
 NATIVE_PASS, NATIVE_FAIL = frozenset({"1", "true"}), frozenset({"0", "false"})
 SHOWN_VALUES = 6
 
-PASS_FLAG_MEANING = (
-    "this test step's own pass/fail flag (`passed`: every reading inside its test limits). The yield model learns "
-    "it from the very readings the limits judge, so it relearns the test limits: a high held-out AUC only says it "
-    "can redraw them, and its pass probability adds nothing the limits do not already decide. To predict later "
-    "failures, train with the downstream outcomes (edge-train fit --outcomes FILE).")
+LABEL_KINDS = ("outcome", "test-flag")
+RELEARNS_LIMITS = 0.99           # label equal to "all readings within limits" on at least this share: relearning
+RELEARNS_LIMITS_WARNING = (
+    "The label equals \"every reading within its test limits\" on {share:.1%} of the {parts:,} parts, so the model "
+    "relearns the test limits: a high AUC only says it can redraw them, and its pass probability adds nothing the "
+    "limits do not already decide. To predict later failures, train with the downstream outcomes (edge-train fit "
+    "--outcomes FILE).")
 
 
 @dataclass(frozen=True)
@@ -65,14 +68,35 @@ def label_column(table: ParametricTable, configured: str | None) -> str:
 
 
 def read_label(table: ParametricTable, column: str, pass_value: str | None, *, source: str | None = None,
-               meaning: str | None = None) -> Label:
-    """The label in ``column`` of ``table``; ``source``/``meaning`` default to what the column name says."""
+               meaning: str | None = None, kind: str | None = None) -> Label:
+    """The label in ``column`` of ``table``; ``source``/``meaning`` default to what ``kind`` (LABEL_KINDS, given by
+    the user) or else the column name says, with the relearning warning only where the data shows it."""
     values = encode(table.frame[column], column, pass_value)
     if source is None:
-        source = "pass_flag" if column == PASS_FLAG else "column"
+        source = {"outcome": "outcome", "test-flag": "pass_flag"}.get(kind) or (
+            "pass_flag" if column == PASS_FLAG else "column")
     if meaning is None:
-        meaning = PASS_FLAG_MEANING if source == "pass_flag" else _column_meaning(column, pass_value)
+        meaning = _column_meaning(column, pass_value, source, kind)
+        agreement = limits_agreement(table, values)
+        if agreement is not None and agreement[0] >= RELEARNS_LIMITS:
+            meaning += " " + RELEARNS_LIMITS_WARNING.format(share=agreement[0], parts=agreement[1])
     return Label(column, source, meaning, values, pass_value)
+
+
+def limits_agreement(table: ParametricTable, values: np.ndarray) -> tuple[float, int] | None:
+    """(share of labelled parts whose label equals "every reading within its limits", parts), or None when no test
+    has a limit."""
+    limited = [t for t in table.tests if t.low is not None or t.high is not None]
+    if not limited:
+        return None
+    readings = table.readings([t.column for t in limited])
+    low = np.array([-np.inf if t.low is None else t.low for t in limited])
+    high = np.array([np.inf if t.high is None else t.high for t in limited])
+    within = np.all(np.isnan(readings) | ((readings >= low) & (readings <= high)), axis=1)
+    known = ~np.isnan(values)
+    if not known.any():
+        return None
+    return float(np.mean(within[known] == (values[known] == 1))), int(known.sum())
 
 
 def encode(values: pd.Series, column: str, pass_value: str | None, file: str | None = None) -> np.ndarray:
@@ -136,11 +160,17 @@ def _original(values: pd.Series, codes: list[str]) -> list:
     return [first[code] for code in codes]
 
 
-def _column_meaning(column: str, pass_value: str | None) -> str:
+def _column_meaning(column: str, pass_value: str | None, source: str, kind: str | None) -> str:
     coding = f"{pass_value!r} = pass, the other value = fail" if pass_value is not None else "1/true = pass"
+    if source == "outcome":
+        return (f"column `{column}` of the training data ({coding}), an outcome (--label-kind outcome): a later "
+                "step's result, so the model predicts whether a part measured here passes that step.")
+    if source == "pass_flag":
+        given = "--label-kind test-flag" if kind else "the test step's own pass flag by its name"
+        return (f"column `{column}` ({coding}), a test flag ({given}): this test step's own pass/fail, so the "
+                "model predicts this step's verdict from its own readings.")
     if column == DOWNSTREAM_LABEL:
         return (f"column `{column}` of the training data ({coding}): by convention the downstream (final test) "
                 "result, given with the data rather than joined by part identity.")
-    return (f"column `{column}` of the training data as given ({coding}). The trainer cannot tell what it "
-            "records: if it is this test step's own pass flag, the model relearns the test limits; a later "
-            "step's result is what a yield model is for (edge-train fit --outcomes FILE joins one).")
+    return (f"column `{column}` of the training data as given ({coding}); what it records was not said "
+            "(--label-kind outcome|test-flag).")

@@ -16,9 +16,8 @@ def render_model_card(manifest: Manifest) -> str:
         f"# Model card: {manifest.name}",
         "",
         f"Created {manifest.created_at} by code {lineage.code_version} from {lineage.rows:,} parts "
-        f"({lineage.train_rows:,} for training, {lineage.holdout_rows:,} held out"
-        + ("; the outlier model's held-out parts are a random share, the yield model's are below)."
-           if manifest.held_out is not None else ")."),
+        f"({lineage.train_rows:,} for training the outlier model, {lineage.holdout_rows:,} held out of it at random"
+        + ("; the yield model is judged on forward folds, below)." if manifest.held_out is not None else ")."),
         "",
         *_gate_warning(yield_model),
         "## What it decides",
@@ -34,26 +33,30 @@ def render_model_card(manifest: Manifest) -> str:
         "shape (below).",
         "",
         *_yield_label_section(manifest),
-        "## How well it does (held-out parts)",
+        *_forward_section(manifest.metrics.yield_model),
+        "## How well it does",
         "",
-        "| measure | value |",
-        "|---|---|",
+        "| measure | value | parts behind it (failing) | measured on |",
+        "|---|---|---|---|",
     ]
     om, ym = manifest.metrics.outlier, manifest.metrics.yield_model
+    outlier_on = f"{om.get('holdout_parts', 0):,} random held-out parts"
+    yield_on, parts = ym.get("split", "held-out parts"), f"{ym.get('evaluated_parts', 0):,} ({ym.get('fail_parts', 0):,})"
     rows = [
-        ("outlier rate, passing parts", _pct(om.get("holdout_outlier_rate_passing"))),
-        ("outlier rate, failing parts", _pct(om.get("holdout_outlier_rate_failing"))),
-        ("latent-outlier recall (synthetic ground truth)", _pct(om.get("latent_outlier_recall"))),
-        ("yield ROC AUC (every held-out part)", _num(ym.get("roc_auc"))),
-        ("yield F1 (fail class), evaluation parts", _num(ym.get("f1_fail_class"))),
-        ("yield fail precision / recall, evaluation parts",
-         "n/a" if ym.get("fail_precision") is None and ym.get("fail_recall") is None
-         else f"{_pct(ym.get('fail_precision'))} / {_pct(ym.get('fail_recall'))}"),
-        ("yield Brier score", _num(ym.get("brier"))),
-        ("held-out pass rate", _pct(ym.get("holdout_pass_rate"))),
+        ("outlier rate, passing parts", _pct(om.get("holdout_outlier_rate_passing")), "", outlier_on),
+        ("outlier rate, failing parts", _pct(om.get("holdout_outlier_rate_failing")), "", outlier_on),
+        ("latent-outlier recall (synthetic ground truth)", _pct(om.get("latent_outlier_recall")),
+         f"{om.get('latent_outlier_parts', 0):,}", outlier_on),
+        ("yield ROC AUC, 95% interval", _interval(ym.get("roc_auc"), ym.get("roc_auc_low"), ym.get("roc_auc_high")),
+         parts, yield_on),
+        ("yield fail precision at the threshold", _counted(ym.get("caught_fails"), ym.get("flagged_parts"), "flagged"),
+         parts, yield_on + ", where the threshold was chosen"),
+        ("yield fail recall at the threshold", _counted(ym.get("caught_fails"), ym.get("fail_parts"), "failing"),
+         parts, yield_on + ", where the threshold was chosen"),
+        ("yield Brier score", _num(ym.get("brier")), parts, yield_on),
     ]
-    lines += [f"| {name} | {value} |" for name, value in rows if value != "n/a"]
-    lines += ["", "## Calibration of the pass probability (held-out parts)", "",
+    lines += [f"| {name} | {value} | {behind} | {on} |" for name, value, behind, on in rows if value != "n/a"]
+    lines += ["", "## Calibration of the pass probability (forward folds, out of time)", "",
               "| predicted | parts | mean predicted | observed pass rate |", "|---|---|---|---|"]
     lines += [f"| {c['bin']} | {c['parts']} | {_num(c['mean_predicted'])} | {_num(c['observed_pass_rate'])} |"
               for c in ym.get("calibration", []) if c["parts"]]
@@ -118,9 +121,49 @@ def _gate_warning(yield_model) -> list[str]:
     gate = yield_model.gate
     if gate is None or gate.passed:
         return []
-    return [f"> **Warning: {gate.reason}.** This package was published as a candidate; the registry refuses to "
-            "promote it to staging or production unless forced with a reason (`--force`), which the history "
-            "records.", ""]
+    return [f"> **ADVISORY: {gate.reason}.** It was published only as advisory (`--advisory`): agents mark its "
+            "pass probability as advisory in every reply, and the registry refuses to promote it to staging or "
+            "production unless forced with a reason (`--force`), which the history records.", ""]
+
+
+def _forward_section(metrics: dict) -> list[str]:
+    """The experiment comparison: every candidate's forward ROC AUC per fold beside the failing parts behind it."""
+    forward = metrics.get("forward")
+    if not forward:
+        return []
+    folds = forward["folds"]
+    header = " | ".join(f"fold {i}: {f['test_parts']:,} parts ({f['test_fails']} failing), trained on "
+                        f"{f['train_parts']:,}" for i, f in enumerate(folds, 1))
+    lines = ["## Model choice on forward folds", "",
+             "Each fold trains every candidate only on the parts before its block and scores the block. The best "
+             "mean forward ROC AUC is refit on every part and shipped. Pooled: all blocks' out-of-time predictions "
+             "together, with a 95% bootstrap interval.", "",
+             f"| candidate | {header} | mean | pooled (95% interval) |",
+             "|---|" + "---|" * len(folds) + "---|---|"]
+    for c in forward["candidates"]:
+        cells = " | ".join(_num(a) for a in c["fold_auc"])
+        lines.append(f"| {c['name']} ({c['what']}) | {cells} | {_num(c['mean_auc'])} | "
+                     f"{_interval(c['pooled_auc'], c['pooled_low'], c['pooled_high'])} |")
+    fails = sum(f["test_fails"] for f in folds)
+    lines += ["", f"- Chosen: {forward['choice']}.",
+              f"- Failing parts behind the pooled figures: {fails:,} of {sum(f['test_parts'] for f in folds):,}."]
+    screened = forward["screened"][-1] if forward["screened"] else None
+    if screened:
+        lines.append(f"- Signals screened out on the last fold's training parts: {screened['mostly_missing']} "
+                     f"mostly missing, {screened['constant']} constant, {screened['duplicated']} duplicated.")
+    if forward.get("sampled"):
+        lines.append(f"- Row cap: {forward['sampled']}.")
+    return lines + [""]
+
+
+def _interval(point, low, high) -> str:
+    return "n/a" if point is None else f"{point:.3f} ({low:.3f}-{high:.3f})"
+
+
+def _counted(numerator, denominator, what: str) -> str:
+    if not denominator:
+        return "n/a"
+    return f"{numerator / denominator:.1%} ({numerator:,} of {denominator:,} {what})"
 
 
 def _yield_label_section(manifest: Manifest) -> list[str]:
@@ -141,11 +184,11 @@ def _yield_label_section(manifest: Manifest) -> list[str]:
         lots = f" Held-out lots: {', '.join(held_out.held_out_lots)}." if held_out.held_out_lots else ""
         lines += [f"- Held out ({held_out.split} split, {held_out.parts:,} parts): {held_out.reason}.{lots}"]
     if choice is not None:
-        lines += [f"- Threshold {yield_model.threshold:.4g} chosen for `{choice.objective}` on "
-                  f"{choice.tuning_parts:,} held-out parts: {choice.note}. Threshold-dependent measures below come "
-                  f"from the other {choice.evaluation_parts:,} held-out parts."]
+        lines += [f"- Threshold {yield_model.threshold:.4g} chosen for `{choice.objective}` on the "
+                  f"{choice.tuning_parts:,} pooled forward predictions: {choice.note}. Its precision and recall "
+                  "below are on those same predictions (optimistic by that choice)."]
     if yield_model.gate is not None:
-        lines += [f"- Against chance (held-out ROC AUC >= {yield_model.gate.min_auc:g}): "
+        lines += [f"- Against chance (the forward AUC interval's lower bound >= {yield_model.gate.min_auc:g}): "
                   f"{'passed' if yield_model.gate.passed else 'NOT passed'}; {yield_model.gate.reason}."]
     return lines + [""] if lines else []
 

@@ -56,7 +56,7 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
     holdout = X[trained.holdout_index]
     holdout32 = holdout.astype(np.float32)
     expected_score = trained.outlier.decision_function(holdout)
-    expected_prob = trained.yield_model.predict_proba(holdout)[:, 1]
+    expected_prob = trained.yield_model.predict_proba(holdout32.astype(np.float64))[:, 1]   # the agent's rows
 
     files: dict[str, bytes] = {}
     fidelity: dict[str, FidelityCheck] = {}
@@ -119,7 +119,7 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
                 params=_json_params(trained.outlier.named_steps["forest"]),
                 quantization=Quantization(int8=False, reason=TREE_QUANTIZATION_NOTE)),
             yield_model=YieldModel(
-                kind=trained.config.yield_model, files=yield_files, output="pass_probability",
+                kind=trained.yield_kind, files=yield_files, output="pass_probability",
                 threshold=trained.yield_threshold, label=trained.yield_label,
                 params=_json_params(trained.yield_model.named_steps["model"]),
                 quantization=Quantization(int8=int8_possible, reason=int8_reason), **_yield_evaluation(trained))),
@@ -185,14 +185,18 @@ def _yield_evaluation(trained: TrainedModels) -> dict:
             objective=threshold.objective, note=threshold.note, tuning_parts=metrics["tuning_parts"],
             evaluation_parts=metrics["evaluation_parts"],
             target_precision=config.target_precision if threshold.objective == "fail_precision" else None),
-        "gate": QualityGate(min_auc=gate.min_auc, roc_auc=gate.roc_auc, passed=gate.passed, reason=gate.reason),
+        "gate": QualityGate(min_auc=gate.min_auc, roc_auc=gate.roc_auc, passed=gate.passed, reason=gate.reason,
+                            auc_low=gate.auc_low, auc_high=gate.auc_high, fails=gate.fails,
+                            advisory=not gate.passed),
     }
 
 
 def _held_out(trained: TrainedModels) -> HeldOut:
-    split = trained.split
-    return HeldOut(split=split.kind, reason=split.reason, parts=int(len(split.holdout)),
-                   held_out_lots=split.held_out_lots, training_lots=split.training_lots, time_from=split.time_from)
+    """The yield model's out-of-time parts: the forward folds' test blocks."""
+    folds, forward = trained.folds, trained.forward
+    reason = folds.reason + (f"; {forward.sampled}" if forward.sampled else "")
+    return HeldOut(split=folds.kind, reason=reason, parts=int(len(forward.rows)), held_out_lots=[],
+                   training_lots=[], time_from=None)
 
 
 def _source_entry(path: str) -> SourceFile:

@@ -1137,7 +1137,7 @@ def _write_csv(frames: Iterator[pd.DataFrame], tests: list[TestMeta], path: Path
 
 
 def _write_csv_header(handle, columns: list[str], tests: list[TestMeta]) -> None:
-    """Header row plus the #test_number/#units/#low_limit/#high_limit rows the CSV reader understands (README.md, "Data in")."""
+    """Header row plus the #test_number/#units/#low_limit/#high_limit rows the CSV reader understands (docs/data.md)."""
     by_column = {t.column: t for t in tests}
     writer = csv.writer(handle, lineterminator="\n")
     writer.writerow(columns)

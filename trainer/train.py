@@ -1,4 +1,4 @@
-"""Fitting: the Isolation Forest outlier model and the yield model, with held-out evaluation.
+"""Fitting: the Isolation Forest outlier model, and the yield model chosen and judged on forward folds.
 
 Both models are scikit-learn Pipelines whose first step is a median imputer, so missing readings
 are handled by one set of statistics that the ONNX export copies into the graphs.
@@ -12,26 +12,28 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from sklearn.ensemble import IsolationForest, RandomForestClassifier
+from sklearn.ensemble import IsolationForest
 from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import brier_score_loss, f1_score, roc_auc_score
-from sklearn.neural_network import MLPClassifier
+from sklearn.metrics import brier_score_loss
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
 from edge_agent.errors import DataError, EdgeError
 from edge_agent.package.manifest import NAME_PATTERN, PAT_ON_EXCESS, YIELD_KINDS
 from edge_agent.checked import Checked, Interval, OneOf, Satisfies
 
-from .evaluation import SPLITS, THRESHOLD_OBJECTIVES, Gate, Split, Threshold, chance_gate, choose_threshold, split_rows
-from .labels import Label, label_column, read_label
+from .evaluation import (THRESHOLD_OBJECTIVES, Folds, Gate, Threshold, chance_gate, choose_threshold,
+                         forward_folds, split_rows)
+from .forward import (AUTO_CANDIDATES, CANDIDATES, ForwardEvaluation, evaluate_forward, fit_screened,
+                      sample_for_folds, screen_signals)
+from .labels import LABEL_KINDS, Label, label_column, read_label
 from .outcomes import OUTCOME_COLUMN, OutcomeJoin
 from .table import ParametricTable
 
 TREES_PER_PROGRESS_STEP = 20
 FRACTION = Interval(float, 0, 1, closed="neither")
 MAX_SEED = 2 ** 32 - 1          # scikit-learn's random_state
+FIDELITY_ROWS = 2000            # training rows a candidate's ONNX graph is compared with scikit-learn on ...
+MAX_EXPORT_DIFFERENCE = 1e-4    # ... and the largest pass-probability difference that ships
 
 
 class TrainConfigError(EdgeError, ValueError):
@@ -52,14 +54,16 @@ class TrainConfig(Checked):
         "contamination": [OneOf("auto"), Interval(float, 0, 0.5, closed="right")],
         "target_outlier_rate": [Interval(float, 0, 0.5, closed="neither")],
         "train_outlier_on": [OneOf("passing", "all")],
-        "yield_model": [OneOf(*YIELD_KINDS)],
+        "yield_model": [OneOf("auto", *YIELD_KINDS)],
         "yield_trees": [Interval(int, 1, None)],
         "yield_max_depth": [None, Interval(int, 1, None)],
         "yield_threshold": [FRACTION],
         "yield_label": [None, Satisfies(str, bool, "a column name")],
         "label_pass_value": [None, Satisfies(str, bool, "a label value")],
+        "label_kind": [None, OneOf(*LABEL_KINDS)],
         "holdout_fraction": [FRACTION],
-        "split": [OneOf(*SPLITS)],
+        "forward_folds": [Interval(int, 2, None)],
+        "min_train_share": [FRACTION],
         "threshold_objective": [OneOf(*THRESHOLD_OBJECTIVES)],
         "target_precision": [FRACTION],
         "min_auc": [Interval(float, 0, 1)],
@@ -77,17 +81,19 @@ class TrainConfig(Checked):
     contamination: str | float = "auto"
     target_outlier_rate: float = 0.01
     train_outlier_on: str = "passing"          # "passing" parts only, or "all"
-    yield_model: str = "random_forest"
+    yield_model: str = "auto"                  # "auto": the forward folds choose among AUTO_CANDIDATES
     yield_trees: int = 100
     yield_max_depth: int | None = 12
     yield_threshold: float = 0.5               # threshold_objective "fixed" (and the fallback): fail when p < this
     yield_label: str | None = None             # default: final_pass if present, else passed
     label_pass_value: str | None = None        # the label value that means pass, for codings other than 0/1, bool
-    holdout_fraction: float = 0.2
-    split: str = "auto"                        # held-out parts: latest lot(s), latest time slice, random
-    threshold_objective: str = "fail_f1"       # what the yield threshold is chosen for on held-out parts
+    label_kind: str | None = None              # "outcome" (a later step's result) or "test-flag" (this step's)
+    holdout_fraction: float = 0.2              # the outlier model's random held-out share
+    forward_folds: int = 5                     # the yield model's rolling-origin folds
+    min_train_share: float = 0.4               # the share of the parts (earliest) the first fold trains on
+    threshold_objective: str = "fail_f1"       # what the yield threshold is chosen for on the pooled forward folds
     target_precision: float = 0.5              # threshold_objective "fail_precision": the fail precision to reach
-    min_auc: float = 0.6                       # below this held-out AUC the package cannot be promoted unforced
+    min_auc: float = 0.55                      # the forward AUC interval's lower bound must reach this
     pat_k_sigma: float = 6.0
     pat_max_flag_rate: float = 0.001           # static PAT self-check: a test flagging more passing parts is ...
     pat_on_excess: str = "widen"               # ... widened to that rate, or "disable"d
@@ -112,7 +118,9 @@ class TrainedModels:
     metrics: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
     label: Label | None = None
-    split: Split | None = None
+    folds: Folds | None = None
+    forward: ForwardEvaluation | None = None
+    yield_kind: str = ""
     threshold: Threshold | None = None
     gate: Gate | None = None
     outcomes: OutcomeJoin | None = None
@@ -124,13 +132,14 @@ def _progress(message: str) -> None:
 
 def fit(table: ParametricTable, config: TrainConfig, progress: Callable[[str], None] = _progress,
         outcomes: OutcomeJoin | None = None) -> TrainedModels:
-    """Fit both models and evaluate them on parts they did not see.
+    """Fit both models; choose and judge the yield model on forward folds.
 
-    The yield model trains on the earlier parts and is graded on the latest (trainer.evaluation: lot, time or
-    random split). The outlier model keeps a seeded random held-out share: it learns no label that could leak, its
-    threshold is a calibration over its training parts' scores, and a lot held out of it would leave the deployed
-    forest blind to that lot's variation (and fold every synthetic latent outlier of the first lot into its training
-    parts, where a cluster of them masks itself).
+    The yield model: every candidate (``config.yield_model`` alone when one is named) is trained on each forward
+    fold's earlier parts and scored on its later ones (trainer.forward); the best mean forward ROC AUC is refit on
+    every labelled part and shipped, its threshold chosen on the pooled forward predictions, its gate judged on their
+    bootstrap interval. The outlier model keeps a seeded random held-out share: it learns no label that could leak,
+    its threshold is a calibration over its training parts' scores, and a lot held out of it would leave the deployed
+    forest blind to that lot's variation.
 
     The yield label is ``config.yield_label`` (default: ``final_pass`` if present, else ``passed``), or the
     downstream outcome joined by trainer.outcomes when ``outcomes`` (its report) is given. The label column and the
@@ -141,7 +150,8 @@ def fit(table: ParametricTable, config: TrainConfig, progress: Callable[[str], N
         label = read_label(table, OUTCOME_COLUMN, None, source="outcomes", meaning=_outcome_meaning(outcomes))
         label = replace(label, pass_value=config.label_pass_value)
     else:
-        label = read_label(table, label_column(table, config.yield_label), config.label_pass_value)
+        label = read_label(table, label_column(table, config.yield_label), config.label_pass_value,
+                           kind=config.label_kind)
     columns = [c for c in table.test_columns if c != label.column and c not in (outcomes.join_on if outcomes else ())]
     if not columns:
         raise DataError("no test columns are left once the label is set aside", column=label.column,
@@ -150,13 +160,12 @@ def fit(table: ParametricTable, config: TrainConfig, progress: Callable[[str], N
     passed = table.frame["passed"].to_numpy(bool) if "passed" in table.frame.columns else np.ones(len(X), bool)
     outlier_split = split_rows(table.frame, config.holdout_fraction, "random", config.seed)
     train, holdout = outlier_split.train, np.sort(outlier_split.holdout)
-    split = split_rows(table.frame, config.holdout_fraction, config.split, config.seed)
     y = label.values
-    yield_train = split.train[label.known[split.train]]
-    classes = np.unique(y[yield_train])
+    labelled = np.flatnonzero(label.known)
+    classes = np.unique(y[labelled])
     if len(classes) < 2:
-        raise DataError(f"the yield label {label.column!r} has one class only in the {len(yield_train):,} training "
-                        "parts that have one", column=label.column, expected="both passing and failing parts",
+        raise DataError(f"the yield label {label.column!r} has one class only in the {len(labelled):,} parts that "
+                        "have one", column=label.column, expected="both passing and failing parts",
                         got="only " + ("none" if not len(classes) else ("pass" if classes[0] == 1 else "fail")))
 
     timings = {}
@@ -171,21 +180,67 @@ def fit(table: ParametricTable, config: TrainConfig, progress: Callable[[str], N
     timings["outlier_fit"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    yield_model = _fit_yield_model(X[yield_train], y[yield_train].astype(int), config, progress)
-    timings["yield_fit"] = time.perf_counter() - start
+    folds = forward_folds(table.frame.iloc[labelled], config.forward_folds, config.min_train_share)
+    order, sampled = sample_for_folds(y, labelled[folds.order])
+    names = AUTO_CANDIDATES if config.yield_model == "auto" else (_candidate_of(config.yield_model),)
+    forward = evaluate_forward(X, y, folds.pairs(order), config.seed, progress, names, _options(config))
+    forward.sampled = sampled
+    timings["forward_folds"] = time.perf_counter() - start
 
-    labelled = split.holdout[label.known[split.holdout]]        # earliest first: tune on the first half
-    tuning, evaluation = labelled[:len(labelled) // 2], labelled[len(labelled) // 2:]
-    threshold = choose_threshold(yield_model.predict_proba(X[tuning])[:, 1], y[tuning].astype(int),
-                                 config.threshold_objective, target_precision=config.target_precision,
-                                 fixed=config.yield_threshold)
-    yield_metrics = _yield_metrics(yield_model, X, y, labelled, evaluation, threshold.value, label.column)
-    gate = chance_gate(yield_metrics["roc_auc"], config.min_auc, len(labelled))
+    start = time.perf_counter()
+    yield_model, chosen, forward.choice = _refit_exportable(X[labelled], y[labelled].astype(int), forward, config,
+                                                            progress)
+    timings["yield_fit"] = time.perf_counter() - start
+    truth = y[forward.rows].astype(int)
+    threshold = choose_threshold(chosen.prob, truth, config.threshold_objective,
+                                 target_precision=config.target_precision, fixed=config.yield_threshold)
+    pooled = chosen.pooled
+    gate = chance_gate(pooled.point, pooled.low, pooled.high, config.min_auc, pooled.fails, pooled.parts)
     metrics = {"outlier": _outlier_metrics(table, outlier, outlier_threshold, X, holdout, passed),
-               "yield": {**yield_metrics, "tuning_parts": int(len(tuning))}}
+               "yield": _yield_metrics(chosen, truth, threshold.value, label.column, forward, folds)}
     return TrainedModels(config, columns, outlier, outlier_threshold, yield_model, threshold.value, label.column,
-                         train, holdout, metrics, timings, label=label, split=split, threshold=threshold, gate=gate,
-                         outcomes=outcomes)
+                         train, holdout, metrics, timings, label=label, folds=folds, forward=forward,
+                         yield_kind=CANDIDATES[chosen.name][0], threshold=threshold, gate=gate, outcomes=outcomes)
+
+
+def _candidate_of(kind: str) -> str:
+    """The candidate a named ``--yield-model`` kind trains (the logistic kind is the L2 one)."""
+    return {"logistic": "logistic_l2"}.get(kind, kind)
+
+
+def _options(config: TrainConfig) -> dict:
+    return {"trees": config.yield_trees, "max_depth": config.yield_max_depth}
+
+
+def _refit_exportable(X: np.ndarray, y: np.ndarray, forward: ForwardEvaluation, config: TrainConfig, progress):
+    """The best candidate whose ONNX graph reproduces it, refit on every labelled part; why any better one was
+    passed over (the package's own fidelity gate judges the shipped one again at its threshold)."""
+    from .export.fidelity import check_fidelity
+    from .export.yield_model import yield_model_to_onnx
+    keep, _ = screen_signals(X)
+    # The agent receives float32 readings: scikit-learn is judged on the same rows the graph gets (a float64
+    # reading between a split threshold and its float32 neighbour is not one the agent can ever be sent).
+    sample32 = X[np.linspace(0, len(X) - 1, min(len(X), FIDELITY_ROWS)).astype(int)].astype(np.float32)
+    passed_over = []
+    for candidate in forward.candidates:
+        progress(f"refitting yield {candidate.name} on {len(X):,} parts")
+        pipeline = fit_screened(candidate.name, X, y, keep, config.seed, **_options(config))
+        try:
+            graph = yield_model_to_onnx(pipeline).SerializeToString()
+            check = check_fidelity(graph, pipeline.predict_proba(sample32.astype(np.float64))[:, 1], sample32,
+                                   output="pass_probability", threshold=0.5, outlier_below=False, file="yield.onnx",
+                                   refuse=False)
+        except EdgeError as error:
+            passed_over.append(f"{candidate.name} not shipped: it does not export ({error})")
+            continue
+        if not check.max_abs_diff <= MAX_EXPORT_DIFFERENCE:
+            passed_over.append(f"{candidate.name} not shipped: its ONNX graph differs from scikit-learn by up to "
+                               f"{check.max_abs_diff:.3g} (at most {MAX_EXPORT_DIFFERENCE:g} is shipped)")
+            continue
+        note = (f"{candidate.name}: the best mean forward ROC AUC of {len(forward.candidates)} candidate(s)"
+                if not passed_over else f"{candidate.name}, the best that exports: " + "; ".join(passed_over))
+        return pipeline, candidate, note
+    raise EdgeError("no yield candidate exports to ONNX: " + "; ".join(passed_over))
 
 
 def _outcome_meaning(outcomes: OutcomeJoin) -> str:
@@ -204,24 +259,6 @@ def _fit_isolation_forest(X: np.ndarray, config: TrainConfig, progress) -> Pipel
     imputed = pipeline.named_steps["impute"].fit_transform(X)
     _grow_in_steps(forest, imputed, None, config.n_trees, "isolation forest", progress)
     return pipeline
-
-
-def _fit_yield_model(X: np.ndarray, y: np.ndarray, config: TrainConfig, progress) -> Pipeline:
-    impute = SimpleImputer(strategy="median", keep_empty_features=True)
-    if config.yield_model == "random_forest":
-        model = RandomForestClassifier(n_estimators=0, max_depth=config.yield_max_depth, min_samples_leaf=5,
-                                       n_jobs=-1, random_state=config.seed, warm_start=True)
-        pipeline = Pipeline([("impute", impute), ("model", model)])
-        _grow_in_steps(model, impute.fit_transform(X), y, config.yield_trees, "yield random forest", progress)
-        return pipeline
-    if config.yield_model == "logistic":
-        model = LogisticRegression(max_iter=2000, C=1.0)
-    else:
-        model = MLPClassifier(hidden_layer_sizes=(64, 32), early_stopping=True, max_iter=200,
-                              random_state=config.seed)
-    progress(f"fitting yield {config.yield_model} on {len(X):,} parts")
-    pipeline = Pipeline([("impute", impute), ("scale", StandardScaler()), ("model", model)])
-    return pipeline.fit(X, y)
 
 
 def _grow_in_steps(forest, X: np.ndarray, y: np.ndarray | None, n_trees: int, what: str, progress) -> None:
@@ -255,40 +292,42 @@ def _outlier_metrics(table, outlier, threshold, X, holdout, passed) -> dict:
     return metrics
 
 
-def _yield_metrics(model, X: np.ndarray, y: np.ndarray, holdout: np.ndarray, evaluation: np.ndarray,
-                   threshold: float, label: str) -> dict:
-    """Threshold-free measures on every labelled held-out part; the threshold's on the evaluation half only."""
-    prob = model.predict_proba(X[holdout])[:, 1]
-    truth = y[holdout].astype(int)
-    both_classes = len(np.unique(truth)) == 2
+def _yield_metrics(chosen, truth: np.ndarray, threshold: float, label: str, forward: ForwardEvaluation,
+                   folds: Folds) -> dict:
+    """Every measure on the pooled out-of-time predictions of the forward folds (no part scored by a model that
+    saw it); the threshold was chosen on the same predictions, so its counts are optimistic by that choice."""
+    prob, pooled = chosen.prob, chosen.pooled
     edges = np.linspace(0, 1, 11)
     which = np.clip(np.digitize(prob, edges[1:-1]), 0, 9)
     calibration = [{"bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}", "parts": int(np.sum(which == b)),
                     "mean_predicted": float(prob[which == b].mean()) if np.any(which == b) else None,
                     "observed_pass_rate": float(truth[which == b].mean()) if np.any(which == b) else None}
                    for b in range(10)]
-    evaluated = y[evaluation].astype(int)
-    predicted_pass = model.predict_proba(X[evaluation])[:, 1] >= threshold
-    fail, predicted_fail = evaluated == 0, ~predicted_pass
-    both_evaluated = len(np.unique(evaluated)) == 2
+    fail, predicted_fail = truth == 0, prob < threshold
+    caught, flagged = int((fail & predicted_fail).sum()), int(predicted_fail.sum())
     return {
         "label": label,
-        "holdout_parts": int(len(holdout)),
-        "holdout_pass_rate": float(truth.mean()) if len(truth) else None,
-        "roc_auc": float(roc_auc_score(truth, prob)) if both_classes else None,
+        "split": f"forward folds ({folds.kind})",
+        "evaluated_parts": pooled.parts,
+        "fail_parts": pooled.fails,
+        "pass_rate": float(truth.mean()) if len(truth) else None,
+        "roc_auc": pooled.point,
+        "roc_auc_low": pooled.low,
+        "roc_auc_high": pooled.high,
         "brier": float(brier_score_loss(truth, prob)) if len(truth) else None,
         "calibration": calibration,
         "threshold": threshold,
-        "evaluation_parts": int(len(evaluation)),
-        "evaluation_fail_parts": int(fail.sum()),
-        "f1_fail_class": float(f1_score(fail, predicted_fail)) if both_evaluated else None,
-        "f1_pass_class": float(f1_score(~fail, predicted_pass)) if both_evaluated else None,
-        "fail_precision": _rate(fail[predicted_fail]),
-        "fail_recall": _rate(predicted_fail[fail]),
-        "accuracy": _rate(predicted_pass == ~fail),
-        "measured_on": "roc_auc, brier, calibration: every held-out part with a label; threshold, f1, precision, "
-                       "recall, accuracy: the evaluation parts, the second half of the held-out parts with a label "
-                       "(the later half where parts are ordered in time); the threshold was chosen on the first half",
+        "flagged_parts": flagged,
+        "caught_fails": caught,
+        "fail_precision": caught / flagged if flagged else None,
+        "fail_recall": caught / pooled.fails if pooled.fails else None,
+        "tuning_parts": pooled.parts,
+        "evaluation_parts": pooled.parts,
+        "forward": forward.to_dict(),
+        "measured_on": "every measure: the pooled out-of-time predictions of the forward folds, each part scored by a "
+                       "model trained only on earlier parts; interval: 95% bootstrap over those parts; the "
+                       "threshold was chosen on the same predictions (its precision and recall are optimistic by "
+                       "that choice)",
     }
 
 

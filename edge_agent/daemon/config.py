@@ -87,7 +87,7 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     queue_parts = 4096               # parts waiting for the shadow thread; beyond it parts are skipped (counted)
     batch_parts = 64                 # parts per challenger onnxruntime call
 
-    [security]                       # keys and who may do what: README, Security
+    [security]                       # keys and who may do what: docs/security.md
     key = ""                         # this agent's CURVE secret certificate (*.key_secret)
     collector_key = ""               # the collector's public certificate: drift windows go over CURVE
     control_bind = ""                # the control socket (CURVE) for reload and rollback; "": no one may send them
@@ -394,7 +394,7 @@ class AgentConfig(_AgentSection):
     shutdown_timeout_s: float = 5.0
     drain_quiet_ms: int = 100
     stage_sample_every: int = 100              # edge_agent/daemon/stages.py; 0: no per-stage timing
-    keep_warm_ms: int = 5                      # server.py _rehearse, touchdowns.py; 0: sleep until a request
+    keep_warm_ms: int = 5                      # score_path.py KeepWarm, touchdowns.py; 0: sleep until a request
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pat: PatConfig = field(default_factory=PatConfig)

@@ -116,7 +116,9 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
                              resolution_floor=manifest.pat.resolution_floor),
         explainer=Explainer(columns, manifest.pat.limits),
         outlier_threshold=float(outlier_model.threshold), pass_threshold=float(yield_model.threshold),
-        identity={"name": ref.name, "version": ref.version, "checksum": result.checksum},
+        # Every reply's model block says when the yield model could not be told from chance (--advisory).
+        identity={"name": ref.name, "version": ref.version, "checksum": result.checksum,
+                  **({"advisory": True} if yield_model.gate is not None and yield_model.gate.advisory else {})},
         smoke={}, signature=signature, loaded_at=time.time(), _session=session,
         _input=manifest.input.name, _outputs=[outlier_model.output, YIELD_PREFIX + yield_model.output])
     try:

@@ -34,7 +34,7 @@ YIELD_FILE = "yield.onnx"
 YIELD_INT8_FILE = "yield.int8.onnx"
 REQUIRED_FILES = (MODEL_CARD_FILE, SAMPLE_ROWS_FILE)
 YIELD_KINDS = ("random_forest", "logistic", "mlp", "hist_gradient_boosting")
-HELD_OUT_SPLITS = ("lot", "time", "random")          # how the held-out parts were chosen (trainer.evaluation)
+HELD_OUT_SPLITS = ("lot", "time", "random", "input")  # how the held-out parts were chosen (trainer.evaluation)
 THRESHOLD_OBJECTIVES = ("fail_f1", "fail_precision", "fixed")   # what the yield threshold was chosen for
 VARIANTS = ("float32", "int8")
 # PAT rules by the shape of a test's readings, and what the self-check does to a test whose limits flag too many
@@ -143,6 +143,10 @@ class QualityGate:
     roc_auc: float | None
     passed: bool
     reason: str
+    auc_low: float | None = optional()      # the forward AUC's 95% interval, whose lower bound the gate judges
+    auc_high: float | None = optional()
+    fails: int | None = optional()          # failing parts behind the interval
+    advisory: bool = optional(False)        # published although it did not pass (--advisory): agents say so
 
 
 @dataclass(frozen=True, kw_only=True)

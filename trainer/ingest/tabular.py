@@ -1,4 +1,4 @@
-"""CSV and Parquet readers: a file in the format described in README.md ("Data in") -> ParametricTable.
+"""CSV and Parquet readers: a file in the format described in docs/data.md -> ParametricTable.
 
 Column names are matched to identity and label columns case-insensitively and through a few
 common aliases (``ALIASES``); every other column is a test. Test metadata comes from the
@@ -237,3 +237,26 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
 
+
+
+def use_time_column(table: ParametricTable, column: str) -> ParametricTable:
+    """The table with ``column`` (set aside when read: ISO times or unix seconds, under the file's own name) as the
+    parts' ``timestamp``; DataError naming the column and the values that are neither."""
+    if column not in table.frame.columns:
+        raise DataError("the time column is missing", column=column, expected="a column of the data",
+                        got="no such column")
+    if column != "timestamp" and "timestamp" in table.frame.columns:
+        raise DataError("the data has a timestamp column already", column=column,
+                        expected="--time-column naming the only time column", got="timestamp and " + column)
+    raw = table.frame[column]
+    seconds = pd.to_numeric(raw, errors="coerce")
+    if seconds.notna().sum() < raw.notna().sum():
+        parsed = pd.to_datetime(raw, errors="coerce", utc=True)
+        seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    bad = raw.notna() & seconds.isna()
+    if bad.any():
+        shown = ", ".join(repr(v) for v in raw[bad].head(EXAMPLES))
+        raise DataError(f"{int(bad.sum())} values are neither times nor numbers", column=column,
+                        expected="ISO times (2008-07-19 11:55:00) or unix seconds", got=shown)
+    frame = table.frame.drop(columns=[column]).assign(timestamp=seconds.to_numpy(float))
+    return ParametricTable(frame, table.tests, table.sources)
