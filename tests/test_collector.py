@@ -426,6 +426,10 @@ def test_a_valid_window_whose_store_keeps_failing_is_refused_for_good_after_thre
                                                                       "[first, last] with 1 <= first <= last < seq"),
     (lambda m: m.update(expected_outlier_rate=1.5), "expected_outlier_rate: expected a finite number in [0.0, 1.0]"),
     (lambda m: m["reference"]["edges"][0].__setitem__(0, float("nan")), "reference.edges[0][0]: expected a finite"),
+    (lambda m: m["reference"].update(pat_screens=[{"kind": "static", "verdict": "separates", "good_parts": 10,
+                                                   "good_flagged": 11, "fail_parts": 0, "fail_flagged": 0}]),
+     "reference.pat_screens[0].good_flagged: expected an integer in 0..10"),
+    (lambda m: m["reference"].update(pat_screens="static"), "reference.pat_screens: expected a list of at most 8"),
 ])
 def test_the_collector_refuses_every_value_it_could_not_store_naming_field_limit_and_value(drift_floor, change,
                                                                                              field):

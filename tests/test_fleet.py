@@ -124,6 +124,9 @@ def test_the_demo_leads_with_the_drifting_site_and_its_report_shows_incidents_an
     cells = page["cells"]
     assert "site fault" in cells and f"demo-tester h{drift['head']}/s{drift['site']}" in cells
     assert "no retrain" in cells and "retrain" not in cells
+    # The package's PAT screen checks reach the report through the agent's drift windows.
+    assert "PAT screens per model, as trained (good and failing parts flagged on later training parts)" in headings
+    assert {"static", "dynamic"} <= set(cells)
     legend = {value: colour for value, colour, table in page["colours"] if table == "legend"}
     assert len({legend[0.2], legend[1], legend[5]}) == 3
     bands = sorted(legend)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from edge_agent.package import rules
 from edge_agent.package.manifest import MANIFEST_FILE
 from edge_agent.package.registry import Registry
 from trainer.ingest import load_tables
@@ -177,7 +178,8 @@ def test_fit_from_two_stdf_lots_through_the_command_line(tmp_path):
 
 def test_static_pat_uses_the_log_scale_only_for_skewed_positive_tests():
     """Log-normal leakage gets limits on log(reading) (a fresh sample of the same population stays inside),
-    a normal test keeps median +/- 6 robust sigma, and a skewed test with readings <= 0 cannot go to log."""
+    a normal test keeps median +/- (6 + the one-lot allowance) robust sigma, and a skewed test with readings <= 0
+    cannot go to log."""
     rng = np.random.default_rng(5)
     n = 5000
     leak = rng.lognormal(-2.0, 1.0, n)
@@ -187,8 +189,9 @@ def test_static_pat_uses_the_log_scale_only_for_skewed_positive_tests():
     assert [entry.scale for entry in limits] == ["log", "linear", "linear"]
 
     vdd = limits[1]
-    assert vdd.low == pytest.approx(vdd.median - 6 * vdd.robust_sigma)
-    assert vdd.high == pytest.approx(vdd.median + 6 * vdd.robust_sigma)
+    assert vdd.lot_allowance == rules.ONE_LOT_ALLOWANCE
+    assert vdd.low == pytest.approx(vdd.median - (6 + vdd.lot_allowance) * vdd.robust_sigma)
+    assert vdd.high == pytest.approx(vdd.median + (6 + vdd.lot_allowance) * vdd.robust_sigma)
 
     fresh = rng.lognormal(-2.0, 1.0, 100_000)
     outside_log = np.mean((fresh < limits[0].low) | (fresh > limits[0].high))

@@ -61,6 +61,8 @@ def render_model_card(manifest: Manifest) -> str:
     lines += [f"| {c['bin']} | {c['parts']} | {_num(c['mean_predicted'])} | {_num(c['observed_pass_rate'])} |"
               for c in ym.get("calibration", []) if c["parts"]]
     lines += _static_pat(manifest)
+    lines += _pat_floors(manifest)
+    lines += _pat_screens(manifest)
     lines += ["", "## ONNX graphs and their fidelity to scikit-learn", "",
               "| graph | rows checked | max abs difference | decisions agreeing |", "|---|---|---|---|"]
     lines += [f"| {f.file} | {f.rows:,} | {f.max_abs_diff:.2e} | {f.decision_agreement:.4%} |"
@@ -100,9 +102,8 @@ def _static_pat(manifest: Manifest) -> list[str]:
         return lines   # a package written before the self-check
     actions = Counter(limit.self_check for limit in limits)
     excess = "widened to that rate" if pat.on_excess == "widen" else "disabled"
-    lines += [f"Every robust sigma is at least {pat.resolution_floor:g} x the test's measurement resolution (its "
-              "smallest step between distinct readings); a test whose robust sigma differs between training lots "
-              "takes its widest lot's. Self-check: a test whose limits flag more than "
+    lines += [f"A test whose robust sigma differs between training lots takes its widest lot's (its floor and the "
+              "room left for the next lot: below). Self-check: a test whose limits flag more than "
               f"{pat.max_flag_rate:.2%} of the passing training parts is {excess} (disabled when widening needs "
               f"more than 3 x k). Widened: {actions['widened']}, disabled: {actions['disabled']}.", ""]
     listed = [limit for limit in limits if limit.self_check in ("widened", "disabled")
@@ -115,6 +116,54 @@ def _static_pat(manifest: Manifest) -> list[str]:
               for limit in listed[:MAX_PAT_ROWS]]
     return lines + (["", f"... and {len(listed) - MAX_PAT_ROWS} more in manifest.pat.limits"]
                     if len(listed) > MAX_PAT_ROWS else [])
+
+
+def _pat_floors(manifest: Manifest) -> list[str]:
+    """Which floor set each test's sigma (static and dynamic) and the room its static limits leave for the next lot."""
+    pat, limited = manifest.pat, [limit for limit in manifest.pat.limits if limit.sigma_floor is not None]
+    if not limited:
+        return []   # a package written before the floors
+    binding = [limit for limit in limited if limit.sigma_floor and limit.robust_sigma is not None
+               and limit.robust_sigma <= limit.sigma_floor * (1 + 1e-9)]
+    by_limits = [limit for limit in binding if limit.resolution is None
+                 or limit.sigma_floor > pat.resolution_floor * limit.resolution * (1 + 1e-9)]
+    rules = Counter(limit.allowance_rule for limit in limited if limit.allowance_rule)
+    lines = ["", "## PAT floors and the next lot", "",
+             f"No sigma, static or in a dynamic site window, is below the test's floor: {pat.resolution_floor:g} "
+             f"resolution step (read site by site) or {pat.limit_share_floor:.0%} of its limit range, whichever is "
+             f"larger. The floor sets the sigma of {len(binding)} of {len(limited)} tests ({len(by_limits)} by the "
+             "limit range, the others by the resolution); the data sets the rest.",
+             "Static limits leave room for the next lot on top of k robust sigmas: "
+             + "; ".join(f"{rule} ({count} tests)" for rule, count in rules.most_common()) + "."]
+    if binding:
+        lines += ["", "| test | resolution | sigma floor | robust sigma | lot allowance (sigma) |", "|---|---|---|---|---|"]
+        lines += [f"| {limit.column} | {_num(limit.resolution)} | {_num(limit.sigma_floor)} | "
+                  f"{_num(limit.robust_sigma)} | {_num(limit.lot_allowance)} |" for limit in binding[:MAX_PAT_ROWS]]
+        if len(binding) > MAX_PAT_ROWS:
+            lines += ["", f"... and {len(binding) - MAX_PAT_ROWS} more in manifest.pat.limits"]
+    return lines
+
+
+def _pat_screens(manifest: Manifest) -> list[str]:
+    """Each PAT screen on later training parts: good and failing parts flagged, and whether it separates them."""
+    screens = manifest.pat.screens
+    if screens is None:
+        return []
+    lines = ["", "## PAT screens on later parts", "",
+             f"Limits set on earlier training parts and judged on later ones ({manifest.pat.screens_cut}), good "
+             "and failing by the tester's pass flag, with 95 % intervals. A screen that does not separate them is "
+             "reported by the agent and never decides a bin.", "",
+             "| screen | good flagged | failing flagged | verdict |", "|---|---|---|---|"]
+    for screen in screens:
+        lines.append(f"| {screen.kind} | {_share(screen.good_flagged, screen.good_parts, screen.good_rate_interval)} | "
+                     f"{_share(screen.fail_flagged, screen.fail_parts, screen.fail_rate_interval)} | "
+                     f"**{screen.verdict}**: {screen.reason} |")
+    return lines
+
+
+def _share(flagged: int, parts: int, interval: list[float]) -> str:
+    rate = flagged / parts if parts else 0.0
+    return f"{rate:.2%} ({flagged} of {parts}; {interval[0]:.2%}-{interval[1]:.2%})"
 
 
 def _gate_warning(yield_model) -> list[str]:

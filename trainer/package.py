@@ -21,19 +21,21 @@ from edge_agent.package.manifest import (MODEL_CARD_FILE, OUTLIER_FILE, SAMPLE_R
                                          Lineage, Manifest, Models, OutlierModel, Pat, Quantization, QualityGate,
                                          SourceFile, YieldLabel, YieldModel, YieldThreshold)
 from edge_agent.package.registry import PackageRef, Registry
-from edge_agent.package.rules import RESOLUTION_FLOOR
+from edge_agent.package.rules import LIMIT_SHARE_FLOOR, RESOLUTION_FLOOR
 
 from .export import (TREE_QUANTIZATION_NOTE, check_fidelity, isolation_forest_to_onnx, quantize_int8, supports_int8,
                      yield_model_to_onnx)
 from .modelcard import render_model_card
 from .reference import PAT_MIN_PARTS, drift_reference, static_pat_limits
+from .screens import check_screens
 from .table import ParametricTable
 from .train import TrainedModels
 
 PAT_METHOD = ("AEC-Q001 over passing training parts, by each test's shape (edge_agent.package.rules): normal and "
               "discrete median +/- k * IQR/1.35; lognormal the same on log(reading); skewed a half-IQR sigma per "
               "side; bimodal around both modes; constant none. Every sigma >= resolution_floor x the test's "
-              "resolution; a test whose robust sigma differs between training lots takes its widest lot's; then "
+              "resolution (read site by site) and >= limit_share_floor x its limit range; static limits leave "
+              "each test's lot_allowance for the next lot; a test whose robust sigma differs between training lots takes its widest lot's; then "
               "the self-check widens (or disables) a test flagging more than max_flag_rate of the passing parts")
 # The agent's load-time smoke test scores these first held-out rows as one call; every fidelity check scores
 # that call too, so the difference the manifest records covers what the smoke test will see.
@@ -97,6 +99,10 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
     train_rows = trained.train_index
     reference_rows = train_rows[passed[train_rows]]
     reference_scores = trained.outlier.decision_function(X[reference_rows])
+    pat_rules = dict(k_sigma=trained.config.pat_k_sigma, max_flag_rate=trained.config.pat_max_flag_rate,
+                     on_excess=trained.config.pat_on_excess)
+    limit_ranges = [t.high - t.low if t.low is not None and t.high is not None else None for t in features]
+    screens, screens_cut = check_screens(table, X, trained.columns, passed, **pat_rules, limit_ranges=limit_ranges)
     imputer_values = trained.outlier.named_steps["impute"].statistics_
 
     manifest = Manifest(
@@ -124,12 +130,12 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
                 params=_json_params(trained.yield_model.named_steps["model"]),
                 quantization=Quantization(int8=int8_possible, reason=int8_reason), **_yield_evaluation(trained))),
         pat=Pat(k_sigma=trained.config.pat_k_sigma, method=PAT_METHOD, min_parts=PAT_MIN_PARTS,
-                limits=static_pat_limits(X[reference_rows], trained.columns, trained.config.pat_k_sigma,
-                                         max_flag_rate=trained.config.pat_max_flag_rate,
-                                         on_excess=trained.config.pat_on_excess,
-                                         lots=_lots(table)[reference_rows]),
-                resolution_floor=RESOLUTION_FLOOR, max_flag_rate=trained.config.pat_max_flag_rate,
-                on_excess=trained.config.pat_on_excess),
+                limits=static_pat_limits(X[reference_rows], trained.columns, **pat_rules,
+                                         lots=table.lot_keys()[reference_rows], wafers=table.wafer_keys()[reference_rows],
+                                         sites=table.site_keys()[reference_rows], limit_ranges=limit_ranges),
+                resolution_floor=RESOLUTION_FLOOR, limit_share_floor=LIMIT_SHARE_FLOOR,
+                max_flag_rate=trained.config.pat_max_flag_rate, on_excess=trained.config.pat_on_excess,
+                screens=screens, screens_cut=screens_cut),
         drift_reference=drift_reference(X[reference_rows], trained.columns, reference_scores,
                                         trained.outlier_threshold, trained.config.drift_bins),
         metrics=HeldOutMetrics(outlier=trained.metrics["outlier"], yield_model=trained.metrics["yield"],
@@ -145,13 +151,6 @@ def build_package(trained: TrainedModels, table: ParametricTable, validation: di
     )
     files[MODEL_CARD_FILE] = render_model_card(manifest).encode()
     return files, manifest
-
-
-def _lots(table: ParametricTable) -> np.ndarray:
-    """Each row's lot for the static PAT lot-spread check (one lot when the table does not say)."""
-    if "lot" not in table.frame.columns:
-        return np.zeros(len(table), dtype=object)
-    return table.frame["lot"].astype(object).where(table.frame["lot"].notna(), "").astype(str).to_numpy()
 
 
 def _passing_mask(table: ParametricTable) -> np.ndarray:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent.package.manifest import FeatureBins, PatLimit, ReferenceBins, ScoreBins, ScoreQuantiles
-from edge_agent.package.rules import (LOT_SPREAD_RATIO, SHAPES, TYPICAL_SIGMA, bin_index, self_check, static_rule,
-                                      widest_lot)
+from edge_agent.package.rules import (LOT_SPREAD_RATIO, SHAPES, TYPICAL_SIGMA, bin_index, lot_allowance, self_check,
+                                      static_rule, widest_lot)
 
 PAT_MIN_PARTS = 30
 MAX_FLAG_RATE = 0.001     # the self-check's default: at most 0.1 % of passing training parts outside a test's limits
@@ -17,25 +17,31 @@ MAX_FLAG_RATE = 0.001     # the self-check's default: at most 0.1 % of passing t
 
 def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6.0, *,
                       max_flag_rate: float = MAX_FLAG_RATE, on_excess: str = "widen",
-                      lots: np.ndarray | None = None) -> list[PatLimit]:
+                      lots: np.ndarray | None = None, wafers: np.ndarray | None = None,
+                      sites: np.ndarray | None = None,
+                      limit_ranges: list[float | None] | None = None) -> list[PatLimit]:
     """AEC-Q001 static PAT limits per test from the passing training parts ``values``, by the rule of each test's
     shape (``edge_agent.package.rules``), then checked against those same parts (``rules.self_check``).
 
     ``scale`` "log" marks a log-normal test whose limits are median(log x) +/- k robust sigma of log x;
     ``median`` and ``robust_sigma`` are always in the test's own units. With ``lots`` (each row's lot), a test
     whose robust sigma differs between training lots by more than ``LOT_SPREAD_RATIO`` takes its widest lot's.
-    A test with fewer than ``PAT_MIN_PARTS`` readings gets no limits (``low``/``high`` None): the standard asks
+    Every sigma is at least the test's sigma floor (its resolution, read per site with ``sites``, and a share of
+    ``limit_ranges``, each test's high - low), and the limits leave room for the next lot (``rules.lot_allowance``:
+    the spread between ``lots``, or between ``wafers`` of one lot, or the stated one-lot allowance). A test with fewer than ``PAT_MIN_PARTS`` readings gets no limits (``low``/``high`` None): the standard asks
     for at least 30 parts, and a limit from fewer would be noise.
     """
-    return [_test_limits(values[:, i], column, k_sigma, max_flag_rate, on_excess, lots)
+    ranges = limit_ranges or [None] * len(columns)
+    return [_test_limits(values[:, i], column, k_sigma, max_flag_rate, on_excess, lots, wafers, sites, ranges[i])
             for i, column in enumerate(columns)]
 
 
 def _test_limits(values: np.ndarray, column: str, k_sigma: float, max_flag_rate: float, on_excess: str,
-                 lots: np.ndarray | None) -> PatLimit:
+                 lots: np.ndarray | None, wafers: np.ndarray | None, sites: np.ndarray | None,
+                 limit_range: float | None) -> PatLimit:
     present = values[np.isfinite(values)]
     n = len(present)
-    rule = static_rule(present) if n else None
+    rule = static_rule(values, sites, limit_range) if n else None
     if rule is None:
         median = float(present[0]) if n else None
         return PatLimit(column=column, median=median, robust_sigma=0.0 if n else None, low=None, high=None, n=n,
@@ -46,10 +52,13 @@ def _test_limits(values: np.ndarray, column: str, k_sigma: float, max_flag_rate:
         rule, ratio = widest_lot(rule, values, lots)
         if ratio is not None and ratio > LOT_SPREAD_RATIO:
             notes.append(f"robust sigma differs {ratio:.2f}x between training lots: the widest lot's sigma is used")
-    typical_low, typical_high = rule.limits(TYPICAL_SIGMA)
+    typical_low, typical_high = rule.limits(TYPICAL_SIGMA)   # the training parts' own range, before the allowance
+    rule = lot_allowance(rule, values, lots, wafers)
     entry = dict(column=column, median=rule.median, robust_sigma=rule.robust_sigma,
                  scale="log" if rule.log_scale else "linear", n=n, shape=SHAPES[rule.shape],
-                 resolution=rule.resolution, typical_low=_num(typical_low), typical_high=_num(typical_high))
+                 resolution=rule.resolution, typical_low=_num(typical_low), typical_high=_num(typical_high),
+                 sigma_floor=rule.sigma_floor, lot_allowance=round(rule.allowance, 3),
+                 allowance_rule=rule.allowance_rule)
     if n < PAT_MIN_PARTS:
         too_few = f"{n} readings, fewer than the {PAT_MIN_PARTS} PAT needs: no limits"
         return PatLimit(**entry, low=None, high=None, reason="; ".join(notes + [too_few]))

@@ -12,6 +12,8 @@ What real datalogs do to a table can be turned on (off by default, all on in ``D
 demo): tests read in coarse instrument steps (a few distinct values), stop-on-fail programs (a failing part's
 later tests missing), sampled datalogs (parts with a part record and bins but no readings), tests whose
 spread is 3-5x wider in every other lot, and sublots sharing a lot id (wafer numbers restart in each).
+``NEXT_LOT_OFF`` is the case a next lot breaks PAT on: more quantized tests, each lot further off the others, and
+each site's readings on its own calibrated grid.
 
 One floor (``seed``) is one tester with its own sites: its site offsets and drift are drawn once per seed and
 stay with it from lot to lot, while each lot (``first_lot_index`` + position) draws its own material. A fleet
@@ -80,6 +82,13 @@ SUBLOT_OFFSET_SIGMA = 0.1        # per-test offsets between the sublots of one l
                                  # further apart than two lots (a lot's per-test offset is 0.1 too)
 DATALOG_PATHOLOGIES = {"quantized_share": 0.1, "stop_on_fail": True, "datalog_every": 2,
                        "spread_change_share": 0.03, "sublots": 2}
+LOT_OFFSET_SIGMA = 0.1           # each lot's own per-test offset (z units), on top of its process speed
+# The next lot slightly off, on quantized tests (issue 28's real next lot): every lot sits off the others by a
+# per-test offset of this sd (0.5 sigma: a next lot a little off on many tests, several on a few), and a third of
+# the tests are read in instrument steps of 0.8-1.6 sigma, so a one-step move of a lot's median is a whole sigma.
+# Each site's instrument channel adds its own calibration offset (a fraction of a step) after quantization, so the
+# union of a test's readings over the sites has steps far finer than one site's, which reads a few steps.
+NEXT_LOT_OFF = {"quantized_share": 0.3, "lot_offset_sigma": 0.5, "site_calibration": True}
 
 # The final-test lot of a floor (``write(..., final_test=...)``): the dies that passed wafer sort, packaged.
 ASSEMBLY_LOSS = 0.004            # passing dies lost between sort and final test (saw, pick, assembly): no record
@@ -144,6 +153,8 @@ class SynthConfig(Checked):
         "datalog_every": [Interval(int, 1, 1000)],
         "spread_change_share": [Interval(float, 0, 1)],
         "sublots": [Interval(int, 1, len(SUBLOT_NAMES))],
+        "lot_offset_sigma": [Interval(float, 0, 3)],
+        "site_calibration": [Instance(bool)],
     }
     RULES = (Rule(("parts", "lots"), _every_lot_has_a_part),
              Rule(("excursions", "lots", "heads", "sites"), _excursions_fit_the_floor))
@@ -169,6 +180,8 @@ class SynthConfig(Checked):
     datalog_every: int = 1                 # only every n-th part of a lot has readings; the others only bins
     spread_change_share: float = 0.0       # share of the tests whose spread is 3-5x wider in every other lot
     sublots: int = 1                       # sublots per lot, sharing its lot id; wafer numbers restart in each
+    lot_offset_sigma: float = LOT_OFFSET_SIGMA   # sd of each lot's own per-test offset (z units); NEXT_LOT_OFF raises it
+    site_calibration: bool = False         # quantized readings carry their site's calibration offset (off the grid)
 
     def __post_init__(self) -> None:
         if isinstance(self.excursions, (list, tuple)):
@@ -455,7 +468,7 @@ def _stream(seed: int, tag: int, a: int = 0, b: int = 0) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, tag, a, b]))
 
 
-FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, FINAL_TEST, LOT_SPREAD, SUBLOT, TESTER_PLAN = range(10)
+FLOOR, LOT, WAFER, DRIFT_PLAN, SHIFT_PLAN, LATENT_PLAN, FINAL_TEST, LOT_SPREAD, SUBLOT, TESTER_PLAN, SITE_CAL = range(11)
 
 
 @dataclass
@@ -524,7 +537,8 @@ class _Lot:
     def draw(cls, config: SynthConfig, program: _Program, position: int, name: str) -> "_Lot":
         number = config.first_lot_index + position
         rng = _stream(config.seed, LOT, number)
-        speed, offset = float(rng.normal(0.0, 0.3)), rng.normal(0.0, 0.1, config.tests).astype(np.float32)
+        speed = float(rng.normal(0.0, 0.3))
+        offset = rng.normal(0.0, config.lot_offset_sigma, config.tests).astype(np.float32)
         tester, probe_card = f"93K-{int(rng.integers(1, 40)):02d}", f"PC-{int(rng.integers(100, 999)):03d}"
         # Every other lot is wide on half the spread-changing tests and narrow on the others, so any two
         # consecutive lots show each of them both ways.
@@ -552,6 +566,9 @@ class _Floor:
         self.site_offset = rng.normal(0.0, 0.2, (config.heads * config.sites, tests)).astype(np.float32)
         drifts = rng.random(tests) < 0.4
         self.drift_coef = (drifts * rng.normal(0.0, 0.35, tests)).astype(np.float32)
+        # A site's calibration offset on each quantized test: within half a step of the grid, fixed per tester.
+        self.calibration = (_stream(config.seed, SITE_CAL).uniform(-0.5, 0.5, self.site_offset.shape)
+                            * self.program.quantum).astype(np.float32) if config.site_calibration else None
         self.touchdown = np.arange(self.layout.dies) // config.sites
         self.head = (1 + self.touchdown % config.heads).astype(np.int32)
         self.site = (np.arange(self.layout.dies) % config.sites).astype(np.int32)
@@ -715,6 +732,8 @@ class _Floor:
         readings = prog.to_physical(z)
         del z
         prog.quantize(readings)
+        if self.calibration is not None:
+            readings += self.calibration[(head - 1) * c.sites + site]
         if c.missing_fraction:
             cells = rng.integers(0, n * c.tests, rng.binomial(n * c.tests, c.missing_fraction))
             cells = cells[~latent[cells // c.tests]]

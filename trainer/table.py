@@ -103,6 +103,30 @@ class ParametricTable:
         cols = self.test_columns if columns is None else list(columns)
         return self.frame[cols].to_numpy(dtype=np.float64, na_value=np.nan)
 
+    def lot_keys(self) -> np.ndarray:
+        """Each row's lot as a string ("" where unknown; all "" when the table has no lot column)."""
+        if "lot" not in self.frame.columns:
+            return np.full(len(self.frame), "", dtype=object)
+        lots = self.frame["lot"]
+        return lots.astype(object).where(lots.notna(), "").astype(str).to_numpy(dtype=object)
+
+    def wafer_keys(self) -> np.ndarray:
+        """Each row's lot/sublot/wafer (None everywhere when the table has no wafer column)."""
+        if "wafer" not in self.frame.columns:
+            return np.full(len(self.frame), None, dtype=object)
+        key = self.frame["wafer"].astype(str)
+        for name in ("sublot", "lot"):
+            if name in self.frame.columns:
+                key = self.frame[name].astype(str) + "/" + key
+        return key.to_numpy(dtype=object)
+
+    def site_keys(self) -> np.ndarray:
+        """Each row's head * 1000 + site (head 1, site 0 where the table does not say)."""
+        frame = self.frame
+        head = frame["head"].fillna(1).to_numpy(int) if "head" in frame.columns else np.ones(len(frame), int)
+        site = frame["site"].fillna(0).to_numpy(int) if "site" in frame.columns else np.zeros(len(frame), int)
+        return head * 1000 + site
+
     def set_aside(self, columns: Iterable[str]) -> "ParametricTable":
         """The table with ``columns`` no longer tests: kept in the frame as read, never a model input (a label, a
         join key that a reader took for a measurement)."""

@@ -87,6 +87,7 @@ class _Model:
     expected_outlier_rate: float
     reference: np.ndarray        # [T, max_bins] proportions, zero-padded
     edges: list[list[float]]
+    pat_screens: list[dict]      # the package's PAT screen checks (empty: a package or agent before them)
 
     @property
     def label(self) -> str:
@@ -131,6 +132,9 @@ def write_report(db: str | Path, out: str | Path, *, since_hours: float | None =
                 "what it says"], [_incident_row(i, tests) for i, tests in open_incidents])
     page.heading(f"Retrain recommendation per model ({len(models)})")
     page.table(["model", "recommendation", "why"], [_recommendation(m, open_incidents) for m in models.values()])
+    page.heading("PAT screens per model, as trained (good and failing parts flagged on later training parts)")
+    page.table(["model", "screen", "good flagged", "failing flagged", "verdict"],
+               [row for model in models.values() for row in _screen_rows(model)])
     page.heading(f"Closed incidents ({closed_total})")
     page.table(["#", "diagnosis", "where", "model", "tests: PSI against baseline (noise level)", "from", "closed",
                 "why closed"], [_closed_row(i, tests) for i, tests in closed])
@@ -169,7 +173,7 @@ def _load(store: Store, since: float) -> tuple[dict[str, _Model], list[_Series]]
         reference = decode_trusted(row["reference"])
         models[row["checksum"]] = _Model(row["checksum"], row["name"], row["version"], decode_trusted(row["columns"]),
                                          row["expected_outlier_rate"], _padded(reference["proportions"]),
-                                         reference["edges"])
+                                         reference["edges"], reference.get("pat_screens", []))
     series: dict[tuple, _Series] = {}
     rows = store.db.execute(
         "SELECT w.model_checksum, w.agent_id, w.tester, w.end, s.head, s.site, s.parts, s.outliers, s.counts "
@@ -193,6 +197,18 @@ def _load(store: Store, since: float) -> tuple[dict[str, _Model], list[_Series]]
         if s is not None:
             s.judged = np.array([np.nan if v is None else v for v in values])
     return models, sorted(series.values(), key=lambda s: (s.tester, s.head, s.site))
+
+
+def _screen_rows(model: _Model) -> list[tuple]:
+    """A screen that does not separate good from failing parts says so: the agents report its breaks, never bin."""
+    return [(model.label, screen["kind"], _flagged_share(screen["good_flagged"], screen["good_parts"]),
+             _flagged_share(screen["fail_flagged"], screen["fail_parts"]),
+             "DOES NOT SEPARATE: reported, not binned" if screen["verdict"] == "does not separate"
+             else screen["verdict"]) for screen in model.pat_screens]
+
+
+def _flagged_share(flagged: int, parts: int) -> str:
+    return f"{flagged / parts:.1%} ({flagged} of {parts})" if parts else "no parts"
 
 
 def _padded(rows: list[list[float]], shape: tuple[int, int] | None = None) -> np.ndarray:

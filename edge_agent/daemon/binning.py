@@ -80,9 +80,11 @@ def check_policy(order: tuple[str, ...] | list[str], bins: dict[str, int]) -> li
 
 def decide(policy: BinPolicy, *, static: list[PatBreak], dynamic: list[PatBreak], score: float,
            score_threshold: float, pass_probability: float, pass_threshold: float,
-           drivers: list[Driver] = ()) -> Decision:
+           drivers: list[Driver] = (), observed_only: frozenset[str] = frozenset()) -> Decision:
     """``drivers``: the tests furthest from typical (``edge_agent.daemon.explain``), named at the end of the why: what
-    drove an ML outlier, and how far out a PAT break is (the outlier score saturates; robust sigmas do not)."""
+    drove an ML outlier, and how far out a PAT break is (the outlier score saturates; robust sigmas do not).
+    ``observed_only``: conditions the package's screen check found flag good parts as often as failing ones
+    (``Manifest.pat.screens``): reported, never deciding."""
     fired = {"static_pat": bool(static), "dynamic_pat": bool(dynamic), "ml_outlier": score < score_threshold,
              "predicted_fail": pass_probability < pass_threshold}
     flags = [name for name in CONDITIONS if fired[name]]
@@ -91,7 +93,10 @@ def decide(policy: BinPolicy, *, static: list[PatBreak], dynamic: list[PatBreak]
     reasons = {name: _why(name, static, dynamic, score, score_threshold, pass_probability, pass_threshold)
                for name in flags}
     named = f"; furthest from typical: {', '.join(d.describe() for d in drivers)}" if drivers else ""
-    deciding = deciding_condition(policy, fired)
+    deciding = deciding_condition(policy, {name: on and name not in observed_only for name, on in fired.items()})
+    for name in observed_only & set(flags):
+        reasons[name] += " (observed only: this package's screen check found it flags good parts as often as " \
+                         "failing ones)"
     if deciding is None:
         return Decision(policy.bins[PASS], PASS,
                         "observed only (not in the bin order): " + "; ".join(reasons.values()) + named, flags)

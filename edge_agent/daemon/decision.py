@@ -101,7 +101,8 @@ class PartDecider:
                 sample[EXPLAIN] = time.perf_counter_ns()
             decision = decide(policy, static=static, dynamic=breaks, score=score,
                               score_threshold=model.outlier_threshold, pass_probability=probability,
-                              pass_threshold=model.pass_threshold, drivers=drivers)
+                              pass_threshold=model.pass_threshold, drivers=drivers,
+                              observed_only=model.observed_only)
             if metrics is not None:
                 _count(metrics, decision)
                 if sample is not None:

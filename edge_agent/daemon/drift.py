@@ -20,11 +20,12 @@ only copies the counts (``ClosedWindow``); ``ClosedWindow.to_payload`` builds th
 """
 from __future__ import annotations
 
+
 import functools
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -116,6 +117,9 @@ class DriftReference:
     expected_outlier_rate: float
     score_center: float
     score_scale: float
+    # The package's PAT screen checks (kind, verdict, good and failing parts flagged), passed on to the collector's
+    # report so a screen that does not separate good from failing parts is seen there too.
+    pat_screens: tuple[dict, ...] = ()
 
     @property
     def n_tests(self) -> int:
@@ -124,8 +128,12 @@ class DriftReference:
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> DriftReference:
         """The manifest's drift reference in its feature order; DataError if it cannot be used."""
-        return cls.from_bins(manifest.columns, manifest.drift_reference,
-                             f"manifest of {manifest.name}/{manifest.version}")
+        reference = cls.from_bins(manifest.columns, manifest.drift_reference,
+                                  f"manifest of {manifest.name}/{manifest.version}")
+        screens = tuple({"kind": screen.kind, "verdict": screen.verdict, "good_parts": screen.good_parts,
+                         "good_flagged": screen.good_flagged, "fail_parts": screen.fail_parts,
+                         "fail_flagged": screen.fail_flagged} for screen in manifest.pat.screens or ())
+        return replace(reference, pat_screens=screens)
 
     @classmethod
     def from_bins(cls, columns: list[str], reference: ReferenceBins, where: str = "drift reference") -> DriftReference:
@@ -170,7 +178,8 @@ class DriftReference:
                 "proportions": [self.proportions[i, :n + 1].tolist() for i, n in enumerate(self.n_edges[:t])],
                 "missing_rate": self.missing_rate.tolist(),
                 "score_edges": self.edges[t, :self.n_edges[t]].tolist(),
-                "score_proportions": self.proportions[t, :self.n_edges[t] + 1].tolist()}
+                "score_proportions": self.proportions[t, :self.n_edges[t] + 1].tolist(),
+                **({"pat_screens": list(self.pat_screens)} if self.pat_screens else {})}
 
 
 # ---- windows ------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class PatBreak:
 
 class StaticPat:
     """The manifest's static PAT limits, as arrays aligned with the model's features (NaN = no limit), and each
-    test's rule for dynamic PAT: its shape code, resolution floor in units and k relative to the package's
+    test's rule for dynamic PAT: its shape code, sigma floor in units and k relative to the package's
     (NaN: disabled by the self-check)."""
 
     def __init__(self, columns: list[str], limits: list[PatLimit], *, k_sigma: float = 6.0,
@@ -73,7 +73,8 @@ class StaticPat:
                 continue
             self.shape[i] = (SHAPES.index(limit.shape) if limit.shape
                              else LOGNORMAL if limit.scale == "log" else NORMAL)   # written before shapes
-            self.min_sigma[i] = (resolution_floor or 0.0) * (limit.resolution or 0.0)
+            self.min_sigma[i] = (limit.sigma_floor if limit.sigma_floor is not None   # written before the floors
+                                 else (resolution_floor or 0.0) * (limit.resolution or 0.0))
             if limit.self_check == "disabled":
                 self.k_factor[i] = np.nan
             elif limit.k_sigma is not None:

@@ -61,6 +61,7 @@ class LoadedModel:
     smoke: dict                    # what the load-time smoke score found
     signature: dict                # who signed it and whether that key is trusted (signing.SignatureCheck)
     loaded_at: float
+    observed_only: frozenset[str]  # PAT screens the package found not to separate good from failing parts
     _session: object = field(repr=False)       # both graphs as one (runtime.combined_graph)
     _input: str = field(repr=False)
     _outputs: list[str] = field(repr=False)    # [outlier score, pass probability]
@@ -77,6 +78,7 @@ class LoadedModel:
         return {**self.identity, "path": str(self.path), "features": len(self.columns),
                 "yield_variant": self.yield_variant, "outlier_threshold": self.outlier_threshold,
                 "pass_threshold": self.pass_threshold, "static_pat_tests": self.static_pat.n_limited,
+                "observed_only": sorted(self.observed_only),
                 "loaded_at": self.loaded_at, "smoke": self.smoke, "signature": self.signature}
 
 
@@ -115,6 +117,8 @@ def load_package(registry: Registry, ref: PackageRef, yield_variant: str = "floa
         static_pat=StaticPat(columns, manifest.pat.limits, k_sigma=manifest.pat.k_sigma,
                              resolution_floor=manifest.pat.resolution_floor),
         explainer=Explainer(columns, manifest.pat.limits),
+        observed_only=frozenset(f"{screen.kind}_pat" for screen in manifest.pat.screens or ()
+                                if screen.verdict == "does not separate"),
         outlier_threshold=float(outlier_model.threshold), pass_threshold=float(yield_model.threshold),
         # Every reply's model block says when the yield model could not be told from chance (--advisory).
         identity={"name": ref.name, "version": ref.version, "checksum": result.checksum,

@@ -41,6 +41,8 @@ VARIANTS = ("float32", "int8")
 # passing training parts (edge_agent.package.rules applies them).
 PAT_SHAPES = ("normal", "lognormal", "skewed", "discrete", "bimodal", "constant")
 PAT_ON_EXCESS = ("widen", "disable")
+PAT_SCREENS = ("static", "dynamic")
+PAT_SCREEN_VERDICTS = ("separates", "does not separate", "not judged")
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")   # model names and package file names
 VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,17}")
@@ -197,6 +199,26 @@ class PatLimit:
     flag_rate: float | None = optional()    # share of passing training parts outside low..high
     flag_rate_before: float | None = optional()   # the same for the rule's limits before the self-check
     reason: str | None = optional()         # what the self-check found, in words
+    sigma_floor: float | None = optional()  # no sigma of this test, static or dynamic, below this (units)
+    lot_allowance: float | None = optional()   # room for the next lot either side of the centre, robust sigmas
+    allowance_rule: str | None = optional()    # where that allowance comes from
+
+
+@dataclass(frozen=True, kw_only=True)
+class PatScreen:
+    """How one PAT screen ("static" or "dynamic") did on training parts later than those that set its limits
+    (``trainer.screens``): the good and failing parts it flagged, 95 % intervals of both rates, and its verdict.
+    "does not separate": the agent reports the screen's breaks and does not let them decide a bin."""
+
+    kind: str
+    good_parts: int
+    good_flagged: int
+    good_rate_interval: list[float]
+    fail_parts: int
+    fail_flagged: int
+    fail_rate_interval: list[float]
+    verdict: str
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,8 +228,11 @@ class Pat:
     min_parts: int
     limits: list[PatLimit]
     resolution_floor: float | None = optional()   # robust sigma >= this many resolution steps
+    limit_share_floor: float | None = optional()  # ... and >= this share of the test limits' range
     max_flag_rate: float | None = optional()      # the self-check's bound on flagged passing training parts
     on_excess: str | None = optional()            # "widen" or "disable": what the self-check does above it
+    screens: list[PatScreen] | None = optional()  # each screen judged on later training parts (trainer.screens)
+    screens_cut: str | None = optional()          # how the training parts were cut for that, in words
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -711,7 +736,13 @@ def _read_pat(check: _Checker, pat: dict, columns: list[str | None] | None) -> P
         if low is not None and high is not None and low > high:
             check.fail(path, f"low {low} is above high {high}")
         limits.append(_partial(PatLimit, entry))
-    return _partial(Pat, {**valid, "limits": limits})
+    screens = []
+    for path, screen in check.objects(valid.get("screens", ()), "manifest.pat.screens"):
+        entry = check.fields(screen, path, PatScreen)
+        check.one_of(entry.get("kind"), f"{path}.kind", PAT_SCREENS)
+        check.one_of(entry.get("verdict"), f"{path}.verdict", PAT_SCREEN_VERDICTS)
+        screens.append(_partial(PatScreen, entry))
+    return _partial(Pat, {**valid, "limits": limits, "screens": screens if "screens" in valid else None})
 
 
 def _read_drift_reference(check: _Checker, reference: dict, columns: list[str | None] | None) -> ReferenceBins:

@@ -18,9 +18,11 @@ bimodal        two populations: below the lower mode's median - k * its sigma, a
 constant       one value among passing parts: no limits
 =============  ==========================================================================================
 
-Every sigma is at least ``RESOLUTION_FLOOR`` times the test's measurement resolution (``resolution``: the smallest
-step between its distinct readings). Without the floor a test read in 0.78 uA steps with IQR/1.35 of one step
-gets limits a few steps from the median and flags a large share of good parts (22 % in a real production file).
+Every sigma, static or in a dynamic window, is at least the test's ``sigma_floor``: ``RESOLUTION_FLOOR`` times its
+measurement resolution (``resolution``: the smallest step between its distinct readings, site by site) and
+``LIMIT_SHARE_FLOOR`` of its test limits' range. Without the floor a test read in 0.78 uA steps with IQR/1.35 of
+one step gets limits a few steps from the median and flags a large share of good parts (22 % in a real production
+file). Static limits then leave room for the next lot (``lot_allowance``).
 
 ``self_check`` then measures, on the passing training parts, the share each test's limits would flag; a test
 above ``max_rate`` is widened (its k raised until at most that share is outside) or disabled.
@@ -63,6 +65,20 @@ DISCRETE_MAX_LEVELS = 10
 BIMODAL_MIN_SHARE = 0.05
 BIMODAL_SEPARATION = 2.0
 RESOLUTION_FLOOR = 1.0        # a robust sigma is never below one measurement step
+# ... nor below this share of the test's limit range (high - low). A test far narrower than its limits (a range
+# of 100 sigma) gets PAT limits a sliver of its range wide, which a next lot's ordinary move of a fraction of a
+# percent of the range breaks; at 1 %, k = 6 keeps PAT limits at least 6 % of the range either side.
+LIMIT_SHARE_FLOOR = 0.01
+QUANTIZED_SHARE = 0.5         # levels read at least twice hold this share of the readings: a quantized test
+# Static limits hold for the next lot only with room for it to sit off the training lots. Several training lots
+# (at least MIN_SPREAD_LOTS) measure that room: BETWEEN_LOT_K x the standard deviation of their medians. Fewer lots
+# cannot show it: the allowance is ONE_LOT_ALLOWANCE robust sigmas, or the spread between the lot's wafers when that
+# is wider. The allowance costs catch: on the synthetic next lot (quantized tests, each lot 0.5 sigma off per test)
+# static PAT caught 82-88 % of the latent outliers without it, 45-77 % at 0.5 sigma, 13-47 % at 1 sigma, while the
+# good parts it flagged moved little (0.4-1.0 % -> 0.04-0.75 %); dynamic PAT, judged within the lot, keeps the rest.
+MIN_SPREAD_LOTS = 3
+BETWEEN_LOT_K = 3.0
+ONE_LOT_ALLOWANCE = 0.5
 # Training lots whose robust sigmas of one test differ by more than this factor: the test's spread changes from
 # lot to lot (3-5x in real production lots), and limits from the pooled sigma would not hold for the next lot.
 LOT_SPREAD_RATIO = 2.0
@@ -74,14 +90,37 @@ WIDEN_MARGIN = 1e-3           # widened limits sit this fraction beyond the last
 NORMAL, LOGNORMAL, SKEWED, DISCRETE, BIMODAL, CONSTANT = range(len(SHAPES))
 
 
-def resolution(values: np.ndarray) -> float | None:
-    """The smallest step between distinct readings (None with fewer than two distinct values).
+def resolution(values: np.ndarray, groups: np.ndarray | None = None) -> float | None:
+    """The instrument's step of one test: the smallest step between its distinct readings (None with fewer than
+    two distinct values).
 
     Steps below a millionth of the readings' magnitude are float rounding of one instrument value, not steps. On
     continuous readings the smallest step is far below sigma and the floor never binds; on quantized readings it
-    is the instrument's step.
+    is the instrument's step. Where levels read at least twice hold most readings (a quantized test), only their
+    steps count, so a stray reading off the grid (another range, a retest) does not make the step look finer.
+
+    ``groups`` (each reading's head/site): the median of the sites' own steps, over sites with at least
+    ``MIN_LOT_PARTS`` readings. Each site reads through its own instrument channel, calibrated onto a grid shifted
+    by a fraction of a step, so the union of the sites' readings has steps far finer than any site reads: with
+    the pooled step the floor would not bind, and a site's window, whose readings span a few of its steps, would
+    put a reading one step out at several robust sigma.
     """
-    levels = np.unique(values[np.isfinite(values)])
+    finite = np.isfinite(values)
+    values = values[finite]
+    if groups is not None:
+        groups = groups[finite]
+        steps = [step for group in np.unique(groups) if np.count_nonzero(own := groups == group) >= MIN_LOT_PARTS
+                 and (step := _smallest_step(values[own])) is not None]
+        if steps:
+            return float(np.median(steps))
+    return _smallest_step(values)
+
+
+def _smallest_step(values: np.ndarray) -> float | None:
+    levels, counts = np.unique(values, return_counts=True)
+    repeated = counts >= 2
+    if repeated.sum() >= 2 and counts[repeated].sum() >= QUANTIZED_SHARE * len(values):
+        levels = levels[repeated]
     if len(levels) < 2:
         return None
     steps = np.diff(levels)
@@ -89,17 +128,36 @@ def resolution(values: np.ndarray) -> float | None:
     return float(steps.min()) if steps.size else None
 
 
-def classify(values: np.ndarray, step: float | None = None) -> int:
+def distinct_levels(values: np.ndarray, groups: np.ndarray | None = None) -> int:
+    """Distinct readings of one test (finite values); with ``groups``, the median over sites of at least
+    ``MIN_LOT_PARTS`` readings of each site's own count (sites read on grids shifted against each other)."""
+    if groups is not None:
+        counts = [len(np.unique(values[own])) for group in np.unique(groups)
+                  if np.count_nonzero(own := groups == group) >= MIN_LOT_PARTS]
+        if counts:
+            return int(np.median(counts))
+    return len(np.unique(values))
+
+
+def sigma_floor(step: float | None, limit_range: float | None) -> float:
+    """The smallest robust sigma a test's rule may take, static or in a dynamic window: ``RESOLUTION_FLOOR`` steps
+    of its resolution, and ``LIMIT_SHARE_FLOOR`` of its test limits' range (high - low) when it has both."""
+    by_limits = LIMIT_SHARE_FLOOR * limit_range if limit_range and math.isfinite(limit_range) else 0.0
+    return max(RESOLUTION_FLOOR * (step or 0.0), by_limits)
+
+
+def classify(values: np.ndarray, step: float | None = None, groups: np.ndarray | None = None) -> int:
     """The shape code (``SHAPES``) of one test's passing readings (finite values, any order); ``step``: their
-    resolution (``resolution(values)`` when not given).
+    resolution (``resolution(values)`` when not given); ``groups``: each reading's site (``distinct_levels``).
 
     Skewness is read from the quartiles, so it needs quartiles that the instrument resolves: with fewer than
     ``SKEW_MIN_STEPS`` steps between q1 and q3 the quartiles sit on whole steps and their asymmetry is the
     quantization's, not the population's; such a test gets the symmetric rule.
     """
-    values = np.sort(values[np.isfinite(values)])
-    levels = len(np.unique(values))
-    if levels < 2:
+    finite = np.isfinite(values)
+    levels = distinct_levels(values[finite], None if groups is None else groups[finite])
+    values = np.sort(values[finite])
+    if len(np.unique(values)) < 2:
         return CONSTANT
     if levels <= DISCRETE_MAX_LEVELS:
         return DISCRETE
@@ -170,17 +228,20 @@ def pat_limits(q1: np.ndarray, median: np.ndarray, q3: np.ndarray, min_sigma: np
 class StaticRule:
     """One test's static PAT rule from its passing training readings: limits are ``centre_low - k * sigma_low``
     and ``centre_high + k * sigma_high`` on the rule's scale (log(reading) when ``log_scale``); the centres differ
-    only for a bimodal test (its two modes' medians)."""
+    for a bimodal test (its two modes' medians) and by the between-lot allowance (``lot_allowance``)."""
 
     shape: int
     resolution: float | None
     median: float
-    robust_sigma: float        # IQR/1.35 with the resolution floor, in the test's units
+    robust_sigma: float        # IQR/1.35 with the sigma floor, in the test's units
     centre_low: float
     sigma_low: float
     centre_high: float
     sigma_high: float
     log_scale: bool
+    sigma_floor: float = 0.0   # the floor every sigma of this test takes, static or dynamic (``sigma_floor``)
+    allowance: float = 0.0     # room for the next lot either side of the centres, in robust sigmas
+    allowance_rule: str = ""   # where the allowance comes from, in words
 
     def limits(self, k_sigma: float) -> tuple[float, float]:
         low, high = self.centre_low - k_sigma * self.sigma_low, self.centre_high + k_sigma * self.sigma_high
@@ -196,26 +257,73 @@ class StaticRule:
                             np.where(scaled > self.centre_high, (scaled - self.centre_high) / self.sigma_high, 0.0))
 
 
-def static_rule(values: np.ndarray, floor: float = RESOLUTION_FLOOR) -> StaticRule | None:
-    """The static rule of one test from its passing training readings (NaN ignored); None for a constant test."""
-    values = np.sort(values[np.isfinite(values)])
-    step = resolution(values)
-    shape = classify(values, step)
+def static_rule(values: np.ndarray, sites: np.ndarray | None = None,
+                limit_range: float | None = None) -> StaticRule | None:
+    """The static rule of one test from its passing training readings (NaN ignored); None for a constant test.
+
+    ``sites``: each reading's head/site (``resolution``); ``limit_range``: the test limits' high - low
+    (``sigma_floor``)."""
+    finite = np.isfinite(values)
+    sites = None if sites is None else sites[finite]
+    step = resolution(values[finite], sites)
+    shape = classify(values[finite], step, sites)
+    values = np.sort(values[finite])
     if shape == CONSTANT:
         return None
-    min_sigma = floor * (step or 0.0)
+    min_sigma = sigma_floor(step, limit_range)
     q1, median, q3 = (float(v) for v in np.percentile(values, [25, 50, 75]))
     robust_sigma = max((q3 - q1) / ROBUST_SIGMA_PER_IQR, min_sigma)
     if shape == BIMODAL:
         lower, upper = np.split(values, [_bimodal_split(values)])
         (low_centre, low_sigma), (high_centre, high_sigma) = (_mode(mode, min_sigma) for mode in (lower, upper))
-        return StaticRule(shape, step, median, robust_sigma, low_centre, low_sigma, high_centre, high_sigma, False)
+        return StaticRule(shape, step, median, robust_sigma, low_centre, low_sigma, high_centre, high_sigma, False,
+                          min_sigma)
     log, below, above = rule_sigmas(np.float64(q1), np.float64(median), np.float64(q3), np.float64(min_sigma),
                                     np.bool_(True) if shape == SKEWED else None,
                                     np.bool_(True) if shape == LOGNORMAL else None)
     log = bool(log)
     centre = math.log(median) if log else median
-    return StaticRule(shape, step, median, robust_sigma, centre, float(below), centre, float(above), log)
+    return StaticRule(shape, step, median, robust_sigma, centre, float(below), centre, float(above), log, min_sigma)
+
+
+def lot_allowance(rule: StaticRule, values: np.ndarray, lots: np.ndarray | None,
+                  wafers: np.ndarray | None) -> StaticRule:
+    """``rule`` with room for the next lot: its centres moved apart by the allowance (``BETWEEN_LOT_K`` x the sd of
+    the training lots' medians with ``MIN_SPREAD_LOTS`` lots or more; with fewer, ``ONE_LOT_ALLOWANCE`` robust
+    sigmas or the spread between wafers when wider), on the rule's scale. A next lot off by that much keeps the
+    full k robust sigmas between its own parts and the limits."""
+    finite = np.isfinite(values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.log(np.where(values > 0, values, np.nan)) if rule.log_scale else values
+    sigma = (rule.sigma_low + rule.sigma_high) / 2
+    lot_sd, n_lots = _between_sd(scaled, finite, lots)
+    measured = (BETWEEN_LOT_K * lot_sd, f"{BETWEEN_LOT_K:g} x the sd of {n_lots} training lots' medians")
+    if n_lots >= MIN_SPREAD_LOTS:
+        allowance, why = measured
+    else:
+        wafer_sd, n_wafers = _between_sd(scaled, finite, wafers)
+        choices = [(ONE_LOT_ALLOWANCE * sigma, f"{max(n_lots, 1)} training lot{'s' if n_lots > 1 else ''}: stated "
+                                               f"allowance {ONE_LOT_ALLOWANCE:g} robust sigma")]
+        if n_lots >= 2:
+            choices.append(measured)
+        if n_wafers >= MIN_SPREAD_LOTS:
+            choices.append((BETWEEN_LOT_K * wafer_sd, f"{BETWEEN_LOT_K:g} x the sd of {n_wafers} wafers' medians"))
+        allowance, why = max(choices, key=lambda choice: choice[0])
+    return dataclasses.replace(rule, centre_low=rule.centre_low - allowance, centre_high=rule.centre_high + allowance,
+                               allowance=float(allowance / sigma) if sigma > 0 else 0.0, allowance_rule=why)
+
+
+def _between_sd(scaled: np.ndarray, finite: np.ndarray, groups: np.ndarray | None) -> tuple[float, int]:
+    """(sd of the medians of the groups with ``MIN_LOT_PARTS`` readings or more, how many such groups)."""
+    if groups is None:
+        return 0.0, 0
+    medians = []
+    for group in np.unique(groups[finite]):
+        own = scaled[finite & (groups == group)]
+        own = own[np.isfinite(own)]
+        if len(own) >= MIN_LOT_PARTS:
+            medians.append(float(np.median(own)))
+    return (float(np.std(medians, ddof=1)) if len(medians) >= 2 else 0.0), len(medians)
 
 
 def widest_lot(rule: StaticRule, values: np.ndarray, lots: np.ndarray) -> tuple[StaticRule, float | None]:

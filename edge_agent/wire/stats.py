@@ -114,6 +114,7 @@ MAX_COLUMN_CHARS = 1024        # a test column name
 MAX_DROPPED_RANGES = 100       # the latest [first, last] ranges an agent reports
 HEAD_SITE_RANGE = (0, 255)     # STDF U1, as the agent's door takes them
 MAX_SHADOW_BLOCKS = 16         # (champion, challenger) pairs in one window's shadow field
+MAX_PAT_SCREENS = 8            # a package's PAT screen checks (static and dynamic today)
 MAX_CONFUSION_CELLS = 4096     # (champion bin, challenger bin) cells of one site
 
 
@@ -164,6 +165,19 @@ def parse_stats(message: Any) -> StatsWindow:
     _finite_list(reference["missing_rate"], "reference.missing_rate", 0.0, 1.0)
     _finite_list(reference["score_edges"], "reference.score_edges")
     _finite_list(reference["score_proportions"], "reference.score_proportions", 0.0, 1.0)
+    screens = reference.get("pat_screens", [])
+    if not isinstance(screens, list) or len(screens) > MAX_PAT_SCREENS:
+        raise InvalidMessage(f"reference.pat_screens: expected a list of at most {MAX_PAT_SCREENS} screens, got "
+                             f"{short_repr(screens)}")
+    for i, screen in enumerate(screens):
+        where = f"reference.pat_screens[{i}]"
+        _fields(screen, where, {"kind": str, "verdict": str, "good_parts": int, "good_flagged": int,
+                                "fail_parts": int, "fail_flagged": int})
+        for key in ("kind", "verdict"):
+            _text(screen[key], f"{where}.{key}", MAX_NAME_CHARS)
+        for parts, flagged in (("good_parts", "good_flagged"), ("fail_parts", "fail_flagged")):
+            _integer(screen[parts], f"{where}.{parts}", 0, MAX_COUNT)
+            _integer(screen[flagged], f"{where}.{flagged}", 0, screen[parts])
     score_bins = len(reference["score_proportions"])
     if score_bins != len(reference["score_edges"]) + 1:
         raise InvalidMessage("reference.score_proportions: expected one proportion per score bin (score_edges + 1)")
