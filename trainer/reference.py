@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent.package.manifest import FeatureBins, PatLimit, ReferenceBins, ScoreBins, ScoreQuantiles
-from edge_agent.package.rules import (LOT_SPREAD_RATIO, SHAPES, TYPICAL_SIGMA, bin_index, lot_allowance, self_check,
-                                      static_rule, widest_lot)
+from edge_agent.package.rules import (LOT_SPREAD_RATIO, SHAPES, TYPICAL_SIGMA, Groups, bin_index, lot_allowance,
+                                      self_check, static_rule, widest_lot)
 
 PAT_MIN_PARTS = 30
 MAX_FLAG_RATE = 0.001     # the self-check's default: at most 0.1 % of passing training parts outside a test's limits
@@ -32,12 +32,13 @@ def static_pat_limits(values: np.ndarray, columns: list[str], k_sigma: float = 6
     for at least 30 parts, and a limit from fewer would be noise.
     """
     ranges = limit_ranges or [None] * len(columns)
+    lots, wafers, sites = Groups.of(lots), Groups.of(wafers), Groups.of(sites)
     return [_test_limits(values[:, i], column, k_sigma, max_flag_rate, on_excess, lots, wafers, sites, ranges[i])
             for i, column in enumerate(columns)]
 
 
 def _test_limits(values: np.ndarray, column: str, k_sigma: float, max_flag_rate: float, on_excess: str,
-                 lots: np.ndarray | None, wafers: np.ndarray | None, sites: np.ndarray | None,
+                 lots: Groups | None, wafers: Groups | None, sites: Groups | None,
                  limit_range: float | None) -> PatLimit:
     present = values[np.isfinite(values)]
     n = len(present)

@@ -27,6 +27,7 @@ from .table import ParametricTable
 
 LATER_SHARE = 0.3            # without lots or wafers to cut at, the latest 30 % of the rows are judged
 MAX_LATER_PARTS = 20_000     # the replay costs tens of microseconds a part: the latest this many are judged
+MAX_EARLIER_PARTS = 100_000  # limits from this many earlier passing parts (evenly spread) are as good as from all
 MIN_GOOD, MIN_FAIL = 30, 10  # fewer later good or failing parts with readings: not judged
 SEPARATION = 2.0             # flags failing parts at least this many times as often as good ones
 Z95 = 1.96
@@ -41,6 +42,7 @@ def check_screens(table: ParametricTable, X: np.ndarray, columns: list[str], pas
     groups = {name: _column(table.frame, name) for name in ("lot", "sublot", "wafer")}
     sites = table.site_keys()
     reference = earlier[passed[earlier]]
+    reference = reference[np.linspace(0, len(reference) - 1, min(len(reference), MAX_EARLIER_PARTS)).astype(int)]
     limits = static_pat_limits(X[reference], columns, k_sigma, max_flag_rate=max_flag_rate, on_excess=on_excess,
                                lots=table.lot_keys()[reference], wafers=table.wafer_keys()[reference],
                                sites=sites[reference], limit_ranges=limit_ranges)
