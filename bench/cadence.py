@@ -32,6 +32,7 @@ from edge_agent.keys import load_trusted_keys
 from edge_agent.package.registry import Registry
 from edge_agent.package.signing import Trust
 from edge_agent.daemon.scoring import load_package
+from edge_agent.wire.score import SCORE_TOUCHDOWN, request_message
 
 SPEC_US = 10_000.0          # the spec: a decision within 10 ms for every device
 INTERLEAVE_MIN_PERIOD_S = 0.01   # below this the floor runs before the agent instead of between its parts
@@ -42,12 +43,14 @@ CADENCE_MODEL_S = {True: 2.0, False: 10.0}   # seconds of models-at-cadence timi
 
 @dataclass(frozen=True)
 class Profile:
-    """``sites`` parts at once every ``every_s`` seconds (a steady rate: one part, every 1 / rate)."""
+    """``sites`` parts at once every ``every_s`` seconds (a steady rate: one part, every 1 / rate); with
+    ``one_message`` each touchdown is one score_touchdown message (its latency every site's)."""
     name: str
     sites: int
     every_s: float
     full_parts: int
     quick_parts: int
+    one_message: bool = False
 
     @property
     def burst(self) -> bool:
@@ -69,11 +72,16 @@ def _burst(sites: int, every_s: float, full: int, quick: int) -> Profile:
     return Profile(f"burst_{sites}_every_{round(every_s * 1000)}ms", sites, every_s, full, quick)
 
 
+def _touchdown(sites: int, every_s: float, full: int, quick: int) -> Profile:
+    return Profile(f"touchdown_{sites}_every_{round(every_s * 1000)}ms", sites, every_s, full, quick, True)
+
+
 # Full run: about a minute per paused profile, 100,000 parts at 1,000 parts/s (the spec's count): ~11 min in all.
 PROFILES = (_steady(1, 60, 3), _steady(10, 600, 20), _steady(100, 6_000, 200), _steady(1_000, 100_000, 2_000),
             _burst(4, 0.2, 1_200, 40), _burst(8, 0.5, 960, 32), _burst(16, 1.0, 960, 32), _burst(16, 2.0, 480, 32),
-            _burst(4, 2.0, 120, 8))
-QUICK = ("steady_1", "steady_10", "steady_100", "steady_1000", "burst_4_every_200ms", "burst_16_every_2000ms")
+            _burst(4, 2.0, 120, 8), _touchdown(16, 1.0, 960, 32), _touchdown(16, 0.5, 960, 32))
+QUICK = ("steady_1", "steady_10", "steady_100", "steady_1000", "burst_4_every_200ms", "burst_16_every_2000ms",
+         "touchdown_16_every_1000ms")
 FLOOR_PARTS_UNPAUSED = {True: 1_000, False: 20_000}   # floor parts when it cannot interleave (quick, full)
 
 
@@ -106,6 +114,7 @@ def run(site: AgentSite, quick: bool) -> dict:
                 figures.update(profile_figures(key, measured, after["stages"], figures["cadence.models_inproc.p50_us"],
                                                figures[f"{key}.models_at_cadence.p50_us"],
                                                after["parts_scored_ahead"] - before["parts_scored_ahead"]))
+                figures.update(slow_figures(key, before["slow_replies"], after["slow_replies"]))
     finally:
         figures["cadence.agent_exit_status"] = site.stop_agent(agent)
         stop_echo(echo[0])
@@ -126,6 +135,16 @@ def measure(profile: Profile, parts: int, floor_parts: int, site: AgentSite, age
         k = i % parts
         row = k % len(readings)
         return score_message(rid, readings[row], {**identities[row], "site": int(sites[k])})
+
+    if profile.one_message:   # one message per touchdown: the sites' score requests' fields as its parts
+        per_site, parts, floor_parts = message, -(-parts // profile.sites), -(-floor_parts // profile.sites)
+        due = due[::profile.sites]
+
+        def message(i: int, rid: int) -> dict:
+            first = (i % parts) * profile.sites
+            items = [per_site(first + s, rid) for s in range(profile.sites)]
+            return request_message(SCORE_TOUCHDOWN, rid, parts=[{"part": item["part"], "readings": item["readings"]}
+                                                                for item in items])
 
     sockets = [dealer(agent_endpoint), dealer(echo_endpoint)]
     try:
@@ -172,6 +191,14 @@ def profile_figures(key: str, measured: dict, stages: dict, models_us: float, mo
     figures[f"{key}.stage.samples"] = stages["samples"]
     figures[f"{key}.scored_ahead_share"] = round(scored_ahead / len(e2e), 3) if len(e2e) else None
     return figures
+
+
+def slow_figures(key: str, before: dict, after: dict) -> dict:
+    """The agent's slow replies during a profile (over its slow_reply_ms, edge_agent/daemon/slow.py), by their
+    largest cause: what the agent was doing when a reply was late."""
+    causes = {cause: count - before["by_cause"].get(cause, 0) for cause, count in after["by_cause"].items()}
+    return {f"{key}.slow_replies": after["total"] - before["total"], f"{key}.slow_threshold_ms": after["threshold_ms"],
+            **{f"{key}.slow.{cause}": count for cause, count in sorted(causes.items()) if count}}
 
 
 def tail(prefix: str, values: np.ndarray) -> dict:

@@ -21,15 +21,17 @@ import msgpack
 import numpy as np
 import zmq
 
-from edge_agent.wire.score import REPLY_TYPES, SCORE, SCORE_BATCH
+from edge_agent.wire.score import REPLY_TYPES, SCORE, SCORE_BATCH, SCORE_TOUCHDOWN
 
 SPIN_S = 400e-6        # sleep until this long before a due time, then spin (a sleep here wakes 0.2-0.4 ms late),
 SPIN_SHARE = 0.1       # ... but spin at most this share of the time between sends (the agent needs the cores)
 LATE_S = 1e-3          # a send later than this after its due time: the client fell behind its schedule
 PACK_AHEAD_S = 1e-3    # requests due within this of the next one are packed before it is due
 FIRST_ID = 1 << 40     # request ids of a measurement (fresh sockets: nothing else can take them)
-# Replies that carry a decision: the agent's score and score_batch results, and the echo's copy of the request.
-ANSWERS = (REPLY_TYPES[SCORE], REPLY_TYPES[SCORE_BATCH], SCORE, SCORE_BATCH)
+# Replies that carry a decision: the agent's score, score_batch and score_touchdown results, and the echo's copy of
+# the request.
+ANSWERS = (REPLY_TYPES[SCORE], REPLY_TYPES[SCORE_BATCH], REPLY_TYPES[SCORE_TOUCHDOWN], SCORE, SCORE_BATCH,
+           SCORE_TOUCHDOWN)
 
 
 def dealer(endpoint: str) -> zmq.Socket:

@@ -111,6 +111,25 @@ def cadence_table(figures: dict) -> list[str]:
     return lines
 
 
+def slow_table(figures: dict) -> list[str]:
+    """The agent's slow replies per cadence profile by their largest cause (edge_agent/daemon/slow.py); [] when not
+    run."""
+    profiles = [k.split(".")[1] for k in figures if k.startswith("cadence.") and k.endswith(".slow_replies")]
+    if not profiles:
+        return []
+    threshold = figures[f"cadence.{profiles[0]}.slow_threshold_ms"]
+    lines = ["", f"## Slow replies and their causes (the agent's own time over {_number(threshold)} ms)", "",
+             "Each reply the agent sent later than the threshold after it arrived, by its largest cause; replies over "
+             "10 ms end to end that the agent does not see as slow spent that time outside it (client, transport).",
+             "", "| profile | e2e over 10 ms | agent slow replies | causes |", "|---|---:|---:|---|"]
+    for profile in profiles:
+        prefix = f"cadence.{profile}.slow."
+        causes = ", ".join(f"{k[len(prefix):]} {figures[k]}" for k in figures if k.startswith(prefix))
+        lines.append(f"| {profile} | {figures.get(f'cadence.{profile}.e2e.over_10ms', '')} | "
+                     f"{figures[f'cadence.{profile}.slow_replies']} | {causes or 'none'} |")
+    return lines
+
+
 def stage_table(figures: dict) -> list[str]:
     """The agent's own time by stage (p50 / p99 us) per cadence profile; [] when not run."""
     profiles = [k.split(".")[1] for k in figures if k.startswith("cadence.") and k.endswith(".stage.samples")]
@@ -149,6 +168,7 @@ def summary(figures: dict) -> str:
                                                               "p999_us", "max_us", "agent.p50_us")]
             out.append(f"| {key} | " + " | ".join(str(c) for c in cells) + " |")
     out += stage_table(figures)
+    out += slow_table(figures)
     if "throughput.batched_parts_per_s" in figures:
         out += ["", "## Batched throughput", "", "| cores | agent CPUs | client CPUs | parts/s |", "|---|---|---|---:|"]
         for name in ("one_core", "two_cores"):

@@ -33,8 +33,8 @@ import zmq
 
 from .wire.codec import encode
 from .wire.links import CurveClient, connect_curve
-from .wire.score import (ERROR, HEALTH, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, ProtocolError, decode_reply,
-                         request_message)
+from .wire.score import (ERROR, HEALTH, RELOAD, REPLY_TYPES, ROLLBACK, SCORE, SCORE_BATCH, SCORE_TOUCHDOWN,
+                         ProtocolError, decode_reply, request_message)
 
 # Reasons a call ends without a decision, besides the agent's own error codes (edge_agent.wire.score.Code).
 TIMEOUT = "timeout"
@@ -114,20 +114,30 @@ class AgentClient:
     def score_batch(self, parts: list[tuple[dict | None, Any]], *,
                     timeout_ms: float | None = None) -> list[ScoreResult]:
         """Score many parts in one request: ``parts`` is a list of (part identity or None, readings)."""
+        return self._score_many(SCORE_BATCH, parts, timeout_ms)
+
+    def score_touchdown(self, parts: list[tuple[dict | None, Any]], *,
+                        timeout_ms: float | None = None) -> list[ScoreResult]:
+        """Score every site of one touchdown in one message (at most 64): ``parts`` is a list of (part identity,
+        readings), one per site. The agent judges them as one matrix in one turn and answers with a result per
+        site, in order; the timeout (fail-open, as for ``score``) covers the whole touchdown."""
+        return self._score_many(SCORE_TOUCHDOWN, parts, timeout_ms)
+
+    def _score_many(self, kind: str, parts: list[tuple[dict | None, Any]],
+                    timeout_ms: float | None) -> list[ScoreResult]:
         rid = next(self._ids)
-        items = []
+        items, failure, round_trip_us = [], None, None
         try:
             for part, readings in parts:
                 items.append({"readings": _wire_readings(readings)} if part is None
                              else {"part": part, "readings": _wire_readings(readings)})
-            failure, round_trip_us = None, None
         except (TypeError, ValueError) as error:
             failure = (ENCODE_FAILED, f"parts[{len(items)}].readings: {error}")
         if failure is None:
-            message = request_message(SCORE_BATCH, rid, parts=items)
+            message = request_message(kind, rid, parts=items)
             reply, round_trip_us, failure = self._call(message, rid, timeout_ms)
         if failure is None and not (isinstance(reply.get("results"), list) and len(reply["results"]) == len(parts)):
-            failure = (BAD_REPLY, "score_batch_result without one result per part")
+            failure = (BAD_REPLY, f"{REPLY_TYPES[kind]} without one result per part")
         if failure is not None:
             return [self._no_decision(rid, *failure, round_trip_us=round_trip_us) for _ in parts]
         return [self._result(rid, item, round_trip_us, reply.get("model"), reply.get("agent_us"))

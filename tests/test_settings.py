@@ -112,7 +112,8 @@ def test_a_file_with_several_problems_lists_every_one_once(tmp_path):
         f"configuration ({path} and the command line) is not usable:",
         f"  - {path}: [agent] queue: unknown key; expected one of bind, drain_quiet_ms, keep_warm_ms, max_batch, "
         "max_message_bytes, max_queued_bytes, max_request_age_ms, model, queue_length, registry, shutdown_timeout_s, "
-        "stage, stage_sample_every, transport_max_message_bytes, turn_parts, version, watch_interval_s, yield_variant",
+        "slow_reply_ms, stage, stage_sample_every, transport_max_message_bytes, turn_parts, version, watch_interval_s, "
+        "yield_variant",
         "  - agent.max_batch: expected a positive number, got 0",
         "  - agent.watch_interval_s: expected a positive number, got 0.0",
         "  - agent.model: a model name is required (--model or [agent] model)",

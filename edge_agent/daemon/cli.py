@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time the stages of every Nth request (kept if a score), 0 = never (default: 100)")
     run.add_argument("--keep-warm-ms", type=int,
                      help="idle this long, rehearse the last score request to keep caches warm; 0 = never (default: 5)")
+    run.add_argument("--slow-reply-ms", type=float,
+                     help="keep every reply later than this with its causes (health: slow_replies); 0 = off "
+                          "(default: 5)")
     run.add_argument("--collector", help="fleet collector endpoint for drift windows (default: tcp://127.0.0.1:5560)")
     run.add_argument("--no-drift", dest="drift", action="store_false", default=None,
                      help="no drift statistics and nothing shipped upstream")
@@ -112,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "registry": args.registry, "model": args.model, "stage": args.stage, "version": args.version,
         "bind": args.bind, "yield_variant": args.yield_variant, "watch_interval_s": args.watch_interval_s,
         "stage_sample_every": args.stage_sample_every, "keep_warm_ms": args.keep_warm_ms,
+        "slow_reply_ms": args.slow_reply_ms,
         "metrics.port": args.metrics_port, "metrics.host": args.metrics_host,
         "logging.format": args.log_format, "logging.level": args.log_level,
         "drift.enabled": args.drift, "drift.collector": args.collector, "drift.agent_id": args.agent_id,

@@ -23,6 +23,7 @@ Example ``agent.toml`` (every key optional; these are the defaults)::
     stage_sample_every = 100         # time every Nth request's stages, kept if a score (health: stages); 0: never
     keep_warm_ms = 5                 # idle this long, the last score request is rehearsed (warm caches), and
                                      # once just before the next touchdown is due; 0: never
+    slow_reply_ms = 5.0              # a reply later than this is kept with its causes (health: slow_replies); 0: off
 
     [metrics]
     port = 9464                      # Prometheus /metrics; 0 turns it off
@@ -117,6 +118,7 @@ ENDPOINT_SCHEMES = ("tcp", "ipc")
 POSITIVE_INT = [Interval(int, 1, None)]
 NON_NEGATIVE_INT = [Interval(int, 0, None)]
 POSITIVE = [Interval(float, 0, None, closed="neither")]
+NON_NEGATIVE = [Interval(float, 0, None)]
 FLAG = [Instance(bool)]
 TEXT = [Instance(str)]
 
@@ -372,7 +374,8 @@ class AgentConfig(_AgentSection):
                    "max_batch": POSITIVE_INT, "queue_length": POSITIVE_INT, "turn_parts": POSITIVE_INT,
                    "max_request_age_ms": NON_NEGATIVE_INT, "max_queued_bytes": POSITIVE_INT,
                    "watch_interval_s": POSITIVE, "shutdown_timeout_s": POSITIVE, "drain_quiet_ms": POSITIVE_INT,
-                   "stage_sample_every": NON_NEGATIVE_INT, "keep_warm_ms": NON_NEGATIVE_INT}
+                   "stage_sample_every": NON_NEGATIVE_INT, "keep_warm_ms": NON_NEGATIVE_INT,
+                   "slow_reply_ms": NON_NEGATIVE}
     RULES = (Rule(("bind",), _bind_problems), Rule((), _upstream_problems, scope=DriftConfig.SCOPE),
              Rule((), _service_problems, scope=FollowerConfig.SCOPE),
              Rule(("max_message_bytes", "transport_max_message_bytes"), _room_for_error_replies))
@@ -395,6 +398,7 @@ class AgentConfig(_AgentSection):
     drain_quiet_ms: int = 100
     stage_sample_every: int = 100              # edge_agent/daemon/stages.py; 0: no per-stage timing
     keep_warm_ms: int = 5                      # score_path.py KeepWarm, touchdowns.py; 0: sleep until a request
+    slow_reply_ms: float = 5.0                 # slow.py: replies later than this are kept with their causes; 0: none
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pat: PatConfig = field(default_factory=PatConfig)

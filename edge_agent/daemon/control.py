@@ -115,6 +115,7 @@ class ControlCommands:
             inbox={"requests": agent.inbox.requests, "bytes": agent.inbox.bytes, "clients": agent.inbox.clients()},
             limits=agent.limits.describe(),
             stages=agent.stages.summary(since),
+            slow_replies=agent.slow.status(),
             security=agent.security.status(),
             lifecycle=None if agent.lifecycle is None else agent.lifecycle.status(),
             **agent.metrics.snapshot())

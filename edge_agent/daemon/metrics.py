@@ -81,6 +81,7 @@ class Metrics:
         self.replies_dropped: Counter[str] = Counter()  # "unroutable" (client gone), "queue_full"
         self.reloads: Counter[str] = Counter()        # "loaded", "refused"
         self.rollbacks = 0
+        self.slow_replies: Counter[str] = Counter()   # replies over slow_reply_ms, by their largest cause (slow.py)
         self.parts_scored = 0
         self.parts_scored_ahead = 0                   # their graphs ran in an earlier request's call (server.py)
         self.latency = LatencyHistogram()             # receipt of a request to its reply sent
@@ -123,6 +124,9 @@ class PrometheusCollector:
         yield _labelled(CounterMetricFamily("edge_agent_reloads", "Model reload attempts, by outcome",
                                             labels=["outcome"]), m.reloads)
         yield CounterMetricFamily("edge_agent_rollbacks", "Rollbacks to the previous model", value=m.rollbacks)
+        yield _labelled(CounterMetricFamily("edge_agent_slow_replies", "Replies sent later than slow_reply_ms after "
+                                            "their request arrived, by their largest cause", labels=["cause"]),
+                        m.slow_replies)
         yield GaugeMetricFamily("edge_agent_uptime_seconds", "Seconds since the agent started", value=m.uptime_s())
         identity = self.model_identity()
         info = GaugeMetricFamily("edge_agent_model_info", "The model serving now (value 1)",

@@ -88,8 +88,16 @@ class StaticPat:
         self.n_limited = int(np.sum(~np.isnan(self.low) | ~np.isnan(self.high)))
 
     def breaks(self, row: np.ndarray) -> list[PatBreak]:
-        outside = np.flatnonzero((row < self.low) | (row > self.high))   # NaN compares False: not run, no limit
-        return [_break(self.columns, "static", row, self.low, self.high, i) for i in outside]
+        return self.breaks_of(row, self.outside(row))
+
+    def outside(self, rows: np.ndarray) -> np.ndarray:
+        """Which readings of ``rows`` (one row or a matrix of them) lie outside their limits; NaN compares False:
+        not run, or no limit."""
+        return (rows < self.low) | (rows > self.high)
+
+    def breaks_of(self, row: np.ndarray, outside: np.ndarray) -> list[PatBreak]:
+        """The breaks of ``row``, given its ``outside`` mask."""
+        return [_break(self.columns, "static", row, self.low, self.high, i) for i in np.flatnonzero(outside)]
 
 
 class DynamicPat:

@@ -19,8 +19,9 @@ from .scoring import LoadedModel
 from .stages import VALIDATE
 from .touchdowns import TouchdownClock
 from ..wire.codec import encode
-from ..wire.score import (SCORE, STREAM_PARTS_ABOVE_BYTES, BatchParts, Code, ProtocolError, batch_item_error,
-                          batch_reply, decode, parse_batch, parse_batch_item, parse_part, request_id, score_reply)
+from ..wire.score import (SCORE, SCORE_BATCH, STREAM_PARTS_ABOVE_BYTES, BatchParts, Code, ProtocolError,
+                          batch_item_error, batch_reply, decode, parse_batch, parse_batch_item, parse_part, request_id,
+                          score_reply)
 
 READ_AHEAD_SCAN = 4           # waiting requests looked at for scoring ahead, in turn_parts (not a flood's thousands)
 
@@ -30,11 +31,12 @@ class Request:
     its id once read, a score_batch's progress between its turns, and for a score request scored ahead of its turn
     (``ScorePath.score``) its message and ``Ahead``."""
 
-    __slots__ = ("envelope", "payload", "received", "rid", "batch", "message", "ahead")
+    __slots__ = ("envelope", "payload", "received", "started", "rid", "batch", "message", "ahead")
 
     def __init__(self, client: bytes, frames: list[zmq.Frame], received: float):
         self.envelope, self.payload = _split_frames(client, frames)
         self.received = received              # time.perf_counter() when the agent took it from ZeroMQ
+        self.started: float | None = None     # when its first turn started (None: answered outside a turn)
         self.rid: int | str | None = None
         self.batch: Batch | None = None
         self.message: dict | None = None      # a score request decoded ahead of its turn
@@ -59,17 +61,17 @@ NOT_AHEAD = Ahead(None, None, float("nan"), float("nan"))   # looked at: not a s
 
 
 class Batch:
-    """A score_batch between its turns: the model and PAT windows it started with, its parts and each part's result
-    (or error) encoded so far."""
+    """A score_batch between its turns, or a score_touchdown (``kind``; judged whole, in one turn): the model and PAT
+    windows it started with, its parts and each part's result (or error) encoded so far."""
 
-    __slots__ = ("rid", "model", "dynamic", "parts", "results")
+    __slots__ = ("rid", "kind", "model", "dynamic", "parts", "results")
 
-    def __init__(self, rid, model: LoadedModel, dynamic: DynamicPat | None, parts: BatchParts):
-        self.rid, self.model, self.dynamic, self.parts = rid, model, dynamic, parts
+    def __init__(self, rid, kind: str, model: LoadedModel, dynamic: DynamicPat | None, parts: BatchParts):
+        self.rid, self.kind, self.model, self.dynamic, self.parts = rid, kind, model, dynamic, parts
         self.results: list[bytes] = []
 
     def reply(self) -> dict:
-        return batch_reply(self.rid, self.model.identity)
+        return batch_reply(self.rid, self.model.identity, self.kind)
 
 
 def decode_request(request: Request, max_message_bytes: int) -> dict:
@@ -131,15 +133,17 @@ class ScorePath:
         return score_reply(None, result, model.identity)
 
     def start_batch(self, message: dict, request: Request) -> Batch:
-        return Batch(request.rid, self.models.model, self.models.dynamic, parse_batch(message, self.max_batch))
+        return Batch(request.rid, message["type"], self.models.model, self.models.dynamic,
+                     parse_batch(message, self.max_batch))
 
     def score_slice(self, batch: Batch, others_wait: bool) -> bool:
         """Score the next ``turn_parts`` parts of a batch while others wait, else all the rest in one onnxruntime
-        call (a batch alone loses no throughput to slicing); True when every part has its result."""
+        call (a batch alone loses no throughput to slicing); a touchdown whole, its sites as one matrix. True when
+        every part has its result."""
         model = batch.model
         refused: list[ProtocolError | None] = []   # per part: why it cannot be scored, or None
         parts, rows = [], []
-        n = self.turn_parts if others_wait else len(batch.parts)
+        n = self.turn_parts if others_wait and batch.kind == SCORE_BATCH else len(batch.parts)
         for i, item in enumerate(batch.parts.take(n), len(batch.results)):
             try:
                 part, row = parse_batch_item(item, i, model.parser)

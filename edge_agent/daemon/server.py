@@ -40,10 +40,11 @@ from .reload import ReloadWatcher
 from .scoring import LoadedModel
 from .score_path import KeepWarm, Request, ScorePath, decode_request
 from .security import AgentSecurity
+from .slow import ACTIVITIES, SlowReplies
 from .stages import DECODE, ENCODE, SEND, StageSampler
 from ..wire.codec import encode
-from ..wire.score import (HEALTH, RELOAD, ROLLBACK, SCORE, SCORE_BATCH, Code, ProtocolError, check_deadline,
-                          check_envelope, encode_batch_reply, error_reply, peek_id)
+from ..wire.score import (HEALTH, RELOAD, ROLLBACK, SCORE, SCORE_BATCH, SCORE_TOUCHDOWN, Code, ProtocolError,
+                          check_deadline, check_envelope, encode_batch_reply, error_reply, peek_id)
 
 log = logging.getLogger("edge_agent.daemon.server")
 
@@ -91,6 +92,7 @@ class Agent:
         self._control_handlers = {HEALTH: commands.health, RELOAD: commands.reload, ROLLBACK: commands.rollback}
         self._handlers = {**self._control_handlers, RELOAD: commands.refuse, ROLLBACK: commands.refuse}
         self.stages = StageSampler(config.stage_sample_every)
+        self.slow = SlowReplies(config.slow_reply_ms, self.metrics.slow_replies)
         self.watcher: ReloadWatcher | None = None
         self.keep_warm = KeepWarm(self.path, config.keep_warm_ms)
 
@@ -143,8 +145,10 @@ class Agent:
             log.info("requests up to %d bytes (ZeroMQ drops a connection past %d); per connection at most %.1f MB "
                      "held (edge_agent/daemon/limits.py)", self.limits.max_message_bytes,
                      self.limits.transport_max_message_bytes, self.limits.per_connection_bytes / 1e6)
+            ACTIVITIES.watch_gc()
             self._loop(router, wake, control)
         finally:
+            ACTIVITIES.unwatch_gc()
             if self.watcher is not None:
                 self.watcher.stop()
                 self.watcher.join(timeout=2.0)
@@ -181,22 +185,33 @@ class Agent:
             behind = self.path.work_left()
             if not self.inbox.due and not poller.poll(0 if behind else wait_ms):
                 self._send_held(router)
+                began = time.perf_counter()
                 if behind:
                     self.path.work_between_parts()
+                    ACTIVITIES.mark("between parts (PAT refresh, drift statistics)", began)
                     continue
                 if deadline is not None and wait_ms == quiet_ms and not self.inbox.requests and not self.inbox.held:
                     return   # quiet for drain_quiet_ms: every request that arrived has its reply
                 if self.drift is not None:
                     self.drift.tick()   # closes a window whose time is up while no parts arrive
+                    ACTIVITIES.mark("drift tick (a window closing)", began)
                 if self.lifecycle is not None:
+                    began = time.perf_counter()
                     self.lifecycle.tick()
+                    ACTIVITIES.mark("lifecycle tick (audit, shadow)", began)
                 if self.keep_warm.payload is not None:
+                    began = time.perf_counter()
                     self.keep_warm.rehearse()
+                    ACTIVITIES.mark("keep-warm rehearsal", began)
             else:
                 if wake.get(zmq.EVENTS) & zmq.POLLIN:
+                    began = time.perf_counter()
                     self.models.take_reload_outcomes(self.watcher, wake)
+                    ACTIVITIES.mark("reload", began)
                 if control is not None:
+                    began = time.perf_counter()
                     self._serve_control(control)
+                    ACTIVITIES.mark("control requests", began)
                 self._receive(router)
                 self._send_held(router)
                 if self.inbox.due:
@@ -241,6 +256,8 @@ class Agent:
             return
         client, request = picked
         start = time.perf_counter()
+        if request.started is None:
+            request.started = start
         finished = self._serve(router, request)
         self.inbox.served(client, time.perf_counter() - start, finished)
 
@@ -272,7 +289,7 @@ class Agent:
                         self.keep_warm.payload = request.payload
                     self._reply(socket, request, self.path.score(message, request, sample), hold=hold, sample=sample)
                     return True
-                if kind != SCORE_BATCH:   # only single score requests are sampled
+                if kind not in (SCORE_BATCH, SCORE_TOUCHDOWN):   # only single score requests are sampled
                     self._reply(socket, request, handlers[kind](message, request), hold=hold)
                     return True
                 request.batch = self.path.start_batch(message, request)
@@ -338,7 +355,10 @@ class Agent:
         if sample is not None:   # a held reply's send is its hand-over to the inbox (fairness.py), not the retry
             sample[SEND] = time.perf_counter_ns()
             self.stages.end(sample)
-        self.metrics.latency.record(time.perf_counter() - request.received)
+        sent = time.perf_counter()
+        self.metrics.latency.record(sent - request.received)
+        self.slow.check(reply["type"], request.received, request.started, sent,
+                        None if sample is None else self.stages.latest_us())
 
     def _send_held(self, router: zmq.Socket) -> None:
         """Offer the held replies that are due to ZeroMQ again, each client's in order, as many as it takes now."""

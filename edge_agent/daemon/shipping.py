@@ -30,6 +30,7 @@ import zmq
 
 from ..errors import EdgeError
 from ..package.files import atomic_write
+from .slow import ACTIVITIES
 from ..wire.codec import decode_trusted, encode
 from ..wire.links import CurveClient, connect_curve
 from ..wire.stats import Reply, classify_reply, stats_message
@@ -320,7 +321,9 @@ class Shipper:
                     self._wait_for_window(None)
                     continue
                 socket = socket or self._connect(context)
+                began = time.perf_counter()
                 outcome = self._deliver_oldest(socket)
+                ACTIVITIES.mark("shipping upstream (a thread: the GIL)", began)
                 if outcome == "settled":
                     backoff = POLL_S
                     continue

@@ -65,6 +65,10 @@ class StageSampler:
         self._ring[self.taken % RING] = durations
         self.taken += 1
 
+    def latest_us(self) -> dict[str, float]:
+        """The stages of the sample filed last, in us (a slow reply's breakdown: edge_agent/daemon/slow.py)."""
+        return {name: round(self._durations[i] / 1e3, 1) for i, name in enumerate(STAGES) if self._durations[i]}
+
     def summary(self, since: int = 0) -> dict:
         """Per stage p50, p99, max and mean (us) over the samples after number ``since`` still in the ring."""
         count = min(self.taken - max(0, since), RING)

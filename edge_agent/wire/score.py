@@ -29,12 +29,16 @@ STREAM_PARTS_ABOVE_BYTES = 64 << 10
 
 # Request types (client -> agent) and the reply type each one gets.
 SCORE, SCORE_BATCH, HEALTH, RELOAD, ROLLBACK = "score", "score_batch", "health", "reload", "rollback"
-REPLY_TYPES = {SCORE: "score_result", SCORE_BATCH: "score_batch_result", HEALTH: "health_result",
-               RELOAD: "reload_result", ROLLBACK: "rollback_result"}
+SCORE_TOUCHDOWN = "score_touchdown"   # every site of one touchdown in one message, judged whole in one turn
+REPLY_TYPES = {SCORE: "score_result", SCORE_BATCH: "score_batch_result",
+               SCORE_TOUCHDOWN: "score_touchdown_result", HEALTH: "health_result", RELOAD: "reload_result",
+               ROLLBACK: "rollback_result"}
+MAX_TOUCHDOWN_PARTS = 64      # sites of one touchdown: a 64-site tester is the largest the agent judges whole
 ERROR = "error"
 
 # Fields each request may carry (besides v, type, id).
-REQUEST_FIELDS = {SCORE: {"part", "readings"}, SCORE_BATCH: {"parts"}, HEALTH: {"stages_since"}, RELOAD: {"version"},
+REQUEST_FIELDS = {SCORE: {"part", "readings"}, SCORE_BATCH: {"parts"}, SCORE_TOUCHDOWN: {"parts"},
+                  HEALTH: {"stages_since"}, RELOAD: {"version"},
                   ROLLBACK: set()}
 ENVELOPE_FIELDS = {"v", "type", "id", "deadline"}
 BATCH_ITEM_FIELDS = {"part", "readings"}
@@ -345,13 +349,18 @@ class StreamedParts(BatchParts):
 
 
 def parse_batch(message: dict, max_batch: int) -> BatchParts:
+    """A score_batch's or score_touchdown's ``parts`` (a touchdown at most ``MAX_TOUCHDOWN_PARTS``)."""
+    kind = message.get("type")
     parts = message.get("parts")
     if parts is None:
-        raise ProtocolError(Code.MISSING_FIELD, "score_batch request: field 'parts' is missing")
+        raise ProtocolError(Code.MISSING_FIELD, f"{kind} request: field 'parts' is missing")
     if not isinstance(parts, (list, StreamedParts)):
         raise ProtocolError(Code.WRONG_TYPE, f"field 'parts': expected an array, got {_kind(parts)}")
+    if kind == SCORE_TOUCHDOWN and len(parts) > MAX_TOUCHDOWN_PARTS:
+        raise ProtocolError(Code.BATCH_TOO_LARGE, f"score_touchdown carries {len(parts)} parts; a touchdown has at "
+                                                  f"most {MAX_TOUCHDOWN_PARTS} sites (send more as a score_batch)")
     if len(parts) > max_batch:
-        raise ProtocolError(Code.BATCH_TOO_LARGE, f"score_batch carries {len(parts)} parts; this agent accepts at "
+        raise ProtocolError(Code.BATCH_TOO_LARGE, f"{kind} carries {len(parts)} parts; this agent accepts at "
                                                   f"most {max_batch} (max_batch)")
     return parts if isinstance(parts, StreamedParts) else BatchParts(parts)
 
@@ -467,7 +476,8 @@ _NUMBER_TYPES = frozenset((int, float))
 
 
 def request_message(kind: str, rid: int | str, **fields) -> dict:
-    """A request of type ``kind`` (SCORE, SCORE_BATCH, HEALTH, RELOAD, ROLLBACK) with its ``fields``."""
+    """A request of type ``kind`` (SCORE, SCORE_BATCH, SCORE_TOUCHDOWN, HEALTH, RELOAD, ROLLBACK) with its
+    ``fields``."""
     return {"v": PROTOCOL_VERSION, "type": kind, "id": rid, **fields}
 
 
@@ -489,9 +499,10 @@ def score_reply(rid: int | str | None, result: dict, model: dict) -> dict:
     return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE], "id": rid, **result, "model": model}
 
 
-def batch_reply(rid: int | str | None, model: dict) -> dict:
-    """A score_batch_result's fields besides its results (``encode_batch_reply`` adds those)."""
-    return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[SCORE_BATCH], "id": rid, "model": model}
+def batch_reply(rid: int | str | None, model: dict, kind: str = SCORE_BATCH) -> dict:
+    """A score_batch_result's (score_touchdown_result's) fields besides its results (``encode_batch_reply`` adds
+    those)."""
+    return {"v": PROTOCOL_VERSION, "type": REPLY_TYPES[kind], "id": rid, "model": model}
 
 
 def batch_item_error(code: str, message: str) -> dict:
