@@ -19,7 +19,8 @@ from .scoring import LoadedModel
 from .stages import VALIDATE
 from .touchdowns import TouchdownClock
 from ..wire.codec import encode
-from ..wire.score import (SCORE, SCORE_BATCH, STREAM_PARTS_ABOVE_BYTES, BatchParts, Code, ProtocolError,
+from ..wire.score import (MAX_TOUCHDOWN_PARTS, SCORE, SCORE_BATCH, SCORE_TOUCHDOWN, STREAM_PARTS_ABOVE_BYTES,
+                          BatchParts, Code, ProtocolError,
                           batch_item_error, batch_reply, decode, parse_batch, parse_batch_item, parse_part, request_id,
                           score_reply)
 
@@ -123,14 +124,18 @@ class ScorePath:
                                       sample)
         return score_reply(request.rid, result, model.identity)
 
-    def rehearse(self, message: dict) -> dict:
-        """A score request's path again, decode to reply, into the REHEARSAL sink and no site window."""
+    def rehearse(self, message: dict, whole: bool) -> list[dict]:
+        """A score request's path again, decode to reply, into the REHEARSAL sink and no site window; of a
+        score_touchdown the whole touchdown as one matrix (``whole``), else its first site as a score request."""
         model = self.models.model
-        part = parse_part(message.get("part"))
-        row = model.parser.parse(message.get("readings"))
-        scores, probabilities = model.score(row[None, :])
-        result, = self.decider.decide(model, None, REHEARSAL, (part,), (row,), scores, probabilities)
-        return score_reply(None, result, model.identity)
+        items = (parse_batch(message, self.max_batch).take(MAX_TOUCHDOWN_PARTS) if message["type"] == SCORE_TOUCHDOWN
+                 else [message])
+        parsed = [parse_batch_item({"part": item.get("part"), "readings": item.get("readings")}, i, model.parser)
+                  for i, item in enumerate(items if whole else items[:1])]
+        parts, rows = [part for part, _ in parsed], [row for _, row in parsed]
+        scores, probabilities = model.score(np.stack(rows))
+        results = self.decider.decide(model, None, REHEARSAL, parts, rows, scores, probabilities)
+        return [score_reply(None, result, model.identity) for result in results]
 
     def start_batch(self, message: dict, request: Request) -> Batch:
         return Batch(request.rid, message["type"], self.models.model, self.models.dynamic,
@@ -226,14 +231,16 @@ class KeepWarm:
         return self.touchdowns.rehearse_in(now)
 
     def rehearse(self) -> None:
-        """The last score request's path again, decode to encode, without its effects and without a reply, so the
-        next part finds the code, the graphs and the buffers in the caches. A request arriving meanwhile waits for at
-        most this one rehearsal."""
+        """The last score or score_touchdown request's path again, decode to encode, without its effects and without
+        a reply, so the next part finds the code, the graphs and the buffers in the caches: its first site while
+        idle (about what one score request costs), the whole touchdown just before the next one is due. A request
+        arriving meanwhile waits for at most this one rehearsal."""
         # ZeroMQ's poll counts whole ms: it may wake just before the touchdown's rehearsal is due, and this keep-warm
         # one does not count for it.
-        self.touchdowns.rehearsing(time.perf_counter())
+        before_touchdown = self.touchdowns.rehearsing(time.perf_counter())
         try:
-            encode(self.path.rehearse(decode(self.payload.buffer)))
+            for reply in self.path.rehearse(decode(self.payload.buffer), before_touchdown):
+                encode(reply)
         except ProtocolError:   # a model swapped in since takes other readings: rehearse its first real part
             self.payload = None
 

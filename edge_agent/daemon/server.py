@@ -284,9 +284,9 @@ class Agent:
                 sample = self.stages.begin(request.received)
                 message = self._open(request, sample)
                 kind = message["type"]
+                if kind in (SCORE, SCORE_TOUCHDOWN) and self.keep_warm.on:
+                    self.keep_warm.payload = request.payload
                 if kind == SCORE:
-                    if self.keep_warm.on:
-                        self.keep_warm.payload = request.payload
                     self._reply(socket, request, self.path.score(message, request, sample), hold=hold, sample=sample)
                     return True
                 if kind not in (SCORE_BATCH, SCORE_TOUCHDOWN):   # only single score requests are sampled

@@ -42,8 +42,10 @@ class TouchdownClock:
             return None
         return self.started + self.gap - LEAD_S - now
 
-    def rehearsing(self, now: float) -> None:
-        """A rehearsal runs at ``now``: the one before the next touchdown, if that one is due."""
+    def rehearsing(self, now: float) -> bool:
+        """A rehearsal runs at ``now``: the one before the next touchdown, if that one is due (True then)."""
         due = self.rehearse_in(now)
         if due is not None and due <= 0:
             self.rehearsed = True
+            return True
+        return False
