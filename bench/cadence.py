@@ -59,6 +59,10 @@ class Profile:
     def parts(self, quick: bool) -> int:
         return self.quick_parts if quick else self.full_parts
 
+    def messages(self, parts: int) -> int:
+        """Requests that send ``parts`` parts: one per touchdown with ``one_message``, else one per part."""
+        return -(-parts // self.sites) if self.one_message else parts
+
     def due(self, parts: int) -> np.ndarray:
         """Scheduled send times (s from the start) of ``parts`` parts: whole touchdowns."""
         return np.repeat(np.arange(-(-parts // self.sites)) * self.every_s, self.sites)[:parts]
@@ -137,7 +141,7 @@ def measure(profile: Profile, parts: int, floor_parts: int, site: AgentSite, age
         return score_message(rid, readings[row], {**identities[row], "site": int(sites[k])})
 
     if profile.one_message:   # one message per touchdown: the sites' score requests' fields as its parts
-        per_site, parts, floor_parts = message, -(-parts // profile.sites), -(-floor_parts // profile.sites)
+        per_site, parts, floor_parts = message, profile.messages(parts), profile.messages(floor_parts)
         due = due[::profile.sites]
 
         def message(i: int, rid: int) -> dict:
